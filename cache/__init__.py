@@ -1,0 +1,11 @@
+"""The HDF5 feature store: schema, fingerprint, resumable writes, locking, reading."""
+from .store import (  # noqa: F401
+    FORMAT,
+    CacheError,
+    CacheLock,
+    FeatureCache,
+    PartialWriter,
+    fingerprint,
+    read_cache,
+    read_attrs,
+)

@@ -1,0 +1,220 @@
+"""Backbones: torchvision architectures (pooled features = the network with its last Linear removed)
+or a user's torch.export program; and the weights that go in them.
+
+Every checkpoint is read with torch.load(weights_only=True): a file that needs pickle is refused.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import nn
+
+from . import PipelineError
+
+OFFLINE_ENV = "TLEARN_OFFLINE"  # set to 1: never try to download ImageNet weights
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """What builds a backbone: an architecture name or a .pt2 path, and weights imagenet|none|PATH."""
+
+    backbone: str = "resnet18"
+    weights: str = "imagenet"
+    seed: int = 0
+
+    @property
+    def is_program(self) -> bool:
+        return self.backbone.endswith(".pt2")
+
+
+@dataclass
+class Backbone:
+    module: nn.Module  # N x 3 x H x W (normalised) -> N x D pooled features
+    feature_dim: int
+    weights_digest: str  # content hash of the weights actually loaded (or of the program file)
+    description: dict  # JSON-able record of what built it (stored in caches and model.pt)
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def state_dict_digest(sd: dict[str, torch.Tensor]) -> str:
+    """Content hash of tensors (names, dtypes, shapes, bytes), independent of how they were saved."""
+    h = hashlib.sha256()
+    for k in sorted(sd):
+        t = sd[k].detach().cpu().contiguous()
+        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def architectures() -> list[str]:
+    return sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+def last_linear_name(model: nn.Module) -> str:
+    """Qualified name of the classifier layer: the last nn.Linear in module order."""
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not names:
+        raise PipelineError(f"{type(model).__name__} has no Linear classifier layer to replace")
+    return names[-1]
+
+
+def replace_module(model: nn.Module, qualname: str, new: nn.Module) -> None:
+    parent_name, _, child = qualname.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def _imagenet_weights_enum(arch: str):
+    try:
+        enum = torchvision.models.get_model_weights(arch)
+    except (ValueError, KeyError):
+        raise PipelineError(f"torchvision has no pretrained weights for {arch}; use --weights none or PATH") from None
+    return getattr(enum, "IMAGENET1K_V1", None) or enum.DEFAULT
+
+
+def imagenet_weights_path(arch: str) -> Path:
+    """Where torchvision's cache keeps the ImageNet state_dict for arch (TORCH_HOME/hub/checkpoints)."""
+    w = _imagenet_weights_enum(arch)
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(w.url)
+
+
+def _fetch_imagenet(arch: str) -> Path:
+    path = imagenet_weights_path(arch)
+    if path.is_file():
+        return path
+    alternatives = "use --weights PATH (a state_dict file) or --weights none (random init)"
+    if os.environ.get(OFFLINE_ENV) == "1":
+        raise PipelineError(f"ImageNet weights for {arch} are not in the torch cache ({path}) and {OFFLINE_ENV}=1; "
+                            f"copy the file there, or {alternatives}")
+    url = _imagenet_weights_enum(arch).url
+    path.parent.mkdir(parents=True, exist_ok=True)
+    old = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(15)
+    try:
+        torch.hub.download_url_to_file(url, str(path), progress=True)
+    except Exception as e:  # no network is normal here
+        raise PipelineError(f"ImageNet weights for {arch} are not in the torch cache ({path}) and could not be "
+                            f"downloaded from {url} ({type(e).__name__}); copy the file there, or {alternatives}") from None
+    finally:
+        socket.setdefaulttimeout(old)
+    return path
+
+
+def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """A state_dict (or a checkpoint dict holding one) read with weights_only=True; never unpickles code."""
+    path = Path(path)
+    if not path.is_file():
+        raise PipelineError(f"weights file {path} does not exist")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise PipelineError(f"refused {path}: it is not a plain tensor file and loading it would run pickled code "
+                            f"(weights_only=True rejected it: {first[:160]})") from None
+    except Exception as e:
+        raise PipelineError(f"cannot read weights file {path}: {type(e).__name__}: {str(e)[:160]}") from None
+    for key in ("state_dict", "model", "model_state_dict"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise PipelineError(f"{path} is not a state_dict (a dict of tensor names to tensors)")
+    return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+def load_weights_into(model: nn.Module, sd: dict[str, torch.Tensor], source: str, skip_prefix: str) -> dict:
+    """Copy sd into model except the classifier (skip_prefix); wrong shapes or keys -> a clear error."""
+    sd = {k: v for k, v in sd.items() if not k.startswith(skip_prefix + ".")}
+    own = {k: v for k, v in model.state_dict().items() if not k.startswith(skip_prefix + ".")}
+    missing = sorted(set(own) - set(sd))
+    unexpected = sorted(set(sd) - set(own))
+    wrong = [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in sorted(set(sd) & set(own))
+             if sd[k].shape != own[k].shape]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing keys (first: {', '.join(missing[:3])})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected keys (first: {', '.join(unexpected[:3])})")
+    if wrong:
+        problems.append(f"{len(wrong)} wrong shapes (first: {'; '.join(wrong[:2])})")
+    if problems:
+        raise PipelineError(f"weights {source} do not fit {type(model).__name__}: " + "; ".join(problems))
+    model.load_state_dict(sd, strict=False)
+    return sd
+
+
+def build_torchvision(spec: BackboneSpec) -> tuple[nn.Module, str, str]:
+    """(full torchvision model with its weights, classifier layer name, weights digest)."""
+    if spec.backbone not in architectures():
+        raise PipelineError(f"unknown backbone {spec.backbone!r}: use a torchvision classification architecture "
+                            f"(e.g. resnet18, resnet50, mobilenet_v3_small) or a .pt2 torch.export file")
+    torch.manual_seed(spec.seed)  # --weights none: random init from the seed
+    model = torchvision.models.get_model(spec.backbone, weights=None)
+    head = last_linear_name(model)
+    if spec.weights == "none":
+        sd = {k: v for k, v in model.state_dict().items() if not k.startswith(head + ".")}
+    else:
+        path = _fetch_imagenet(spec.backbone) if spec.weights == "imagenet" else spec.weights
+        sd = load_weights_into(model, load_state_dict_file(path), str(path), head)
+    return model, head, state_dict_digest(sd)
+
+
+class PooledFeatures(nn.Module):
+    """A torchvision classifier with its last Linear replaced by Identity: images -> pooled features."""
+
+    def __init__(self, model: nn.Module, head: str):
+        super().__init__()
+        replace_module(model, head, nn.Identity())
+        self.net = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.flatten(self.net(x), 1)
+
+
+def load_program(path: str | os.PathLike) -> nn.Module:
+    """A torch.export program file as a callable module. Programs are code: trusted sources only."""
+    path = Path(path)
+    if not path.is_file():
+        raise PipelineError(f"backbone program {path} does not exist")
+    try:
+        return torch.export.load(str(path)).module()
+    except Exception as e:
+        raise PipelineError(f"cannot load torch.export program {path}: {type(e).__name__}: {str(e)[:160]}") from None
+
+
+def build_backbone(spec: BackboneSpec, crop: int = 224) -> Backbone:
+    """The frozen feature extractor of spec, in eval mode, on the CPU."""
+    if spec.is_program:
+        module = load_program(spec.backbone)
+        digest = file_sha256(spec.backbone)
+        with torch.inference_mode():
+            out = module(torch.zeros(2, 3, crop, crop))
+        if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != 2:
+            raise PipelineError(f"program {spec.backbone} must map N x 3 x {crop} x {crop} to N x D features, "
+                                f"got {getattr(out, 'shape', type(out).__name__)}")
+        dim = int(out.shape[1])
+        desc = {"kind": "program", "backbone": os.path.basename(spec.backbone), "path": str(Path(spec.backbone).resolve()),
+                "weights": "program", "weights_digest": digest}
+        return Backbone(module, dim, digest, desc)
+    model, head, digest = build_torchvision(spec)
+    dim = model.get_submodule(head).in_features
+    module = PooledFeatures(model, head).eval()
+    for p in module.parameters():
+        p.requires_grad_(False)
+    weights = spec.weights if spec.weights in ("imagenet", "none") else str(Path(spec.weights).resolve())
+    desc = {"kind": "torchvision", "backbone": spec.backbone, "weights": weights, "seed": spec.seed,
+            "weights_digest": digest}
+    return Backbone(module, dim, digest, desc)

@@ -1,0 +1,198 @@
+"""Extraction: run the frozen backbone once per image (and per augmented view) into the feature cache."""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+
+from cache import CacheError, CacheLock, PartialWriter, fingerprint, read_attrs
+from cache.store import files_digest
+
+from . import PipelineError
+from .backbones import BackboneSpec, build_backbone
+from .data import TRANSFORM_SPEC, ImageFiles, eval_transform, scan_dataset
+from .progress import Progress
+from .runtime import Runtime, default_workers, resolve_runtime
+
+
+@dataclass
+class ExtractConfig:
+    data_dir: str
+    cache: str
+    backbone: str = "resnet18"
+    weights: str = "imagenet"
+    splits: tuple[str, ...] = ("train", "val")
+    views: int = 0  # augmented views per train image
+    batch_size: int = 64  # eval mode: features do not depend on it
+    workers: int = field(default_factory=default_workers)
+    device: str = "auto"
+    precision: str = "auto"  # fp32 on CPU, bf16 on CUDA; recorded in the fingerprint
+    seed: int = 0  # random init (--weights none) and the views' crops
+    force: bool = False
+    draft: bool = False  # JPEG draft-mode decoding (faster, slightly different pixels)
+    allow_empty_class: bool = False
+    max_skipped: float | None = None  # < 1: fraction of files, >= 1: count
+
+
+def feature_fields(backbone_desc: dict, precision: str, views: int, seed: int, draft: bool) -> dict:
+    """Everything that changes a cached feature; the fingerprint is their hash."""
+    return {
+        "backbone": backbone_desc["backbone"] if backbone_desc["kind"] == "torchvision" else "program",
+        "weights_digest": backbone_desc["weights_digest"],
+        "transform": TRANSFORM_SPEC,
+        "precision": precision,
+        "views": views,
+        "views_seed": seed if views else None,
+        "draft": draft,
+    }
+
+
+def _check_existing(cfg: ExtractConfig, fp: str, digest: str) -> bool:
+    """True when the cache is already complete for these settings and files; raises when it differs."""
+    try:
+        old = read_attrs(cfg.cache)
+    except CacheError as e:
+        if "does not exist" in str(e):
+            return False
+        if cfg.force:
+            return False
+        raise CacheError(f"{e}; or pass --force to replace it") from None
+    if old.get("complete") and old.get("fingerprint") == fp and old.get("files_digest") == digest:
+        return True
+    if cfg.force:
+        return False
+    if old.get("fingerprint") != fp:
+        was = f"{old.get('backbone')}/{old.get('weights')}/{old.get('precision')}/views={old.get('views')}"
+        raise CacheError(f"cache {cfg.cache} was made with other settings ({was}: backbone, weights, transforms, "
+                         "precision or views differ); pass --force to rebuild it or choose another --cache")
+    raise CacheError(f"cache {cfg.cache} was made from other files of {cfg.data_dir}; "
+                     "pass --force to rebuild it or choose another --cache")
+
+
+def _check_skipped(cfg: ExtractConfig, n_skipped: int, n_total: int) -> None:
+    if cfg.max_skipped is None or n_total == 0:
+        return
+    limit = cfg.max_skipped * n_total if cfg.max_skipped < 1 else cfg.max_skipped
+    if n_skipped > limit:
+        raise PipelineError(f"{n_skipped} of {n_total} files in {cfg.data_dir} are unusable (more than --max-skipped "
+                            f"{cfg.max_skipped:g}); fix the folder or raise --max-skipped (finished work is kept)")
+
+
+def forward_features(model: torch.nn.Module, x: torch.Tensor, rt: Runtime) -> torch.Tensor:
+    """(N, 3, H, W) normalised images -> (N, D) float32 features on the CPU."""
+    with torch.inference_mode(), rt.autocast():
+        x = x.to(rt.device, non_blocking=True).contiguous(memory_format=rt.memory_format)
+        return model(x).float().cpu()
+
+
+def _batches(gaps: list[tuple[int, int]], size: int) -> list[list[int]]:
+    return [list(range(s, min(s + size, e))) for a, e in gaps for s in range(a, e, size)]
+
+
+def extract_split(writer: PartialWriter, split: str, files: list[str], names: list[str], model, rt: Runtime,
+                  cfg: ExtractConfig, views: int, progress: Progress, lo: int = 0, hi: int | None = None) -> int:
+    """Extract rows [lo, hi) of split that no finished segment covers; one segment per batch."""
+    batches = _batches(writer.todo(split, lo, hi), cfg.batch_size)
+    if not batches:
+        return 0
+    ds = ImageFiles(files, eval_transform(), views=views, seed=cfg.seed, draft=cfg.draft, names=names)
+    loader = torch.utils.data.DataLoader(ds, batch_sampler=batches, num_workers=cfg.workers,
+                                         pin_memory=rt.pin_memory, persistent_workers=False)
+    done = 0
+    for x, v, idx, reasons in loader:
+        ok = torch.tensor([r == "" for r in reasons])
+        feats = torch.zeros(len(reasons), model.feature_dim)
+        vfeats = torch.zeros(len(reasons), views, model.feature_dim) if views else None
+        if ok.any():
+            feats[ok] = forward_features(model, x[ok], rt)
+            if views:
+                vo = v[ok]
+                vfeats[ok] = forward_features(model, vo.flatten(0, 1), rt).view(len(vo), views, -1)
+        writer.write_segment(split, int(idx[0]), feats.numpy(), list(reasons),
+                             vfeats.numpy() if views else None)
+        done += len(reasons)
+        progress.update(len(reasons))
+    return done
+
+
+def plan_extraction(cfg: ExtractConfig):
+    """Scan the data, build the backbone, and compute the plan of the cache (pure of disk writes)."""
+    if cfg.views < 0:
+        raise PipelineError("--views must be >= 0")
+    data = scan_dataset(cfg.data_dir, list(cfg.splits), cfg.allow_empty_class)
+    rt = resolve_runtime(cfg.device, cfg.precision)
+    bb = build_backbone(BackboneSpec(cfg.backbone, cfg.weights, cfg.seed))
+    model = bb.module.to(rt.device).to(memory_format=rt.memory_format).eval()
+    model.feature_dim = bb.feature_dim
+    fields = feature_fields(bb.description, rt.precision, cfg.views, cfg.seed, cfg.draft)
+    fp = fingerprint(fields)
+    splits = {s: (sp.paths, sp.labels) for s, sp in data.splits.items()}
+    digest = files_digest(data.class_names, splits)
+    plan = {"fingerprint": fp, "files_digest": digest, "feature_dim": bb.feature_dim, "views": cfg.views,
+            "splits": {s: {"paths": p, "labels": lab} for s, (p, lab) in splits.items()}}
+    attrs = {
+        "format": "feature-cache/1", "fingerprint": fp, "files_digest": digest,
+        "backbone": bb.description["backbone"], "weights": bb.description["weights"],
+        "backbone_spec": json.dumps(bb.description), "feature_dim": bb.feature_dim,
+        "class_names": json.dumps(data.class_names), "transform": json.dumps(TRANSFORM_SPEC),
+        "precision": rt.precision, "views": cfg.views, "seed": cfg.seed, "draft": cfg.draft,
+        "config": json.dumps({k: v for k, v in asdict(cfg).items() if k not in ("force",)}, default=list),
+        "torch": torch.__version__,
+    }
+    return data, rt, model, plan, attrs
+
+
+def views_split(data) -> str:
+    return next(iter(data.splits))  # the first split (train) carries the augmented views
+
+
+def extract(cfg: ExtractConfig, progress: Progress | None = None) -> dict:
+    """Fill cfg.cache from cfg.data_dir; resumes an interrupted run. Returns the summary dict."""
+    progress = progress or Progress()
+    t0 = time.perf_counter()
+    data, rt, model, plan, attrs = plan_extraction(cfg)
+    scan_skipped = sorted(s for sp in data.splits.values() for s in sp.skipped)
+    with CacheLock(cfg.cache):
+        if _check_existing(cfg, plan["fingerprint"], plan["files_digest"]):
+            return summarize(cfg, data, scan_skipped, {}, 0, time.perf_counter() - t0, up_to_date=True)
+        writer = PartialWriter(cfg.cache, plan).open()
+        already = sum(writer.done_files(s) for s in data.splits)
+        total = sum(len(sp) for sp in data.splits.values())
+        progress.start(total, "extract")
+        progress.update(already)
+        computed = 0
+        for name, sp in data.splits.items():
+            files = [str(data.root / p) for p in sp.paths]
+            k = cfg.views if name == views_split(data) else 0
+            computed += extract_split(writer, name, files, sp.paths, model, rt, cfg, k, progress)
+        progress.close()
+        n_decode_bad = sum(int((np.load(s.path)["ok"] == 0).sum()) for s in writer.segments())
+        _check_skipped(cfg, len(scan_skipped) + n_decode_bad, total + len(scan_skipped))
+        result = writer.finalize(attrs, scan_skipped)
+    return summarize(cfg, data, result["skipped"], result["rows"], computed, time.perf_counter() - t0,
+                     resumed=already, discarded=writer.discarded)
+
+
+def summarize(cfg, data, skipped, rows, computed, seconds, up_to_date=False, resumed=0, discarded="") -> dict:
+    return {
+        "cache": str(cfg.cache), "class_names": data.class_names, "rows": rows,
+        "skipped": [list(s) for s in skipped], "computed": computed, "resumed": resumed,
+        "seconds": seconds, "images_per_s": computed / seconds if seconds > 0 else 0.0,
+        "up_to_date": up_to_date, "discarded": discarded,
+    }
+
+
+def summary_line(s: dict) -> str:
+    if s["up_to_date"]:
+        return f"cache {s['cache']} is already complete for these settings and files; nothing to do"
+    rows = ", ".join(f"{k} {v}" for k, v in s["rows"].items())
+    line = (f"extracted {rows} | skipped {len(s['skipped'])} | {s['seconds']:.1f} s | "
+            f"{s['images_per_s']:.1f} images/s -> {s['cache']}")
+    if s["resumed"]:
+        line += f" (resumed: {s['resumed']} images were already done)"
+    if s["discarded"]:
+        line += f" (discarded {s['discarded']})"
+    return line
