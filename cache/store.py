@@ -131,8 +131,9 @@ class Segment:
 class PartialWriter:
     """Resumable extraction state in CACHE.partial/: a plan.json and one .npz per finished batch.
 
-    plan = {"fingerprint", "files_digest", "feature_dim", "views",
+    plan = {"fingerprint", "files_digest", "feature_dim", "views", "views_split",
             "splits": {name: {"paths": [...], "labels": [...]}}}
+    Only views_split (train) carries the K augmented views.
     """
 
     def __init__(self, cache_path: str | os.PathLike, plan: dict):
@@ -194,7 +195,7 @@ class PartialWriter:
         """Rows start..start+len(reasons) of split: features/views of the good ones, reasons of the bad ones."""
         ok = np.array([r == "" for r in reasons], dtype=bool)
         stop = start + len(reasons)
-        dim, k = self.plan["feature_dim"], self.plan["views"]
+        dim, k = self.plan["feature_dim"], self.views_of(split)
         arrays = {
             "ok": ok,
             "reasons": np.array(reasons, dtype=str),
@@ -209,6 +210,9 @@ class PartialWriter:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, final)
+
+    def views_of(self, split: str) -> int:
+        return self.plan["views"] if split == self.plan.get("views_split") else 0
 
     # -- assembly
     def _load_split(self, split: str):
@@ -225,13 +229,14 @@ class PartialWriter:
 
     def finalize(self, attrs: dict, scan_skipped: list[tuple[str, str]]) -> dict:
         """Assemble the HDF5 file (streaming, one segment at a time), fsync, rename over CACHE."""
-        dim, k = self.plan["feature_dim"], self.plan["views"]
+        dim = self.plan["feature_dim"]
         tmp = self.cache_path.with_name(f".{self.cache_path.name}.tmp-{os.getpid()}")
         skipped = list(scan_skipped)
         counts = {}
         with h5py.File(tmp, "w") as f:
             for split, meta in self.plan["splits"].items():
                 segs = self._load_split(split)
+                k = self.views_of(split)
                 oks = [np.load(s.path, allow_pickle=False)["ok"] for s in segs]
                 n_ok = int(sum(o.sum() for o in oks))
                 ok_all = np.concatenate(oks) if oks else np.zeros(0, bool)

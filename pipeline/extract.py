@@ -88,6 +88,14 @@ def forward_features(model: torch.nn.Module, x: torch.Tensor, rt: Runtime) -> to
         return model(x).float().cpu()
 
 
+def prepare_module(module: torch.nn.Module, rt: Runtime) -> torch.nn.Module:
+    """Move a frozen module to the runtime's device and layout, in eval mode."""
+    module = module.to(rt.device).to(memory_format=rt.memory_format)
+    if not isinstance(module, torch.fx.GraphModule):  # exported programs keep their export-time mode
+        module.eval()
+    return module
+
+
 def _batches(gaps: list[tuple[int, int]], size: int) -> list[list[int]]:
     return [list(range(s, min(s + size, e))) for a, e in gaps for s in range(a, e, size)]
 
@@ -125,13 +133,14 @@ def plan_extraction(cfg: ExtractConfig):
     data = scan_dataset(cfg.data_dir, list(cfg.splits), cfg.allow_empty_class)
     rt = resolve_runtime(cfg.device, cfg.precision)
     bb = build_backbone(BackboneSpec(cfg.backbone, cfg.weights, cfg.seed))
-    model = bb.module.to(rt.device).to(memory_format=rt.memory_format).eval()
+    model = prepare_module(bb.module, rt)
     model.feature_dim = bb.feature_dim
     fields = feature_fields(bb.description, rt.precision, cfg.views, cfg.seed, cfg.draft)
     fp = fingerprint(fields)
     splits = {s: (sp.paths, sp.labels) for s, sp in data.splits.items()}
     digest = files_digest(data.class_names, splits)
     plan = {"fingerprint": fp, "files_digest": digest, "feature_dim": bb.feature_dim, "views": cfg.views,
+            "views_split": views_split(data),
             "splits": {s: {"paths": p, "labels": lab} for s, (p, lab) in splits.items()}}
     attrs = {
         "format": "feature-cache/1", "fingerprint": fp, "files_digest": digest,
@@ -166,7 +175,7 @@ def extract(cfg: ExtractConfig, progress: Progress | None = None) -> dict:
         computed = 0
         for name, sp in data.splits.items():
             files = [str(data.root / p) for p in sp.paths]
-            k = cfg.views if name == views_split(data) else 0
+            k = writer.views_of(name)
             computed += extract_split(writer, name, files, sp.paths, model, rt, cfg, k, progress)
         progress.close()
         n_decode_bad = sum(int((np.load(s.path)["ok"] == 0).sum()) for s in writer.segments())

@@ -1,0 +1,296 @@
+"""tlearn: transfer learning from an ImageNet backbone, fast (cached features) or end to end.
+
+Each command turns its options into a config and calls one pipeline function; errors become one line.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import sys
+
+import click
+
+from cache import CacheError
+from pipeline import PipelineError
+from pipeline.progress import Progress
+from pipeline.runtime import PRECISIONS, default_workers
+
+
+class BarProgress(Progress):
+    """Progress drawn with click's bar on stderr (silent when stderr is not a terminal)."""
+
+    def __init__(self):
+        self.bar = None
+
+    def start(self, total: int, label: str) -> None:
+        self.bar = click.progressbar(length=total, label=label, file=sys.stderr, show_pos=True, show_eta=True)
+        self.bar.__enter__()
+
+    def update(self, n: int) -> None:
+        if self.bar is not None and n:
+            self.bar.update(n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(None, None, None)
+            self.bar = None
+
+    def log(self, message: str) -> None:
+        click.echo(message, err=True)
+
+
+def friendly_errors(fn):
+    """Known problems -> 'Error: <one line>' and exit 1; Ctrl-C -> how to resume."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (PipelineError, CacheError) as e:
+            raise click.ClickException(str(e)) from None
+        except KeyboardInterrupt:
+            raise click.ClickException("interrupted; rerun the same command to resume where it stopped") from None
+
+    return wrapper
+
+
+class NumberList(click.ParamType):
+    """A number or a comma-separated list of numbers (a sweep)."""
+
+    def __init__(self, kind):
+        self.kind = kind
+        self.name = f"{kind.__name__}[,{kind.__name__}...]"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        try:
+            values = tuple(self.kind(v) for v in str(value).split(",") if v.strip())
+        except ValueError:
+            self.fail(f"{value!r} is not a {self.kind.__name__} or a comma-separated list of them", param, ctx)
+        if not values:
+            self.fail("no value given", param, ctx)
+        return values
+
+
+def parse_max_skipped(ctx, param, value):
+    if value is None:
+        return None
+    try:
+        v = float(value)
+    except ValueError:
+        raise click.BadParameter("use a fraction below 1 (0.1 = 10%) or a count (5)") from None
+    if v < 0:
+        raise click.BadParameter("must be >= 0")
+    return v
+
+
+def parse_splits(ctx, param, value):
+    splits = tuple(s.strip() for s in value.split(",") if s.strip())
+    if not splits:
+        raise click.BadParameter("name at least one split, e.g. train,val")
+    return splits
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def cli():
+    """Transfer learning for image classifiers: extract features once, train heads in seconds."""
+
+
+def extract_options(fn):
+    opts = [
+        click.option("--backbone", default="resnet18", show_default=True,
+                     help="torchvision architecture name, or a torch.export .pt2 program (trusted files only)."),
+        click.option("--weights", default="imagenet", show_default=True,
+                     help="imagenet (torchvision IMAGENET1K_V1 via TORCH_HOME), none (random init from --seed), "
+                          "or PATH to a state_dict."),
+        click.option("--splits", default="train,val", show_default=True, callback=parse_splits,
+                     help="Sub-folders of DATA_DIR; test is added when present."),
+        click.option("--views", default=0, show_default=True, type=click.IntRange(min=0),
+                     help="Augmented views (RandomResizedCrop+flip) stored per train image."),
+        click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1)),
+        click.option("--workers", default=default_workers(), show_default=True, type=click.IntRange(min=0),
+                     help="DataLoader worker processes decoding images."),
+        click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda."),
+        click.option("--precision", default="auto", show_default=True, type=click.Choice(PRECISIONS),
+                     help="auto = fp32 on CPU, bf16 autocast on CUDA; recorded in the fingerprint."),
+        click.option("--seed", default=0, show_default=True, type=int),
+        click.option("--draft", is_flag=True, help="Faster JPEG decoding (DCT downscale); changes features slightly."),
+        click.option("--allow-empty-class", is_flag=True, help="Keep a class whose train folder has no images."),
+        click.option("--max-skipped", default=None, callback=parse_max_skipped,
+                     help="Fail when more files than this are unusable: a fraction (<1) or a count."),
+        click.option("--force", is_flag=True, help="Rebuild a cache made with other settings or files."),
+    ]
+    for opt in reversed(opts):
+        fn = opt(fn)
+    return fn
+
+
+def head_options(prefix: str = ""):
+    """Head recipe options. train-head names them as DESIGN.md does (--batch-size, --seed, --device);
+    `run`, which also has extract's options, prefixes the three that clash with --head-."""
+
+    def decorate(fn):
+        opts = [
+            click.option("--epochs", default="25", type=NumberList(int), show_default=True),
+            click.option("--lr", default="0.001", type=NumberList(float), show_default=True,
+                         help="Learning rate; a list such as 0.0003,0.001,0.003 sweeps (every numeric flag does)."),
+            click.option("--momentum", default="0.9", type=NumberList(float), show_default=True),
+            click.option("--step-size", default="7", type=NumberList(int), show_default=True),
+            click.option("--gamma", default="0.1", type=NumberList(float), show_default=True),
+            click.option(f"--{prefix}batch-size", "head_batch_size", default="4", type=NumberList(int),
+                         show_default=True, help="Head training batch size."),
+            click.option(f"--{prefix}seed", "head_seed", default="0", type=NumberList(int), show_default=True,
+                         help="Seed of the head's init, shuffling and view draws."),
+            click.option(f"--{prefix}device", "head_device", default="cpu", show_default=True,
+                         help="cpu (fastest for a linear head), cuda or auto."),
+            click.option("--no-views", is_flag=True, help="Ignore the cache's augmented views."),
+            click.option("--no-plots", is_flag=True, help="Skip curves.png, confusion.png, predictions.png."),
+        ]
+        for opt in reversed(opts):
+            fn = opt(fn)
+        return fn
+
+    return decorate
+
+
+def _extract_config(data_dir, cache, o: dict):
+    from pipeline.extract import ExtractConfig
+
+    return ExtractConfig(data_dir=data_dir, cache=cache, backbone=o["backbone"], weights=o["weights"],
+                         splits=o["splits"], views=o["views"], batch_size=o["batch_size"], workers=o["workers"],
+                         device=o["device"], precision=o["precision"], seed=o["seed"], force=o["force"],
+                         draft=o["draft"], allow_empty_class=o["allow_empty_class"], max_skipped=o["max_skipped"])
+
+
+def _head_config(cache, out, o: dict):
+    from pipeline.train_head import HeadConfig
+
+    return HeadConfig(cache=cache, out=out, epochs=o["epochs"], lr=o["lr"], momentum=o["momentum"],
+                      step_size=o["step_size"], gamma=o["gamma"], batch_size=o["head_batch_size"],
+                      seed=o["head_seed"], device=resolve_head_device(o["head_device"]), use_views=not o["no_views"], plots=not o["no_plots"])
+
+
+def resolve_head_device(name: str) -> str:
+    from pipeline.runtime import resolve_device
+
+    return str(resolve_device(name))
+
+
+def _do_extract(cfg):
+    from pipeline.extract import extract, summary_line
+
+    summary = extract(cfg, BarProgress())
+    for path, reason in summary["skipped"][:20]:
+        click.echo(f"skipped {path}: {reason}", err=True)
+    if len(summary["skipped"]) > 20:
+        click.echo(f"... and {len(summary['skipped']) - 20} more skipped (listed in the cache's /skipped)", err=True)
+    click.echo(summary_line(summary))
+    return summary
+
+
+def _do_train_head(cfg):
+    from pipeline.train_head import run_train_head
+
+    m = run_train_head(cfg)
+    if "sweep" in m:
+        click.echo(sweep_table(m["sweep"]))
+    click.echo(m["report_text"])
+    click.echo(f"trained in {m['seconds']:.3f} s; run folder {cfg.out}")
+    return m
+
+
+def sweep_table(rows: list[dict]) -> str:
+    keys = [k for k in rows[0] if k not in ("best_val_acc", "best_epoch") and len({r[k] for r in rows}) > 1]
+    best = max(range(len(rows)), key=lambda i: rows[i]["best_val_acc"])
+    lines = ["  ".join(f"{k:>10}" for k in keys) + "  best_val_acc  best_epoch"]
+    for i, r in enumerate(rows):
+        mark = "  <- best" if i == best else ""
+        lines.append("  ".join(f"{r[k]:>10g}" for k in keys) + f"  {r['best_val_acc']:>12.4f}  {r['best_epoch']:>10d}{mark}")
+    return "\n".join(lines)
+
+
+@cli.command()
+@click.argument("data_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--cache", "cache_path", required=True, type=click.Path(dir_okay=False),
+              help="HDF5 feature cache to write.")
+@extract_options
+@friendly_errors
+def extract(data_dir, cache_path, **o):
+    """Run the frozen backbone once per image; store pooled features in an HDF5 cache.
+
+    Example: cli.py extract data/hymenoptera_data --cache feats.h5
+    """
+    _do_extract(_extract_config(data_dir, cache_path, o))
+
+
+@cli.command("train-head")
+@click.argument("cache_path", metavar="FILE.h5", type=click.Path(exists=True, dir_okay=False))
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run folder to write.")
+@head_options()
+@friendly_errors
+def train_head(cache_path, out, **o):
+    """Train the new linear layer on cached features (the tutorial's recipe; lists sweep).
+
+    Example: cli.py train-head feats.h5 --out runs/head --lr 0.0003,0.001,0.003
+    """
+    _do_train_head(_head_config(cache_path, out, o))
+
+
+@cli.command()
+@click.argument("data_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run folder to write.")
+@click.option("--cache", "cache_path", default=None, type=click.Path(dir_okay=False),
+              help="Feature cache (default: RUN_DIR/features.h5).")
+@extract_options
+@head_options("head-")
+@friendly_errors
+def run(data_dir, out, cache_path, **o):
+    """The main job in one command: extract (or reuse) the cache, then train-head.
+
+    Example: cli.py run data/hymenoptera_data --out runs/ants
+    """
+    from pathlib import Path
+
+    cache_path = cache_path or str(Path(out) / "features.h5")
+    _do_extract(_extract_config(data_dir, cache_path, o))
+    _do_train_head(_head_config(cache_path, out, o))
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@friendly_errors
+def report(run_dir):
+    """Print the saved classification report of a run folder again.
+
+    Example: cli.py report runs/ants
+    """
+    from pathlib import Path
+
+    path = Path(run_dir) / "report.txt"
+    if not path.is_file():
+        raise PipelineError(f"{run_dir} has no report.txt; is it a run folder of train-head or finetune?")
+    click.echo(path.read_text().rstrip("\n"))
+
+
+@cli.command()
+@click.argument("dest", type=click.Path(file_okay=False))
+@click.option("--url", default=None, help="Zip to fetch (default: the tutorial's hymenoptera_data.zip).")
+@friendly_errors
+def download(dest, url):
+    """Fetch and safely unpack the tutorial's ants/bees dataset into DEST.
+
+    Example: cli.py download data/   (gives data/hymenoptera_data/{train,val})
+    """
+    from pipeline.download import DATASET_URL, download_dataset
+
+    result = download_dataset(dest, url or DATASET_URL, BarProgress())
+    click.echo(result["message"])
+
+
+def main():
+    cli(prog_name="tlearn")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,111 @@
+"""The train-head stage: cached features in, run folder out. No backbone runs here."""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+
+from cache import read_cache
+
+from . import PipelineError
+from .evaluate import evaluate_predictions, report_text, split_metrics
+from .head import HeadParams, HeadResult, expand_grid, head_logits, params_dict, train_heads
+from .runfolder import save_run
+
+_DEFAULTS = HeadParams()
+
+
+@dataclass
+class HeadConfig:
+    """Each recipe field is a tuple: one value trains one head, several values sweep their grid."""
+
+    cache: str
+    out: str
+    epochs: tuple[int, ...] = (_DEFAULTS.epochs,)
+    lr: tuple[float, ...] = (_DEFAULTS.lr,)
+    momentum: tuple[float, ...] = (_DEFAULTS.momentum,)
+    step_size: tuple[int, ...] = (_DEFAULTS.step_size,)
+    gamma: tuple[float, ...] = (_DEFAULTS.gamma,)
+    batch_size: tuple[int, ...] = (_DEFAULTS.batch_size,)
+    seed: tuple[int, ...] = (_DEFAULTS.seed,)
+    device: str = "cpu"  # tiny matmuls: the CPU beats kernel-launch latency; cuda works too
+    use_views: bool = True  # draw augmented views when the cache has them
+    plots: bool = True
+    val_split: str = "val"
+    extra: dict = field(default_factory=dict)
+
+    def grid(self) -> dict[str, list]:
+        return {k: list(getattr(self, k)) for k in ("epochs", "lr", "momentum", "step_size", "gamma",
+                                                     "batch_size", "seed")}
+
+
+def _split_xy(cache, name: str):
+    sp = cache.splits[name]
+    return sp.features, sp.labels
+
+
+def evaluate_head(result: HeadResult, cache, splits: list[str]) -> dict[str, dict]:
+    out = {}
+    for s in splits:
+        X, y = _split_xy(cache, s)
+        pred = head_logits(result.weight, result.bias, X).argmax(1) if len(y) else np.zeros(0, np.int64)
+        out[s] = evaluate_predictions(y, pred, cache.class_names)
+        out[s]["pred"] = pred.tolist()
+    return out
+
+
+def head_model_payload(result: HeadResult, cache) -> dict:
+    """model.pt: everything predict needs to rebuild backbone + head from the run folder alone."""
+    return {
+        "kind": "head",
+        "state_dict": {"weight": result.weight.contiguous(), "bias": result.bias.contiguous()},
+        "class_names": cache.class_names,
+        "feature_dim": cache.feature_dim,
+        "recipe": params_dict(result.params),
+        "backbone": json.loads(cache.attrs["backbone_spec"]),
+        "cache": {"path": str(cache.path), "fingerprint": cache.attrs["fingerprint"],
+                  "precision": cache.attrs["precision"], "transform": json.loads(cache.attrs["transform"]),
+                  "draft": bool(cache.attrs.get("draft", False))},
+    }
+
+
+def run_train_head(cfg: HeadConfig) -> dict:
+    """Train the head(s) of cfg on its cache, write the run folder for the best one, return its metrics."""
+    cache = read_cache(cfg.cache)
+    if "train" not in cache.splits or cfg.val_split not in cache.splits:
+        raise PipelineError(f"cache {cfg.cache} needs train and {cfg.val_split} splits, has {', '.join(cache.splits)}")
+    params = expand_grid(cfg.grid())
+    train = cache.splits["train"]
+    views = train.views if (cfg.use_views and train.views is not None and train.views.shape[1] > 0) else None
+    results, seconds = train_heads(_split_xy(cache, "train"), _split_xy(cache, cfg.val_split),
+                                   len(cache.class_names), params, views=views, device=cfg.device)
+    best = max(results, key=lambda r: r.best_val_acc)  # first of equals: the grid's order
+    eval_splits = [cfg.val_split] + [s for s in cache.splits if s not in ("train", cfg.val_split)]
+    evaluations = evaluate_head(best, cache, eval_splits)
+    metrics = {
+        "kind": "head",
+        "best_val_acc": best.best_val_acc,
+        "best_epoch": best.best_epoch,
+        "history": best.history,
+        **split_metrics(evaluations),
+        "class_names": cache.class_names,
+        "seconds": seconds,
+        "recipe": params_dict(best.params),
+        "views_used": views is not None,
+        "cache": str(cfg.cache),
+        "n": {s: int(len(cache.splits[s].labels)) for s in cache.splits},
+        "skipped": [list(s) for s in cache.skipped],
+    }
+    if len(results) > 1:
+        metrics["sweep"] = [{**params_dict(r.params), "best_val_acc": r.best_val_acc, "best_epoch": r.best_epoch}
+                            for r in results]
+    report = report_text(evaluations, best.best_val_acc, best.best_epoch)
+    save_run(cfg.out, head_model_payload(best, cache), metrics, report)
+    if cfg.plots:
+        from .plots import head_run_plots
+
+        head_run_plots(cfg.out, metrics, cache, evaluations[cfg.val_split]["pred"], cfg.val_split)
+    metrics["report_text"] = report
+    return metrics

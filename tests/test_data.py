@@ -1,0 +1,87 @@
+import pytest
+from PIL import Image
+
+from pipeline import PipelineError
+from pipeline.data import load_rgb, scan_dataset, scan_files
+from tests.conftest import make_dataset, write_image
+
+
+def test_scan_sorted_classes_files_and_skips(tmp_path):
+    root = make_dataset(tmp_path, {"train": {"bees": 2, "ants": 2}, "val": {"ants": 1, "bees": 1}})
+    write_image(root / "train/ants/UPPER.JPG", 0, 99)
+    write_image(root / "train/bees/x.JpEg", 1, 98, fmt="JPEG")
+    (root / "train/ants/notes.txt").write_text("hi")
+    (root / "train/ants/anim.gif").write_bytes(b"GIF89a")
+    (root / "train/.DS_Store").write_bytes(b"\0")
+    (root / "train/ants/.hidden.jpg").write_bytes(b"\0")
+    write_image(root / "train/ants/.ipynb_checkpoints/copy.jpg", 0, 97)
+    write_image(root / "train/.ipynb_checkpoints/x.jpg", 0, 96)
+    ds = scan_dataset(root, ["train", "val"])
+    assert ds.class_names == ["ants", "bees"]
+    tr = ds.splits["train"]
+    assert tr.paths == ["train/ants/UPPER.JPG", "train/ants/img_000.jpg", "train/ants/img_001.jpg",
+                        "train/bees/img_000.jpg", "train/bees/img_001.jpg", "train/bees/x.JpEg"]
+    assert tr.labels == [0, 0, 0, 1, 1, 1]
+    assert tr.skipped == [("train/ants/anim.gif", "not an image extension (.gif)"),
+                          ("train/ants/notes.txt", "not an image extension (.txt)")]
+    assert ds.splits["val"].paths == ["val/ants/img_000.jpg", "val/bees/img_000.jpg"]
+
+
+def test_test_split_added_when_present(tmp_path):
+    root = make_dataset(tmp_path, {"train": {"a": 1, "b": 1}, "val": {"a": 1}, "test": {"b": 1}})
+    ds = scan_dataset(root, ["train", "val"])
+    assert list(ds.splits) == ["train", "val", "test"]
+    assert ds.splits["test"].labels == [1]
+
+
+@pytest.mark.parametrize("case, message", [
+    ("no_classes", "no class folders in"),
+    ("missing_split", "split folder"),
+    ("unknown_val_class", "is not a class of the train split"),
+    ("empty_class", "has no images"),
+])
+def test_structural_problems_fail_with_folder_named(tmp_path, case, message):
+    root = tmp_path / "d"
+    if case == "no_classes":
+        (root / "train").mkdir(parents=True)
+        (root / "val").mkdir()
+        bad = root / "train"
+    elif case == "missing_split":
+        make_dataset(root, {"train": {"a": 1}})
+        bad = root / "val"
+    elif case == "unknown_val_class":
+        make_dataset(root, {"train": {"a": 1}, "val": {"a": 1, "wasps": 1}})
+        bad = root / "val" / "wasps"
+    else:
+        make_dataset(root, {"train": {"a": 1}, "val": {"a": 1}})
+        (root / "train" / "b").mkdir()
+        bad = root / "train" / "b"
+    with pytest.raises(PipelineError) as e:
+        scan_dataset(root, ["train", "val"])
+    assert message in str(e.value) and str(bad) in str(e.value)
+
+
+def test_empty_class_allowed_with_flag(tmp_path):
+    root = make_dataset(tmp_path, {"train": {"a": 2}, "val": {"a": 1}})
+    (root / "train" / "b").mkdir()
+    ds = scan_dataset(root, ["train", "val"], allow_empty_class=True)
+    assert ds.class_names == ["a", "b"]
+
+
+def test_scan_files_for_predict(tmp_path):
+    a = write_image(tmp_path / "one.png", 0, 1, fmt="PNG")
+    write_image(tmp_path / "dir/two.jpg", 1, 2)
+    (tmp_path / "dir/readme.md").write_text("x")
+    files, skipped = scan_files([str(a), str(tmp_path / "dir"), str(tmp_path / "missing.jpg")])
+    assert files == [a, tmp_path / "dir/two.jpg"]
+    assert skipped == [(str(tmp_path / "dir/readme.md"), "not an image extension (.md)"),
+                       (str(tmp_path / "missing.jpg"), "no such file")]
+
+
+def test_load_rgb_converts_modes(tmp_path):
+    Image.new("L", (5, 4), 128).save(tmp_path / "g.png")
+    Image.new("CMYK", (5, 4), (0, 0, 0, 0)).save(tmp_path / "c.jpg")
+    for name in ("g.png", "c.jpg"):
+        img = load_rgb(tmp_path / name)
+        assert img.mode == "RGB" and img.size == (5, 4)
+    assert load_rgb(tmp_path / "g.png").getpixel((0, 0)) == (128, 128, 128)
