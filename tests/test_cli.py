@@ -1,0 +1,74 @@
+import json
+
+import h5py
+import torch
+from click.testing import CliRunner
+
+from cli import cli
+
+
+def invoke(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+
+
+def test_extract_train_head_report(tiny_data, tmp_path):
+    cache, out = tmp_path / "f.h5", tmp_path / "run"
+    r = invoke("extract", tiny_data, "--cache", cache, "--weights", "none", "--workers", 0)
+    assert r.exit_code == 0, r.output
+    assert f"extracted train 6, val 4 | skipped 0 |" in r.output and "images/s" in r.output
+    r = invoke("train-head", cache, "--out", out, "--epochs", 3)
+    assert r.exit_code == 0, r.output
+    assert "precision    recall  f1-score   support" in r.output and "trained in" in r.output
+    for name in ("model.pt", "metrics.json", "report.txt", "curves.png", "confusion.png", "predictions.png"):
+        assert (out / name).is_file(), name
+    m = json.loads((out / "metrics.json").read_text())
+    assert {"best_val_acc", "best_epoch", "history", "classification_report", "confusion_matrix", "class_names",
+            "seconds"} <= set(m)
+    assert len(m["history"]) == 3 and m["class_names"] == ["ants", "bees"]
+    assert m["classification_report"]["val"]["ants"]["support"] == 2
+    assert sum(map(sum, m["confusion_matrix"]["val"])) == 4
+    model = torch.load(out / "model.pt", weights_only=True)
+    assert model["kind"] == "head" and model["state_dict"]["weight"].shape == (2, 512)
+    assert model["backbone"]["backbone"] == "resnet18" and model["class_names"] == ["ants", "bees"]
+    r = invoke("report", out)
+    assert r.exit_code == 0 and r.output == (out / "report.txt").read_text().rstrip("\n") + "\n"
+
+
+def test_run_one_command_and_sweep(tiny_data, tmp_path):
+    out = tmp_path / "run"
+    r = invoke("run", tiny_data, "--out", out, "--weights", "none", "--workers", 0, "--epochs", 2,
+               "--lr", "0.001,0.01", "--no-plots")
+    assert r.exit_code == 0, r.output
+    assert (out / "features.h5").is_file() and (out / "model.pt").is_file()
+    m = json.loads((out / "metrics.json").read_text())
+    assert [row["lr"] for row in m["sweep"]] == [0.001, 0.01]
+    assert "<- best" in r.output
+    assert m["best_val_acc"] == max(row["best_val_acc"] for row in m["sweep"])
+
+
+def test_errors_are_one_line(tiny_data, tmp_path):
+    junk = tmp_path / "junk.h5"
+    junk.write_bytes(b"this is not hdf5")
+    r = invoke("train-head", junk, "--out", tmp_path / "o")
+    assert r.exit_code == 1 and r.output.startswith("Error: cache ") and "is damaged or not an HDF5 file" in r.output
+    assert len(r.output.strip().splitlines()) == 1
+    with h5py.File(tmp_path / "other.h5", "w") as f:
+        f.attrs["format"] = "something-else"
+    r = invoke("train-head", tmp_path / "other.h5", "--out", tmp_path / "o")
+    assert r.exit_code == 1 and "is not a feature cache of this tool" in r.output
+    r = invoke("train-head", tmp_path / "other.h5", "--out", tmp_path / "o", "--lr", "fast")
+    assert r.exit_code == 2 and "'fast' is not a float" in r.output
+    r = invoke("report", tmp_path)
+    assert r.exit_code == 1 and "has no report.txt" in r.output
+    r = invoke("extract", tiny_data, "--cache", tmp_path / "x.h5", "--weights", "imagenet")
+    assert r.exit_code == 1 and "resnet18-f37072fd.pth" in r.output and "--weights none" in r.output
+    assert len(r.output.strip().splitlines()) == 1
+
+
+def test_incomplete_cache_refused(tiny_data, tmp_path):
+    cache = tmp_path / "f.h5"
+    invoke("extract", tiny_data, "--cache", cache, "--weights", "none", "--workers", 0)
+    with h5py.File(cache, "a") as f:
+        f.attrs["complete"] = False
+    r = invoke("train-head", cache, "--out", tmp_path / "o")
+    assert r.exit_code == 1 and "is incomplete; rerun the extract command" in r.output
