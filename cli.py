@@ -288,6 +288,99 @@ def download(dest, url):
     click.echo(result["message"])
 
 
+@cli.command()
+@click.argument("data_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run folder to write.")
+@click.option("--backbone", default="resnet18", show_default=True, help="torchvision architecture name.")
+@click.option("--weights", default="imagenet", show_default=True, help="imagenet, none or PATH to a state_dict.")
+@click.option("--freeze-backbone", is_flag=True,
+              help="The tutorial's frozen mode end to end: only the new layer learns, backbone in the loop.")
+@click.option("--epochs", default=25, show_default=True, type=click.IntRange(min=1))
+@click.option("--lr", default=0.001, show_default=True, type=click.FloatRange(min=0, min_open=True))
+@click.option("--momentum", default=0.9, show_default=True, type=click.FloatRange(min=0))
+@click.option("--step-size", default=7, show_default=True, type=click.IntRange(min=1))
+@click.option("--gamma", default=0.1, show_default=True, type=float)
+@click.option("--batch-size", default=4, show_default=True, type=click.IntRange(min=1))
+@click.option("--workers", default=default_workers(), show_default=True, type=click.IntRange(min=0))
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
+@click.option("--precision", default="auto", show_default=True, type=click.Choice(PRECISIONS),
+              help="auto = fp32 on CPU, bf16 autocast on CUDA; fp16 uses a grad scaler.")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--resume", is_flag=True, help="Continue an interrupted run from its last finished epoch.")
+@click.option("--splits", default="train,val", show_default=True, callback=parse_splits)
+@click.option("--allow-empty-class", is_flag=True)
+@click.option("--max-skipped", default=None, callback=parse_max_skipped)
+@click.option("--no-plots", is_flag=True)
+@friendly_errors
+def finetune(data_dir, out, no_plots, **o):
+    """Fine-tune the whole network end to end (the tutorial's first scenario).
+
+    Example: cli.py finetune data/hymenoptera_data --out runs/ft --epochs 25
+    """
+    from pipeline.finetune import FinetuneConfig, finetune as run_finetune
+
+    m = run_finetune(FinetuneConfig(data_dir=data_dir, out=out, plots=not no_plots, **o), BarProgress())
+    for path, reason in m["skipped"][:20]:
+        click.echo(f"skipped {path}: {reason}", err=True)
+    click.echo(m["report_text"])
+    click.echo(f"trained {len(m['history'])} epochs in {m['seconds']:.1f} s; run folder {out}")
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.argument("inputs", metavar="IMAGE_OR_DIR...", nargs=-1, required=True)
+@click.option("--json", "as_json", is_flag=True, help="One JSON list instead of a table.")
+@click.option("--device", default="auto", show_default=True)
+@friendly_errors
+def predict(run_dir, inputs, as_json, device):
+    """Class and probability for each image (files or folders); bad files are reported, not fatal.
+
+    Example: cli.py predict runs/ants photo1.jpg more_photos/ --json
+    """
+    from pipeline.predict import format_table, predict as run_predict
+
+    preds = run_predict(run_dir, list(inputs), device)
+    if as_json:
+        click.echo(json.dumps([p.as_dict() for p in preds], indent=2))
+    else:
+        click.echo(format_table(preds))
+    if preds and all(p.error for p in preds):
+        raise click.ClickException("no input could be classified")
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help=".pt2 file to write.")
+@friendly_errors
+def export(run_dir, out):
+    """Export the run's classifier as a torch.export program: images -> class probabilities.
+
+    The program takes float32 N x 3 x 224 x 224 images in [0, 1] (after Resize 256 + CenterCrop 224)
+    and normalises them itself. Example: cli.py export runs/ants --out ants.pt2
+    """
+    from pipeline.predict import export_program
+
+    r = export_program(run_dir, out)
+    click.echo(f"exported {run_dir} -> {r['path']} (classes: {', '.join(r['class_names'])})")
+
+
+@cli.command()
+@click.argument("data_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="PNG file to write.")
+@click.option("-n", "--count", default=8, show_default=True, type=click.IntRange(min=1, max=64))
+@click.option("--seed", default=0, show_default=True, type=int)
+@friendly_errors
+def preview(data_dir, out, count, seed):
+    """A grid of augmented training images titled with their class.
+
+    Example: cli.py preview data/hymenoptera_data --out preview.png
+    """
+    from pipeline.preview import preview as run_preview
+
+    r = run_preview(data_dir, out, count, seed)
+    click.echo(f"wrote {r['path']} ({r['n']} images)")
+
+
 def main():
     cli(prog_name="tlearn")
 

@@ -246,3 +246,68 @@ class ImageFiles(torch.utils.data.Dataset):
         v = torch.stack([self.view_transform(img) for _ in range(self.views)])
         torch.random.set_rng_state(state)
         return x, v, i, ""
+
+
+class LabelledImages(torch.utils.data.Dataset):
+    """files[i] -> (transform(image), label). Indexed by (epoch, i): random transforms are seeded by
+    (seed, epoch, i), so augmentation is the same whatever the workers, batching or resume point."""
+
+    def __init__(self, files: list[str], labels: list[int], transform, seed: int = 0):
+        self.files, self.labels, self.transform, self.seed = files, labels, transform, seed
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, key):
+        epoch, i = key
+        img = load_rgb(self.files[i])  # files were validated before training
+        state = torch.random.get_rng_state()
+        torch.manual_seed((self.seed * 1_000_003 + epoch) * 10_000_019 + i)
+        x = self.transform(img)
+        torch.random.set_rng_state(state)
+        return x, self.labels[i]
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """Yields (epoch, index) keys; shuffled by a generator seeded from (seed, epoch) when shuffle."""
+
+    def __init__(self, n: int, seed: int, shuffle: bool):
+        self.n, self.seed, self.shuffle, self.epoch = n, seed, shuffle, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        if self.shuffle:
+            order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 7919 + self.epoch))
+        else:
+            order = torch.arange(self.n)
+        return iter([(self.epoch, int(i)) for i in order])
+
+
+class _Probe(torch.utils.data.Dataset):
+    def __init__(self, files):
+        self.files = files
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        try:
+            load_rgb(self.files[i])
+            return ""
+        except ValueError as e:
+            return str(e)
+
+
+def _as_list(batch):
+    return batch
+
+
+def find_unreadable(files: list[str], workers: int = 0) -> list[str]:
+    """The decode error of each file ('' when it is usable), from a full decode in worker processes."""
+    loader = torch.utils.data.DataLoader(_Probe(files), batch_size=16, num_workers=workers, collate_fn=_as_list)
+    return [r for batch in loader for r in batch]

@@ -42,3 +42,18 @@ def test_real_train_head_25_epochs(real_cache, tmp_path):
     assert m["seconds"] < 5
     for name in ("model.pt", "report.txt", "curves.png", "confusion.png", "predictions.png"):
         assert (out / name).stat().st_size > 0
+
+
+def test_real_finetune_one_epoch(tmp_path):
+    out = tmp_path / "ft"
+    r = CliRunner().invoke(cli, ["finetune", str(real_data_dir()), "--out", str(out), "--weights", "none",
+                                 "--epochs", "1"], env={"TLEARN_OFFLINE": "1"})
+    assert r.exit_code == 0, r.output
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["n"] == {"train": 244, "val": 153} and len(m["history"]) == 1
+    assert m["skipped"] == [["train/ants/imageNotFound.gif", "not an image extension (.gif)"]]
+    assert sum(map(sum, m["confusion_matrix"]["val"])) == 153
+    for name in ("model.pt", "report.txt", "curves.png", "confusion.png", "predictions.png", "checkpoint.pt"):
+        assert (out / name).stat().st_size > 0
+    r = CliRunner().invoke(cli, ["predict", str(out), str(real_data_dir() / "val/bees"), "--json"])
+    assert r.exit_code == 0 and len(json.loads(r.output)) == 83

@@ -1,0 +1,261 @@
+"""Finetune: the tutorial's end-to-end scenario (all weights trained, augmentation on the fly), or its
+frozen scenario run end to end (--freeze-backbone), with per-epoch checkpoints and exact resume."""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import PipelineError
+from .backbones import BackboneSpec, build_torchvision, replace_module
+from .data import TRANSFORM_SPEC, EpochSampler, LabelledImages, eval_transform, find_unreadable, scan_dataset, \
+    train_transform
+from .evaluate import evaluate_predictions, report_text, split_metrics
+from .progress import Progress
+from .runfolder import load_torch, save_run, save_torch
+from .runtime import Runtime, default_workers, resolve_runtime
+
+CHECKPOINT = "checkpoint.pt"
+# fields that must match for --resume to continue a run (the rest, like workers, may change)
+RECIPE_FIELDS = ("backbone", "weights", "freeze_backbone", "epochs", "lr", "momentum", "step_size", "gamma",
+                 "batch_size", "seed", "splits")
+
+
+@dataclass
+class FinetuneConfig:
+    data_dir: str
+    out: str
+    backbone: str = "resnet18"
+    weights: str = "imagenet"
+    freeze_backbone: bool = False
+    epochs: int = 25
+    lr: float = 0.001
+    momentum: float = 0.9
+    step_size: int = 7
+    gamma: float = 0.1
+    batch_size: int = 4
+    workers: int = field(default_factory=default_workers)
+    device: str = "auto"
+    precision: str = "auto"  # fp32 on CPU; bf16 autocast on CUDA; fp16 uses a grad scaler
+    seed: int = 0
+    resume: bool = False
+    splits: tuple[str, ...] = ("train", "val")
+    allow_empty_class: bool = False
+    max_skipped: float | None = None
+    plots: bool = True
+
+
+def build_classifier(cfg_backbone: str, weights: str, seed: int, classes: int) -> tuple[nn.Module, str, str]:
+    """torchvision model with backbone weights and a new Linear head (nn.Linear init under seed)."""
+    model, head, digest = build_torchvision(BackboneSpec(cfg_backbone, weights, seed))
+    in_features = model.get_submodule(head).in_features
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        replace_module(model, head, nn.Linear(in_features, classes))
+    return model, head, digest
+
+
+def usable_files(data, workers: int, max_skipped: float | None) -> tuple[dict, list[tuple[str, str]]]:
+    """{split: (files, labels, rel paths)} of files that decode, and (path, reason) of all the others."""
+    skipped = [s for sp in data.splits.values() for s in sp.skipped]
+    out = {}
+    total = 0
+    for name, sp in data.splits.items():
+        files = [str(data.root / p) for p in sp.paths]
+        reasons = find_unreadable(files, workers)
+        keep = [i for i, r in enumerate(reasons) if not r]
+        skipped += [(sp.paths[i], r) for i, r in enumerate(reasons) if r]
+        out[name] = ([files[i] for i in keep], [sp.labels[i] for i in keep], [sp.paths[i] for i in keep])
+        total += len(files) + len(sp.skipped)
+    if max_skipped is not None and total:
+        limit = max_skipped * total if max_skipped < 1 else max_skipped
+        if len(skipped) > limit:
+            raise PipelineError(f"{len(skipped)} of {total} files are unusable (more than --max-skipped {max_skipped:g})")
+    if not out[next(iter(out))][0]:
+        raise PipelineError("the train split has no usable images")
+    return out, sorted(skipped)
+
+
+def make_loader(files, labels, transform, seed: int, shuffle: bool, batch_size: int, workers: int, rt: Runtime):
+    ds = LabelledImages(files, labels, transform, seed)
+    sampler = EpochSampler(len(ds), seed, shuffle)
+    loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=workers,
+                                         pin_memory=rt.pin_memory, persistent_workers=workers > 0)
+    return loader, sampler
+
+
+def train_one_epoch(model, loader, optimizer, scaler, criterion, rt: Runtime) -> tuple[float, float]:
+    """One pass over the train loader; returns (mean loss, accuracy). Statistics stay on the device."""
+    model.train()
+    loss_sum = torch.zeros((), device=rt.device)
+    correct = torch.zeros((), device=rt.device, dtype=torch.long)
+    n = 0
+    for x, y in loader:
+        x = x.to(rt.device, non_blocking=True).contiguous(memory_format=rt.memory_format)
+        y = y.to(rt.device, non_blocking=True)
+        with rt.autocast():
+            out = model(x)
+            loss = criterion(out.float(), y)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        loss_sum += loss.detach() * len(y)
+        correct += (out.argmax(1) == y).sum()
+        n += len(y)
+    return float(loss_sum) / n, float(correct) / n
+
+
+@torch.inference_mode()
+def evaluate(model, loader, criterion, rt: Runtime) -> tuple[float, float, np.ndarray]:
+    """(mean loss, accuracy, predictions in dataset order) in eval mode."""
+    model.eval()
+    loss_sum, preds, labels = 0.0, [], []
+    for x, y in loader:
+        x = x.to(rt.device, non_blocking=True).contiguous(memory_format=rt.memory_format)
+        y = y.to(rt.device, non_blocking=True)
+        with rt.autocast():
+            out = model(x).float()
+        loss_sum += float(criterion(out, y)) * len(y)
+        preds.append(out.argmax(1).cpu())
+        labels.append(y.cpu())
+    if not preds:
+        return 0.0, 0.0, np.zeros(0, np.int64)
+    p, t = torch.cat(preds).numpy(), torch.cat(labels).numpy()
+    return loss_sum / len(t), float((p == t).mean()), p
+
+
+def _recipe(cfg: FinetuneConfig) -> dict:
+    d = asdict(cfg)
+    return {k: (list(d[k]) if isinstance(d[k], tuple) else d[k]) for k in RECIPE_FIELDS}
+
+
+def _files_digest(files: dict) -> str:
+    return hashlib.sha256(json.dumps({k: [v[2], v[1]] for k, v in files.items()}).encode()).hexdigest()
+
+
+def _load_checkpoint(cfg: FinetuneConfig, digest: str) -> dict | None:
+    path = Path(cfg.out) / CHECKPOINT
+    if not cfg.resume:
+        if path.exists():
+            raise PipelineError(f"{cfg.out} holds a checkpoint of an earlier run; pass --resume to continue it, "
+                                "or choose another --out")
+        return None
+    if not path.exists():
+        return None
+    ck = load_torch(path)
+    if ck.get("recipe") != _recipe(cfg):
+        diff = [k for k in RECIPE_FIELDS if ck.get("recipe", {}).get(k) != _recipe(cfg)[k]]
+        raise PipelineError(f"cannot resume {cfg.out}: its checkpoint was made with other settings "
+                            f"({', '.join(diff)}); use the same flags or another --out")
+    if ck.get("files_digest") != digest:
+        raise PipelineError(f"cannot resume {cfg.out}: the usable files of {cfg.data_dir} changed since the checkpoint")
+    return ck
+
+
+def finetune(cfg: FinetuneConfig, progress: Progress | None = None) -> dict:
+    """Train, checkpoint every epoch, write the run folder; returns metrics (plus report_text)."""
+    progress = progress or Progress()
+    rt = resolve_runtime(cfg.device, cfg.precision)
+    data = scan_dataset(cfg.data_dir, list(cfg.splits), cfg.allow_empty_class)
+    files, skipped = usable_files(data, cfg.workers, cfg.max_skipped)
+    names = list(files)
+    train_name, val_name = names[0], names[1] if len(names) > 1 else None
+    if val_name is None:
+        raise PipelineError("finetune needs a val split to select the best epoch; pass --splits train,val")
+    digest = _files_digest(files)
+    ck = _load_checkpoint(cfg, digest)
+
+    model, head, weights_digest = build_classifier(cfg.backbone, cfg.weights, cfg.seed, len(data.class_names))
+    if cfg.freeze_backbone:  # the tutorial's fixed feature extractor: only the new layer learns
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for p in model.get_submodule(head).parameters():
+            p.requires_grad_(True)
+    model = model.to(rt.device).to(memory_format=rt.memory_format)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.step_size, gamma=cfg.gamma)
+    scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.precision == "fp16")
+    criterion = nn.CrossEntropyLoss()
+
+    history, best_acc, best_epoch, start, best_preds = [], -1.0, -1, 0, None
+    best_state = copy.deepcopy(model.state_dict())
+    seconds = 0.0
+    if ck is not None:
+        model.load_state_dict(ck["model"])
+        optimizer.load_state_dict(ck["optimizer"])
+        scheduler.load_state_dict(ck["scheduler"])
+        scaler.load_state_dict(ck["scaler"])
+        history, best_acc, best_epoch = ck["history"], ck["best_acc"], ck["best_epoch"]
+        best_state, start, seconds = ck["best_state"], ck["epoch"] + 1, ck["seconds"]
+        best_preds = ck["best_preds"].numpy()
+        progress.log(f"resuming {cfg.out} after epoch {ck['epoch']} of {cfg.epochs}")
+
+    tr_files, tr_labels, _ = files[train_name]
+    train_loader, train_sampler = make_loader(tr_files, tr_labels, train_transform(), cfg.seed, True,
+                                              cfg.batch_size, cfg.workers, rt)
+    val_loaders = {s: make_loader(files[s][0], files[s][1], eval_transform(), cfg.seed, False, cfg.batch_size,
+                                  cfg.workers, rt)[0] for s in names[1:]}
+    progress.start(cfg.epochs, "finetune")
+    progress.update(start)
+    for epoch in range(start, cfg.epochs):
+        t0 = time.perf_counter()
+        train_sampler.set_epoch(epoch)
+        lr = optimizer.param_groups[0]["lr"]
+        train_loss, train_acc = train_one_epoch(model, train_loader, optimizer, scaler, criterion, rt)
+        scheduler.step()
+        val_loss, val_acc, val_preds = evaluate(model, val_loaders[val_name], criterion, rt)
+        if val_acc > best_acc:  # strict: the first best epoch wins ties, as in the tutorial
+            best_acc, best_epoch, best_preds = val_acc, epoch, val_preds
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        took = time.perf_counter() - t0
+        seconds += took
+        history.append({"epoch": epoch, "lr": lr, "train_loss": train_loss, "train_acc": train_acc,
+                        "val_loss": val_loss, "val_acc": val_acc, "seconds": took})
+        save_torch(Path(cfg.out) / CHECKPOINT, {
+            "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "history": history,
+            "best_acc": best_acc, "best_epoch": best_epoch, "best_state": best_state, "seconds": seconds,
+            "best_preds": torch.as_tensor(best_preds),
+            "recipe": _recipe(cfg), "files_digest": digest, "rng_torch": torch.random.get_rng_state(),
+        })
+        progress.update(1)
+        progress.log(f"epoch {epoch}: train loss {train_loss:.4f} acc {train_acc:.4f} | "
+                     f"val loss {val_loss:.4f} acc {val_acc:.4f} | {took:.1f} s")
+    progress.close()
+
+    model.load_state_dict(best_state)
+    preds = {val_name: best_preds}  # val predictions of the best epoch; other splits (test) evaluated now
+    for s, loader in val_loaders.items():
+        if s not in preds:
+            preds[s] = evaluate(model, loader, criterion, rt)[2]
+    evaluations = {s: evaluate_predictions(files[s][1], preds[s], data.class_names) for s in preds}
+    metrics = {
+        "kind": "finetune", "best_val_acc": best_acc, "best_epoch": best_epoch, "history": history,
+        **split_metrics(evaluations), "class_names": data.class_names, "seconds": seconds,
+        "recipe": _recipe(cfg), "precision": rt.precision, "device": str(rt.device),
+        "n": {s: len(f[0]) for s, f in files.items()}, "skipped": [list(s) for s in skipped],
+    }
+    report = report_text(evaluations, best_acc, best_epoch)
+    payload = {
+        "kind": "finetune", "arch": cfg.backbone, "head": head, "class_names": data.class_names,
+        "state_dict": {k: v.detach().cpu() for k, v in best_state.items()},
+        "recipe": _recipe(cfg), "weights_digest": weights_digest, "transform": TRANSFORM_SPEC,
+        "precision": rt.precision,
+    }
+    save_run(cfg.out, payload, metrics, report)
+    if cfg.plots:
+        from .plots import run_plots
+
+        run_plots(cfg.out, metrics, [Path(f) for f in files[val_name][0]], files[val_name][1], preds[val_name],
+                  val_name)
+    metrics["report_text"] = report
+    return metrics

@@ -1,0 +1,29 @@
+"""`preview`: a grid of augmented training images with their class (the tutorial's imshow of a batch)."""
+from __future__ import annotations
+
+import torch
+
+from . import PipelineError
+from .data import LabelledImages, find_unreadable, scan_dataset, train_transform
+from .plots import images_grid_png
+
+
+def preview(data_dir: str, out: str, n: int = 8, seed: int = 0, split: str = "train") -> dict:
+    """Draw n random training images (seeded), augmented as finetune does, into out (PNG)."""
+    data = scan_dataset(data_dir, [split])
+    sp = data.splits[split]
+    order = torch.randperm(len(sp), generator=torch.Generator().manual_seed(seed)).tolist()
+    files, labels = [], []
+    for i in order:  # the first n that decode; bad files are skipped, as everywhere
+        f = str(data.root / sp.paths[i])
+        if not find_unreadable([f])[0]:
+            files.append(f)
+            labels.append(sp.labels[i])
+        if len(files) == n:
+            break
+    if not files:
+        raise PipelineError(f"no usable images in {data.root / split}")
+    ds = LabelledImages(files, labels, train_transform(), seed)
+    batch = torch.stack([ds[(0, i)][0] for i in range(len(files))])
+    images_grid_png(batch, [data.class_names[y] for y in labels], out)
+    return {"path": str(out), "n": len(files), "classes": [data.class_names[y] for y in labels]}

@@ -1,0 +1,183 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+from cli import cli
+from pipeline import PipelineError
+from pipeline.finetune import FinetuneConfig, finetune
+from pipeline.predict import predict
+from tests.conftest import REPO
+
+ARTIFACTS = ("model.pt", "metrics.json", "report.txt", "curves.png", "confusion.png", "predictions.png",
+             "checkpoint.pt")
+
+
+def ft(data, out, **kw):
+    kw.setdefault("weights", "none")
+    kw.setdefault("workers", 0)
+    kw.setdefault("epochs", 2)
+    return FinetuneConfig(data_dir=str(data), out=str(out), **kw)
+
+
+def comparable(history):
+    return [{k: v for k, v in h.items() if k != "seconds"} for h in history]
+
+
+def test_finetune_writes_run_folder(tiny_data, tmp_path):
+    out = tmp_path / "ft"
+    r = CliRunner().invoke(cli, ["finetune", str(tiny_data), "--out", str(out), "--weights", "none", "--epochs", "2",
+                                 "--workers", "0"])
+    assert r.exit_code == 0, r.output
+    assert "precision    recall  f1-score   support" in r.output and "trained 2 epochs" in r.output
+    for name in ARTIFACTS:
+        assert (out / name).stat().st_size > 0, name
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["kind"] == "finetune" and len(m["history"]) == 2 and m["history"][1]["lr"] == 0.001
+    assert m["classification_report"]["val"]["macro avg"]["support"] == 4
+    assert m["best_val_acc"] == max(h["val_acc"] for h in m["history"])
+    model = torch.load(out / "model.pt", weights_only=True)
+    assert model["kind"] == "finetune" and model["state_dict"]["fc.weight"].shape == (2, 512)
+
+
+def test_freeze_backbone_trains_only_the_head(tiny_data, tmp_path):
+    from pipeline.finetune import build_classifier
+
+    init, _, _ = build_classifier("resnet18", "none", 0, 2)
+    finetune(ft(tiny_data, tmp_path / "frozen", freeze_backbone=True, epochs=1, plots=False))
+    sd = torch.load(tmp_path / "frozen/model.pt", weights_only=True)["state_dict"]
+    torch.testing.assert_close(sd["conv1.weight"], init.state_dict()["conv1.weight"])
+    torch.testing.assert_close(sd["layer4.1.conv2.weight"], init.state_dict()["layer4.1.conv2.weight"])
+    assert not torch.equal(sd["fc.weight"], init.state_dict()["fc.weight"])
+    # the tutorial's frozen mode runs model.train(): BatchNorm statistics still move
+    assert not torch.equal(sd["bn1.running_mean"], init.state_dict()["bn1.running_mean"])
+
+
+def test_checkpoint_needs_resume_and_same_recipe(tiny_data, tmp_path):
+    out = tmp_path / "ft"
+    finetune(ft(tiny_data, out, epochs=1, plots=False))
+    with pytest.raises(PipelineError, match="pass --resume to continue it"):
+        finetune(ft(tiny_data, out, epochs=1, plots=False))
+    with pytest.raises(PipelineError, match=r"other settings \(lr\)"):
+        finetune(ft(tiny_data, out, epochs=1, lr=0.01, resume=True, plots=False))
+
+
+def _finetune_cmd(data, out, *extra):
+    return [sys.executable, str(REPO / "cli.py"), "finetune", str(data), "--out", str(out), "--weights", "none",
+            "--epochs", "3", "--workers", "0", "--no-plots", *extra]
+
+
+def test_resume_after_sigkill_matches_uninterrupted(tiny_data, tmp_path):
+    env = {**os.environ, "TLEARN_OFFLINE": "1"}
+    whole = tmp_path / "whole"
+    subprocess.run(_finetune_cmd(tiny_data, whole), check=True, env=env, capture_output=True)
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(_finetune_cmd(tiny_data, killed), env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (killed / "checkpoint.pt").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    ck = torch.load(killed / "checkpoint.pt", weights_only=True)
+    assert ck["epoch"] < 2 and not (killed / "metrics.json").exists()  # really interrupted mid-run
+    r = subprocess.run(_finetune_cmd(tiny_data, killed, "--resume"), env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert f"resuming {killed} after epoch {ck['epoch']}" in r.stderr
+    a = json.loads((whole / "metrics.json").read_text())
+    b = json.loads((killed / "metrics.json").read_text())
+    assert comparable(a["history"]) == comparable(b["history"])
+    assert (a["best_val_acc"], a["best_epoch"]) == (b["best_val_acc"], b["best_epoch"])
+    sa = torch.load(whole / "model.pt", weights_only=True)["state_dict"]
+    sb = torch.load(killed / "model.pt", weights_only=True)["state_dict"]
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+@pytest.fixture(scope="module")
+def head_run(tmp_path_factory):
+    from tests.conftest import make_dataset
+
+    root = tmp_path_factory.mktemp("hr")
+    data = make_dataset(root / "data", {"train": {"ants": 3, "bees": 3}, "val": {"ants": 2, "bees": 2}})
+    out = root / "run"
+    r = CliRunner().invoke(cli, ["run", str(data), "--out", str(out), "--weights", "none", "--workers", "0",
+                                 "--epochs", "3", "--no-plots"], env={"TLEARN_OFFLINE": "1"})
+    assert r.exit_code == 0, r.output
+    return data, out
+
+
+def test_predict_head_run_table_json_and_bad_files(head_run, tmp_path):
+    data, out = head_run
+    (tmp_path / "broken.jpg").write_bytes(b"<html>not an image</html>")
+    (tmp_path / "notes.txt").write_text("x")
+    args = ["predict", str(out), str(data / "val/ants/img_000.jpg"), str(tmp_path)]
+    r = CliRunner().invoke(cli, args + ["--json"])
+    assert r.exit_code == 0, r.output
+    rows = json.loads(r.output)
+    assert [os.path.basename(p["path"]) for p in rows] == ["img_000.jpg", "broken.jpg", "notes.txt"]
+    assert rows[0]["class"] in ("ants", "bees") and abs(sum(rows[0]["probabilities"].values()) - 1) < 1e-5
+    assert rows[0]["probability"] == max(rows[0]["probabilities"].values())
+    assert rows[1]["error"].startswith("not a readable image") and "not an image extension" in rows[2]["error"]
+    r = CliRunner().invoke(cli, args)
+    assert r.exit_code == 0 and "ERROR: not a readable image" in r.output and "probability" in r.output.splitlines()[0]
+
+
+def test_predict_matches_cached_features(head_run):
+    """A head run's prediction rebuilds the backbone: its logits equal head(cached features)."""
+    from cache import read_cache
+
+    data, out = head_run
+    c = read_cache(out / "features.h5")
+    m = torch.load(out / "model.pt", weights_only=True)
+    probs = torch.softmax(torch.tensor(c.splits["val"].features) @ m["state_dict"]["weight"].T
+                          + m["state_dict"]["bias"], 1)
+    preds = predict(str(out), [str(data / p) for p in c.splits["val"].paths], device="cpu")
+    got = torch.tensor([[p.probabilities["ants"], p.probabilities["bees"]] for p in preds])
+    torch.testing.assert_close(got, probs, atol=1e-5, rtol=1e-4)
+
+
+def test_predict_refuses_missing_backbone_weights(tiny_data, tmp_path, resnet18_state_file):
+    import shutil
+
+    w = tmp_path / "w.pt"
+    shutil.copy(resnet18_state_file, w)
+    out = tmp_path / "run"
+    r = CliRunner().invoke(cli, ["run", str(tiny_data), "--out", str(out), "--weights", str(w), "--workers", "0",
+                                 "--epochs", "1", "--no-plots"])
+    assert r.exit_code == 0, r.output
+    w.unlink()
+    r = CliRunner().invoke(cli, ["predict", str(out), str(tiny_data / "val")])
+    assert r.exit_code == 1
+    assert "trained on features of resnet18 with weights" in r.output and "does not exist" in r.output
+
+
+@pytest.mark.parametrize("kind", ["head", "finetune"])
+def test_export_gives_predict_probabilities(kind, head_run, tmp_path):
+    from torchvision import transforms as T
+
+    data, out = head_run
+    if kind == "finetune":
+        out = tmp_path / "ft"
+        finetune(ft(data, out, epochs=1, plots=False))
+    r = CliRunner().invoke(cli, ["export", str(out), "--out", str(tmp_path / "m.pt2")])
+    assert r.exit_code == 0, r.output
+    files = sorted(str(p) for p in (data / "val").rglob("*.jpg"))
+    expected = np.array([[p.probabilities["ants"], p.probabilities["bees"]] for p in predict(str(out), files, "cpu")])
+    prog = torch.export.load(str(tmp_path / "m.pt2")).module()
+    crop = T.Compose([T.Resize(256), T.CenterCrop(224), T.ToTensor()])
+    x = torch.stack([crop(Image.open(f).convert("RGB")) for f in files])
+    np.testing.assert_allclose(prog(x).detach().numpy(), expected, atol=1e-5)
+
+
+def test_preview_grid(tiny_data, tmp_path):
+    r = CliRunner().invoke(cli, ["preview", str(tiny_data), "--out", str(tmp_path / "p.png"), "-n", "4"])
+    assert r.exit_code == 0 and "(4 images)" in r.output
+    assert Image.open(tmp_path / "p.png").size[0] > 400
