@@ -58,6 +58,15 @@ def _walk_files(folder: Path) -> list[Path]:
     return sorted(found)
 
 
+def _not_regular(f: Path) -> str:
+    """Why f cannot be read as a file ('' when it is a regular file): FIFOs would block a reader forever."""
+    if f.is_symlink() and not f.exists():
+        return "broken symbolic link"
+    if not f.is_file():
+        return "not a regular file"
+    return ""
+
+
 def list_classes(split_dir: Path) -> list[str]:
     return sorted(e.name for e in split_dir.iterdir() if e.is_dir() and _visible(e.name))
 
@@ -74,7 +83,10 @@ def scan_split(root: Path, split: str, class_names: list[str]) -> Split:
             )
         for f in _walk_files(split_dir / cls):
             rel = f.relative_to(root).as_posix()
-            if f.suffix.lower() in IMG_EXTENSIONS:
+            problem = _not_regular(f)
+            if problem:
+                out.skipped.append((rel, problem))
+            elif f.suffix.lower() in IMG_EXTENSIONS:
                 out.paths.append(rel)
                 out.labels.append(class_names.index(cls))
             else:
@@ -119,7 +131,10 @@ def scan_files(inputs: list[str]) -> tuple[list[Path], list[tuple[str, str]]]:
             skipped.append((str(p), "no such file"))
             continue
         for f in candidates:
-            if f.suffix.lower() in IMG_EXTENSIONS:
+            problem = _not_regular(f)
+            if problem:
+                skipped.append((str(f), problem))
+            elif f.suffix.lower() in IMG_EXTENSIONS:
                 files.append(f)
             else:
                 skipped.append((str(f), f"not an image extension ({f.suffix or 'none'})"))
@@ -147,41 +162,45 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
-def load_rgb(path: str | os.PathLike, draft: tuple[int, int] | None = None) -> Image.Image:
-    """Fully decode an image to RGB, EXIF orientation applied. Raises ValueError with a reason.
+class BadImage(ValueError):
+    """A file that cannot be used as an image; the message is the reason shown to the user."""
 
-    The decompression-bomb check uses the header only, before any pixel is decoded.
+
+def load_rgb(path: str | os.PathLike, draft: tuple[int, int] | None = None) -> Image.Image:
+    """Fully decode an image to RGB, EXIF orientation applied. Raises BadImage with a reason.
+
+    The decompression-bomb check uses the header only, before any pixel is decoded. A full decode
+    (not Image.verify, which passes truncated JPEGs) is what finds damaged files.
     draft: a size hint for JPEG's DCT-domain downscaling (faster, changes pixels slightly).
     """
     try:
+        if os.path.getsize(path) == 0:
+            raise BadImage("empty file (0 bytes)")
         with Image.open(path) as im, warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             w, h = im.size
             limit = Image.MAX_IMAGE_PIXELS
             if limit and w * h > limit:
-                raise ValueError(f"image too large ({w}x{h} pixels > {limit} limit, possible decompression bomb)")
+                raise BadImage(f"image too large ({w}x{h} pixels > {limit} limit, possible decompression bomb)")
             if draft and im.format == "JPEG":
                 im.draft("RGB", draft)
             im.load()
             im = ImageOps.exif_transpose(im)
             return _to_rgb(im)
-    except ValueError:
+    except BadImage:
         raise
     except Image.DecompressionBombError as e:
-        raise ValueError(f"image too large ({e})") from None
+        raise BadImage(f"image too large ({e})") from None
     except UnidentifiedImageError:
-        raise ValueError("not a readable image (PIL cannot identify it)") from None
-    except (OSError, SyntaxError, Image.DecompressionBombError) as e:
-        if isinstance(e, FileNotFoundError):
-            raise ValueError("file disappeared") from None
-        if isinstance(e, PermissionError):
-            raise ValueError("permission denied") from None
-        if isinstance(e, IsADirectoryError):
-            raise ValueError("is a directory") from None
-        msg = str(e) or type(e).__name__
-        if os.path.exists(path) and os.path.getsize(path) == 0:
-            msg = "empty file (0 bytes)"
-        raise ValueError(f"cannot decode image: {msg}") from None
+        raise BadImage("not a readable image (PIL cannot identify it)") from None
+    except FileNotFoundError:
+        raise BadImage("file disappeared") from None
+    except PermissionError:
+        raise BadImage("permission denied") from None
+    except IsADirectoryError:
+        raise BadImage("is a directory") from None
+    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, struct.error... on damaged files
+        raise BadImage(f"cannot decode image: {str(e) or type(e).__name__}") from None
 
 
 # --------------------------------------------------------------------------- transforms

@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
-from cache import CacheError, CacheLock, PartialWriter, fingerprint, read_attrs
+from cache import CacheError, CacheLock, PartialWriter, fingerprint, read_attrs, read_cache
 from cache.store import files_digest
 
 from . import PipelineError
@@ -50,26 +50,77 @@ def feature_fields(backbone_desc: dict, precision: str, views: int, seed: int, d
     }
 
 
-def _check_existing(cfg: ExtractConfig, fp: str, digest: str) -> bool:
-    """True when the cache is already complete for these settings and files; raises when it differs."""
+def _check_existing(cfg: ExtractConfig, plan: dict, class_names: list[str]) -> str:
+    """What to do about a file already at cfg.cache: 'new' (build it), 'done' (complete for these
+    settings and files), 'grown' (same settings, the folder only gained files: reuse its rows).
+    Raises when it differs otherwise and --force was not given."""
+    fp, digest = plan["fingerprint"], plan["files_digest"]
     try:
         old = read_attrs(cfg.cache)
     except CacheError as e:
-        if "does not exist" in str(e):
-            return False
-        if cfg.force:
-            return False
+        if "does not exist" in str(e) or cfg.force:
+            return "new"
         raise CacheError(f"{e}; or pass --force to replace it") from None
-    if old.get("complete") and old.get("fingerprint") == fp and old.get("files_digest") == digest:
-        return True
     if cfg.force:
+        return "new"
+    if old.get("complete") and old.get("fingerprint") == fp:
+        if old.get("files_digest") == digest:
+            return "done"
+        if _only_gained(cfg.cache, plan, class_names):
+            return "grown"
+        raise CacheError(f"cache {cfg.cache} was made from other files of {cfg.data_dir} (some were removed, "
+                         "moved or relabelled); pass --force to rebuild it or choose another --cache")
+    was = f"{old.get('backbone')}/{old.get('weights')}/{old.get('precision')}/views={old.get('views')}"
+    raise CacheError(f"cache {cfg.cache} was made with other settings ({was}: backbone, weights, transforms, "
+                     "precision or views differ); pass --force to rebuild it or choose another --cache")
+
+
+def _old_rows(path) -> tuple[list[str], dict, dict]:
+    old = read_cache(path)
+    rows = {sp_name: {p: (i, int(lab)) for i, (p, lab) in enumerate(zip(sp.paths, sp.labels))}
+            for sp_name, sp in old.splits.items()}
+    return old.class_names, rows, dict(old.skipped)
+
+
+def _only_gained(cache_path, plan: dict, class_names: list[str]) -> bool:
+    """True when every file of the old cache is still in the plan with the same label."""
+    old_classes, rows, skipped = _old_rows(cache_path)
+    if old_classes != class_names or set(rows) != set(plan["splits"]):
         return False
-    if old.get("fingerprint") != fp:
-        was = f"{old.get('backbone')}/{old.get('weights')}/{old.get('precision')}/views={old.get('views')}"
-        raise CacheError(f"cache {cfg.cache} was made with other settings ({was}: backbone, weights, transforms, "
-                         "precision or views differ); pass --force to rebuild it or choose another --cache")
-    raise CacheError(f"cache {cfg.cache} was made from other files of {cfg.data_dir}; "
-                     "pass --force to rebuild it or choose another --cache")
+    for split, meta in plan["splits"].items():
+        new = dict(zip(meta["paths"], meta["labels"]))
+        if any(new.get(p) != lab for p, (_, lab) in rows[split].items()):
+            return False
+    return True
+
+
+def seed_from_cache(writer: PartialWriter, cache_path) -> int:
+    """Write the rows an older complete cache already has as finished segments; returns how many."""
+    old = read_cache(cache_path)
+    reasons_old = dict(old.skipped)
+    reused = 0
+    for split, meta in writer.plan["splits"].items():
+        sp = old.splits[split]
+        index = {p: i for i, p in enumerate(sp.paths)}
+        known = [p in index or p in reasons_old for p in meta["paths"]]
+        j, n = 0, len(known)
+        while j < n:
+            if not known[j]:
+                j += 1
+                continue
+            k = j
+            while k < n and known[k]:
+                k += 1
+            paths = meta["paths"][j:k]
+            rows = [index.get(p, -1) for p in paths]
+            feats = np.stack([sp.features[r] if r >= 0 else np.zeros(sp.features.shape[1], np.float32) for r in rows])
+            views = None
+            if writer.views_of(split):
+                views = np.stack([sp.views[r] if r >= 0 else np.zeros(sp.views.shape[1:], np.float32) for r in rows])
+            writer.write_segment(split, j, feats, ["" if r >= 0 else reasons_old[p] for r, p in zip(rows, paths)], views)
+            reused += k - j
+            j = k
+    return reused
 
 
 def _check_skipped(cfg: ExtractConfig, n_skipped: int, n_total: int) -> None:
@@ -165,13 +216,15 @@ def extract(cfg: ExtractConfig, progress: Progress | None = None) -> dict:
     data, rt, model, plan, attrs = plan_extraction(cfg)
     scan_skipped = sorted(s for sp in data.splits.values() for s in sp.skipped)
     with CacheLock(cfg.cache):
-        if _check_existing(cfg, plan["fingerprint"], plan["files_digest"]):
+        state = _check_existing(cfg, plan, data.class_names)
+        if state == "done":
             return summarize(cfg, data, scan_skipped, {}, 0, time.perf_counter() - t0, up_to_date=True)
         writer = PartialWriter(cfg.cache, plan).open()
-        already = sum(writer.done_files(s) for s in data.splits)
+        reused = seed_from_cache(writer, cfg.cache) if state == "grown" and not writer.segments() else 0
+        already = sum(writer.done_files(s) for s in data.splits) - reused
         total = sum(len(sp) for sp in data.splits.values())
         progress.start(total, "extract")
-        progress.update(already)
+        progress.update(already + reused)
         computed = 0
         for name, sp in data.splits.items():
             files = [str(data.root / p) for p in sp.paths]
@@ -182,15 +235,16 @@ def extract(cfg: ExtractConfig, progress: Progress | None = None) -> dict:
         _check_skipped(cfg, len(scan_skipped) + n_decode_bad, total + len(scan_skipped))
         result = writer.finalize(attrs, scan_skipped)
     return summarize(cfg, data, result["skipped"], result["rows"], computed, time.perf_counter() - t0,
-                     resumed=already, discarded=writer.discarded)
+                     resumed=already, discarded=writer.discarded, reused=reused)
 
 
-def summarize(cfg, data, skipped, rows, computed, seconds, up_to_date=False, resumed=0, discarded="") -> dict:
+def summarize(cfg, data, skipped, rows, computed, seconds, up_to_date=False, resumed=0, discarded="",
+              reused=0) -> dict:
     return {
         "cache": str(cfg.cache), "class_names": data.class_names, "rows": rows,
         "skipped": [list(s) for s in skipped], "computed": computed, "resumed": resumed,
         "seconds": seconds, "images_per_s": computed / seconds if seconds > 0 else 0.0,
-        "up_to_date": up_to_date, "discarded": discarded,
+        "up_to_date": up_to_date, "discarded": discarded, "reused": reused,
     }
 
 
@@ -202,6 +256,8 @@ def summary_line(s: dict) -> str:
             f"{s['images_per_s']:.1f} images/s -> {s['cache']}")
     if s["resumed"]:
         line += f" (resumed: {s['resumed']} images were already done)"
+    if s["reused"]:
+        line += f" (the folder only gained files: {s['reused']} rows reused from the existing cache, {s['computed']} new)"
     if s["discarded"]:
         line += f" (discarded {s['discarded']})"
     return line

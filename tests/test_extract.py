@@ -94,9 +94,25 @@ def test_fingerprint_refusal_force_and_up_to_date(tiny_data, tmp_path):
     s = extract(cfg(tiny_data, cache, seed=1, force=True))
     assert s["computed"] == 10
     assert not np.allclose(read_cache(cache).splits["train"].features, first)
-    make_dataset(tiny_data, {"train": {"bees": 4}})  # the folder gained a file
-    with pytest.raises(CacheError, match="other files"):
+    (tiny_data / "val/bees/img_001.jpg").unlink()  # a file was removed
+    with pytest.raises(CacheError, match="other files .*some were removed"):
         extract(cfg(tiny_data, cache, seed=1))
+
+
+def test_folder_that_only_gained_files_extracts_just_the_new_ones(tiny_data, tmp_path):
+    cache = tmp_path / "f.h5"
+    (tiny_data / "train/ants/broken.jpg").write_bytes(b"junk")
+    extract(cfg(tiny_data, cache, views=2))
+    make_dataset(tiny_data, {"train": {"ants": 5}})  # img_003, img_004 are new (img_000..002 rewritten equal); 7 train + 4 val reused
+    s = extract(cfg(tiny_data, cache, views=2))
+    assert s["reused"] == 11 and s["computed"] == 2 and s["rows"] == {"train": 8, "val": 4}
+    assert "2 new" in __import__("pipeline.extract", fromlist=["x"]).summary_line(s)
+    extract(cfg(tiny_data, tmp_path / "fresh.h5", views=2))
+    a, b = read_cache(cache), read_cache(tmp_path / "fresh.h5")
+    assert a.splits["train"].paths == b.splits["train"].paths and a.skipped == b.skipped
+    np.testing.assert_allclose(a.splits["train"].features, b.splits["train"].features, atol=1e-5)
+    np.testing.assert_allclose(a.splits["train"].views, b.splits["train"].views, atol=1e-5)
+    assert a.attrs["files_digest"] == b.attrs["files_digest"]
 
 
 def test_second_extract_refused_while_locked(tiny_data, tmp_path):
