@@ -181,7 +181,7 @@ def load_rgb(path: str | os.PathLike, draft: tuple[int, int] | None = None) -> I
             w, h = im.size
             limit = Image.MAX_IMAGE_PIXELS
             if limit and w * h > limit:
-                raise BadImage(f"image too large ({w}x{h} pixels > {limit} limit, possible decompression bomb)")
+                raise BadImage(f"image too large, possible decompression bomb ({w}x{h} pixels > limit {limit})")
             if draft and im.format == "JPEG":
                 im.draft("RGB", draft)
             im.load()
@@ -190,7 +190,7 @@ def load_rgb(path: str | os.PathLike, draft: tuple[int, int] | None = None) -> I
     except BadImage:
         raise
     except Image.DecompressionBombError as e:
-        raise BadImage(f"image too large ({e})") from None
+        raise BadImage(f"image too large, possible decompression bomb ({e})") from None
     except UnidentifiedImageError:
         raise BadImage("not a readable image (PIL cannot identify it)") from None
     except FileNotFoundError:
@@ -200,7 +200,10 @@ def load_rgb(path: str | os.PathLike, draft: tuple[int, int] | None = None) -> I
     except IsADirectoryError:
         raise BadImage("is a directory") from None
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, struct.error... on damaged files
-        raise BadImage(f"cannot decode image: {str(e) or type(e).__name__}") from None
+        msg = str(e) or type(e).__name__
+        if "truncated" in msg.lower():
+            raise BadImage(f"truncated image file ({msg})") from None
+        raise BadImage(f"cannot decode image: {msg}") from None
 
 
 # --------------------------------------------------------------------------- transforms
@@ -254,8 +257,9 @@ class ImageFiles(torch.utils.data.Dataset):
         blank = torch.zeros(3, self.crop, self.crop)
         try:
             img = load_rgb(self.files[i], draft=(self.crop * 2, self.crop * 2) if self.draft else None)
-        except ValueError as e:
-            return blank, torch.zeros(self.views, 3, self.crop, self.crop), i, str(e)
+        except BadImage as e:
+            no_views = torch.zeros(self.views, 3, self.crop, self.crop) if self.views else torch.zeros(0)
+            return blank, no_views, i, str(e)
         x = self.transform(img)
         if not self.views:
             return x, torch.zeros(0), i, ""
@@ -318,7 +322,7 @@ class _Probe(torch.utils.data.Dataset):
         try:
             load_rgb(self.files[i])
             return ""
-        except ValueError as e:
+        except BadImage as e:
             return str(e)
 
 
