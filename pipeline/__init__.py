@@ -4,17 +4,15 @@ import torch
 MIN_TORCH = (2, 6)
 
 
-def _torch_version() -> tuple[int, int]:
-    major, minor = torch.__version__.split("+")[0].split(".")[:2]
-    return int(major), int(minor)
+def check_torch_version(version: str) -> None:
+    """Refuse torch < 2.6: weights_only loading is only safe from there (CVE-2025-32434)."""
+    major, minor = (int("".join(c for c in part if c.isdigit()) or 0) for part in version.split("+")[0].split(".")[:2])
+    if (major, minor) < MIN_TORCH:
+        raise ImportError(f"torch {version} is too old: this tool needs torch >= 2.6 (safe weights_only loading, "
+                          "CVE-2025-32434); pip install 'torch>=2.6'")
 
 
-# weights_only=True became the default in 2.6 and CVE-2025-32434 affects older releases.
-if _torch_version() < MIN_TORCH:
-    raise ImportError(
-        f"torch {torch.__version__} is too old: this tool needs torch >= 2.6 "
-        "(safe weights_only loading); pip install 'torch>=2.6'"
-    )
+check_torch_version(torch.__version__)
 
 
 class PipelineError(Exception):

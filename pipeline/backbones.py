@@ -135,10 +135,14 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in obj.items()}
 
 
-def load_weights_into(model: nn.Module, sd: dict[str, torch.Tensor], source: str, skip_prefix: str) -> dict:
-    """Copy sd into model except the classifier (skip_prefix); wrong shapes or keys -> a clear error."""
-    sd = {k: v for k, v in sd.items() if not k.startswith(skip_prefix + ".")}
-    own = {k: v for k, v in model.state_dict().items() if not k.startswith(skip_prefix + ".")}
+def load_weights_into(model: nn.Module, sd: dict[str, torch.Tensor], source: str, skip_prefix: str | None) -> dict:
+    """Copy sd into model except the classifier (skip_prefix; None: everything); wrong shapes or keys -> a
+    clear error that names them."""
+    def keep(k: str) -> bool:
+        return skip_prefix is None or not k.startswith(skip_prefix + ".")
+
+    sd = {k: v for k, v in sd.items() if keep(k)}
+    own = {k: v for k, v in model.state_dict().items() if keep(k)}
     missing = sorted(set(own) - set(sd))
     unexpected = sorted(set(sd) - set(own))
     wrong = [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in sorted(set(sd) & set(own))

@@ -232,43 +232,43 @@ TRANSFORM_SPEC = {
 
 
 class ImageFiles(torch.utils.data.Dataset):
-    """Decodes files[i] and applies transform; a bad file yields (zeros, i, reason) instead of raising.
+    """Images of several splits behind one index: key (group, i) -> (x, views, group, i, reason).
 
-    With views > 0 each item also carries `views` augmented tensors drawn from a generator seeded by
-    (seed, name), so the views of an image do not depend on batching, workers, resume points or on
-    which other files the folder holds.
+    groups: one (files, names, views) per split. A bad file yields zeros and its reason instead of
+    raising. With views > 0 an item also carries that many augmented tensors drawn from a generator
+    seeded by (seed, name), so the views of an image do not depend on batching, workers, resume
+    points or on which other files the folder holds.
     """
 
-    def __init__(self, files: list[str], transform, views: int = 0, seed: int = 0, draft: bool = False,
-                 crop: int = 224, names: list[str] | None = None):
-        self.files = files
-        self.names = names or [str(f) for f in files]
+    def __init__(self, groups: list[tuple[list[str], list[str], int]], transform, seed: int = 0,
+                 draft: bool = False, crop: int = 224, resize: int = 256):
+        self.groups = groups
         self.transform = transform
-        self.views = views
         self.seed = seed
-        self.draft = draft
+        self.draft = (resize, resize) if draft else None  # JPEG DCT scaling keeps the short side >= resize
         self.crop = crop
-        self.view_transform = train_transform(crop) if views else None
+        self.view_transform = train_transform(crop)
 
     def __len__(self) -> int:
-        return len(self.files)
+        return sum(len(g[0]) for g in self.groups)
 
-    def __getitem__(self, i: int):
-        blank = torch.zeros(3, self.crop, self.crop)
+    def __getitem__(self, key: tuple[int, int]):
+        g, i = key
+        files, names, views = self.groups[g]
         try:
-            img = load_rgb(self.files[i], draft=(self.crop * 2, self.crop * 2) if self.draft else None)
+            img = load_rgb(files[i], draft=self.draft)
         except BadImage as e:
-            no_views = torch.zeros(self.views, 3, self.crop, self.crop) if self.views else torch.zeros(0)
-            return blank, no_views, i, str(e)
+            no_views = torch.zeros(views, 3, self.crop, self.crop) if views else torch.zeros(0)
+            return torch.zeros(3, self.crop, self.crop), no_views, g, i, str(e)
         x = self.transform(img)
-        if not self.views:
-            return x, torch.zeros(0), i, ""
+        if not views:
+            return x, torch.zeros(0), g, i, ""
         # torchvision's random transforms draw from torch's global RNG: seed it per image.
         state = torch.random.get_rng_state()
-        torch.manual_seed(self.seed * 1_000_003 + zlib.crc32(self.names[i].encode()))
-        v = torch.stack([self.view_transform(img) for _ in range(self.views)])
+        torch.manual_seed(self.seed * 1_000_003 + zlib.crc32(names[i].encode()))
+        v = torch.stack([self.view_transform(img) for _ in range(views)])
         torch.random.set_rng_state(state)
-        return x, v, i, ""
+        return x, v, g, i, ""
 
 
 class LabelledImages(torch.utils.data.Dataset):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -147,31 +148,61 @@ def prepare_module(module: torch.nn.Module, rt: Runtime) -> torch.nn.Module:
     return module
 
 
-def _batches(gaps: list[tuple[int, int]], size: int) -> list[list[int]]:
-    return [list(range(s, min(s + size, e))) for a, e in gaps for s in range(a, e, size)]
+def _lower_priority(_worker_id: int) -> None:
+    """Decoding workers yield the cores to the model's threads: on a small CPU the forward pass is the
+    bottleneck and a decoder that preempts it costs more than it gives."""
+    try:
+        os.nice(5)
+    except OSError:
+        pass
 
 
-def extract_split(writer: PartialWriter, split: str, files: list[str], names: list[str], model, rt: Runtime,
-                  cfg: ExtractConfig, views: int, progress: Progress, lo: int = 0, hi: int | None = None) -> int:
-    """Extract rows [lo, hi) of split that no finished segment covers; one segment per batch."""
-    batches = _batches(writer.todo(split, lo, hi), cfg.batch_size)
+def plan_batches(writer: PartialWriter, splits: list[str], size: int,
+                 shard: dict[str, tuple[int, int]] | None = None) -> list[list[tuple[int, int]]]:
+    """Batches of (split number, row) keys covering what no finished segment covers; a batch never
+    spans two splits (one batch = one segment). The first batch is small so that the model starts
+    while the workers are still filling the pipeline."""
+    batches = []
+    for g, split in enumerate(splits):
+        lo, hi = (shard or {}).get(split, (0, None))
+        for a, e in writer.todo(split, lo, hi):
+            step = min(size, 8) if not batches else size
+            s = a
+            while s < e:
+                batches.append([(g, r) for r in range(s, min(s + step, e))])
+                s += step
+                step = size
+    return batches
+
+
+def extract_rows(writer: PartialWriter, data, model, rt: Runtime, cfg: ExtractConfig, progress: Progress,
+                 shard: dict[str, tuple[int, int]] | None = None) -> int:
+    """Extract every unfinished row (of shard, when given) through one DataLoader; one segment per batch."""
+    splits = list(data.splits)
+    batches = plan_batches(writer, splits, cfg.batch_size, shard)
     if not batches:
         return 0
-    ds = ImageFiles(files, eval_transform(), views=views, seed=cfg.seed, draft=cfg.draft, names=names)
+    groups = [([str(data.root / p) for p in data.splits[s].paths], data.splits[s].paths, writer.views_of(s))
+              for s in splits]
+    ds = ImageFiles(groups, eval_transform(), seed=cfg.seed, draft=cfg.draft)
     loader = torch.utils.data.DataLoader(ds, batch_sampler=batches, num_workers=cfg.workers,
-                                         pin_memory=rt.pin_memory, persistent_workers=False)
+                                         pin_memory=rt.pin_memory, prefetch_factor=4 if cfg.workers else None,
+                                         worker_init_fn=_lower_priority)
     done = 0
-    for x, v, idx, reasons in loader:
+    for x, v, g, idx, reasons in loader:
+        split = splits[int(g[0])]
+        k = writer.views_of(split)
         ok = torch.tensor([r == "" for r in reasons])
         feats = torch.zeros(len(reasons), model.feature_dim)
-        vfeats = torch.zeros(len(reasons), views, model.feature_dim) if views else None
-        if ok.any():
+        vfeats = torch.zeros(len(reasons), k, model.feature_dim) if k else None
+        if ok.all():
+            feats = forward_features(model, x, rt)
+        elif ok.any():
             feats[ok] = forward_features(model, x[ok], rt)
-            if views:
+            if k:
                 vo = v[ok]
-                vfeats[ok] = forward_features(model, vo.flatten(0, 1), rt).view(len(vo), views, -1)
-        writer.write_segment(split, int(idx[0]), feats.numpy(), list(reasons),
-                             vfeats.numpy() if views else None)
+                vfeats[ok] = forward_features(model, vo.flatten(0, 1), rt).view(len(vo), k, -1)
+        writer.write_segment(split, int(idx[0]), feats.numpy(), list(reasons), vfeats.numpy() if k else None)
         done += len(reasons)
         progress.update(len(reasons))
     return done
@@ -225,11 +256,7 @@ def extract(cfg: ExtractConfig, progress: Progress | None = None) -> dict:
         total = sum(len(sp) for sp in data.splits.values())
         progress.start(total, "extract")
         progress.update(already + reused)
-        computed = 0
-        for name, sp in data.splits.items():
-            files = [str(data.root / p) for p in sp.paths]
-            k = writer.views_of(name)
-            computed += extract_split(writer, name, files, sp.paths, model, rt, cfg, k, progress)
+        computed = extract_rows(writer, data, model, rt, cfg, progress)
         progress.close()
         n_decode_bad = sum(int((np.load(s.path)["ok"] == 0).sum()) for s in writer.segments())
         _check_skipped(cfg, len(scan_skipped) + n_decode_bad, total + len(scan_skipped))

@@ -10,7 +10,7 @@ import torchvision
 from torch import nn
 
 from . import PipelineError
-from .backbones import BackboneSpec, build_backbone, file_sha256, last_linear_name, replace_module
+from .backbones import BackboneSpec, build_backbone, file_sha256, last_linear_name, load_weights_into, replace_module
 from .data import eval_transform, load_rgb, scan_files
 from .runfolder import load_model_file
 from .runtime import resolve_device, resolve_runtime
@@ -68,10 +68,7 @@ def load_classifier(run_dir: str | os.PathLike) -> tuple[nn.Module, list[str], d
         model = torchvision.models.get_model(m["arch"], weights=None)
         head = m.get("head") or last_linear_name(model)
         replace_module(model, head, nn.Linear(model.get_submodule(head).in_features, len(m["class_names"])))
-        try:
-            model.load_state_dict(m["state_dict"])
-        except RuntimeError as e:
-            raise PipelineError(f"{run_dir}/model.pt does not fit {m['arch']}: {str(e).splitlines()[0][:160]}") from None
+        load_weights_into(model, m["state_dict"], f"{Path(run_dir) / 'model.pt'}", None)
     else:
         raise PipelineError(f"{run_dir}/model.pt has unknown kind {m['kind']!r}")
     if not isinstance(model, torch.fx.GraphModule):

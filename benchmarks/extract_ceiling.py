@@ -1,0 +1,84 @@
+"""Extraction throughput against the pure-forward ceiling of the same model, batch, threads and layout.
+
+The ceiling: the backbone's forward on a random batch already in memory (no decoding, no transforms,
+no writes), timed after warm-up. Extraction: `extract` on the real data end to end (scan, decode,
+transform, forward, segment writes, HDF5 assembly). Both run in this one process.
+
+    python benchmarks/extract_ceiling.py [--data DIR] [--precision fp32|bf16] [--batch-size 64] [--draft]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from cache import read_cache  # noqa: E402
+from pipeline.backbones import BackboneSpec, build_backbone  # noqa: E402
+from pipeline.extract import ExtractConfig, extract, forward_features, prepare_module  # noqa: E402
+from pipeline.runtime import resolve_runtime  # noqa: E402
+
+DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared/datasets/hymenoptera_data"
+
+
+def forward_ceiling(precision: str, device: str, batch: int, layout: str, seconds: float = 8.0) -> float:
+    """Images/s of the pooled forward alone on an in-memory batch."""
+    rt = resolve_runtime(device, precision)
+    model = build_backbone(BackboneSpec("resnet18", "none")).module
+    model = model.to(rt.device).eval()
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    model = model.to(memory_format=fmt)
+    x = torch.randn(batch, 3, 224, 224)
+    with torch.inference_mode(), rt.autocast():
+        for _ in range(2):
+            model(x.to(rt.device).contiguous(memory_format=fmt))
+        if rt.device.type == "cuda":
+            torch.cuda.synchronize()
+        n, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            model(x.to(rt.device).contiguous(memory_format=fmt)).float().cpu()
+            n += batch
+        if rt.device.type == "cuda":
+            torch.cuda.synchronize()
+    return n / (time.perf_counter() - t0)
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    ap.add_argument("--precision", default="fp32")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--workers", type=int, default=None)
+    ap.add_argument("--draft", action="store_true")
+    args = ap.parse_args(argv)
+    if not (args.data / "train").is_dir():
+        sys.exit(f"dataset not found at {args.data}; pass --data")
+    ceilings = {layout: forward_ceiling(args.precision, args.device, args.batch_size, layout)
+                for layout in ("contiguous", "channels_last")}
+    best_layout = max(ceilings, key=ceilings.get)
+    with tempfile.TemporaryDirectory() as tmp:
+        kw = {} if args.workers is None else {"workers": args.workers}
+        cfg = ExtractConfig(str(args.data), f"{tmp}/f.h5", weights="none", precision=args.precision,
+                            device=args.device, batch_size=args.batch_size, draft=args.draft, **kw)
+        s = extract(cfg)
+        n = sum(s["rows"].values())
+    print(f"threads {torch.get_num_threads()}, workers {cfg.workers}, batch {args.batch_size}, "
+          f"precision {args.precision}, draft {args.draft}")
+    print("\n| measurement | images/s |\n|---|---:|")
+    for layout, v in ceilings.items():
+        print(f"| pure forward, {layout} | {v:.1f} |")
+    print(f"| extract end to end ({n} images, {s['seconds']:.2f} s) | {s['images_per_s']:.1f} |")
+    ratio = s["images_per_s"] / ceilings[best_layout]
+    print(f"\nextract / best pure-forward ceiling ({best_layout}): {ratio:.1%}")
+    return {"ceilings": ceilings, "extract": s["images_per_s"], "ratio": ratio}
+
+
+if __name__ == "__main__":
+    main()
