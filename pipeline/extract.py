@@ -195,8 +195,10 @@ def extract_rows(writer: PartialWriter, data, model, rt: Runtime, cfg: ExtractCo
         ok = torch.tensor([r == "" for r in reasons])
         feats = torch.zeros(len(reasons), model.feature_dim)
         vfeats = torch.zeros(len(reasons), k, model.feature_dim) if k else None
-        if ok.all():
+        if ok.all():  # the usual case: no boolean-index copies of the batch
             feats = forward_features(model, x, rt)
+            if k:
+                vfeats = forward_features(model, v.flatten(0, 1), rt).view(len(v), k, -1)
         elif ok.any():
             feats[ok] = forward_features(model, x[ok], rt)
             if k:
