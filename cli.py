@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 
 import click
@@ -29,6 +30,10 @@ class BarProgress(Progress):
     def update(self, n: int) -> None:
         if self.bar is not None and n:
             self.bar.update(n)
+
+    def set(self, done: int) -> None:
+        if self.bar is not None and done > self.bar.pos:
+            self.bar.update(done - self.bar.pos)
 
     def close(self) -> None:
         if self.bar is not None:
@@ -177,10 +182,21 @@ def resolve_head_device(name: str) -> str:
     return str(resolve_device(name))
 
 
+def is_rank0() -> bool:
+    """Under torchrun only rank 0 draws progress and prints summaries."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def progress_bar() -> Progress:
+    return BarProgress() if is_rank0() else Progress()
+
+
 def _do_extract(cfg):
     from pipeline.extract import extract, summary_line
 
-    summary = extract(cfg, BarProgress())
+    summary = extract(cfg, progress_bar())
+    if not is_rank0():
+        return summary
     for path, reason in summary["skipped"][:20]:
         click.echo(f"skipped {path}: {reason}", err=True)
     if len(summary["skipped"]) > 20:
@@ -319,7 +335,9 @@ def finetune(data_dir, out, no_plots, **o):
     """
     from pipeline.finetune import FinetuneConfig, finetune as run_finetune
 
-    m = run_finetune(FinetuneConfig(data_dir=data_dir, out=out, plots=not no_plots, **o), BarProgress())
+    m = run_finetune(FinetuneConfig(data_dir=data_dir, out=out, plots=not no_plots, **o), progress_bar())
+    if not is_rank0():
+        return
     for path, reason in m["skipped"][:20]:
         click.echo(f"skipped {path}: {reason}", err=True)
     click.echo(m["report_text"])

@@ -165,6 +165,17 @@ class PartialWriter:
             atomic_write_bytes(plan_file, json.dumps(self.plan).encode())
         return self
 
+    def join(self) -> "PartialWriter":
+        """For the other ranks of a torchrun job: use the folder rank 0 opened, never wipe it."""
+        try:
+            old = json.loads((self.dir / "plan.json").read_text())
+        except (OSError, ValueError):
+            raise CacheError(f"{self.dir} is not ready: rank 0 did not open it (is the cache path on a "
+                             "filesystem every node sees?)") from None
+        if any(old.get(k) != self.plan[k] for k in ("fingerprint", "files_digest")):
+            raise CacheError(f"{self.dir} belongs to another extraction plan")
+        return self
+
     def segments(self, split: str | None = None) -> list[Segment]:
         out = []
         for p in self.dir.glob("*.npz"):

@@ -292,23 +292,29 @@ class LabelledImages(torch.utils.data.Dataset):
 
 
 class EpochSampler(torch.utils.data.Sampler):
-    """Yields (epoch, index) keys; shuffled by a generator seeded from (seed, epoch) when shuffle."""
+    """(epoch, index) keys for LabelledImages, in the order of torch's DistributedSampler for this rank:
+    shuffled from seed + epoch (set_epoch each epoch) and padded to a multiple of the world size when
+    shuffling (training); a plain rank stride with no padding when not (evaluation counts each image once).
+    With world 1 this is an ordinary seeded shuffle."""
 
-    def __init__(self, n: int, seed: int, shuffle: bool):
-        self.n, self.seed, self.shuffle, self.epoch = n, seed, shuffle, 0
+    def __init__(self, n: int, seed: int, shuffle: bool, rank: int = 0, world: int = 1):
+        self.n, self.shuffle, self.rank, self.world, self.epoch = n, shuffle, rank, world, 0
+        self.inner = torch.utils.data.DistributedSampler(range(n), num_replicas=world, rank=rank, shuffle=True,
+                                                         seed=seed) if shuffle else None
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+        if self.inner is not None:
+            self.inner.set_epoch(epoch)
+
+    def indices(self) -> list[int]:
+        return list(self.inner) if self.inner is not None else list(range(self.rank, self.n, self.world))
 
     def __len__(self) -> int:
-        return self.n
+        return len(self.inner) if self.inner is not None else len(range(self.rank, self.n, self.world))
 
     def __iter__(self):
-        if self.shuffle:
-            order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 7919 + self.epoch))
-        else:
-            order = torch.arange(self.n)
-        return iter([(self.epoch, int(i)) for i in order])
+        return iter([(self.epoch, i) for i in self.indices()])
 
 
 class _Probe(torch.utils.data.Dataset):

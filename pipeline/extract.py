@@ -1,10 +1,11 @@
 """Extraction: run the frozen backbone once per image (and per augmented view) into the feature cache."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import torch
@@ -14,6 +15,7 @@ from cache.store import files_digest
 
 from . import PipelineError
 from .backbones import BackboneSpec, build_backbone
+from .distributed import init_distributed, rank_device
 from .data import TRANSFORM_SPEC, ImageFiles, eval_transform, scan_dataset
 from .progress import Progress
 from .runtime import Runtime, default_workers, resolve_runtime
@@ -176,7 +178,7 @@ def plan_batches(writer: PartialWriter, splits: list[str], size: int,
 
 
 def extract_rows(writer: PartialWriter, data, model, rt: Runtime, cfg: ExtractConfig, progress: Progress,
-                 shard: dict[str, tuple[int, int]] | None = None) -> int:
+                 shard: dict[str, tuple[int, int]] | None = None, whole_job: PartialWriter | None = None) -> int:
     """Extract every unfinished row (of shard, when given) through one DataLoader; one segment per batch."""
     splits = list(data.splits)
     batches = plan_batches(writer, splits, cfg.batch_size, shard)
@@ -206,7 +208,10 @@ def extract_rows(writer: PartialWriter, data, model, rt: Runtime, cfg: ExtractCo
                 vfeats[ok] = forward_features(model, vo.flatten(0, 1), rt).view(len(vo), k, -1)
         writer.write_segment(split, int(idx[0]), feats.numpy(), list(reasons), vfeats.numpy() if k else None)
         done += len(reasons)
-        progress.update(len(reasons))
+        if whole_job is not None:
+            progress.set(sum(whole_job.done_files(s) for s in splits))
+        else:
+            progress.update(len(reasons))
     return done
 
 
@@ -242,24 +247,58 @@ def views_split(data) -> str:
     return next(iter(data.splits))  # the first split (train) carries the augmented views
 
 
+def _prepare_on_main(cfg: ExtractConfig, data, plan: dict, stack: contextlib.ExitStack):
+    """Rank 0 (or the only process): lock, decide, open the partial folder. Returns (state, writer, reused)."""
+    stack.enter_context(CacheLock(cfg.cache))
+    state = _check_existing(cfg, plan, data.class_names)
+    if state == "done":
+        return state, None, 0
+    writer = PartialWriter(cfg.cache, plan).open()
+    reused = seed_from_cache(writer, cfg.cache) if state == "grown" and not writer.segments() else 0
+    return state, writer, reused
+
+
 def extract(cfg: ExtractConfig, progress: Progress | None = None) -> dict:
-    """Fill cfg.cache from cfg.data_dir; resumes an interrupted run. Returns the summary dict."""
+    """Fill cfg.cache from cfg.data_dir; resumes an interrupted run. Returns the summary dict.
+
+    Under torchrun every rank extracts its contiguous share of each split into the shared
+    CACHE.partial/ folder; after a barrier rank 0 assembles the one cache (identical to a
+    single-process run) and only rank 0's summary counts.
+    """
     progress = progress or Progress()
     t0 = time.perf_counter()
+    d = init_distributed(cfg.device)
+    cfg = replace(cfg, device=rank_device(cfg.device, d))
     data, rt, model, plan, attrs = plan_extraction(cfg)
+    if len({(fp, dg) for fp, dg in d.all_gather((plan["fingerprint"], plan["files_digest"]))}) > 1:
+        raise PipelineError("the ranks see different files or settings; run every rank on the same DATA_DIR and flags")
     scan_skipped = sorted(s for sp in data.splits.values() for s in sp.skipped)
-    with CacheLock(cfg.cache):
-        state = _check_existing(cfg, plan, data.class_names)
+    with contextlib.ExitStack() as stack:
+        outcome = ("ok", None, 0)
+        if d.is_main:
+            try:
+                state, writer, reused = _prepare_on_main(cfg, data, plan, stack)
+                outcome = (state, None, reused)
+            except (CacheError, PipelineError) as e:
+                outcome = ("error", str(e), 0)
+        state, message, reused = d.broadcast(outcome)
+        if state == "error":
+            raise CacheError(message) if d.is_main else PipelineError(f"rank 0 stopped: {message}")
         if state == "done":
             return summarize(cfg, data, scan_skipped, {}, 0, time.perf_counter() - t0, up_to_date=True)
-        writer = PartialWriter(cfg.cache, plan).open()
-        reused = seed_from_cache(writer, cfg.cache) if state == "grown" and not writer.segments() else 0
+        if not d.is_main:
+            writer = PartialWriter(cfg.cache, plan).join()
         already = sum(writer.done_files(s) for s in data.splits) - reused
         total = sum(len(sp) for sp in data.splits.values())
         progress.start(total, "extract")
         progress.update(already + reused)
-        computed = extract_rows(writer, data, model, rt, cfg, progress)
+        shard = {s: d.shard(len(sp)) for s, sp in data.splits.items()} if d.enabled else None
+        whole_job = writer if d.enabled else None  # rank 0's bar counts every rank's finished batches
+        computed = extract_rows(writer, data, model, rt, cfg, progress, shard, whole_job)
+        computed = int(sum(d.all_gather(computed)))  # also the barrier: every shard is written
         progress.close()
+        if not d.is_main:
+            return summarize(cfg, data, [], {}, computed, time.perf_counter() - t0, resumed=already)
         n_decode_bad = sum(int((np.load(s.path)["ok"] == 0).sum()) for s in writer.segments())
         _check_skipped(cfg, len(scan_skipped) + n_decode_bad, total + len(scan_skipped))
         result = writer.finalize(attrs, scan_skipped)

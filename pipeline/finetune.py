@@ -17,6 +17,7 @@ from . import PipelineError
 from .backbones import BackboneSpec, build_torchvision, replace_module
 from .data import TRANSFORM_SPEC, EpochSampler, LabelledImages, eval_transform, find_unreadable, scan_dataset, \
     train_transform
+from .distributed import Dist, init_distributed, rank_device
 from .evaluate import evaluate_predictions, report_text, split_metrics
 from .progress import Progress
 from .runfolder import load_torch, save_run, save_torch
@@ -62,14 +63,16 @@ def build_classifier(cfg_backbone: str, weights: str, seed: int, classes: int) -
     return model, head, digest
 
 
-def usable_files(data, workers: int, max_skipped: float | None) -> tuple[dict, list[tuple[str, str]]]:
-    """{split: (files, labels, rel paths)} of files that decode, and (path, reason) of all the others."""
+def usable_files(data, workers: int, max_skipped: float | None, d: Dist = Dist()) -> tuple[dict, list]:
+    """{split: (files, labels, rel paths)} of files that decode, and (path, reason) of all the others.
+    Under torchrun each rank decodes its share and the verdicts are gathered."""
     skipped = [s for sp in data.splits.values() for s in sp.skipped]
     out = {}
     total = 0
     for name, sp in data.splits.items():
         files = [str(data.root / p) for p in sp.paths]
-        reasons = find_unreadable(files, workers)
+        lo, hi = d.shard(len(files))
+        reasons = [r for part in d.all_gather(find_unreadable(files[lo:hi], workers)) for r in part]
         keep = [i for i, r in enumerate(reasons) if not r]
         skipped += [(sp.paths[i], r) for i, r in enumerate(reasons) if r]
         out[name] = ([files[i] for i in keep], [sp.labels[i] for i in keep], [sp.paths[i] for i in keep])
@@ -83,16 +86,18 @@ def usable_files(data, workers: int, max_skipped: float | None) -> tuple[dict, l
     return out, sorted(skipped)
 
 
-def make_loader(files, labels, transform, seed: int, shuffle: bool, batch_size: int, workers: int, rt: Runtime):
+def make_loader(files, labels, transform, seed: int, shuffle: bool, batch_size: int, workers: int, rt: Runtime,
+                d: Dist = Dist()):
     ds = LabelledImages(files, labels, transform, seed)
-    sampler = EpochSampler(len(ds), seed, shuffle)
+    sampler = EpochSampler(len(ds), seed, shuffle, d.rank, d.world)
     loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=workers,
                                          pin_memory=rt.pin_memory, persistent_workers=workers > 0)
     return loader, sampler
 
 
-def train_one_epoch(model, loader, optimizer, scaler, criterion, rt: Runtime) -> tuple[float, float]:
-    """One pass over the train loader; returns (mean loss, accuracy). Statistics stay on the device."""
+def train_one_epoch(model, loader, optimizer, scaler, criterion, rt: Runtime) -> tuple[float, float, int]:
+    """One pass over this process's train batches; returns (loss sum, correct, images). Statistics stay on
+    the device until the end of the epoch (no sync per step)."""
     model.train()
     loss_sum = torch.zeros((), device=rt.device)
     correct = torch.zeros((), device=rt.device, dtype=torch.long)
@@ -110,26 +115,36 @@ def train_one_epoch(model, loader, optimizer, scaler, criterion, rt: Runtime) ->
         loss_sum += loss.detach() * len(y)
         correct += (out.argmax(1) == y).sum()
         n += len(y)
-    return float(loss_sum) / n, float(correct) / n
+    return float(loss_sum), float(correct), n
 
 
 @torch.inference_mode()
-def evaluate(model, loader, criterion, rt: Runtime) -> tuple[float, float, np.ndarray]:
-    """(mean loss, accuracy, predictions in dataset order) in eval mode."""
+def evaluate(model, loader, criterion, rt: Runtime, d: Dist = Dist()) -> tuple[float, float, np.ndarray]:
+    """(mean loss, accuracy, predictions in dataset order) in eval mode; under torchrun each rank
+    evaluates its stride of the images and the predictions are gathered, so every rank gets all."""
     model.eval()
-    loss_sum, preds, labels = 0.0, [], []
+    loss_sum = torch.zeros((), device=rt.device)
+    preds, labels = [], []
     for x, y in loader:
         x = x.to(rt.device, non_blocking=True).contiguous(memory_format=rt.memory_format)
         y = y.to(rt.device, non_blocking=True)
         with rt.autocast():
             out = model(x).float()
-        loss_sum += float(criterion(out, y)) * len(y)
+        loss_sum += criterion(out, y) * len(y)
         preds.append(out.argmax(1).cpu())
         labels.append(y.cpu())
-    if not preds:
-        return 0.0, 0.0, np.zeros(0, np.int64)
-    p, t = torch.cat(preds).numpy(), torch.cat(labels).numpy()
-    return loss_sum / len(t), float((p == t).mean()), p
+    p = torch.cat(preds).numpy() if preds else np.zeros(0, np.int64)
+    t = torch.cat(labels).numpy() if labels else np.zeros(0, np.int64)
+    (loss_total,) = d.all_sum([float(loss_sum)])
+    idx = loader.sampler.indices()
+    n = len(loader.sampler.indices()) if not d.enabled else loader.sampler.n
+    full = np.zeros(n, np.int64)
+    truth = np.zeros(n, np.int64)
+    for ids, pr, tr in d.all_gather((idx, p, t)):
+        full[ids], truth[ids] = pr, tr
+    if n == 0:
+        return 0.0, 0.0, full
+    return loss_total / n, float((full == truth).mean()), full
 
 
 def _recipe(cfg: FinetuneConfig) -> dict:
@@ -160,18 +175,33 @@ def _load_checkpoint(cfg: FinetuneConfig, digest: str) -> dict | None:
     return ck
 
 
+def local_batch_size(global_batch: int, world: int) -> int:
+    """Per-process batch keeping the global batch (and so the recipe) when world divides it; otherwise
+    the next size up, so the global batch becomes local * world (said in the log and README)."""
+    return -(-global_batch // world)
+
+
 def finetune(cfg: FinetuneConfig, progress: Progress | None = None) -> dict:
-    """Train, checkpoint every epoch, write the run folder; returns metrics (plus report_text)."""
+    """Train, checkpoint every epoch, write the run folder; returns metrics (plus report_text).
+
+    Under torchrun: DistributedDataParallel, each rank its share of every epoch (DistributedSampler
+    order), metrics summed over ranks, and only rank 0 writes checkpoints and the run folder.
+    """
     progress = progress or Progress()
-    rt = resolve_runtime(cfg.device, cfg.precision)
+    d = init_distributed(cfg.device)
+    rt = resolve_runtime(rank_device(cfg.device, d), cfg.precision)
     data = scan_dataset(cfg.data_dir, list(cfg.splits), cfg.allow_empty_class)
-    files, skipped = usable_files(data, cfg.workers, cfg.max_skipped)
+    files, skipped = usable_files(data, cfg.workers, cfg.max_skipped, d)
     names = list(files)
     train_name, val_name = names[0], names[1] if len(names) > 1 else None
     if val_name is None:
         raise PipelineError("finetune needs a val split to select the best epoch; pass --splits train,val")
     digest = _files_digest(files)
     ck = _load_checkpoint(cfg, digest)
+    batch = local_batch_size(cfg.batch_size, d.world)
+    if batch * d.world != cfg.batch_size:
+        progress.log(f"--batch-size {cfg.batch_size} does not split over {d.world} processes: "
+                     f"{batch} per process, global batch {batch * d.world}")
 
     model, head, weights_digest = build_classifier(cfg.backbone, cfg.weights, cfg.seed, len(data.class_names))
     if cfg.freeze_backbone:  # the tutorial's fixed feature extractor: only the new layer learns
@@ -198,21 +228,26 @@ def finetune(cfg: FinetuneConfig, progress: Progress | None = None) -> dict:
         best_state, start, seconds = ck["best_state"], ck["epoch"] + 1, ck["seconds"]
         best_preds = ck["best_preds"].numpy()
         progress.log(f"resuming {cfg.out} after epoch {ck['epoch']} of {cfg.epochs}")
+    net = model
+    if d.enabled:  # gradients averaged over ranks; the unwrapped model holds the weights we save
+        net = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
 
     tr_files, tr_labels, _ = files[train_name]
     train_loader, train_sampler = make_loader(tr_files, tr_labels, train_transform(), cfg.seed, True,
-                                              cfg.batch_size, cfg.workers, rt)
-    val_loaders = {s: make_loader(files[s][0], files[s][1], eval_transform(), cfg.seed, False, cfg.batch_size,
-                                  cfg.workers, rt)[0] for s in names[1:]}
+                                              batch, cfg.workers, rt, d)
+    val_loaders = {s: make_loader(files[s][0], files[s][1], eval_transform(), cfg.seed, False, batch,
+                                  cfg.workers, rt, d)[0] for s in names[1:]}
     progress.start(cfg.epochs, "finetune")
     progress.update(start)
     for epoch in range(start, cfg.epochs):
         t0 = time.perf_counter()
         train_sampler.set_epoch(epoch)
         lr = optimizer.param_groups[0]["lr"]
-        train_loss, train_acc = train_one_epoch(model, train_loader, optimizer, scaler, criterion, rt)
+        loss_sum, correct, n = d.all_sum(list(train_one_epoch(net, train_loader, optimizer, scaler, criterion, rt)))
+        train_loss, train_acc = loss_sum / n, correct / n
         scheduler.step()
-        val_loss, val_acc, val_preds = evaluate(model, val_loaders[val_name], criterion, rt)
+        val_loss, val_acc, val_preds = evaluate(net, val_loaders[val_name], criterion, rt, d)
         if val_acc > best_acc:  # strict: the first best epoch wins ties, as in the tutorial
             best_acc, best_epoch, best_preds = val_acc, epoch, val_preds
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -220,13 +255,14 @@ def finetune(cfg: FinetuneConfig, progress: Progress | None = None) -> dict:
         seconds += took
         history.append({"epoch": epoch, "lr": lr, "train_loss": train_loss, "train_acc": train_acc,
                         "val_loss": val_loss, "val_acc": val_acc, "seconds": took})
-        save_torch(Path(cfg.out) / CHECKPOINT, {
-            "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "history": history,
-            "best_acc": best_acc, "best_epoch": best_epoch, "best_state": best_state, "seconds": seconds,
-            "best_preds": torch.as_tensor(best_preds),
-            "recipe": _recipe(cfg), "files_digest": digest, "rng_torch": torch.random.get_rng_state(),
-        })
+        if d.is_main:
+            save_torch(Path(cfg.out) / CHECKPOINT, {
+                "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "history": history,
+                "best_acc": best_acc, "best_epoch": best_epoch, "best_state": best_state, "seconds": seconds,
+                "best_preds": torch.as_tensor(best_preds),
+                "recipe": _recipe(cfg), "files_digest": digest, "rng_torch": torch.random.get_rng_state(),
+            })
         progress.update(1)
         progress.log(f"epoch {epoch}: train loss {train_loss:.4f} acc {train_acc:.4f} | "
                      f"val loss {val_loss:.4f} acc {val_acc:.4f} | {took:.1f} s")
@@ -236,26 +272,28 @@ def finetune(cfg: FinetuneConfig, progress: Progress | None = None) -> dict:
     preds = {val_name: best_preds}  # val predictions of the best epoch; other splits (test) evaluated now
     for s, loader in val_loaders.items():
         if s not in preds:
-            preds[s] = evaluate(model, loader, criterion, rt)[2]
+            preds[s] = evaluate(net, loader, criterion, rt, d)[2]
     evaluations = {s: evaluate_predictions(files[s][1], preds[s], data.class_names) for s in preds}
     metrics = {
         "kind": "finetune", "best_val_acc": best_acc, "best_epoch": best_epoch, "history": history,
         **split_metrics(evaluations), "class_names": data.class_names, "seconds": seconds,
-        "recipe": _recipe(cfg), "precision": rt.precision, "device": str(rt.device),
+        "recipe": _recipe(cfg), "precision": rt.precision, "device": str(rt.device), "processes": d.world,
         "n": {s: len(f[0]) for s, f in files.items()}, "skipped": [list(s) for s in skipped],
     }
     report = report_text(evaluations, best_acc, best_epoch)
+    metrics["report_text"] = report
+    if not d.is_main:
+        return metrics
     payload = {
         "kind": "finetune", "arch": cfg.backbone, "head": head, "class_names": data.class_names,
         "state_dict": {k: v.detach().cpu() for k, v in best_state.items()},
         "recipe": _recipe(cfg), "weights_digest": weights_digest, "transform": TRANSFORM_SPEC,
         "precision": rt.precision,
     }
-    save_run(cfg.out, payload, metrics, report)
+    save_run(cfg.out, payload, {k: v for k, v in metrics.items() if k != "report_text"}, report)
     if cfg.plots:
         from .plots import run_plots
 
         run_plots(cfg.out, metrics, [Path(f) for f in files[val_name][0]], files[val_name][1], preds[val_name],
                   val_name)
-    metrics["report_text"] = report
     return metrics

@@ -11,6 +11,10 @@ class Progress:
     def update(self, n: int) -> None:
         pass
 
+    def set(self, done: int) -> None:
+        """Move to an absolute count (used when other processes do part of the work)."""
+        pass
+
     def close(self) -> None:
         pass
 
