@@ -12,59 +12,16 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-import torch
-import torchvision
-from torch import nn, optim
-from torch.optim import lr_scheduler
-from torchvision import datasets
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from pipeline.data import eval_transform, train_transform  # noqa: E402
 from pipeline.finetune import FinetuneConfig, finetune  # noqa: E402
 from pipeline.runtime import resolve_device  # noqa: E402
+from tutorial_recipe import tutorial_epochs  # noqa: E402
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared/datasets/hymenoptera_data"
-
-
-def tutorial_finetune_epochs(data: Path, epochs: int, device) -> list[float]:
-    tf = {"train": train_transform(), "val": eval_transform()}
-    image_datasets = {x: datasets.ImageFolder(data / x, tf[x]) for x in ("train", "val")}
-    loaders = {x: torch.utils.data.DataLoader(image_datasets[x], batch_size=4, shuffle=True, num_workers=4)
-               for x in ("train", "val")}
-    torch.manual_seed(0)
-    model = torchvision.models.resnet18(weights=None)
-    model.fc = nn.Linear(model.fc.in_features, 2)
-    model = model.to(device)
-    criterion = nn.CrossEntropyLoss()
-    opt = optim.SGD(model.parameters(), lr=0.001, momentum=0.9)
-    sched = lr_scheduler.StepLR(opt, step_size=7, gamma=0.1)
-    times = []
-    for _ in range(epochs):
-        t0 = time.perf_counter()
-        for phase in ("train", "val"):
-            model.train(phase == "train")
-            running_corrects = 0
-            for inputs, labels in loaders[phase]:
-                inputs, labels = inputs.to(device), labels.to(device)
-                opt.zero_grad()
-                with torch.set_grad_enabled(phase == "train"):
-                    outputs = model(inputs)
-                    _, preds = torch.max(outputs, 1)
-                    loss = criterion(outputs, labels)
-                    if phase == "train":
-                        loss.backward()
-                        opt.step()
-                running_corrects += torch.sum(preds == labels.data)
-            if phase == "train":
-                sched.step()
-            float(running_corrects)
-        times.append(time.perf_counter() - t0)
-    return times
-
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -74,7 +31,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--precision", default="auto")
     args = ap.parse_args(argv)
     device = resolve_device(args.device)
-    seed = tutorial_finetune_epochs(args.data, args.epochs, device)
+    seed = tutorial_epochs(args.data, args.epochs, device, workers=4)
     with tempfile.TemporaryDirectory() as tmp:
         m = finetune(FinetuneConfig(str(args.data), f"{tmp}/ft", weights="none", epochs=args.epochs,
                                     device=args.device, precision=args.precision, plots=False))
@@ -86,7 +43,6 @@ def main(argv=None) -> dict:
     print(f"| tlearn finetune | {o_mean:.2f} | {len(ours)} | {25 * o_mean:.1f} |")
     print(f"\nspeed-up per epoch: {s_mean / o_mean:.2f}x")
     return {"seed": seed, "ours": ours, "ratio": s_mean / o_mean}
-
 
 if __name__ == "__main__":
     main()

@@ -18,57 +18,17 @@ import time
 from pathlib import Path
 
 import torch
-import torchvision
-from torch import nn, optim
-from torch.optim import lr_scheduler
-from torchvision import datasets
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from pipeline.backbones import imagenet_weights_path  # noqa: E402
-from pipeline.data import eval_transform, train_transform  # noqa: E402
 from pipeline.extract import ExtractConfig, extract  # noqa: E402
 from pipeline.runtime import resolve_device  # noqa: E402
 from pipeline.train_head import HeadConfig, run_train_head  # noqa: E402
+from tutorial_recipe import tutorial_epochs  # noqa: E402
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared/datasets/hymenoptera_data"
-
-
-def tutorial_frozen_epochs(data: Path, epochs: int, weights_file: Path | None, device, workers: int) -> list[float]:
-    """The tutorial's code path (train_model with model_conv), timed per epoch (train + val phase)."""
-    tf = {"train": train_transform(), "val": eval_transform()}
-    image_datasets = {x: datasets.ImageFolder(data / x, tf[x]) for x in ("train", "val")}
-    loaders = {x: torch.utils.data.DataLoader(image_datasets[x], batch_size=4, shuffle=True, num_workers=workers)
-               for x in ("train", "val")}
-    model = torchvision.models.resnet18(weights=None)
-    if weights_file:
-        model.load_state_dict(torch.load(weights_file, weights_only=True))
-    for p in model.parameters():
-        p.requires_grad = False
-    model.fc = nn.Linear(model.fc.in_features, 2)
-    model = model.to(device)
-    criterion = nn.CrossEntropyLoss()
-    opt = optim.SGD(model.fc.parameters(), lr=0.001, momentum=0.9)
-    sched = lr_scheduler.StepLR(opt, step_size=7, gamma=0.1)
-    times = []
-    for _ in range(epochs):
-        t0 = time.perf_counter()
-        for phase in ("train", "val"):
-            model.train(phase == "train")
-            for inputs, labels in loaders[phase]:
-                inputs, labels = inputs.to(device), labels.to(device)
-                opt.zero_grad()
-                with torch.set_grad_enabled(phase == "train"):
-                    loss = criterion(model(inputs), labels)
-                    if phase == "train":
-                        loss.backward()
-                        opt.step()
-            if phase == "train":
-                sched.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return times
 
 
 def main(argv=None) -> dict:
@@ -89,8 +49,8 @@ def main(argv=None) -> dict:
     print(f"device {device}, torch threads {torch.get_num_threads()}, workers {ecfg_workers}, weights {weights}, "
           f"precision {args.precision}", flush=True)
 
-    seed_times = tutorial_frozen_epochs(args.data, args.seed_epochs, wfile if weights == "imagenet" else None,
-                                        device, ecfg_workers)
+    seed_times = tutorial_epochs(args.data, args.seed_epochs, device, ecfg_workers, frozen=True,
+                                 weights_file=wfile if weights == "imagenet" else None)
     seed_epoch = sum(seed_times) / len(seed_times)
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -1,5 +1,5 @@
 """The HDF5 feature store: schema, fingerprint, resumable writes, locking, reading."""
-from .store import (  # noqa: F401
+from .store import (  # noqa: F401  (the package API)
     FORMAT,
     CacheError,
     CacheLock,

@@ -71,9 +71,12 @@ def init_distributed(device: str = "auto") -> Dist:
     if not dist.is_initialized():
         use_cuda = device != "cpu" and torch.cuda.is_available()
         if use_cuda:
-            torch.cuda.set_device(local_rank)
+            torch.cuda.set_device(local_rank % torch.cuda.device_count())
+        # NCCL wants one GPU per process; more processes than GPUs on a node (e.g. 2 on 1) run over gloo
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        backend = "nccl" if use_cuda and local_world <= torch.cuda.device_count() else "gloo"
         try:
-            dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(minutes=30))
+            dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
         except Exception as e:
             raise PipelineError(f"cannot join the torchrun process group: {type(e).__name__}: {e}") from None
     return Dist(rank, world, local_rank)
@@ -84,7 +87,7 @@ def rank_device(device: str, d: Dist) -> str:
     if not d.enabled:
         return device
     if device in ("auto", "cuda") and torch.cuda.is_available():
-        return f"cuda:{d.local_rank}"
+        return f"cuda:{d.local_rank % torch.cuda.device_count()}"
     return device
 
 

@@ -18,12 +18,14 @@ from .backbones import BackboneSpec, build_torchvision, replace_module
 from .data import TRANSFORM_SPEC, EpochSampler, LabelledImages, eval_transform, find_unreadable, scan_dataset, \
     train_transform
 from .distributed import Dist, init_distributed, rank_device
+from .head import HeadParams
 from .evaluate import evaluate_predictions, report_text, split_metrics
 from .progress import Progress
 from .runfolder import load_torch, save_run, save_torch
 from .runtime import Runtime, default_workers, resolve_runtime
 
 CHECKPOINT = "checkpoint.pt"
+SEED = HeadParams()
 # fields that must match for --resume to continue a run (the rest, like workers, may change)
 RECIPE_FIELDS = ("backbone", "weights", "freeze_backbone", "epochs", "lr", "momentum", "step_size", "gamma",
                  "batch_size", "seed", "splits")
@@ -36,12 +38,12 @@ class FinetuneConfig:
     backbone: str = "resnet18"
     weights: str = "imagenet"
     freeze_backbone: bool = False
-    epochs: int = 25
-    lr: float = 0.001
-    momentum: float = 0.9
-    step_size: int = 7
-    gamma: float = 0.1
-    batch_size: int = 4
+    epochs: int = SEED.epochs  # the tutorial's recipe, defined once in head.HeadParams
+    lr: float = SEED.lr
+    momentum: float = SEED.momentum
+    step_size: int = SEED.step_size
+    gamma: float = SEED.gamma
+    batch_size: int = SEED.batch_size
     workers: int = field(default_factory=default_workers)
     device: str = "auto"
     precision: str = "auto"  # fp32 on CPU; bf16 autocast on CUDA; fp16 uses a grad scaler

@@ -97,7 +97,6 @@ def _train_group(params: list[HeadParams], Xtr, ytr, Vtr, Xva, yva, classes: int
     best_epoch = torch.zeros(H, dtype=torch.long, device=dev)
     hist = [[] for _ in params]
     eye = torch.eye(classes, device=dev)
-    heads = torch.arange(H, device=dev)[:, None]
     for epoch in range(epochs):
         lr = torch.tensor([p.lr_at(epoch) for p in params], device=dev)
         perm = torch.stack([torch.randperm(N, generator=g) for g in gens]).to(dev)  # (H,N)

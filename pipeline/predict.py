@@ -101,11 +101,12 @@ def predict(run_dir: str, inputs: list[str], device: str = "auto", batch_size: i
     files, skipped = scan_files(inputs)
     out = [Prediction(p, error=r) for p, r in skipped]
     tf = eval_transform()
+    draft = (256, 256) if meta.get("cache", {}).get("draft") else None  # decode as the cache was made
     good: list[tuple[int, torch.Tensor]] = []
     results: list[Prediction] = []
     for f in files:
         try:
-            good.append((len(results), tf(load_rgb(f))))
+            good.append((len(results), tf(load_rgb(f, draft=draft))))
             results.append(Prediction(str(f)))
         except ValueError as e:
             results.append(Prediction(str(f), error=str(e)))

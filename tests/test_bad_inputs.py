@@ -1,12 +1,10 @@
 """Messy folders: bad files are skipped with a reason and everything else is used; odd images convert."""
-import io
 import json
 import os
 import struct
 import zlib
 
 import numpy as np
-import pytest
 from click.testing import CliRunner
 from PIL import Image
 
@@ -15,7 +13,7 @@ from cli import cli
 from pipeline.data import load_rgb
 from pipeline.extract import ExtractConfig, extract
 from pipeline.finetune import FinetuneConfig, finetune
-from tests.conftest import make_dataset, write_image
+from tests.conftest import make_dataset
 
 
 def png_header_only(width: int, height: int) -> bytes:

@@ -15,7 +15,7 @@ def test_extract_train_head_report(tiny_data, tmp_path):
     cache, out = tmp_path / "f.h5", tmp_path / "run"
     r = invoke("extract", tiny_data, "--cache", cache, "--weights", "none", "--workers", 0)
     assert r.exit_code == 0, r.output
-    assert f"extracted train 6, val 4 | skipped 0 |" in r.output and "images/s" in r.output
+    assert "extracted train 6, val 4 | skipped 0 |" in r.output and "images/s" in r.output
     r = invoke("train-head", cache, "--out", out, "--epochs", 3)
     assert r.exit_code == 0, r.output
     assert "precision    recall  f1-score   support" in r.output and "trained in" in r.output

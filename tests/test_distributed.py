@@ -72,6 +72,11 @@ def test_torchrun_extract_equals_single_process(data, tmp_path):
     assert not list(tmp_path.glob("two.h5.*"))  # shards merged and removed, lock released
     subprocess.run(single(*extract_args(data, tmp_path / "one.h5")), env=ENV, check=True, capture_output=True)
     assert_same_cache(tmp_path / "two.h5", tmp_path / "one.h5")
+    # train-head stays single-process and reads the cache the two ranks made
+    r = subprocess.run(single("train-head", tmp_path / "two.h5", "--out", tmp_path / "run", "--epochs", 2,
+                              "--no-plots"), env=ENV, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "run/metrics.json").read_text())["n"] == {"train": 17, "val": 7}
 
 
 def test_rank_dying_mid_extract_leaves_nothing_complete_and_rerun_finishes(tmp_path):
@@ -95,15 +100,6 @@ def test_rank_dying_mid_extract_leaves_nothing_complete_and_rerun_finishes(tmp_p
     assert "resumed:" in r.stdout
     subprocess.run(single(*extract_args(big, tmp_path / "one.h5")), env=ENV, check=True, capture_output=True)
     assert_same_cache(cache, tmp_path / "one.h5")
-
-
-def test_train_head_reads_a_cache_made_by_two_ranks(data, tmp_path):
-    subprocess.run(torchrun(*extract_args(data, tmp_path / "two.h5")), env=ENV, check=True, capture_output=True,
-                   timeout=180)
-    r = subprocess.run(single("train-head", tmp_path / "two.h5", "--out", tmp_path / "run", "--epochs", 2,
-                              "--no-plots"), env=ENV, capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
-    assert json.loads((tmp_path / "run/metrics.json").read_text())["n"] == {"train": 17, "val": 7}
 
 
 def test_ddp_finetune_writes_the_run_folder_once_and_resumes(data, tmp_path):

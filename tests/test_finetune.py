@@ -1,9 +1,5 @@
 import json
 import os
-import signal
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
@@ -15,7 +11,6 @@ from cli import cli
 from pipeline import PipelineError
 from pipeline.finetune import FinetuneConfig, finetune
 from pipeline.predict import predict
-from tests.conftest import REPO
 
 ARTIFACTS = ("model.pt", "metrics.json", "report.txt", "curves.png", "confusion.png", "predictions.png",
              "checkpoint.pt")

@@ -1,6 +1,5 @@
 """Files from users are data, never code: pickle payloads are refused and never run."""
 import pathlib
-import shutil
 
 import pytest
 import torch
