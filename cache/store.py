@@ -23,6 +23,7 @@ import hashlib
 import json
 import os
 import shutil
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -342,9 +343,45 @@ def read_attrs(path: str | os.PathLike) -> dict:
         return {k: _decode(v) for k, v in f.attrs.items()}
 
 
+READ_SECONDS_ENV = "TLEARN_CACHE_READ_TIMEOUT"
+
+
+def read_timeout(path: Path) -> float:
+    """How long reading a cache may take before it counts as damaged: generous (60 s + 20 s per GB, a
+    slow disk's pace), overridable with TLEARN_CACHE_READ_TIMEOUT."""
+    if os.environ.get(READ_SECONDS_ENV):
+        return float(os.environ[READ_SECONDS_ENV])
+    return 60.0 + 20.0 * path.stat().st_size / 1e9
+
+
 def read_cache(path: str | os.PathLike, with_views: bool = True) -> FeatureCache:
-    """Load a complete cache into memory; refuses incomplete, foreign or corrupted files."""
+    """Load a complete cache into memory; refuses incomplete, foreign or corrupted files.
+
+    The read runs in a helper thread with a time bound, so a damaged file that sends HDF5 into a
+    long loop is reported instead of hanging the command."""
     path = Path(path)
+    if not path.exists():
+        _open(path)  # raises the 'does not exist' message (with the resume hint)
+    result: dict = {}
+
+    def work():
+        try:
+            result["cache"] = _read_cache(path, with_views)
+        except BaseException as e:  # handed to the caller's thread
+            result["error"] = e
+
+    t = threading.Thread(target=work, name="read-cache", daemon=True)
+    t.start()
+    t.join(read_timeout(path))
+    if t.is_alive():
+        raise CacheError(f"reading cache {path} took longer than {read_timeout(path):.3g} s; it is probably damaged: "
+                         f"rebuild it with: extract ... --force (or raise {READ_SECONDS_ENV})")
+    if "error" in result:
+        raise result["error"]
+    return result["cache"]
+
+
+def _read_cache(path: Path, with_views: bool) -> FeatureCache:
     with _open(path) as f:
         attrs = {k: _decode(v) for k, v in f.attrs.items()}
         if attrs.get("format") != FORMAT:

@@ -154,3 +154,21 @@ def test_resume_after_sigkill_matches_uninterrupted(tiny_data, tmp_path):
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
+
+
+def test_reading_a_cache_is_time_bounded(tiny_data, tmp_path, monkeypatch):
+    """A read that does not finish (as HDF5 can on a damaged file) becomes an error, not a hang."""
+    import cache.store as store
+    from pipeline.extract import ExtractConfig, extract
+
+    cache = tmp_path / "f.h5"
+    extract(ExtractConfig(str(tiny_data), str(cache), weights="none", workers=0))
+    real = store._read_cache
+    monkeypatch.setattr(store, "_read_cache", lambda *a: time.sleep(30) or real(*a))
+    monkeypatch.setenv("TLEARN_CACHE_READ_TIMEOUT", "0.5")
+    t0 = time.perf_counter()
+    with pytest.raises(CacheError, match=r"took longer than 0.5 s; it is probably damaged"):
+        read_cache(cache)
+    assert time.perf_counter() - t0 < 5
+    monkeypatch.setattr(store, "_read_cache", real)
+    assert read_cache(cache).splits["train"].features.shape == (6, 512)
