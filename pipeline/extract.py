@@ -53,24 +53,25 @@ def feature_fields(backbone_desc: dict, precision: str, views: int, seed: int, d
     }
 
 
-def _check_existing(cfg: ExtractConfig, plan: dict, class_names: list[str]) -> str:
-    """What to do about a file already at cfg.cache: 'new' (build it), 'done' (complete for these
-    settings and files), 'grown' (same settings, the folder only gained files: reuse its rows).
-    Raises when it differs otherwise and --force was not given."""
+def _check_existing(cfg: ExtractConfig, plan: dict, class_names: list[str]):
+    """What to do about a file already at cfg.cache, as (state, old cache): 'new' (build it), 'done'
+    (complete for these settings and files), 'grown' (same settings, the folder only gained files:
+    reuse the old cache's rows). Raises when it differs otherwise and --force was not given."""
     fp, digest = plan["fingerprint"], plan["files_digest"]
     try:
         old = read_attrs(cfg.cache)
     except CacheError as e:
         if "does not exist" in str(e) or cfg.force:
-            return "new"
+            return "new", None
         raise CacheError(f"{e}; or pass --force to replace it") from None
     if cfg.force:
-        return "new"
+        return "new", None
     if old.get("complete") and old.get("fingerprint") == fp:
         if old.get("files_digest") == digest:
-            return "done"
-        if _only_gained(cfg.cache, plan, class_names):
-            return "grown"
+            return "done", None
+        cache = read_cache(cfg.cache)
+        if _only_gained(cache, plan, class_names):
+            return "grown", cache
         raise CacheError(f"cache {cfg.cache} was made from other files of {cfg.data_dir} (some were removed, "
                          "moved or relabelled); pass --force to rebuild it or choose another --cache")
     was = f"{old.get('backbone')}/{old.get('weights')}/{old.get('precision')}/views={old.get('views')}"
@@ -78,28 +79,20 @@ def _check_existing(cfg: ExtractConfig, plan: dict, class_names: list[str]) -> s
                      "precision or views differ); pass --force to rebuild it or choose another --cache")
 
 
-def _old_rows(path) -> tuple[list[str], dict, dict]:
-    old = read_cache(path)
-    rows = {sp_name: {p: (i, int(lab)) for i, (p, lab) in enumerate(zip(sp.paths, sp.labels))}
-            for sp_name, sp in old.splits.items()}
-    return old.class_names, rows, dict(old.skipped)
-
-
-def _only_gained(cache_path, plan: dict, class_names: list[str]) -> bool:
+def _only_gained(old, plan: dict, class_names: list[str]) -> bool:
     """True when every file of the old cache is still in the plan with the same label."""
-    old_classes, rows, skipped = _old_rows(cache_path)
-    if old_classes != class_names or set(rows) != set(plan["splits"]):
+    if old.class_names != class_names or set(old.splits) != set(plan["splits"]):
         return False
     for split, meta in plan["splits"].items():
         new = dict(zip(meta["paths"], meta["labels"]))
-        if any(new.get(p) != lab for p, (_, lab) in rows[split].items()):
+        sp = old.splits[split]
+        if any(new.get(p) != int(lab) for p, lab in zip(sp.paths, sp.labels)):
             return False
     return True
 
 
-def seed_from_cache(writer: PartialWriter, cache_path) -> int:
+def seed_from_cache(writer: PartialWriter, old) -> int:
     """Write the rows an older complete cache already has as finished segments; returns how many."""
-    old = read_cache(cache_path)
     reasons_old = dict(old.skipped)
     reused = 0
     for split, meta in writer.plan["splits"].items():
@@ -251,11 +244,11 @@ def views_split(data) -> str:
 def _prepare_on_main(cfg: ExtractConfig, data, plan: dict, stack: contextlib.ExitStack):
     """Rank 0 (or the only process): lock, decide, open the partial folder. Returns (state, writer, reused)."""
     stack.enter_context(CacheLock(cfg.cache))
-    state = _check_existing(cfg, plan, data.class_names)
+    state, old = _check_existing(cfg, plan, data.class_names)
     if state == "done":
         return state, None, 0
     writer = PartialWriter(cfg.cache, plan).open()
-    reused = seed_from_cache(writer, cfg.cache) if state == "grown" and not writer.segments() else 0
+    reused = seed_from_cache(writer, old) if state == "grown" and not writer.segments() else 0
     return state, writer, reused
 
 
