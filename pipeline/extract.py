@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field, replace
 import numpy as np
 import torch
 
-from cache import CacheError, CacheLock, PartialWriter, fingerprint, read_attrs, read_cache
+from cache import FORMAT, CacheError, CacheLock, PartialWriter, fingerprint, read_attrs, read_cache
 from cache.store import files_digest
 
 from . import PipelineError
@@ -226,7 +226,7 @@ def plan_extraction(cfg: ExtractConfig):
             "views_split": views_split(data),
             "splits": {s: {"paths": p, "labels": lab} for s, (p, lab) in splits.items()}}
     attrs = {
-        "format": "feature-cache/1", "fingerprint": fp, "files_digest": digest,
+        "format": FORMAT, "fingerprint": fp, "files_digest": digest,
         "backbone": bb.description["backbone"], "weights": bb.description["weights"],
         "backbone_spec": json.dumps(bb.description), "feature_dim": bb.feature_dim,
         "class_names": json.dumps(data.class_names), "transform": json.dumps(TRANSFORM_SPEC),
@@ -287,7 +287,7 @@ def extract(cfg: ExtractConfig, progress: Progress | None = None) -> dict:
         progress.start(total, "extract")
         progress.update(already + reused)
         shard = {s: d.shard(len(sp)) for s, sp in data.splits.items()} if d.enabled else None
-        whole_job = writer if d.enabled else None  # rank 0's bar counts every rank's finished batches
+        whole_job = writer if d.enabled and d.is_main else None  # rank 0's bar counts every rank's batches
         computed = extract_rows(writer, data, model, rt, cfg, progress, shard, whole_job)
         computed = int(sum(d.all_gather(computed)))  # also the barrier: every shard is written
         progress.close()

@@ -229,6 +229,9 @@ def finetune(cfg: FinetuneConfig, progress: Progress | None = None) -> dict:
         history, best_acc, best_epoch = ck["history"], ck["best_acc"], ck["best_epoch"]
         best_state, start, seconds = ck["best_state"], ck["epoch"] + 1, ck["seconds"]
         best_preds = ck["best_preds"].numpy()
+        # shuffling and augmentation are keyed by (seed, epoch, image) and do not need it; restored so any
+        # other use of torch's RNG continues as it would have
+        torch.random.set_rng_state(ck["rng_torch"])
         progress.log(f"resuming {cfg.out} after epoch {ck['epoch']} of {cfg.epochs}")
     net = model
     if d.enabled:  # gradients averaged over ranks; the unwrapped model holds the weights we save
