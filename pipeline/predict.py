@@ -154,9 +154,8 @@ def export_program(run_dir: str, out: str | os.PathLike, crop: int = 224) -> dic
     model, classes, _ = load_classifier(run_dir)
     module = ProbabilityProgram(model, IMAGENET_MEAN, IMAGENET_STD).eval()
     example = torch.rand(2, 3, crop, crop)
-    batch = torch.export.Dim("batch", min=1, max=4096)
-    try:
-        prog = torch.export.export(module, (example,), dynamic_shapes={"images": {0: batch}})
+    try:  # AUTO: a dynamic batch within whatever range the model allows (a user's .pt2 backbone may bound it)
+        prog = torch.export.export(module, (example,), dynamic_shapes={"images": {0: torch.export.Dim.AUTO}})
     except Exception as e:
         raise PipelineError(f"torch.export failed for {run_dir}: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
     out = Path(out)

@@ -145,3 +145,30 @@ def test_preview_grid(tiny_data, tmp_path):
     r = CliRunner().invoke(cli, ["preview", str(tiny_data), "--out", str(tmp_path / "p.png"), "-n", "4"])
     assert r.exit_code == 0 and "(4 images)" in r.output
     assert Image.open(tmp_path / "p.png").size[0] > 400
+
+
+def test_head_run_on_a_program_backbone_predicts_and_exports(tiny_data, tmp_path):
+    from tests.test_extract import TinyNet
+
+    torch.manual_seed(0)
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    prog = torch.export.export(TinyNet().eval(), (torch.randn(2, 3, 224, 224),), dynamic_shapes={"x": {0: batch}})
+    torch.export.save(prog, str(tmp_path / "tiny.pt2"))
+    out = tmp_path / "run"
+    r = CliRunner().invoke(cli, ["run", str(tiny_data), "--out", str(out), "--backbone", str(tmp_path / "tiny.pt2"),
+                                 "--workers", "0", "--epochs", "2", "--no-plots"])
+    assert r.exit_code == 0, r.output
+    files = sorted(str(p) for p in (tiny_data / "val").rglob("*.jpg"))
+    preds = predict(str(out), files, "cpu")
+    assert all(p.error is None for p in preds)
+    r = CliRunner().invoke(cli, ["export", str(out), "--out", str(tmp_path / "m.pt2")])
+    assert r.exit_code == 0, r.output
+    from torchvision import transforms as T
+
+    crop = T.Compose([T.Resize(256), T.CenterCrop(224), T.ToTensor()])
+    x = torch.stack([crop(Image.open(f).convert("RGB")) for f in files])
+    got = torch.export.load(str(tmp_path / "m.pt2")).module()(x).detach().numpy()
+    np.testing.assert_allclose(got, [[p.probabilities["ants"], p.probabilities["bees"]] for p in preds], atol=1e-5)
+    (tmp_path / "tiny.pt2").write_bytes(b"changed")
+    r = CliRunner().invoke(cli, ["predict", str(out), files[0]])
+    assert r.exit_code == 1 and "which is missing or changed" in r.output
