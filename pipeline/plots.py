@@ -53,12 +53,20 @@ def confusion_png(matrix: list[list[int]], class_names: list[str], path: Path, t
     _save(fig, path)
 
 
+def _spread(indices: np.ndarray, k: int) -> list[int]:
+    """k indices evenly spaced over the list (so every class of a sorted val set shows up)."""
+    if k <= 0 or len(indices) == 0:
+        return []
+    pos = np.linspace(0, len(indices) - 1, num=min(k, len(indices))).round().astype(int)
+    return [int(indices[p]) for p in pos]
+
+
 def pick_examples(y_true, y_pred, n: int = 8) -> list[int]:
-    """Up to n indices: the wrong predictions first (up to half), then correct ones, in file order."""
+    """Up to n indices: wrong predictions (up to half) and correct ones, each spread over the set."""
     y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
-    wrong = [int(i) for i in np.flatnonzero(y_true != y_pred)][: n // 2]
-    right = [int(i) for i in np.flatnonzero(y_true == y_pred)]
-    return sorted(wrong + right[: n - len(wrong)])
+    wrong = _spread(np.flatnonzero(y_true != y_pred), n // 2)
+    right = _spread(np.flatnonzero(y_true == y_pred), n - len(wrong))
+    return sorted(wrong + right)
 
 
 def _thumb(path: Path, size: int = 224):
