@@ -305,6 +305,30 @@ def download(dest, url):
 
 
 @cli.command()
+@click.argument("cache_path", metavar="FILE.h5", type=click.Path(exists=True, dir_okay=False))
+@friendly_errors
+def info(cache_path):
+    """Describe a feature cache: what made it, rows per split, skipped files.
+
+    Example: cli.py info feats.h5
+    """
+    from cache import read_cache
+
+    c = read_cache(cache_path, with_views=True)
+    a = c.attrs
+    click.echo(f"{cache_path}: {a['format']}, complete, created {a.get('created', '?')}")
+    click.echo(f"backbone {a['backbone']}  weights {a['weights']}  precision {a['precision']}  "
+               f"feature_dim {a['feature_dim']}  views {a.get('views', 0)}  draft {bool(a.get('draft'))}")
+    click.echo(f"classes {', '.join(c.class_names)}")
+    for name, sp in c.splits.items():
+        counts = ", ".join(f"{cls} {int((sp.labels == i).sum())}" for i, cls in enumerate(c.class_names))
+        extra = f", views {tuple(sp.views.shape)}" if sp.views is not None else ""
+        click.echo(f"  {name}: {len(sp.labels)} rows ({counts}){extra}")
+    click.echo(f"skipped {len(c.skipped)}" + "".join(f"\n  {p}: {r}" for p, r in c.skipped[:20]))
+    click.echo(f"fingerprint {a['fingerprint']}")
+
+
+@cli.command()
 @click.argument("data_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run folder to write.")
 @click.option("--backbone", default="resnet18", show_default=True, help="torchvision architecture name.")

@@ -12,11 +12,13 @@ run() { echo "== $*" | tee -a "$LOG"; timeout "${T:-150}" "$@" 2>&1 | grep -v Wa
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$LOG"
 $py -c "import torch; print('torch', torch.__version__)" | tee -a "$LOG"
 # 1. extraction vs the pure-forward ceiling, per precision (channels_last), batch 256
-for p in bf16 fp16 fp32; do T=90 run $py benchmarks/extract_ceiling.py --data "$DATA" --device cuda --precision $p --batch-size 256 --workers 16; done
+for p in bf16 fp16 fp32; do T=90 run $py benchmarks/extract_ceiling.py --data "$DATA" --device cuda --precision $p --batch-size 256 --workers 16 --rounds 2; done
 # 2. frozen two-stage vs the tutorial's frozen recipe (2 epochs timed, 25 estimated), same GPU
 T=120 run $py benchmarks/frozen_vs_seed.py --data "$DATA" --device cuda --precision bf16 --seed-epochs 2
-# 3. finetune 25 epochs: tutorial recipe vs ours, same GPU (issue 3's table)
-T=240 run $py benchmarks/finetune_vs_seed.py --data "$DATA" --device cuda --epochs 25
+# 3. finetune 25 epochs: tutorial recipe vs ours, same GPU (issue 3's table); bf16 and fp32 (batch 4 is
+#    launch-bound, so autocast's casts may cost more than bf16 saves: measure both)
+T=200 run $py benchmarks/finetune_vs_seed.py --data "$DATA" --device cuda --epochs 25 --precision bf16
+T=200 run $py benchmarks/finetune_vs_seed.py --data "$DATA" --device cuda --epochs 25 --precision fp32
 # 4. sharded extraction with 2 processes on one GPU: equal to one process?
 T=90 run bash -c "$py -m torch.distributed.run --standalone --nproc-per-node 2 cli.py extract $DATA --cache /tmp/two.h5 --weights none --precision fp32 && \
   $py cli.py extract $DATA --cache /tmp/one.h5 --weights none --precision fp32 && \

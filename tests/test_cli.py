@@ -32,6 +32,11 @@ def test_extract_train_head_report(tiny_data, tmp_path):
     assert model["backbone"]["backbone"] == "resnet18" and model["class_names"] == ["ants", "bees"]
     r = invoke("report", out)
     assert r.exit_code == 0 and r.output == (out / "report.txt").read_text().rstrip("\n") + "\n"
+    r = invoke("info", cache)
+    assert r.exit_code == 0, r.output
+    assert "backbone resnet18  weights none  precision fp32  feature_dim 512  views 0" in r.output
+    assert "  train: 6 rows (ants 3, bees 3)" in r.output and "  val: 4 rows (ants 2, bees 2)" in r.output
+    assert "skipped 0" in r.output
 
 
 def test_run_one_command_and_sweep(tiny_data, tmp_path):
