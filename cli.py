@@ -53,6 +53,9 @@ def friendly_errors(fn):
             return fn(*args, **kwargs)
         except (PipelineError, CacheError) as e:
             raise click.ClickException(str(e)) from None
+        except OSError as e:  # disk full, read-only folder, permissions: the OS's words and the path
+            where = f": {e.filename}" if e.filename else ""
+            raise click.ClickException(f"{e.strerror or e}{where}") from None
         except KeyboardInterrupt:
             raise click.ClickException("interrupted; rerun the same command to resume where it stopped") from None
 

@@ -107,6 +107,10 @@ def scan_dataset(root: str | os.PathLike, splits: list[str], allow_empty_class: 
     if not class_names:
         raise PipelineError(f"no class folders in {root / splits[0]}: expected {root / splits[0]}/<class>/<image>")
     scanned = {s: scan_split(root, s, class_names) for s in splits}
+    for s, sp in scanned.items():
+        if not sp.paths:
+            raise PipelineError(f"split folder {root / s} has no images (looked for {', '.join(IMG_EXTENSIONS)} "
+                                "in its class folders)")
     first = scanned[splits[0]]
     counts = np.bincount(np.asarray(first.labels, dtype=np.int64), minlength=len(class_names))
     empty = [c for c, n in zip(class_names, counts) if n == 0]

@@ -83,8 +83,9 @@ def usable_files(data, workers: int, max_skipped: float | None, d: Dist = Dist()
         limit = max_skipped * total if max_skipped < 1 else max_skipped
         if len(skipped) > limit:
             raise PipelineError(f"{len(skipped)} of {total} files are unusable (more than --max-skipped {max_skipped:g})")
-    if not out[next(iter(out))][0]:
-        raise PipelineError("the train split has no usable images")
+    for name, (kept, _, _) in out.items():
+        if not kept:
+            raise PipelineError(f"the {name} split of {data.root} has no usable images (all were skipped)")
     return out, sorted(skipped)
 
 

@@ -75,6 +75,10 @@ def run_train_head(cfg: HeadConfig) -> dict:
     cache = read_cache(cfg.cache)
     if "train" not in cache.splits or cfg.val_split not in cache.splits:
         raise PipelineError(f"cache {cfg.cache} needs train and {cfg.val_split} splits, has {', '.join(cache.splits)}")
+    for s, sp in cache.splits.items():
+        if len(sp.labels) == 0:
+            raise PipelineError(f"cache {cfg.cache} has no usable {s} images (all were skipped); fix the folder "
+                                "and extract again")
     params = expand_grid(cfg.grid())
     train = cache.splits["train"]
     views = train.views if (cfg.use_views and train.views is not None and train.views.shape[1] > 0) else None

@@ -135,6 +135,20 @@ def test_odd_images_are_extracted(tmp_path):
     assert np.isfinite(read_cache(tmp_path / "f.h5").splits["train"].features).all()
 
 
+def test_a_split_of_only_bad_files_is_a_clear_error(tmp_path):
+    from cli import cli as app
+
+    root = make_dataset(tmp_path / "d", {"train": {"ants": 2, "bees": 2}})
+    (root / "val/ants").mkdir(parents=True)
+    (root / "val/ants/a.jpg").write_bytes(b"")
+    r = CliRunner().invoke(app, ["run", str(root), "--out", str(tmp_path / "run"), "--weights", "none",
+                                 "--workers", "0"])
+    assert r.exit_code == 1 and "has no usable val images (all were skipped)" in r.output
+    r = CliRunner().invoke(app, ["finetune", str(root), "--out", str(tmp_path / "ft"), "--weights", "none",
+                                 "--workers", "0"])
+    assert r.exit_code == 1 and f"the val split of {root} has no usable images" in r.output
+
+
 def test_finetune_excludes_bad_files_and_reports_them(tmp_path):
     root = make_dataset(tmp_path / "d", {"train": {"ants": 2, "bees": 2}, "val": {"ants": 1, "bees": 1}})
     (root / "train/ants/zero.jpg").write_bytes(b"")

@@ -70,6 +70,13 @@ def test_errors_are_one_line(tiny_data, tmp_path):
     assert len(r.output.strip().splitlines()) == 1
 
 
+def test_os_errors_are_one_line(tiny_data, tmp_path):
+    (tmp_path / "file").write_text("x")
+    r = invoke("extract", tiny_data, "--cache", tmp_path / "file" / "f.h5", "--weights", "none", "--workers", 0)
+    assert r.exit_code == 1 and r.output.startswith(f"Error: File exists: {tmp_path / 'file'}")
+    assert len(r.output.strip().splitlines()) == 1
+
+
 def test_incomplete_cache_refused(tiny_data, tmp_path):
     cache = tmp_path / "f.h5"
     invoke("extract", tiny_data, "--cache", cache, "--weights", "none", "--workers", 0)

@@ -39,6 +39,7 @@ def test_test_split_added_when_present(tmp_path):
     ("missing_split", "split folder"),
     ("unknown_val_class", "is not a class of the train split"),
     ("empty_class", "has no images"),
+    ("empty_val", "has no images (looked for"),
 ])
 def test_structural_problems_fail_with_folder_named(tmp_path, case, message):
     root = tmp_path / "d"
@@ -52,6 +53,11 @@ def test_structural_problems_fail_with_folder_named(tmp_path, case, message):
     elif case == "unknown_val_class":
         make_dataset(root, {"train": {"a": 1}, "val": {"a": 1, "wasps": 1}})
         bad = root / "val" / "wasps"
+    elif case == "empty_val":
+        make_dataset(root, {"train": {"a": 1}})
+        (root / "val" / "a").mkdir(parents=True)
+        (root / "val" / "a" / "notes.txt").write_text("x")
+        bad = root / "val"
     else:
         make_dataset(root, {"train": {"a": 1}, "val": {"a": 1}})
         (root / "train" / "b").mkdir()
