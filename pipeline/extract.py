@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import time
 from dataclasses import asdict, dataclass, field, replace
 
@@ -143,16 +142,6 @@ def prepare_module(module: torch.nn.Module, rt: Runtime) -> torch.nn.Module:
     return module
 
 
-def _lower_priority(_worker_id: int) -> None:
-    """Decoding workers yield the cores to the model's threads: on a small CPU the forward pass is the
-    bottleneck and a decoder that preempts it costs more than it gives (decoding needs about 8% of the
-    CPU and still gets it whenever the model's threads wait; measured in benchmarks/extract_ceiling.py)."""
-    try:
-        os.nice(19)
-    except OSError:
-        pass
-
-
 def plan_batches(writer: PartialWriter, splits: list[str], size: int,
                  shard: dict[str, tuple[int, int]] | None = None) -> list[list[tuple[int, int]]]:
     """Batches of (split number, row) keys covering what no finished segment covers; a batch never
@@ -182,8 +171,7 @@ def extract_rows(writer: PartialWriter, data, model, rt: Runtime, cfg: ExtractCo
               for s in splits]
     ds = ImageFiles(groups, eval_transform(), seed=cfg.seed, draft=cfg.draft)
     loader = torch.utils.data.DataLoader(ds, batch_sampler=batches, num_workers=cfg.workers,
-                                         pin_memory=rt.pin_memory, prefetch_factor=4 if cfg.workers else None,
-                                         worker_init_fn=_lower_priority)
+                                         pin_memory=rt.pin_memory, prefetch_factor=4 if cfg.workers else None)
     done = 0
     for x, v, g, idx, reasons in loader:
         split = splits[int(g[0])]
