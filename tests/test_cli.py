@@ -51,6 +51,18 @@ def test_run_one_command_and_sweep(tiny_data, tmp_path):
     assert m["best_val_acc"] == max(row["best_val_acc"] for row in m["sweep"])
 
 
+def test_views_are_used_by_train_head_unless_told_not_to(tiny_data, tmp_path):
+    cache = tmp_path / "v.h5"
+    assert invoke("extract", tiny_data, "--cache", cache, "--weights", "none", "--workers", 0, "--views", 2).exit_code == 0
+    runs = {}
+    for name, extra in (("with", []), ("without", ["--no-views"])):
+        r = invoke("train-head", cache, "--out", tmp_path / name, "--epochs", 3, "--no-plots", *extra)
+        assert r.exit_code == 0, r.output
+        runs[name] = json.loads((tmp_path / name / "metrics.json").read_text())
+    assert runs["with"]["views_used"] is True and runs["without"]["views_used"] is False
+    assert runs["with"]["history"][0]["train_loss"] != runs["without"]["history"][0]["train_loss"]
+
+
 def test_errors_are_one_line(tiny_data, tmp_path):
     junk = tmp_path / "junk.h5"
     junk.write_bytes(b"this is not hdf5")
