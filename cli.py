@@ -24,6 +24,8 @@ class BarProgress(Progress):
         self.bar = None
 
     def start(self, total: int, label: str) -> None:
+        if not sys.stderr.isatty():  # logs and pipes get the summary line, not a bar's label
+            return
         self.bar = click.progressbar(length=total, label=label, file=sys.stderr, show_pos=True, show_eta=True)
         self.bar.__enter__()
 
