@@ -126,6 +126,8 @@ def extract_options(fn):
                      help="auto = fp32 on CPU, bf16 autocast on CUDA; recorded in the fingerprint."),
         click.option("--seed", default=0, show_default=True, type=int),
         click.option("--draft", is_flag=True, help="Faster JPEG decoding (DCT downscale); changes features slightly."),
+        click.option("--decoder", default="pil", show_default=True, type=click.Choice(["pil", "torchvision"]),
+                     help="torchvision: decode JPEGs on the device (nvJPEG on a GPU); pixels differ slightly."),
         click.option("--allow-empty-class", is_flag=True, help="Keep a class whose train folder has no images."),
         click.option("--max-skipped", default=None, callback=parse_max_skipped,
                      help="Fail when more files than this are unusable: a fraction (<1) or a count."),
@@ -170,7 +172,8 @@ def _extract_config(data_dir, cache, o: dict):
     return ExtractConfig(data_dir=data_dir, cache=cache, backbone=o["backbone"], weights=o["weights"],
                          splits=o["splits"], views=o["views"], batch_size=o["batch_size"], workers=o["workers"],
                          device=o["device"], precision=o["precision"], seed=o["seed"], force=o["force"],
-                         draft=o["draft"], allow_empty_class=o["allow_empty_class"], max_skipped=o["max_skipped"])
+                         draft=o["draft"], decoder=o["decoder"], allow_empty_class=o["allow_empty_class"],
+                         max_skipped=o["max_skipped"])
 
 
 def _head_config(cache, out, o: dict):

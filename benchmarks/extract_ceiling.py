@@ -56,6 +56,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--workers", type=int, default=None)
     ap.add_argument("--draft", action="store_true")
+    ap.add_argument("--decoder", default="pil", choices=["pil", "torchvision"])
     ap.add_argument("--rounds", type=int, default=3, help="alternate ceiling and extract this many times")
     args = ap.parse_args(argv)
     if not (args.data / "train").is_dir():
@@ -68,13 +69,14 @@ def main(argv=None) -> dict:
         ceil_runs.append(forward_ceiling(args.precision, args.device, args.batch_size, "channels_last"))
         with tempfile.TemporaryDirectory() as tmp:
             cfg = ExtractConfig(str(args.data), f"{tmp}/f.h5", weights="none", precision=args.precision,
-                                device=args.device, batch_size=args.batch_size, draft=args.draft, **kw)
+                                device=args.device, batch_size=args.batch_size, draft=args.draft,
+                                decoder=args.decoder, **kw)
             s = extract(cfg)
         extract_runs.append(s["images_per_s"])
     n = sum(s["rows"].values())
     ceiling, ours = statistics.median(ceil_runs), statistics.median(extract_runs)
     print(f"threads {torch.get_num_threads()}, workers {cfg.workers}, batch {args.batch_size}, "
-          f"precision {args.precision}, draft {args.draft}, {args.rounds} alternating rounds")
+          f"precision {args.precision}, draft {args.draft}, decoder {args.decoder}, {args.rounds} alternating rounds")
     print("\n| measurement | images/s (median) | each round |\n|---|---:|---|")
     print(f"| pure forward, contiguous | {contiguous:.1f} | |")
     print(f"| pure forward, channels_last | {ceiling:.1f} | {', '.join(f'{v:.1f}' for v in ceil_runs)} |")

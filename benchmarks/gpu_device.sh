@@ -13,6 +13,8 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$LOG
 $py -c "import torch; print('torch', torch.__version__)" | tee -a "$LOG"
 # 1. extraction vs the pure-forward ceiling, per precision (channels_last), batch 256
 for p in bf16 fp16 fp32; do T=90 run $py benchmarks/extract_ceiling.py --data "$DATA" --device cuda --precision $p --batch-size 256 --workers 16 --rounds 2; done
+# 1b. JPEGs decoded on the GPU (nvJPEG) instead of by PIL in the workers
+T=90 run $py benchmarks/extract_ceiling.py --data "$DATA" --device cuda --precision bf16 --batch-size 256 --workers 16 --rounds 2 --decoder torchvision
 # 2. frozen two-stage vs the tutorial's frozen recipe (2 epochs timed, 25 estimated), same GPU
 T=120 run $py benchmarks/frozen_vs_seed.py --data "$DATA" --device cuda --precision bf16 --seed-epochs 2
 # 3. finetune 25 epochs: tutorial recipe vs ours, same GPU (issue 3's table); bf16 and fp32 (batch 4 is

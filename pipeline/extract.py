@@ -16,6 +16,7 @@ from . import PipelineError
 from .backbones import BackboneSpec, build_backbone
 from .distributed import init_distributed, rank_device
 from .data import TRANSFORM_SPEC, ImageFiles, eval_transform, scan_dataset
+from .device_decode import RawFiles, collate_raw, finish_batch
 from .progress import Progress
 from .runtime import Runtime, default_workers, resolve_runtime
 
@@ -35,11 +36,13 @@ class ExtractConfig:
     seed: int = 0  # random init (--weights none) and the views' crops
     force: bool = False
     draft: bool = False  # JPEG draft-mode decoding (faster, slightly different pixels)
+    decoder: str = "pil"  # pil (workers, the reference) | torchvision (JPEGs decoded on the device: nvJPEG)
     allow_empty_class: bool = False
     max_skipped: float | None = None  # < 1: fraction of files, >= 1: count
 
 
-def feature_fields(backbone_desc: dict, precision: str, views: int, seed: int, draft: bool) -> dict:
+def feature_fields(backbone_desc: dict, precision: str, views: int, seed: int, draft: bool,
+                   decoder: str = "pil") -> dict:
     """Everything that changes a cached feature; the fingerprint is their hash."""
     return {
         "backbone": backbone_desc["backbone"] if backbone_desc["kind"] == "torchvision" else "program",
@@ -49,6 +52,7 @@ def feature_fields(backbone_desc: dict, precision: str, views: int, seed: int, d
         "views": views,
         "views_seed": seed if views else None,
         "draft": draft,
+        **({"decoder": decoder} if decoder != "pil" else {}),  # absent for pil: older caches stay valid
     }
 
 
@@ -160,6 +164,22 @@ def plan_batches(writer: PartialWriter, splits: list[str], size: int,
     return batches
 
 
+def _worker_batch(batch):
+    """A batch the workers transformed: (split number, first row, good images, their views, reasons)."""
+    x, v, g, idx, reasons = batch
+    good = [r == "" for r in reasons]
+    if not all(good):  # the usual batch has no bad file and needs no copy
+        mask = torch.tensor(good)
+        x, v = x[mask], v[mask]
+    return int(g[0]), int(idx[0]), x, v, list(reasons)
+
+
+def _device_batch(batch, device):
+    """A batch of raw JPEG bytes (and odd files' pixels): decoded and transformed on the device."""
+    x, reasons = finish_batch([(kind, payload, reason) for kind, payload, _, _, reason in batch], device)
+    return batch[0][2], batch[0][3], x, None, reasons
+
+
 def extract_rows(writer: PartialWriter, data, model, rt: Runtime, cfg: ExtractConfig, progress: Progress,
                  shard: dict[str, tuple[int, int]] | None = None, whole_job: PartialWriter | None = None) -> int:
     """Extract every unfinished row (of shard, when given) through one DataLoader; one segment per batch."""
@@ -169,26 +189,27 @@ def extract_rows(writer: PartialWriter, data, model, rt: Runtime, cfg: ExtractCo
         return 0
     groups = [([str(data.root / p) for p in data.splits[s].paths], data.splits[s].paths, writer.views_of(s))
               for s in splits]
-    ds = ImageFiles(groups, eval_transform(), seed=cfg.seed, draft=cfg.draft)
-    loader = torch.utils.data.DataLoader(ds, batch_sampler=batches, num_workers=cfg.workers,
-                                         pin_memory=rt.pin_memory, prefetch_factor=4 if cfg.workers else None)
+    on_device = cfg.decoder == "torchvision"
+    if on_device:
+        ds, collate = RawFiles(groups), collate_raw
+    else:
+        ds, collate = ImageFiles(groups, eval_transform(), seed=cfg.seed, draft=cfg.draft), None
+    loader = torch.utils.data.DataLoader(ds, batch_sampler=batches, num_workers=cfg.workers, collate_fn=collate,
+                                         pin_memory=rt.pin_memory and not on_device,
+                                         prefetch_factor=4 if cfg.workers else None)
     done = 0
-    for x, v, g, idx, reasons in loader:
-        split = splits[int(g[0])]
+    for batch in loader:
+        g, start, x, v, reasons = _device_batch(batch, rt.device) if on_device else _worker_batch(batch)
+        split = splits[g]
         k = writer.views_of(split)
         ok = torch.tensor([r == "" for r in reasons])
         feats = torch.zeros(len(reasons), model.feature_dim)
         vfeats = torch.zeros(len(reasons), k, model.feature_dim) if k else None
-        if ok.all():  # the usual case: no boolean-index copies of the batch
-            feats = forward_features(model, x, rt)
+        if len(x):
+            feats[ok] = forward_features(model, x, rt)
             if k:
-                vfeats = forward_features(model, v.flatten(0, 1), rt).view(len(v), k, -1)
-        elif ok.any():
-            feats[ok] = forward_features(model, x[ok], rt)
-            if k:
-                vo = v[ok]
-                vfeats[ok] = forward_features(model, vo.flatten(0, 1), rt).view(len(vo), k, -1)
-        writer.write_segment(split, int(idx[0]), feats.numpy(), list(reasons), vfeats.numpy() if k else None)
+                vfeats[ok] = forward_features(model, v.flatten(0, 1), rt).view(len(v), k, -1)
+        writer.write_segment(split, start, feats.numpy(), reasons, vfeats.numpy() if k else None)
         done += len(reasons)
         if whole_job is not None:
             progress.set(sum(whole_job.done_files(s) for s in splits))
@@ -201,12 +222,16 @@ def plan_extraction(cfg: ExtractConfig):
     """Scan the data, build the backbone, and compute the plan of the cache (pure of disk writes)."""
     if cfg.views < 0:
         raise PipelineError("--views must be >= 0")
+    if cfg.decoder not in ("pil", "torchvision"):
+        raise PipelineError(f"unknown decoder {cfg.decoder!r}: use pil or torchvision")
+    if cfg.decoder == "torchvision" and (cfg.views or cfg.draft):
+        raise PipelineError("--decoder torchvision works without --views and --draft; use the pil decoder for those")
     data = scan_dataset(cfg.data_dir, list(cfg.splits), cfg.allow_empty_class)
     rt = resolve_runtime(cfg.device, cfg.precision)
     bb = build_backbone(BackboneSpec(cfg.backbone, cfg.weights, cfg.seed))
     model = prepare_module(bb.module, rt)
     model.feature_dim = bb.feature_dim
-    fields = feature_fields(bb.description, rt.precision, cfg.views, cfg.seed, cfg.draft)
+    fields = feature_fields(bb.description, rt.precision, cfg.views, cfg.seed, cfg.draft, cfg.decoder)
     fp = fingerprint(fields)
     splits = {s: (sp.paths, sp.labels) for s, sp in data.splits.items()}
     digest = files_digest(data.class_names, splits)
@@ -219,6 +244,7 @@ def plan_extraction(cfg: ExtractConfig):
         "backbone_spec": json.dumps(bb.description), "feature_dim": bb.feature_dim,
         "class_names": json.dumps(data.class_names), "transform": json.dumps(TRANSFORM_SPEC),
         "precision": rt.precision, "views": cfg.views, "seed": cfg.seed, "draft": cfg.draft,
+        "decoder": cfg.decoder,
         "config": json.dumps({k: v for k, v in asdict(cfg).items() if k not in ("force",)}, default=list),
         "torch": torch.__version__,
     }

@@ -214,3 +214,31 @@ def test_other_torchvision_architecture(tiny_data, tmp_path):
     extract(cfg(tiny_data, tmp_path / "m.h5", backbone="mobilenet_v3_small"))
     c = read_cache(tmp_path / "m.h5")
     assert c.splits["train"].features.shape == (6, 1024) and np.isfinite(c.splits["train"].features).all()
+
+
+def test_torchvision_decoder_matches_the_pil_path(tiny_data, tmp_path):
+    from PIL import Image
+
+    Image.new("CMYK", (40, 30), (0, 200, 200, 0)).save(tiny_data / "train/ants/cmyk.jpg")
+    Image.new("RGBA", (40, 30), (0, 0, 255, 128)).save(tiny_data / "train/bees/alpha.png")
+    rot = Image.new("RGB", (40, 20), (250, 10, 10))
+    rot.paste((10, 10, 250), (20, 0, 40, 20))  # not symmetric: the orientation shows in the features
+    ex = rot.getexif()
+    ex[0x0112] = 6
+    rot.save(tiny_data / "val/ants/rotated.jpg", exif=ex.tobytes())
+    good = (tiny_data / "train/ants/img_000.jpg").read_bytes()
+    (tiny_data / "train/ants/truncated.jpg").write_bytes(good[: len(good) // 2])
+    (tiny_data / "train/bees/page.jpg").write_text("<html></html>")
+    extract(cfg(tiny_data, tmp_path / "pil.h5"))
+    s = extract(cfg(tiny_data, tmp_path / "tv.h5", decoder="torchvision"))
+    a, b = read_cache(tmp_path / "pil.h5"), read_cache(tmp_path / "tv.h5")
+    assert a.attrs["fingerprint"] != b.attrs["fingerprint"] and b.attrs["decoder"] == "torchvision"
+    assert [p for p, _ in b.skipped] == ["train/ants/truncated.jpg", "train/bees/page.jpg"]
+    assert s["rows"] == {"train": 8, "val": 5}
+    for split in ("train", "val"):
+        assert a.splits[split].paths == b.splits[split].paths
+        fa, fb = a.splits[split].features, b.splits[split].features
+        rel = np.linalg.norm(fa - fb, axis=1) / np.linalg.norm(fa, axis=1)
+        assert rel.max() < 0.02, rel  # another decoder and resize: close, not equal
+    with pytest.raises(PipelineError, match="works without --views and --draft"):
+        extract(cfg(tiny_data, tmp_path / "x.h5", decoder="torchvision", views=2))
