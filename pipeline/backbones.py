@@ -165,8 +165,9 @@ def build_torchvision(spec: BackboneSpec) -> tuple[nn.Module, str, str]:
     if spec.backbone not in architectures():
         raise PipelineError(f"unknown backbone {spec.backbone!r}: use a torchvision classification architecture "
                             f"(e.g. resnet18, resnet50, mobilenet_v3_small) or a .pt2 torch.export file")
-    torch.manual_seed(spec.seed)  # --weights none: random init from the seed
-    model = torchvision.models.get_model(spec.backbone, weights=None)
+    with torch.random.fork_rng(devices=[]):  # --weights none: random init from the seed, no global side effect
+        torch.manual_seed(spec.seed)
+        model = torchvision.models.get_model(spec.backbone, weights=None)
     head = last_linear_name(model)
     if spec.weights == "none":
         sd = {k: v for k, v in model.state_dict().items() if not k.startswith(head + ".")}
