@@ -14,7 +14,7 @@ from cache.store import files_digest
 
 from . import PipelineError
 from .backbones import BackboneSpec, build_backbone
-from .distributed import init_distributed, rank_device
+from .distributed import init_distributed, rank_device, shutdown
 from .data import TRANSFORM_SPEC, ImageFiles, eval_transform, scan_dataset
 from .device_decode import RawFiles, collate_raw, finish_batch
 from .progress import Progress
@@ -273,9 +273,15 @@ def extract(cfg: ExtractConfig, progress: Progress | None = None) -> dict:
     CACHE.partial/ folder; after a barrier rank 0 assembles the one cache (identical to a
     single-process run) and only rank 0's summary counts.
     """
-    progress = progress or Progress()
-    t0 = time.perf_counter()
     d = init_distributed(cfg.device)
+    try:
+        return _extract(cfg, progress or Progress(), d)
+    finally:
+        shutdown(d)  # a process group left to the interpreter's exit can abort (SIGABRT) under gloo
+
+
+def _extract(cfg: ExtractConfig, progress: Progress, d) -> dict:
+    t0 = time.perf_counter()
     cfg = replace(cfg, device=rank_device(cfg.device, d))
     data, rt, model, plan, attrs = plan_extraction(cfg)
     if len({(fp, dg) for fp, dg in d.all_gather((plan["fingerprint"], plan["files_digest"]))}) > 1:

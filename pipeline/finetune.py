@@ -17,7 +17,7 @@ from . import PipelineError
 from .backbones import BackboneSpec, build_torchvision, replace_module
 from .data import TRANSFORM_SPEC, EpochSampler, LabelledImages, eval_transform, find_unreadable, scan_dataset, \
     train_transform
-from .distributed import Dist, init_distributed, rank_device
+from .distributed import Dist, init_distributed, rank_device, shutdown
 from .head import HeadParams
 from .evaluate import evaluate_predictions, report_text, split_metrics
 from .progress import Progress
@@ -190,8 +190,14 @@ def finetune(cfg: FinetuneConfig, progress: Progress | None = None) -> dict:
     Under torchrun: DistributedDataParallel, each rank its share of every epoch (DistributedSampler
     order), metrics summed over ranks, and only rank 0 writes checkpoints and the run folder.
     """
-    progress = progress or Progress()
     d = init_distributed(cfg.device)
+    try:
+        return _finetune(cfg, progress or Progress(), d)
+    finally:
+        shutdown(d)  # a process group left to the interpreter's exit can abort (SIGABRT) under gloo
+
+
+def _finetune(cfg: FinetuneConfig, progress: Progress, d: Dist) -> dict:
     rt = resolve_runtime(rank_device(cfg.device, d), cfg.precision)
     data = scan_dataset(cfg.data_dir, list(cfg.splits), cfg.allow_empty_class)
     files, skipped = usable_files(data, cfg.workers, cfg.max_skipped, d)

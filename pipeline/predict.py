@@ -11,7 +11,7 @@ from torch import nn
 
 from . import PipelineError
 from .backbones import BackboneSpec, build_backbone, file_sha256, last_linear_name, load_weights_into, replace_module
-from .data import eval_transform, load_rgb, scan_files
+from .data import BadImage, eval_transform, load_rgb, scan_files
 from .runfolder import load_model_file
 from .runtime import resolve_device, resolve_runtime
 
@@ -99,27 +99,45 @@ def predict(run_dir: str, inputs: list[str], device: str = "auto", batch_size: i
     rt = resolve_runtime(device, "fp32" if (recorded == "fp16" and on_cpu) else recorded)
     model = model.to(rt.device)
     files, skipped = scan_files(inputs)
-    out = [Prediction(p, error=r) for p, r in skipped]
-    tf = eval_transform()
-    draft = (256, 256) if meta.get("cache", {}).get("draft") else None  # decode as the cache was made
-    good: list[tuple[int, torch.Tensor]] = []
+    decode = _decoder(meta.get("cache", {}), rt.device)  # decode as the run's features were made
     results: list[Prediction] = []
-    for f in files:
-        try:
-            good.append((len(results), tf(load_rgb(f, draft=draft))))
-            results.append(Prediction(str(f)))
-        except ValueError as e:
-            results.append(Prediction(str(f), error=str(e)))
-    for s in range(0, len(good), batch_size):
-        chunk = good[s:s + batch_size]
-        x = torch.stack([t for _, t in chunk]).to(rt.device)
-        with torch.inference_mode(), rt.autocast():
-            probs = torch.softmax(model(x).float(), 1).cpu()
-        for (i, _), p in zip(chunk, probs):
+    for s in range(0, len(files), batch_size):  # one batch in memory at a time, whatever the folder size
+        chunk = files[s:s + batch_size]
+        x, reasons = decode(chunk)
+        probs = iter([])
+        if len(x):
+            with torch.inference_mode(), rt.autocast():
+                probs = iter(torch.softmax(model(x.to(rt.device)).float(), 1).cpu())
+        for f, reason in zip(chunk, reasons):
+            if reason:
+                results.append(Prediction(str(f), error=reason))
+                continue
+            p = next(probs)
             k = int(p.argmax())
-            results[i].label, results[i].probability = classes[k], float(p[k])
-            results[i].probabilities = {c: float(v) for c, v in zip(classes, p)}
-    return results + out
+            results.append(Prediction(str(f), classes[k], float(p[k]), {c: float(v) for c, v in zip(classes, p)}))
+    return results + [Prediction(p, error=r) for p, r in skipped]
+
+
+def _decoder(cache_meta: dict, device: torch.device):
+    """files -> (good images as one normalised batch, reason per file ('' when used))."""
+    if cache_meta.get("decoder") == "torchvision":
+        from .device_decode import finish_batch, read_for_device
+
+        return lambda files: finish_batch([read_for_device(str(f)) for f in files], device)
+    tf = eval_transform()
+    draft = (256, 256) if cache_meta.get("draft") else None
+
+    def decode(files):
+        xs, reasons = [], []
+        for f in files:
+            try:
+                xs.append(tf(load_rgb(f, draft=draft)))
+                reasons.append("")
+            except BadImage as e:
+                reasons.append(str(e))
+        return (torch.stack(xs) if xs else torch.zeros(0, 3, 224, 224)), reasons
+
+    return decode
 
 
 def format_table(preds: list[Prediction]) -> str:

@@ -66,7 +66,7 @@ def head_model_payload(result: HeadResult, cache) -> dict:
         "backbone": json.loads(cache.attrs["backbone_spec"]),
         "cache": {"path": str(cache.path), "fingerprint": cache.attrs["fingerprint"],
                   "precision": cache.attrs["precision"], "transform": json.loads(cache.attrs["transform"]),
-                  "draft": bool(cache.attrs.get("draft", False))},
+                  "draft": bool(cache.attrs.get("draft", False)), "decoder": cache.attrs.get("decoder", "pil")},
     }
 
 

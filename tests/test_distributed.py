@@ -67,7 +67,7 @@ def assert_same_cache(a_path, b_path):
 def test_torchrun_extract_equals_single_process(data, tmp_path):
     r = subprocess.run(torchrun(*extract_args(data, tmp_path / "two.h5")), env=ENV, capture_output=True, text=True,
                        timeout=180)
-    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.returncode == 0, r.stderr[:2000] + " ... " + r.stderr[-2000:]
     assert r.stdout.count("extracted train 17, val 7 | skipped 2 |") == 1  # only rank 0 prints the summary
     assert not list(tmp_path.glob("two.h5.*"))  # shards merged and removed, lock released
     subprocess.run(single(*extract_args(data, tmp_path / "one.h5")), env=ENV, check=True, capture_output=True)
@@ -96,7 +96,7 @@ def test_rank_dying_mid_extract_leaves_nothing_complete_and_rerun_finishes(tmp_p
     assert proc.wait(timeout=120) != 0
     assert not cache.exists()
     r = subprocess.run(torchrun(*extract_args(big, cache)), env=ENV, capture_output=True, text=True, timeout=180)
-    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.returncode == 0, r.stderr[:2000] + " ... " + r.stderr[-2000:]
     assert "resumed:" in r.stdout
     subprocess.run(single(*extract_args(big, tmp_path / "one.h5")), env=ENV, check=True, capture_output=True)
     assert_same_cache(cache, tmp_path / "one.h5")
@@ -116,7 +116,7 @@ def test_ddp_finetune_writes_the_run_folder_once_and_resumes(data, tmp_path):
     assert torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] == 0
     assert not (out / "metrics.json").exists()
     r = subprocess.run(torchrun(*args, "--resume"), env=ENV, capture_output=True, text=True, timeout=180)
-    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.returncode == 0, r.stderr[:2000] + " ... " + r.stderr[-2000:]
     assert r.stdout.count("trained 2 epochs") == 1 and r.stdout.count("== val: 7 images") == 1
     m = json.loads((out / "metrics.json").read_text())
     assert m["processes"] == 2 and len(m["history"]) == 2 and m["n"] == {"train": 17, "val": 7}

@@ -172,3 +172,21 @@ def test_head_run_on_a_program_backbone_predicts_and_exports(tiny_data, tmp_path
     (tmp_path / "tiny.pt2").write_bytes(b"changed")
     r = CliRunner().invoke(cli, ["predict", str(out), files[0]])
     assert r.exit_code == 1 and "which is missing or changed" in r.output
+
+
+def test_predict_decodes_like_the_cache_it_was_trained_on(tiny_data, tmp_path):
+    """A run on a --decoder torchvision cache predicts through the same decoder: logits = head(features)."""
+    from cache import read_cache
+
+    out = tmp_path / "run"
+    r = CliRunner().invoke(cli, ["run", str(tiny_data), "--out", str(out), "--weights", "none", "--workers", "0",
+                                 "--epochs", "2", "--no-plots", "--decoder", "torchvision"])
+    assert r.exit_code == 0, r.output
+    c = read_cache(out / "features.h5")
+    m = torch.load(out / "model.pt", weights_only=True)
+    assert m["cache"]["decoder"] == "torchvision"
+    expected = torch.softmax(torch.tensor(c.splits["val"].features) @ m["state_dict"]["weight"].T
+                             + m["state_dict"]["bias"], 1)
+    preds = predict(str(out), [str(tiny_data / p) for p in c.splits["val"].paths], device="cpu", batch_size=3)
+    got = torch.tensor([[p.probabilities["ants"], p.probabilities["bees"]] for p in preds])
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
