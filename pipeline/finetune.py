@@ -139,8 +139,8 @@ def evaluate(model, loader, criterion, rt: Runtime, d: Dist = Dist()) -> tuple[f
     p = torch.cat(preds).numpy() if preds else np.zeros(0, np.int64)
     t = torch.cat(labels).numpy() if labels else np.zeros(0, np.int64)
     (loss_total,) = d.all_sum([float(loss_sum)])
-    idx = loader.sampler.indices()
-    n = len(loader.sampler.indices()) if not d.enabled else loader.sampler.n
+    idx = loader.sampler.indices()  # this rank's images, in the order evaluated
+    n = loader.sampler.n
     full = np.zeros(n, np.int64)
     truth = np.zeros(n, np.int64)
     for ids, pr, tr in d.all_gather((idx, p, t)):
