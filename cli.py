@@ -1,6 +1,8 @@
 """tlearn: transfer learning from an ImageNet backbone, fast (cached features) or end to end.
 
-Each command turns its options into a config and calls one pipeline function; errors become one line.
+Each command turns its options into a config and calls one pipeline function; errors become one line
+(--debug or TLEARN_DEBUG=1 keeps the traceback). Heavy libraries (torch, h5py, matplotlib) are imported
+inside the commands, so --help and small commands start in a fraction of a second.
 """
 from __future__ import annotations
 
@@ -46,11 +48,21 @@ class BarProgress(Progress):
         click.echo(message, err=True)
 
 
+DEBUG_ENV = "TLEARN_DEBUG"
+
+
+def debugging() -> bool:
+    return os.environ.get(DEBUG_ENV, "") not in ("", "0")
+
+
 def friendly_errors(fn):
-    """Known problems -> 'Error: <one line>' and exit 1; Ctrl-C -> how to resume."""
+    """Known problems -> 'Error: <one line>' and exit 1; Ctrl-C -> how to resume. With --debug the
+    original exception (and its traceback) goes through unchanged."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        if debugging():
+            return fn(*args, **kwargs)
         try:
             return fn(*args, **kwargs)
         except (PipelineError, CacheError) as e:
@@ -102,7 +114,15 @@ def parse_splits(ctx, param, value):
     return splits
 
 
+def _set_debug(ctx, param, value):
+    if value:
+        os.environ[DEBUG_ENV] = "1"
+    return value
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, expose_value=False, is_eager=True, callback=_set_debug,
+              help=f"Show full tracebacks instead of one-line errors (or set {DEBUG_ENV}=1).")
 def cli():
     """Transfer learning for image classifiers: extract features once, train heads in seconds."""
 

@@ -31,14 +31,14 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from pipeline.fsio import atomic_write_bytes, fsync_dir, sha256_json
+
+from .errors import CacheError, CacheMissing
+
 FORMAT = "feature-cache/1"
 ROW_CHUNK = 256
 STR = h5py.string_dtype("utf-8")
 SKIPPED_DTYPE = np.dtype([("path", STR), ("reason", STR)])
-
-
-class CacheError(Exception):
-    """A cache that cannot be used as asked; the message names the file and the fix."""
 
 
 def fingerprint(fields: dict) -> str:
@@ -48,26 +48,8 @@ def fingerprint(fields: dict) -> str:
 
 
 def files_digest(class_names: list[str], splits: dict[str, tuple[list[str], list[int]]]) -> str:
-    blob = json.dumps({"classes": class_names, "splits": {k: [list(v[0]), list(v[1])] for k, v in splits.items()}},
-                      sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(blob.encode()).hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Digest of the class names and every (path, label) of every split."""
+    return sha256_json({"classes": class_names, "splits": {k: [list(v[0]), list(v[1])] for k, v in splits.items()}})
 
 
 # --------------------------------------------------------------------------- locking
@@ -285,7 +267,7 @@ class PartialWriter:
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, self.cache_path)
-        _fsync_dir(self.cache_path.parent)
+        fsync_dir(self.cache_path.parent)
         shutil.rmtree(self.dir)
         return {"rows": counts, "skipped": skipped}
 
@@ -321,7 +303,7 @@ def _open(path: Path) -> h5py.File:
     if not path.exists():
         partial = path.with_name(path.name + ".partial")
         hint = " (an extract into it is unfinished: rerun the same extract command to resume it)" if partial.exists() else ""
-        raise CacheError(f"cache {path} does not exist{hint}")
+        raise CacheMissing(f"cache {path} does not exist{hint}")
     try:
         # the final file is immutable once renamed into place, so no HDF5 file locking is needed to read it
         return h5py.File(path, "r", locking=False)

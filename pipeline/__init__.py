@@ -1,7 +1,14 @@
-"""Stages of the transfer-learning pipeline: data, backbones, extract, head, finetune, reports."""
-import torch
+"""Stages of the transfer-learning pipeline: data, backbones, extract, head, finetune, reports.
+
+Importing the package is cheap (no torch): the CLI's --help and small commands start fast, and each
+stage imports the heavy libraries it uses itself.
+"""
 
 MIN_TORCH = (2, 6)
+
+
+class PipelineError(Exception):
+    """A user-facing problem (bad input, bad usage); its message says what to do."""
 
 
 def check_torch_version(version: str) -> None:
@@ -10,10 +17,3 @@ def check_torch_version(version: str) -> None:
     if (major, minor) < MIN_TORCH:
         raise ImportError(f"torch {version} is too old: this tool needs torch >= 2.6 (safe weights_only loading, "
                           "CVE-2025-32434); pip install 'torch>=2.6'")
-
-
-check_torch_version(torch.__version__)
-
-
-class PipelineError(Exception):
-    """A user-facing problem (bad input, bad usage); its message says what to do."""

@@ -16,7 +16,10 @@ import torch
 import torchvision
 from torch import nn
 
-from . import PipelineError
+from . import PipelineError, check_torch_version
+from .fsio import sha256_file
+
+check_torch_version(torch.__version__)
 
 OFFLINE_ENV = "TLEARN_OFFLINE"  # set to 1: never try to download ImageNet weights
 
@@ -42,12 +45,7 @@ class Backbone:
     description: dict  # JSON-able record of what built it (stored in caches and model.pt)
 
 
-def file_sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+file_sha256 = sha256_file  # the content hash of a program file
 
 
 def state_dict_digest(sd: dict[str, torch.Tensor]) -> str:

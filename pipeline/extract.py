@@ -9,8 +9,8 @@ from dataclasses import asdict, dataclass, field, replace
 import numpy as np
 import torch
 
-from cache import FORMAT, CacheError, CacheLock, PartialWriter, fingerprint, read_attrs, read_cache
-from cache.store import files_digest
+from cache import CacheError, CacheMissing
+from cache.store import FORMAT, CacheLock, PartialWriter, files_digest, fingerprint, read_attrs, read_cache
 
 from . import PipelineError
 from .backbones import BackboneSpec, build_backbone
@@ -63,8 +63,10 @@ def _check_existing(cfg: ExtractConfig, plan: dict, class_names: list[str]):
     fp, digest = plan["fingerprint"], plan["files_digest"]
     try:
         old = read_attrs(cfg.cache)
+    except CacheMissing:
+        return "new", None
     except CacheError as e:
-        if "does not exist" in str(e) or cfg.force:
+        if cfg.force:
             return "new", None
         raise CacheError(f"{e}; or pass --force to replace it") from None
     if cfg.force:

@@ -3,8 +3,6 @@ frozen scenario run end to end (--freeze-backbone), with per-epoch checkpoints a
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,6 +19,7 @@ from .distributed import Dist, init_distributed, rank_device, shutdown
 from .head import HeadParams
 from .evaluate import evaluate_predictions, report_text, split_metrics
 from .progress import Progress
+from .fsio import sha256_json
 from .runfolder import load_torch, save_run, save_torch
 from .runtime import Runtime, default_workers, resolve_runtime
 
@@ -156,7 +155,7 @@ def _recipe(cfg: FinetuneConfig) -> dict:
 
 
 def _files_digest(files: dict) -> str:
-    return hashlib.sha256(json.dumps({k: [v[2], v[1]] for k, v in files.items()}).encode()).hexdigest()
+    return sha256_json({k: [v[2], v[1]] for k, v in files.items()})
 
 
 def _load_checkpoint(cfg: FinetuneConfig, digest: str) -> dict | None:

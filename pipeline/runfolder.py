@@ -5,53 +5,30 @@ from __future__ import annotations
 import io
 import json
 import os
-import pickle
 from pathlib import Path
 
-import torch
-
 from . import PipelineError
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+from .fsio import atomic_write_bytes, load_weights_only
 
 
 def save_torch(path: Path, obj: dict) -> None:
+    import torch
+
     buf = io.BytesIO()
     torch.save(obj, buf)
-    atomic_write(path, buf.getvalue())
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def load_torch(path: Path) -> dict:
     """torch.load with weights_only=True and nothing else: a pickle payload is refused, never run."""
-    if not path.is_file():
-        raise PipelineError(f"{path} does not exist")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        first = (str(e).strip().splitlines() or [""])[0]
-        raise PipelineError(f"refused {path}: it holds pickled objects that weights_only loading will not run "
-                            f"({first[:160]})") from None
-    except Exception as e:
-        raise PipelineError(f"cannot read {path}: {type(e).__name__}: {str(e)[:160]}") from None
+    return load_weights_only(path)
 
 
 def save_run(out: str | os.PathLike, model: dict, metrics: dict, report: str) -> Path:
     out = Path(out)
     save_torch(out / "model.pt", model)
-    atomic_write(out / "metrics.json", json.dumps(metrics, indent=2).encode())
-    atomic_write(out / "report.txt", report.encode())
+    atomic_write_bytes(out / "metrics.json", json.dumps(metrics, indent=2).encode())
+    atomic_write_bytes(out / "report.txt", report.encode())
     return out
 
 

@@ -5,12 +5,15 @@ import contextlib
 import os
 from dataclasses import dataclass
 
-import torch
+from typing import TYPE_CHECKING
 
 from . import PipelineError
 
+if TYPE_CHECKING:
+    import torch
+
+# torch is imported where it is used, so the CLI can read these without paying for it
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -20,12 +23,16 @@ class Runtime:
 
     def autocast(self):
         """The context a forward pass runs under: autocast for bf16/fp16, nothing for fp32."""
+        import torch
+
         if self.precision == "fp32":
             return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=_DTYPES[self.precision])
+        return torch.autocast(self.device.type, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[self.precision])
 
     @property
     def memory_format(self) -> torch.memory_format:
+        import torch
+
         # channels_last is faster for convolutions on both CPU (oneDNN) and CUDA (cuDNN)
         return torch.channels_last
 
@@ -35,6 +42,8 @@ class Runtime:
 
 
 def resolve_device(name: str = "auto") -> torch.device:
+    import torch
+
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
