@@ -127,6 +127,25 @@ def cli():
     """Transfer learning for image classifiers: extract features once, train heads in seconds."""
 
 
+def split_option_list() -> list:
+    """How a flat folder (DATA_DIR/<class>/*.jpg) is split; the same flags give the same split everywhere."""
+    return [
+        click.option("--val-fraction", default=None, type=click.FloatRange(0, 1, min_open=True, max_open=True),
+                     help="Flat folders: share of each class that goes to val, file by file (default 0.2). "
+                          "Not for folders with train/ and val/."),
+        click.option("--test-fraction", default=None, type=click.FloatRange(0, 1, max_open=True),
+                     help="Flat folders: share of each class held out as a test split (default none)."),
+        click.option("--split-seed", default=0, show_default=True, type=int,
+                     help="Flat folders: which files go to val/test (a file's split depends on its path and this)."),
+    ]
+
+
+def split_options(fn):
+    for opt in reversed(split_option_list()):
+        fn = opt(fn)
+    return fn
+
+
 def extract_options(fn):
     opts = [
         click.option("--backbone", default="resnet18", show_default=True,
@@ -136,6 +155,7 @@ def extract_options(fn):
                           "or PATH to a state_dict."),
         click.option("--splits", default="train,val", show_default=True, callback=parse_splits,
                      help="Sub-folders of DATA_DIR; test is added when present."),
+        *split_option_list(),
         click.option("--views", default=0, show_default=True, type=click.IntRange(min=0),
                      help="Augmented views (RandomResizedCrop+flip) stored per train image."),
         click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1)),
@@ -193,7 +213,8 @@ def _extract_config(data_dir, cache, o: dict):
                          splits=o["splits"], views=o["views"], batch_size=o["batch_size"], workers=o["workers"],
                          device=o["device"], precision=o["precision"], seed=o["seed"], force=o["force"],
                          draft=o["draft"], decoder=o["decoder"], allow_empty_class=o["allow_empty_class"],
-                         max_skipped=o["max_skipped"])
+                         max_skipped=o["max_skipped"], val_fraction=o["val_fraction"],
+                         test_fraction=o["test_fraction"], split_seed=o["split_seed"])
 
 
 def _head_config(cache, out, o: dict):
@@ -244,13 +265,21 @@ def _do_train_head(cfg):
     return m
 
 
+SWEEP_RESULTS = ("best_val_acc", "best_epoch", "best_val_ci")
+
+
 def sweep_table(rows: list[dict]) -> str:
-    keys = [k for k in rows[0] if k not in ("best_val_acc", "best_epoch") and len({r[k] for r in rows}) > 1]
+    """One line per setting: the values that vary, best val accuracy with its 95% interval (settings whose
+    intervals overlap are not told apart by this val set), best epoch."""
+    keys = [k for k in rows[0] if k not in SWEEP_RESULTS and len({r[k] for r in rows}) > 1]
     best = max(range(len(rows)), key=lambda i: rows[i]["best_val_acc"])
-    lines = ["  ".join(f"{k:>10}" for k in keys) + "  best_val_acc  best_epoch"]
+    lines = ["  ".join(f"{k:>10}" for k in keys) + "  best_val_acc  95% CI       correct  best_epoch"]
     for i, r in enumerate(rows):
         mark = "  <- best" if i == best else ""
-        lines.append("  ".join(f"{r[k]:>10g}" for k in keys) + f"  {r['best_val_acc']:>12.4f}  {r['best_epoch']:>10d}{mark}")
+        ci = r.get("best_val_ci")
+        interval = f"{ci['low']:.3f}-{ci['high']:.3f}  {ci['correct']:>3}/{ci['n']:<3}" if ci else f"{'':20}"
+        lines.append("  ".join(f"{r[k]:>10g}" for k in keys)
+                     + f"  {r['best_val_acc']:>12.4f}  {interval}  {r['best_epoch']:>10d}{mark}")
     return "\n".join(lines)
 
 
@@ -341,6 +370,7 @@ def info(cache_path):
     Example: cli.py info feats.h5
     """
     from cache import read_cache
+    from pipeline.splits import SplitSpec
 
     c = read_cache(cache_path, with_views=True)
     a = c.attrs
@@ -348,6 +378,7 @@ def info(cache_path):
     click.echo(f"backbone {a['backbone']}  weights {a['weights']}  precision {a['precision']}  "
                f"feature_dim {a['feature_dim']}  views {a.get('views', 0)}  draft {bool(a.get('draft'))}")
     click.echo(f"classes {', '.join(c.class_names)}")
+    click.echo(SplitSpec.from_record(a.get("split")).describe())
     for name, sp in c.splits.items():
         counts = ", ".join(f"{cls} {int((sp.labels == i).sum())}" for i, cls in enumerate(c.class_names))
         extra = f", views {tuple(sp.views.shape)}" if sp.views is not None else ""
@@ -379,6 +410,7 @@ def info(cache_path):
 @click.option("--allow-empty-class", is_flag=True)
 @click.option("--max-skipped", default=None, callback=parse_max_skipped)
 @click.option("--no-plots", is_flag=True)
+@split_options
 @friendly_errors
 def finetune(data_dir, out, no_plots, **o):
     """Fine-tune the whole network end to end (the tutorial's first scenario).

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import warnings
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +17,8 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 from torchvision import transforms as T
 
 from . import PipelineError
+from .splits import FLAT, FOLDERS, SPLIT_FOLDERS, LayoutError, SplitSpec, assign, check_class_split, flat_spec, \
+    membership_digest
 
 # torchvision's ImageFolder list; matched case-insensitively.
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -39,10 +41,18 @@ class Split:
 
 
 @dataclass
-class Dataset:
+class ScannedData:
+    """What scan_dataset found: classes, the files of every split, and how the split was made."""
+
     root: Path
     class_names: list[str]
     splits: dict[str, Split]
+    split: SplitSpec = field(default_factory=SplitSpec)
+
+    def split_record(self) -> dict:
+        """What caches and run folders record about the split: the spec and a digest of which file is
+        in which split (equal digests: the very same split)."""
+        return {**asdict(self.split), "digest": membership_digest({s: sp.paths for s, sp in self.splits.items()})}
 
 
 def _visible(name: str) -> bool:
@@ -94,11 +104,68 @@ def scan_split(root: Path, split: str, class_names: list[str]) -> Split:
     return out
 
 
-def scan_dataset(root: str | os.PathLike, splits: list[str], allow_empty_class: bool = False) -> Dataset:
-    """Discover classes from the first split and files of every split (plus `test` when present)."""
+def _holds_images(folder: Path) -> bool:
+    return any(f.suffix.lower() in IMG_EXTENSIONS for f in _walk_files(folder))
+
+
+def detect_layout(root: Path, splits: list[str], fractions_given: bool) -> str:
+    """FOLDERS when root holds split folders (train/, val/, test/ or those of --splits), FLAT when it holds
+    class folders only. Class folders beside split folders are refused: which files would be val?"""
+    names = set(SPLIT_FOLDERS) | set(splits)
+    dirs = list_classes(root)
+    split_dirs = [d for d in dirs if d in names]
+    if not split_dirs:
+        return FLAT
+    beside = [d for d in dirs if d not in names and _holds_images(root / d)]
+    if beside:
+        raise LayoutError(
+            f"{root} mixes two layouts: split folders ({', '.join(d + '/' for d in split_dirs)}) and class folders "
+            f"beside them ({', '.join(d + '/' for d in beside)}); use one: move those class folders into "
+            f"{'/ and '.join(split_dirs)}/ (your split), or move the split folders' class folders up into {root} "
+            "(the tool splits them, see --val-fraction)")
+    if fractions_given:
+        raise LayoutError(f"{root} has its own split folders ({', '.join(d + '/' for d in split_dirs)}), so "
+                          "--val-fraction/--test-fraction do not apply; drop them, or point at a folder of class folders")
+    return FOLDERS
+
+
+def scan_flat(root: Path, spec: SplitSpec, allow_empty_class: bool = False) -> ScannedData:
+    """root/<class>/... split into train/val(/test) file by file (splits.assign), checked per class."""
+    class_names = list_classes(root)
+    if not class_names:
+        raise PipelineError(f"no class folders in {root}: expected {root}/<class>/<image> "
+                            "(or train/ and val/ folders of class folders)")
+    every = scan_split(root, "", class_names)  # root/<class>/... with paths relative to root
+    out = {s: Split(s) for s in spec.splits()}
+    for rel, label in zip(every.paths, every.labels):
+        sp = out[assign(rel, spec)]
+        sp.paths.append(rel)
+        sp.labels.append(label)
+    for rel, reason in every.skipped:
+        out[assign(rel, spec)].skipped.append((rel, reason))
+    for ci, cls in enumerate(class_names):
+        counts = {s: sp.labels.count(ci) for s, sp in out.items()}
+        if sum(counts.values()) == 0:
+            if allow_empty_class:
+                continue
+            raise PipelineError(f"class folder {root / cls} has no images; "
+                                "add images, remove the folder, or pass --allow-empty-class")
+        check_class_split(cls, counts, spec)
+    return ScannedData(root, class_names, out, spec)
+
+
+def scan_dataset(root: str | os.PathLike, splits: list[str], allow_empty_class: bool = False,
+                 val_fraction: float | None = None, test_fraction: float | None = None,
+                 split_seed: int = 0) -> ScannedData:
+    """Discover classes and the files of every split. A folder of class folders is split by the tool
+    (scan_flat); a folder of split folders keeps its own split: classes from the first split, files of
+    every split (plus `test` when present)."""
     root = Path(root)
     if not root.is_dir():
         raise PipelineError(f"dataset folder {root} does not exist")
+    fractions_given = val_fraction is not None or test_fraction is not None
+    if detect_layout(root, list(splits), fractions_given) == FLAT:
+        return scan_flat(root, flat_spec(val_fraction, test_fraction, split_seed), allow_empty_class)
     splits = list(dict.fromkeys(splits + (["test"] if (root / "test").is_dir() else [])))
     for s in splits:
         if not (root / s).is_dir():
@@ -119,7 +186,7 @@ def scan_dataset(root: str | os.PathLike, splits: list[str], allow_empty_class: 
             f"class folder {root / splits[0] / empty[0]} has no images; "
             "add images, remove the folder, or pass --allow-empty-class"
         )
-    return Dataset(root, class_names, scanned)
+    return ScannedData(root, class_names, scanned, SplitSpec(FOLDERS))
 
 
 def scan_files(inputs: list[str]) -> tuple[list[Path], list[tuple[str, str]]]:

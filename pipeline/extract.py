@@ -18,6 +18,7 @@ from .distributed import init_distributed, rank_device, shutdown
 from .data import TRANSFORM_SPEC, ImageFiles, eval_transform, scan_dataset
 from .device_decode import RawFiles, collate_raw, finish_batch
 from .progress import Progress
+from .splits import SplitSpec
 from .runtime import Runtime, default_workers, resolve_runtime
 
 
@@ -39,6 +40,9 @@ class ExtractConfig:
     decoder: str = "pil"  # pil (workers, the reference) | torchvision (JPEGs decoded on the device: nvJPEG)
     allow_empty_class: bool = False
     max_skipped: float | None = None  # < 1: fraction of files, >= 1: count
+    val_fraction: float | None = None  # flat folders only (None: splits.DEFAULT_VAL_FRACTION)
+    test_fraction: float | None = None  # flat folders only (None: no test split)
+    split_seed: int = 0  # flat folders only: which files go to val/test
 
 
 def feature_fields(backbone_desc: dict, precision: str, views: int, seed: int, draft: bool,
@@ -56,7 +60,7 @@ def feature_fields(backbone_desc: dict, precision: str, views: int, seed: int, d
     }
 
 
-def _check_existing(cfg: ExtractConfig, plan: dict, class_names: list[str]):
+def _check_existing(cfg: ExtractConfig, plan: dict, class_names: list[str], split: SplitSpec = SplitSpec()):
     """What to do about a file already at cfg.cache, as (state, old cache): 'new' (build it), 'done'
     (complete for these settings and files), 'grown' (same settings, the folder only gained files:
     reuse the old cache's rows). Raises when it differs otherwise and --force was not given."""
@@ -71,6 +75,11 @@ def _check_existing(cfg: ExtractConfig, plan: dict, class_names: list[str]):
         raise CacheError(f"{e}; or pass --force to replace it") from None
     if cfg.force:
         return "new", None
+    old_split = SplitSpec.from_record(old.get("split"))
+    if old.get("complete") and old_split != split:
+        raise CacheError(f"cache {cfg.cache} was made with another split ({old_split.describe()}; now "
+                         f"{split.describe()}); use the same --val-fraction/--test-fraction/--split-seed, pass --force "
+                         "to rebuild it, or choose another --cache")
     if old.get("complete") and old.get("fingerprint") == fp:
         if old.get("files_digest") == digest:
             return "done", None
@@ -228,7 +237,8 @@ def plan_extraction(cfg: ExtractConfig):
         raise PipelineError(f"unknown decoder {cfg.decoder!r}: use pil or torchvision")
     if cfg.decoder == "torchvision" and (cfg.views or cfg.draft):
         raise PipelineError("--decoder torchvision works without --views and --draft; use the pil decoder for those")
-    data = scan_dataset(cfg.data_dir, list(cfg.splits), cfg.allow_empty_class)
+    data = scan_dataset(cfg.data_dir, list(cfg.splits), cfg.allow_empty_class, cfg.val_fraction, cfg.test_fraction,
+                        cfg.split_seed)
     rt = resolve_runtime(cfg.device, cfg.precision)
     bb = build_backbone(BackboneSpec(cfg.backbone, cfg.weights, cfg.seed))
     model = prepare_module(bb.module, rt)
@@ -246,7 +256,7 @@ def plan_extraction(cfg: ExtractConfig):
         "backbone_spec": json.dumps(bb.description), "feature_dim": bb.feature_dim,
         "class_names": json.dumps(data.class_names), "transform": json.dumps(TRANSFORM_SPEC),
         "precision": rt.precision, "views": cfg.views, "seed": cfg.seed, "draft": cfg.draft,
-        "decoder": cfg.decoder,
+        "decoder": cfg.decoder, "split": json.dumps(data.split_record()),
         "config": json.dumps({k: v for k, v in asdict(cfg).items() if k not in ("force",)}, default=list),
         "torch": torch.__version__,
     }
@@ -260,7 +270,7 @@ def views_split(data) -> str:
 def _prepare_on_main(cfg: ExtractConfig, data, plan: dict, stack: contextlib.ExitStack):
     """Rank 0 (or the only process): lock, decide, open the partial folder. Returns (state, writer, reused)."""
     stack.enter_context(CacheLock(cfg.cache))
-    state, old = _check_existing(cfg, plan, data.class_names)
+    state, old = _check_existing(cfg, plan, data.class_names, data.split)
     if state == "done":
         return state, None, 0
     writer = PartialWriter(cfg.cache, plan).open()

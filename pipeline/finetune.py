@@ -17,7 +17,7 @@ from .data import TRANSFORM_SPEC, EpochSampler, LabelledImages, eval_transform, 
     train_transform
 from .distributed import Dist, init_distributed, rank_device, shutdown
 from .head import HeadParams
-from .evaluate import evaluate_predictions, report_text, split_metrics
+from .evaluate import ci_from_accuracy, evaluate_predictions, report_text, split_metrics
 from .progress import Progress
 from .fsio import sha256_json
 from .runfolder import load_torch, save_run, save_torch
@@ -27,7 +27,7 @@ CHECKPOINT = "checkpoint.pt"
 SEED = HeadParams()
 # fields that must match for --resume to continue a run (the rest, like workers, may change)
 RECIPE_FIELDS = ("backbone", "weights", "freeze_backbone", "epochs", "lr", "momentum", "step_size", "gamma",
-                 "batch_size", "seed", "splits")
+                 "batch_size", "seed", "splits", "val_fraction", "test_fraction", "split_seed")
 
 
 @dataclass
@@ -52,6 +52,9 @@ class FinetuneConfig:
     allow_empty_class: bool = False
     max_skipped: float | None = None
     plots: bool = True
+    val_fraction: float | None = None  # flat folders only, as for extract: the same split for the same flags
+    test_fraction: float | None = None
+    split_seed: int = 0
 
 
 def build_classifier(cfg_backbone: str, weights: str, seed: int, classes: int) -> tuple[nn.Module, str, str]:
@@ -198,7 +201,8 @@ def finetune(cfg: FinetuneConfig, progress: Progress | None = None) -> dict:
 
 def _finetune(cfg: FinetuneConfig, progress: Progress, d: Dist) -> dict:
     rt = resolve_runtime(rank_device(cfg.device, d), cfg.precision)
-    data = scan_dataset(cfg.data_dir, list(cfg.splits), cfg.allow_empty_class)
+    data = scan_dataset(cfg.data_dir, list(cfg.splits), cfg.allow_empty_class, cfg.val_fraction, cfg.test_fraction,
+                        cfg.split_seed)
     files, skipped = usable_files(data, cfg.workers, cfg.max_skipped, d)
     names = list(files)
     train_name, val_name = names[0], names[1] if len(names) > 1 else None
@@ -286,10 +290,12 @@ def _finetune(cfg: FinetuneConfig, progress: Progress, d: Dist) -> dict:
             preds[s] = evaluate(net, loader, criterion, rt, d)[2]
     evaluations = {s: evaluate_predictions(files[s][1], preds[s], data.class_names) for s in preds}
     metrics = {
-        "kind": "finetune", "best_val_acc": best_acc, "best_epoch": best_epoch, "history": history,
+        "kind": "finetune", "best_val_acc": best_acc, "best_epoch": best_epoch,
+        "best_val_acc_ci": ci_from_accuracy(best_acc, len(files[val_name][0])), "history": history,
         **split_metrics(evaluations), "class_names": data.class_names, "seconds": seconds,
         "recipe": _recipe(cfg), "precision": rt.precision, "device": str(rt.device), "processes": d.world,
         "n": {s: len(f[0]) for s, f in files.items()}, "skipped": [list(s) for s in skipped],
+        "split": data.split_record(),
     }
     report = report_text(evaluations, best_acc, best_epoch)
     metrics["report_text"] = report
@@ -299,7 +305,7 @@ def _finetune(cfg: FinetuneConfig, progress: Progress, d: Dist) -> dict:
         "kind": "finetune", "arch": cfg.backbone, "head": head, "class_names": data.class_names,
         "state_dict": {k: v.detach().cpu() for k, v in best_state.items()},
         "recipe": _recipe(cfg), "weights_digest": weights_digest, "transform": TRANSFORM_SPEC,
-        "precision": rt.precision,
+        "precision": rt.precision, "split": data.split_record(),
     }
     save_run(cfg.out, payload, {k: v for k, v in metrics.items() if k != "report_text"}, report)
     if cfg.plots:

@@ -9,9 +9,10 @@ import numpy as np
 from cache import read_cache
 
 from . import PipelineError
-from .evaluate import evaluate_predictions, report_text, split_metrics
+from .evaluate import ci_from_accuracy, evaluate_predictions, report_text, split_metrics
 from .head import HeadParams, HeadResult, expand_grid, head_logits, params_dict, train_heads
 from .runfolder import save_run
+from .splits import cache_record
 
 _DEFAULTS = HeadParams()
 
@@ -66,7 +67,8 @@ def head_model_payload(result: HeadResult, cache) -> dict:
         "backbone": json.loads(cache.attrs["backbone_spec"]),
         "cache": {"path": str(cache.path), "fingerprint": cache.attrs["fingerprint"],
                   "precision": cache.attrs["precision"], "transform": json.loads(cache.attrs["transform"]),
-                  "draft": bool(cache.attrs.get("draft", False)), "decoder": cache.attrs.get("decoder", "pil")},
+                  "draft": bool(cache.attrs.get("draft", False)), "decoder": cache.attrs.get("decoder", "pil"),
+                  "split": cache_record(cache.attrs.get("split"))},
     }
 
 
@@ -91,6 +93,7 @@ def run_train_head(cfg: HeadConfig) -> dict:
         "kind": "head",
         "best_val_acc": best.best_val_acc,
         "best_epoch": best.best_epoch,
+        "best_val_acc_ci": ci_from_accuracy(best.best_val_acc, len(cache.splits[cfg.val_split].labels)),
         "history": best.history,
         **split_metrics(evaluations),
         "class_names": cache.class_names,
@@ -100,10 +103,12 @@ def run_train_head(cfg: HeadConfig) -> dict:
         "cache": str(cfg.cache),
         "n": {s: int(len(cache.splits[s].labels)) for s in cache.splits},
         "skipped": [list(s) for s in cache.skipped],
+        "split": cache_record(cache.attrs.get("split")),
     }
     if len(results) > 1:
-        metrics["sweep"] = [{**params_dict(r.params), "best_val_acc": r.best_val_acc, "best_epoch": r.best_epoch}
-                            for r in results]
+        n_val = len(cache.splits[cfg.val_split].labels)
+        metrics["sweep"] = [{**params_dict(r.params), "best_val_acc": r.best_val_acc, "best_epoch": r.best_epoch,
+                             "best_val_ci": ci_from_accuracy(r.best_val_acc, n_val)} for r in results]
     report = report_text(evaluations, best.best_val_acc, best.best_epoch)
     save_run(cfg.out, head_model_payload(best, cache), metrics, report)
     if cfg.plots:
