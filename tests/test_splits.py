@@ -129,7 +129,7 @@ def invoke(*args):
 
 
 def test_extract_train_head_and_finetune_use_the_same_recorded_split(tmp_path):
-    root = make_flat(tmp_path / "d", {"ants": 9, "bees": 8}, size=(40, 32))
+    root = make_flat(tmp_path / "d", {"ants": 4, "bees": 4}, size=(40, 32))
     flags = ["--val-fraction", "0.3", "--split-seed", "2", "--weights", "none", "--workers", "0"]
     cache = tmp_path / "c.h5"
     r = invoke("extract", root, "--cache", cache, *flags)
@@ -144,13 +144,22 @@ def test_extract_train_head_and_finetune_use_the_same_recorded_split(tmp_path):
                       "digest": ds.split_record()["digest"]}
     r = invoke("info", cache)
     assert "split: flat class folders, per-file hash (val 0.3, split seed 2; stable as the folder grows)" in r.output
-    r = invoke("train-head", cache, "--out", tmp_path / "head", "--epochs", 2, "--no-plots")
+    r = invoke("train-head", cache, "--out", tmp_path / "head", "--epochs", 2, "--no-plots", "--lr", "0.001,0.01")
     assert r.exit_code == 0, r.output
-    assert json.loads((tmp_path / "head/metrics.json").read_text())["split"] == record
+    head = json.loads((tmp_path / "head/metrics.json").read_text())
+    assert head["split"] == record
+    n_val = len(ds.splits["val"])
+    ci = head["accuracy_ci"]["val"]
+    assert ci["n"] == n_val and ci["correct"] == round(head["accuracy"]["val"] * n_val)
+    assert head["best_val_acc_ci"]["n"] == n_val and all(row["best_val_ci"]["n"] == n_val for row in head["sweep"])
+    assert f"95% CI {ci['low']:.3f}-{ci['high']:.3f}, {ci['correct']}/{n_val})" in r.output  # the printed report
+    assert "best_val_acc  95% CI       correct" in r.output  # the sweep table
     r = invoke("finetune", root, "--out", tmp_path / "ft", "--epochs", 1, "--no-plots", *flags)
     assert r.exit_code == 0, r.output
     m = json.loads((tmp_path / "ft/metrics.json").read_text())
     assert m["split"] == record and m["n"] == {"train": len(ds.splits["train"]), "val": len(ds.splits["val"])}
+    assert m["accuracy_ci"]["val"]["n"] == n_val and m["best_val_acc_ci"]["n"] == n_val
+    assert "95% CI" in (tmp_path / "ft/report.txt").read_text()
     import torch
 
     assert torch.load(tmp_path / "ft/model.pt", weights_only=True)["split"] == record
