@@ -13,12 +13,13 @@ The price: a class's val count is Binomial(n, val_fraction), not exactly round(f
 have both. If adding a file never moves the others, then (adding files one at a time) a file's split
 cannot depend on which other files exist, so it is a function of that file alone, and a folder made of
 files that function sends to val is all val. A rule that puts exactly round(f * n) files of each class
-in val (the lowest hashes, say) has to move an old file whenever the newcomers' share is off: measured
-over 2000 random folders at f = 0.2, adding 10% more photos moved at least one old file in 58-84% of
-the cases for classes of 30-400 images. Stability is what the cache and comparable val numbers need,
-so it is guaranteed here; the balance is the binomial one (a class of 120 images gets 24 +- 4.4 val
-images, 1 sd), every split of every class must get at least one image (else a clear error), and the
-per-class counts are recorded and shown by `info`, with every accuracy's 95% interval beside it.
+in val (the lowest hashes, say) has to move an old file whenever the newcomers' share is off: over
+2000 random folders at f = 0.2, adding 10% more photos moved at least one old file in 58-85% of the
+cases for classes of 30-400 images (benchmarks/split_stability.py). Stability is what the cache and
+comparable val numbers need, so it is guaranteed here; the balance is the binomial one (a class of
+120 images gets 24 +- 4.4 val images, 1 sd), every split of every class must get at least one image
+(else a clear error), `info` shows the rows per split and class, and every accuracy carries its 95%
+interval.
 
 Torch-free on purpose: `info` and the CLI read the record without importing torch.
 """

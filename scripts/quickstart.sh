@@ -1,0 +1,90 @@
+#!/usr/bin/env bash
+# From a fresh checkout to a trained classifier in one command: a virtualenv, the install, the
+# tutorial's ants/bees data, then the main job (`run`: extract + train-head).
+#
+#   bash scripts/quickstart.sh            do it
+#   bash scripts/quickstart.sh --dry-run  say what it would do, change nothing
+#
+# Settings (environment variables):
+#   DATA=DIR     dataset folder; default ../shared/datasets/hymenoptera_data when present, else
+#                data/hymenoptera_data (fetched with `cli.py download data/` when missing)
+#   OUT=DIR      run folder (default runs/quickstart)
+#   WEIGHTS=imagenet|none|PATH  default: imagenet when its file is in the torch cache or can be
+#                downloaded; otherwise none (random init), with a warning
+#   VENV=DIR     virtualenv (default .venv); one that already has the packages is used as it is
+#   PYTHON=EXE   interpreter that creates the virtualenv (default python3)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+DRY=0
+case "${1:-}" in
+    --dry-run) DRY=1 ;;
+    "") ;;
+    *) echo "usage: bash scripts/quickstart.sh [--dry-run]" >&2; exit 2 ;;
+esac
+
+VENV=${VENV:-.venv}
+PYTHON=${PYTHON:-python3}
+OUT=${OUT:-runs/quickstart}
+PY="$VENV/bin/python"
+TORCH_PINS=(torch==2.14.1 torchvision==0.29.1)
+
+say() { echo "quickstart: $*"; }
+step() {  # print a command, then run it (unless --dry-run)
+    echo "+ $*"
+    if [ "$DRY" -eq 0 ]; then "$@"; fi
+}
+
+# 1. virtualenv and packages (skipped when the environment already has them)
+if [ ! -x "$PY" ]; then
+    step "$PYTHON" -m venv "$VENV"
+fi
+if [ -x "$PY" ] && "$PY" -c "import torch, torchvision, numpy, h5py, sklearn, click, matplotlib, PIL" 2>/dev/null; then
+    say "$VENV already has torch, torchvision and the other packages"
+else
+    step "$PY" -m pip install --quiet --upgrade pip
+    step "$PY" -m pip install --quiet "${TORCH_PINS[@]}"
+    step "$PY" -m pip install --quiet -e '.[test]'
+fi
+
+# 2. the data: the workspace's copy, or the tutorial's zip fetched (and checked) by `download`
+if [ -z "${DATA:-}" ]; then
+    if [ -d ../shared/datasets/hymenoptera_data/train ]; then
+        DATA=../shared/datasets/hymenoptera_data
+    else
+        DATA=data/hymenoptera_data
+        if [ ! -d "$DATA/train" ]; then
+            step "$PY" cli.py download data/
+        fi
+    fi
+fi
+say "data: $DATA"
+
+# 3. weights: ImageNet when available; offline without the file, random init and say so
+if [ -z "${WEIGHTS:-}" ]; then
+    if [ "$DRY" -eq 1 ]; then
+        WEIGHTS=imagenet
+        say "(dry run) would use --weights imagenet if its file is in the torch cache or can be downloaded, else none"
+    elif "$PY" - <<'EOF'
+import sys
+from pipeline import PipelineError
+from pipeline.backbones import BackboneSpec, build_torchvision
+try:
+    build_torchvision(BackboneSpec("resnet18", "imagenet", 0))  # finds or downloads the file
+except PipelineError as e:
+    print(f"quickstart: {e}", file=sys.stderr)
+    sys.exit(1)
+EOF
+    then
+        WEIGHTS=imagenet
+    else
+        WEIGHTS=none
+        echo "quickstart: WARNING: no ImageNet weights here, so this run uses --weights none (random init):" \
+             "accuracy will be near chance. Put resnet18-f37072fd.pth into \$TORCH_HOME/hub/checkpoints/" \
+             "(default ~/.cache/torch/hub/checkpoints/) or rerun with WEIGHTS=PATH for real numbers." >&2
+    fi
+fi
+
+# 4. the main job
+step "$PY" cli.py run "$DATA" --out "$OUT" --weights "$WEIGHTS"
+say "done: report in $OUT/report.txt; classify photos with: $PY cli.py predict $OUT PHOTO_OR_FOLDER"
