@@ -108,7 +108,7 @@ def _holds_images(folder: Path) -> bool:
     return any(f.suffix.lower() in IMG_EXTENSIONS for f in _walk_files(folder))
 
 
-def detect_layout(root: Path, splits: list[str], fractions_given: bool) -> str:
+def detect_layout(root: Path, splits: list[str], flat_flags: bool) -> str:
     """FOLDERS when root holds split folders (train/, val/, test/ or those of --splits), FLAT when it holds
     class folders only. Class folders beside split folders are refused: which files would be val?"""
     names = set(SPLIT_FOLDERS) | set(splits)
@@ -123,9 +123,10 @@ def detect_layout(root: Path, splits: list[str], fractions_given: bool) -> str:
             f"beside them ({', '.join(d + '/' for d in beside)}); use one: move those class folders into "
             f"{'/ and '.join(split_dirs)}/ (your split), or move the split folders' class folders up into {root} "
             "(the tool splits them, see --val-fraction)")
-    if fractions_given:
+    if flat_flags:
         raise LayoutError(f"{root} has its own split folders ({', '.join(d + '/' for d in split_dirs)}), so "
-                          "--val-fraction/--test-fraction do not apply; drop them, or point at a folder of class folders")
+                          "--val-fraction/--test-fraction/--split-seed do not apply; drop them, or point at a folder "
+                          "of class folders")
     return FOLDERS
 
 
@@ -163,8 +164,8 @@ def scan_dataset(root: str | os.PathLike, splits: list[str], allow_empty_class: 
     root = Path(root)
     if not root.is_dir():
         raise PipelineError(f"dataset folder {root} does not exist")
-    fractions_given = val_fraction is not None or test_fraction is not None
-    if detect_layout(root, list(splits), fractions_given) == FLAT:
+    flat_flags = val_fraction is not None or test_fraction is not None or split_seed != 0
+    if detect_layout(root, list(splits), flat_flags) == FLAT:
         return scan_flat(root, flat_spec(val_fraction, test_fraction, split_seed), allow_empty_class)
     splits = list(dict.fromkeys(splits + (["test"] if (root / "test").is_dir() else [])))
     for s in splits:

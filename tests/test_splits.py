@@ -90,8 +90,12 @@ def test_folder_with_both_layouts_is_refused(tmp_path):
 
 
 def test_fractions_on_a_folder_with_its_own_split_are_refused(tiny_data):
-    with pytest.raises(LayoutError, match="has its own split folders .*--val-fraction/--test-fraction do not apply"):
+    with pytest.raises(LayoutError) as e:
         scan_dataset(tiny_data, ["train", "val"], val_fraction=0.3)
+    assert str(e.value) == (f"{tiny_data} has its own split folders (train/, val/), so --val-fraction/--test-fraction/"
+                            "--split-seed do not apply; drop them, or point at a folder of class folders")
+    with pytest.raises(LayoutError):
+        scan_dataset(tiny_data, ["train", "val"], split_seed=3)
     assert scan_dataset(tiny_data, ["train", "val"]).split == SplitSpec("folders")
 
 

@@ -1,0 +1,54 @@
+"""scripts/quickstart.sh's decisions, through its --dry-run (prints the commands, runs none)."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+
+SCRIPT = REPO / "scripts" / "quickstart.sh"
+
+
+def dry_run(tmp_path, **env):
+    full = {k: v for k, v in os.environ.items() if k not in ("DATA", "OUT", "WEIGHTS", "VENV")}
+    full.update(env)
+    r = subprocess.run(["bash", str(SCRIPT), "--dry-run"], capture_output=True, text=True, env=full, timeout=120)
+    assert r.returncode == 0, r.stderr
+    return r.stdout
+
+
+def test_fresh_machine_creates_the_venv_installs_and_runs(tmp_path):
+    venv = tmp_path / "venv"
+    out = dry_run(tmp_path, VENV=str(venv), DATA="photos", OUT="runs/x", WEIGHTS="none")
+    assert out.splitlines() == [
+        f"+ python3 -m venv {venv}",
+        f"+ {venv}/bin/python -m pip install --quiet --upgrade pip",
+        f"+ {venv}/bin/python -m pip install --quiet torch==2.14.1 torchvision==0.29.1",
+        f"+ {venv}/bin/python -m pip install --quiet -e .[test]",
+        "quickstart: data: photos",
+        f"+ {venv}/bin/python cli.py run photos --out runs/x --weights none",
+        f"quickstart: done: report in runs/x/report.txt; classify photos with: {venv}/bin/python cli.py predict "
+        "runs/x PHOTO_OR_FOLDER",
+    ]
+    assert not venv.exists()  # a dry run changes nothing
+
+
+def test_ready_venv_is_reused_and_data_found_or_downloaded(tmp_path):
+    venv = Path(sys.prefix)  # this test's own environment has every package
+    out = dry_run(tmp_path, VENV=str(venv))
+    assert f"quickstart: {venv} already has torch, torchvision and the other packages" in out
+    assert "pip install" not in out
+    shared = REPO.parent / "shared/datasets/hymenoptera_data"
+    if (shared / "train").is_dir():
+        assert "quickstart: data: ../shared/datasets/hymenoptera_data" in out and "cli.py download" not in out
+    elif not (REPO / "data/hymenoptera_data/train").is_dir():
+        assert f"+ {venv}/bin/python cli.py download data/" in out
+    assert "would use --weights imagenet if its file is in the torch cache or can be downloaded, else none" in out
+    assert "cli.py run" in out and "--out runs/quickstart --weights imagenet" in out
+
+
+def test_unknown_argument_is_refused():
+    r = subprocess.run(["bash", str(SCRIPT), "--now"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and r.stderr.strip() == "usage: bash scripts/quickstart.sh [--dry-run]"
