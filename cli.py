@@ -321,7 +321,8 @@ def train_head(cache_path, out, **o):
 def run(data_dir, out, cache_path, **o):
     """The main job in one command: extract (or reuse) the cache, then train-head.
 
-    Example: cli.py run data/hymenoptera_data --out runs/ants
+    DATA_DIR holds train/ and val/ folders of class folders, or class folders only (DATA_DIR/<class>/*.jpg:
+    split per file, --val-fraction 0.2 by default). Example: cli.py run photos/ --out runs/photos
     """
     from pathlib import Path
 
