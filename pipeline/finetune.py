@@ -177,6 +177,18 @@ def _load_checkpoint(cfg: FinetuneConfig, digest: str) -> dict | None:
     return ck
 
 
+def selection_splits(splits: tuple[str, ...]) -> tuple[str, str]:
+    """(train split, the split that selects the best epoch): the first two the user named. A test split
+    (added by the scan when present) is only evaluated at the end, never used to select anything."""
+    if len(splits) < 2:
+        raise PipelineError("finetune needs a val split to select the best epoch: pass --splits train,val "
+                            "(a test split is only evaluated at the end, never used to select)")
+    if splits[1] == "test":
+        raise PipelineError("the test split cannot select the best epoch (that would make its scores "
+                            "optimistic): pass --splits train,val; test is evaluated at the end when present")
+    return splits[0], splits[1]
+
+
 def local_batch_size(global_batch: int, world: int) -> int:
     """Per-process batch keeping the global batch (and so the recipe) when world divides it; otherwise
     the next size up, so the global batch becomes local * world (said in the log and README)."""
@@ -197,13 +209,10 @@ def finetune(cfg: FinetuneConfig, progress: Progress | None = None) -> dict:
 
 
 def _finetune(cfg: FinetuneConfig, progress: Progress, d: Dist) -> dict:
+    train_name, val_name = selection_splits(tuple(cfg.splits))
     rt = resolve_runtime(rank_device(cfg.device, d), cfg.precision)
     data = scan_dataset(cfg.data_dir, list(cfg.splits), cfg.allow_empty_class)
     files, skipped = usable_files(data, cfg.workers, cfg.max_skipped, d)
-    names = list(files)
-    train_name, val_name = names[0], names[1] if len(names) > 1 else None
-    if val_name is None:
-        raise PipelineError("finetune needs a val split to select the best epoch; pass --splits train,val")
     digest = _files_digest(files)
     ck = _load_checkpoint(cfg, digest)
     batch = local_batch_size(cfg.batch_size, d.world)
@@ -248,7 +257,7 @@ def _finetune(cfg: FinetuneConfig, progress: Progress, d: Dist) -> dict:
     train_loader, train_sampler = make_loader(tr_files, tr_labels, train_transform(), cfg.seed, True,
                                               batch, cfg.workers, rt, d)
     val_loaders = {s: make_loader(files[s][0], files[s][1], eval_transform(), cfg.seed, False, batch,
-                                  cfg.workers, rt, d)[0] for s in names[1:]}
+                                  cfg.workers, rt, d)[0] for s in files if s != train_name}
     progress.start(cfg.epochs, "finetune")
     progress.update(start)
     for epoch in range(start, cfg.epochs):

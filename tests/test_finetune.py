@@ -190,3 +190,32 @@ def test_predict_decodes_like_the_cache_it_was_trained_on(tiny_data, tmp_path):
     preds = predict(str(out), [str(tiny_data / p) for p in c.splits["val"].paths], device="cpu", batch_size=3)
     got = torch.tensor([[p.probabilities["ants"], p.probabilities["bees"]] for p in preds])
     torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("splits", ["train", "train,test"])
+def test_test_split_never_selects_the_best_epoch(tmp_path, splits):
+    from tests.conftest import make_dataset
+
+    data = make_dataset(tmp_path / "d", {"train": {"ants": 2, "bees": 2}, "test": {"ants": 1, "bees": 1}})
+    out = tmp_path / "ft"
+    r = CliRunner().invoke(cli, ["finetune", str(data), "--out", str(out), "--weights", "none", "--workers", "0",
+                                 "--epochs", "1", "--splits", splits])
+    assert r.exit_code == 1, r.output
+    expected = {"train": "Error: finetune needs a val split to select the best epoch: pass --splits train,val "
+                         "(a test split is only evaluated at the end, never used to select)",
+                "train,test": "Error: the test split cannot select the best epoch (that would make its scores "
+                              "optimistic): pass --splits train,val; test is evaluated at the end when present"}
+    assert r.output.strip() == expected[splits]
+    assert not out.exists()
+
+
+def test_test_split_is_evaluated_but_val_selects(tmp_path):
+    from tests.conftest import make_dataset
+
+    data = make_dataset(tmp_path / "d", {"train": {"ants": 2, "bees": 2}, "val": {"ants": 2, "bees": 2},
+                                         "test": {"ants": 1, "bees": 2}})
+    m = finetune(ft(data, tmp_path / "ft", epochs=1, plots=False))
+    assert m["n"] == {"train": 4, "val": 4, "test": 3}
+    assert m["classification_report"]["val"]["macro avg"]["support"] == 4
+    assert m["classification_report"]["test"]["macro avg"]["support"] == 3
+    assert m["best_val_acc"] == m["history"][0]["val_acc"] == m["accuracy"]["val"]
