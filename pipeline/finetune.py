@@ -3,6 +3,7 @@ frozen scenario run end to end (--freeze-backbone), with per-epoch checkpoints a
 from __future__ import annotations
 
 import copy
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -16,7 +17,7 @@ from .backbones import BackboneSpec, build_torchvision, replace_module
 from .data import TRANSFORM_SPEC, EpochSampler, LabelledImages, eval_transform, find_unreadable, scan_dataset, \
     train_transform
 from .distributed import Dist, init_distributed, rank_device, shutdown
-from .head import HeadParams
+from .head import HeadParams, TrainingDiverged, check_recipe
 from .evaluate import evaluate_predictions, report_text, split_metrics
 from .progress import Progress
 from .fsio import sha256_json
@@ -24,7 +25,7 @@ from .runfolder import load_torch, save_run, save_torch
 from .runtime import Runtime, default_workers, resolve_runtime
 
 CHECKPOINT = "checkpoint.pt"
-SEED = HeadParams()
+TUTORIAL_RECIPE = HeadParams()  # the tutorial's recipe, defined once in head.HeadParams
 # fields that must match for --resume to continue a run (the rest, like workers, may change)
 RECIPE_FIELDS = ("backbone", "weights", "freeze_backbone", "epochs", "lr", "momentum", "step_size", "gamma",
                  "batch_size", "seed", "splits")
@@ -37,12 +38,12 @@ class FinetuneConfig:
     backbone: str = "resnet18"
     weights: str = "imagenet"
     freeze_backbone: bool = False
-    epochs: int = SEED.epochs  # the tutorial's recipe, defined once in head.HeadParams
-    lr: float = SEED.lr
-    momentum: float = SEED.momentum
-    step_size: int = SEED.step_size
-    gamma: float = SEED.gamma
-    batch_size: int = SEED.batch_size
+    epochs: int = TUTORIAL_RECIPE.epochs
+    lr: float = TUTORIAL_RECIPE.lr
+    momentum: float = TUTORIAL_RECIPE.momentum
+    step_size: int = TUTORIAL_RECIPE.step_size
+    gamma: float = TUTORIAL_RECIPE.gamma
+    batch_size: int = TUTORIAL_RECIPE.batch_size
     workers: int = field(default_factory=default_workers)
     device: str = "auto"
     precision: str = "auto"  # fp32 on CPU; bf16 autocast on CUDA; fp16 uses a grad scaler
@@ -189,6 +190,20 @@ def selection_splits(splits: tuple[str, ...]) -> tuple[str, str]:
     return splits[0], splits[1]
 
 
+def nonfinite_part(train_loss: float, val_loss: float, model: nn.Module, precision: str) -> str:
+    """What became NaN or infinite after an epoch ('' when nothing). Under fp16 a loss that overflows to
+    infinity is the grad scaler's business (it skips that step); NaN never is."""
+    bad = math.isnan if precision == "fp16" else (lambda v: not math.isfinite(v))
+    if bad(train_loss):
+        return f"the train loss ({train_loss})"
+    if bad(val_loss):
+        return f"the val loss ({val_loss})"
+    for name, t in model.state_dict().items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            return f"the weights ({name})"
+    return ""
+
+
 def local_batch_size(global_batch: int, world: int) -> int:
     """Per-process batch keeping the global batch (and so the recipe) when world divides it; otherwise
     the next size up, so the global batch becomes local * world (said in the log and README)."""
@@ -210,6 +225,8 @@ def finetune(cfg: FinetuneConfig, progress: Progress | None = None) -> dict:
 
 def _finetune(cfg: FinetuneConfig, progress: Progress, d: Dist) -> dict:
     train_name, val_name = selection_splits(tuple(cfg.splits))
+    check_recipe(epochs=cfg.epochs, lr=cfg.lr, momentum=cfg.momentum, step_size=cfg.step_size, gamma=cfg.gamma,
+                 batch_size=cfg.batch_size)
     rt = resolve_runtime(rank_device(cfg.device, d), cfg.precision)
     data = scan_dataset(cfg.data_dir, list(cfg.splits), cfg.allow_empty_class)
     files, skipped = usable_files(data, cfg.workers, cfg.max_skipped, d)
@@ -268,6 +285,11 @@ def _finetune(cfg: FinetuneConfig, progress: Progress, d: Dist) -> dict:
         train_loss, train_acc = loss_sum / n, correct / n
         scheduler.step()
         val_loss, val_acc, val_preds = evaluate(net, val_loaders[val_name], criterion, rt, d)
+        if bad := nonfinite_part(train_loss, val_loss, model, rt.precision):
+            kept = f"the checkpoint keeps epoch {epoch - 1}" if epoch else "no checkpoint was written"
+            raise TrainingDiverged(f"finetune diverged in epoch {epoch}: {bad} became NaN or infinite; nothing was "
+                                   f"saved as a model ({kept}); lower --lr (or check --weights) and start again "
+                                   "in a new --out")
         if val_acc > best_acc:  # strict: the first best epoch wins ties, as in the tutorial
             best_acc, best_epoch, best_preds = val_acc, epoch, val_preds
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}

@@ -113,6 +113,9 @@ def predict(run_dir: str, inputs: list[str], device: str = "auto", batch_size: i
                 results.append(Prediction(str(f), error=reason))
                 continue
             p = next(probs)
+            if not bool(torch.isfinite(p).all()):  # never a class picked from NaN (nor bare NaN in --json)
+                results.append(Prediction(str(f), error="the model gave NaN or infinite scores for this image"))
+                continue
             k = int(p.argmax())
             results.append(Prediction(str(f), classes[k], float(p[k]), {c: float(v) for c, v in zip(classes, p)}))
     return results + [Prediction(p, error=r) for p, r in skipped]

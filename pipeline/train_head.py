@@ -10,7 +10,7 @@ from cache import read_cache
 
 from . import PipelineError
 from .evaluate import evaluate_predictions, report_text, split_metrics
-from .head import HeadParams, HeadResult, expand_grid, head_logits, params_dict, train_heads
+from .head import HeadParams, HeadResult, TrainingDiverged, expand_grid, head_logits, params_dict, train_heads
 from .runfolder import save_run
 
 _DEFAULTS = HeadParams()
@@ -55,6 +55,28 @@ def evaluate_head(result: HeadResult, cache, splits: list[str]) -> dict[str, dic
     return out
 
 
+def pick_best(results: list[HeadResult]) -> HeadResult:
+    """The head with the best val accuracy among those that never diverged (first of equals: the grid's
+    order); when every head diverged nothing may be saved as a model."""
+    alive = [r for r in results if r.diverged_epoch is None]
+    if not alive:
+        first = min(results, key=lambda r: r.diverged_epoch)
+        which = "training" if len(results) == 1 else f"every one of the {len(results)} heads"
+        raise TrainingDiverged(f"{which} diverged: the loss or the weights became NaN or infinite (epoch "
+                               f"{first.diverged_epoch}, lr {first.params.lr:g}); nothing was saved; lower --lr")
+    return max(alive, key=lambda r: r.best_val_acc)
+
+
+def sweep_rows(results: list[HeadResult]) -> list[dict]:
+    rows = []
+    for r in results:
+        row = {**params_dict(r.params), "best_val_acc": r.best_val_acc, "best_epoch": r.best_epoch}
+        if r.diverged_epoch is not None:
+            row["diverged_epoch"] = r.diverged_epoch
+        rows.append(row)
+    return rows
+
+
 def head_model_payload(result: HeadResult, cache) -> dict:
     """model.pt: everything predict needs to rebuild backbone + head from the run folder alone."""
     return {
@@ -84,7 +106,7 @@ def run_train_head(cfg: HeadConfig) -> dict:
     views = train.views if (cfg.use_views and train.views is not None and train.views.shape[1] > 0) else None
     results, seconds = train_heads(_split_xy(cache, "train"), _split_xy(cache, cfg.val_split),
                                    len(cache.class_names), params, views=views, device=cfg.device)
-    best = max(results, key=lambda r: r.best_val_acc)  # first of equals: the grid's order
+    best = pick_best(results)
     eval_splits = [cfg.val_split] + [s for s in cache.splits if s not in ("train", cfg.val_split)]
     evaluations = evaluate_head(best, cache, eval_splits)
     metrics = {
@@ -102,8 +124,7 @@ def run_train_head(cfg: HeadConfig) -> dict:
         "skipped": [list(s) for s in cache.skipped],
     }
     if len(results) > 1:
-        metrics["sweep"] = [{**params_dict(r.params), "best_val_acc": r.best_val_acc, "best_epoch": r.best_epoch}
-                            for r in results]
+        metrics["sweep"] = sweep_rows(results)
     report = report_text(evaluations, best.best_val_acc, best.best_epoch)
     save_run(cfg.out, head_model_payload(best, cache), metrics, report)
     if cfg.plots:
