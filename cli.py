@@ -347,6 +347,9 @@ def run(data_dir, out, cache_path, **o):
     """
     from pathlib import Path
 
+    from pipeline.runfolder import check_run_folder
+
+    check_run_folder(out, "head")  # before extract puts features.h5 into a folder train-head would refuse
     cache_path = cache_path or str(Path(out) / "features.h5")
     _do_extract(_extract_config(data_dir, cache_path, o))
     _do_train_head(_head_config(cache_path, out, o))

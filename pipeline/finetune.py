@@ -2,6 +2,7 @@
 frozen scenario run end to end (--freeze-backbone), with per-epoch checkpoints and exact resume."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import time
@@ -21,10 +22,9 @@ from .head import HeadParams, TrainingDiverged, check_recipe
 from .evaluate import evaluate_predictions, report_text, split_metrics
 from .progress import Progress
 from .fsio import sha256_json
-from .runfolder import load_torch, save_run, save_torch
+from .runfolder import CHECKPOINT, FinetuneCheckpoint, RunFolder, RunManifest
 from .runtime import Runtime, default_workers, resolve_runtime
 
-CHECKPOINT = "checkpoint.pt"
 TUTORIAL_RECIPE = HeadParams()  # the tutorial's recipe, defined once in head.HeadParams
 # fields that must match for --resume to continue a run (the rest, like workers, may change)
 RECIPE_FIELDS = ("backbone", "weights", "freeze_backbone", "epochs", "lr", "momentum", "step_size", "gamma",
@@ -159,7 +159,7 @@ def _files_digest(files: dict) -> str:
     return sha256_json({k: [v[2], v[1]] for k, v in files.items()})
 
 
-def _load_checkpoint(cfg: FinetuneConfig, digest: str) -> dict | None:
+def _load_checkpoint(cfg: FinetuneConfig, digest: str) -> FinetuneCheckpoint | None:
     path = Path(cfg.out) / CHECKPOINT
     if not cfg.resume:
         if path.exists():
@@ -168,12 +168,12 @@ def _load_checkpoint(cfg: FinetuneConfig, digest: str) -> dict | None:
         return None
     if not path.exists():
         return None
-    ck = load_torch(path)
-    if ck.get("recipe") != _recipe(cfg):
-        diff = [k for k in RECIPE_FIELDS if ck.get("recipe", {}).get(k) != _recipe(cfg)[k]]
+    ck = FinetuneCheckpoint.load(path)
+    if ck.recipe != _recipe(cfg):
+        diff = [k for k in RECIPE_FIELDS if (ck.recipe or {}).get(k) != _recipe(cfg)[k]]
         raise PipelineError(f"cannot resume {cfg.out}: its checkpoint was made with other settings "
                             f"({', '.join(diff)}); use the same flags or another --out")
-    if ck.get("files_digest") != digest:
+    if ck.files_digest != digest:
         raise PipelineError(f"cannot resume {cfg.out}: the usable files of {cfg.data_dir} changed since the checkpoint")
     return ck
 
@@ -224,9 +224,17 @@ def finetune(cfg: FinetuneConfig, progress: Progress | None = None) -> dict:
 
 
 def _finetune(cfg: FinetuneConfig, progress: Progress, d: Dist) -> dict:
-    train_name, val_name = selection_splits(tuple(cfg.splits))
+    """Rank 0 holds the run folder (locked, one kind of run, committed at the end) for the whole run."""
+    selection_splits(tuple(cfg.splits))
     check_recipe(epochs=cfg.epochs, lr=cfg.lr, momentum=cfg.momentum, step_size=cfg.step_size, gamma=cfg.gamma,
                  batch_size=cfg.batch_size)
+    folder = RunFolder(cfg.out, "finetune") if d.is_main else None
+    with folder or contextlib.nullcontext():
+        return _train(cfg, progress, d, folder)
+
+
+def _train(cfg: FinetuneConfig, progress: Progress, d: Dist, folder: RunFolder | None) -> dict:
+    train_name, val_name = selection_splits(tuple(cfg.splits))
     rt = resolve_runtime(rank_device(cfg.device, d), cfg.precision)
     data = scan_dataset(cfg.data_dir, list(cfg.splits), cfg.allow_empty_class)
     files, skipped = usable_files(data, cfg.workers, cfg.max_skipped, d)
@@ -254,17 +262,17 @@ def _finetune(cfg: FinetuneConfig, progress: Progress, d: Dist) -> dict:
     best_state = copy.deepcopy(model.state_dict())
     seconds = 0.0
     if ck is not None:
-        model.load_state_dict(ck["model"])
-        optimizer.load_state_dict(ck["optimizer"])
-        scheduler.load_state_dict(ck["scheduler"])
-        scaler.load_state_dict(ck["scaler"])
-        history, best_acc, best_epoch = ck["history"], ck["best_acc"], ck["best_epoch"]
-        best_state, start, seconds = ck["best_state"], ck["epoch"] + 1, ck["seconds"]
-        best_preds = ck["best_preds"].numpy()
+        model.load_state_dict(ck.model)
+        optimizer.load_state_dict(ck.optimizer)
+        scheduler.load_state_dict(ck.scheduler)
+        scaler.load_state_dict(ck.scaler)
+        history, best_acc, best_epoch = ck.history, ck.best_acc, ck.best_epoch
+        best_state, start, seconds = ck.best_state, ck.epoch + 1, ck.seconds
+        best_preds = ck.best_preds.numpy()
         # shuffling and augmentation are keyed by (seed, epoch, image) and do not need it; restored so any
         # other use of torch's RNG continues as it would have
-        torch.random.set_rng_state(ck["rng_torch"])
-        progress.log(f"resuming {cfg.out} after epoch {ck['epoch']} of {cfg.epochs}")
+        torch.random.set_rng_state(ck.rng_torch)
+        progress.log(f"resuming {cfg.out} after epoch {ck.epoch} of {cfg.epochs}")
     net = model
     if d.enabled:  # gradients averaged over ranks; the unwrapped model holds the weights we save
         net = torch.nn.parallel.DistributedDataParallel(
@@ -298,13 +306,12 @@ def _finetune(cfg: FinetuneConfig, progress: Progress, d: Dist) -> dict:
         history.append({"epoch": epoch, "lr": lr, "train_loss": train_loss, "train_acc": train_acc,
                         "val_loss": val_loss, "val_acc": val_acc, "seconds": took})
         if d.is_main:
-            save_torch(Path(cfg.out) / CHECKPOINT, {
-                "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "history": history,
-                "best_acc": best_acc, "best_epoch": best_epoch, "best_state": best_state, "seconds": seconds,
-                "best_preds": torch.as_tensor(best_preds),
-                "recipe": _recipe(cfg), "files_digest": digest, "rng_torch": torch.random.get_rng_state(),
-            })
+            FinetuneCheckpoint(
+                epoch=epoch, model=model.state_dict(), optimizer=optimizer.state_dict(),
+                scheduler=scheduler.state_dict(), scaler=scaler.state_dict(), history=history, best_acc=best_acc,
+                best_epoch=best_epoch, best_state=best_state, best_preds=torch.as_tensor(best_preds),
+                seconds=seconds, recipe=_recipe(cfg), files_digest=digest, rng_torch=torch.random.get_rng_state(),
+            ).save(folder.checkpoint)
         progress.update(1)
         progress.log(f"epoch {epoch}: train loss {train_loss:.4f} acc {train_acc:.4f} | "
                      f"val loss {val_loss:.4f} acc {val_acc:.4f} | {took:.1f} s")
@@ -326,16 +333,17 @@ def _finetune(cfg: FinetuneConfig, progress: Progress, d: Dist) -> dict:
     metrics["report_text"] = report
     if not d.is_main:
         return metrics
-    payload = {
-        "kind": "finetune", "arch": cfg.backbone, "head": head, "class_names": data.class_names,
-        "state_dict": {k: v.detach().cpu() for k, v in best_state.items()},
-        "recipe": _recipe(cfg), "weights_digest": weights_digest, "transform": TRANSFORM_SPEC,
-        "precision": rt.precision,
-    }
-    save_run(cfg.out, payload, {k: v for k, v in metrics.items() if k != "report_text"}, report)
+    manifest = RunManifest(
+        kind="finetune", class_names=data.class_names,
+        state_dict={k: v.detach().cpu() for k, v in best_state.items()}, recipe=_recipe(cfg),
+        precision=rt.precision, transform=TRANSFORM_SPEC, arch=cfg.backbone, head=head,
+        weights_digest=weights_digest)
+    pictures = None
     if cfg.plots:
         from .plots import run_plots
 
-        run_plots(cfg.out, metrics, [Path(f) for f in files[val_name][0]], files[val_name][1], preds[val_name],
-                  val_name)
+        def pictures(into):
+            run_plots(into, metrics, [Path(f) for f in files[val_name][0]], files[val_name][1], preds[val_name],
+                      val_name)
+    folder.commit(manifest, {k: v for k, v in metrics.items() if k != "report_text"}, report, pictures)
     return metrics

@@ -12,7 +12,7 @@ from torch import nn
 from . import PipelineError
 from .backbones import BackboneSpec, build_backbone, file_sha256, last_linear_name, load_weights_into, replace_module
 from .data import BadImage, eval_transform, load_rgb, scan_files
-from .runfolder import load_model_file
+from .runfolder import RunManifest, load_manifest
 from .runtime import resolve_device, resolve_runtime
 
 
@@ -59,21 +59,23 @@ def _head_backbone(spec: dict) -> nn.Module:
     return bb.module
 
 
-def load_classifier(run_dir: str | os.PathLike) -> tuple[nn.Module, list[str], dict]:
-    """(model mapping normalised N x 3 x 224 x 224 to logits, class names, model.pt contents)."""
-    m = load_model_file(run_dir)
-    if m["kind"] == "head":
-        model = HeadClassifier(_head_backbone(m["backbone"]), m["state_dict"]["weight"], m["state_dict"]["bias"])
-    elif m["kind"] == "finetune":
-        model = torchvision.models.get_model(m["arch"], weights=None)
-        head = m.get("head") or last_linear_name(model)
-        replace_module(model, head, nn.Linear(model.get_submodule(head).in_features, len(m["class_names"])))
-        load_weights_into(model, m["state_dict"], f"{Path(run_dir) / 'model.pt'}", None)
+def load_classifier(run_dir: str | os.PathLike) -> tuple[nn.Module, list[str], RunManifest]:
+    """(model mapping normalised N x 3 x 224 x 224 to logits, class names, the run's manifest)."""
+    m = load_manifest(run_dir)
+    if m.kind == "head":
+        model = HeadClassifier(_head_backbone(m.backbone), m.state_dict["weight"], m.state_dict["bias"])
     else:
-        raise PipelineError(f"{run_dir}/model.pt has unknown kind {m['kind']!r}")
+        try:
+            model = torchvision.models.get_model(m.arch, weights=None)
+        except ValueError:
+            raise PipelineError(f"{Path(run_dir) / 'model.pt'} names the architecture {m.arch!r}, which this "
+                                "torchvision does not have") from None
+        head = m.head or last_linear_name(model)
+        replace_module(model, head, nn.Linear(model.get_submodule(head).in_features, len(m.class_names)))
+        load_weights_into(model, m.state_dict, f"{Path(run_dir) / 'model.pt'}", None)
     if not isinstance(model, torch.fx.GraphModule):
         model.eval()
-    return model, m["class_names"], m
+    return model, m.class_names, m
 
 
 @dataclass
@@ -92,14 +94,14 @@ class Prediction:
 
 def predict(run_dir: str, inputs: list[str], device: str = "auto", batch_size: int = 32) -> list[Prediction]:
     """One Prediction per input image (in the order given, folders sorted); bad files carry an error."""
-    model, classes, meta = load_classifier(run_dir)
+    model, classes, manifest = load_classifier(run_dir)
     # predict under the precision the run's features were made with (fp16 exists on CUDA only)
-    recorded = meta.get("precision") or meta.get("cache", {}).get("precision", "fp32")
+    recorded = manifest.precision
     on_cpu = resolve_device(device).type == "cpu"
     rt = resolve_runtime(device, "fp32" if (recorded == "fp16" and on_cpu) else recorded)
     model = model.to(rt.device)
     files, skipped = scan_files(inputs)
-    decode = _decoder(meta.get("cache", {}), rt.device)  # decode as the run's features were made
+    decode = _decoder(manifest.decoding, rt.device)  # decode as the run's features were made
     results: list[Prediction] = []
     for s in range(0, len(files), batch_size):  # one batch in memory at a time, whatever the folder size
         chunk = files[s:s + batch_size]

@@ -184,7 +184,7 @@ def test_predict_decodes_like_the_cache_it_was_trained_on(tiny_data, tmp_path):
     assert r.exit_code == 0, r.output
     c = read_cache(out / "features.h5")
     m = torch.load(out / "model.pt", weights_only=True)
-    assert m["cache"]["decoder"] == "torchvision"
+    assert m["decoder"] == "torchvision"
     expected = torch.softmax(torch.tensor(c.splits["val"].features) @ m["state_dict"]["weight"].T
                              + m["state_dict"]["bias"], 1)
     preds = predict(str(out), [str(tiny_data / p) for p in c.splits["val"].paths], device="cpu", batch_size=3)
