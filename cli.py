@@ -363,12 +363,9 @@ def report(run_dir):
 
     Example: cli.py report runs/ants
     """
-    from pathlib import Path
+    from pipeline.runfolder import load_report
 
-    path = Path(run_dir) / "report.txt"
-    if not path.is_file():
-        raise PipelineError(f"{run_dir} has no report.txt; is it a run folder of train-head or finetune?")
-    click.echo(path.read_text().rstrip("\n"))
+    click.echo(load_report(run_dir).rstrip("\n"))
 
 
 @cli.command()

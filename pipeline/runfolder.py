@@ -188,6 +188,14 @@ def load_metrics(run_dir: str | os.PathLike) -> dict:
     return json.loads(path.read_text())
 
 
+def load_report(run_dir: str | os.PathLike) -> str:
+    roll_forward(Path(run_dir))
+    path = Path(run_dir) / REPORT
+    if not path.is_file():
+        raise NotARunFolder(f"{run_dir} has no report.txt; is it a run folder of train-head or finetune?")
+    return path.read_text()
+
+
 # --------------------------------------------------------------------------- finetune's checkpoint.pt
 
 
