@@ -407,6 +407,36 @@ def info(cache_path):
     click.echo(f"fingerprint {a['fingerprint']}")
 
 
+def _default_value(ctx: click.Context, p: click.Parameter):
+    """An option's default as its command receives it (converted and through its callback)."""
+    d = p.get_default(ctx)
+    if d is None:
+        return None
+    d = p.type_cast_value(ctx, d)
+    return p.callback(ctx, p, d) if p.callback else d
+
+
+def resume_command(ctx: click.Context) -> str:
+    """The command line that continues this finetune: its arguments and every option that differs from
+    its default (the recipe must match for --resume), plus --resume."""
+    import shlex
+
+    root = ctx.find_root().info_name or "tlearn"
+    prog = f"python {sys.argv[0]}" if root == "tlearn" and sys.argv[0].endswith(".py") else root
+    words = [ctx.info_name]
+    for p in ctx.command.params:
+        value = ctx.params.get(p.name)
+        if isinstance(p, click.Argument):
+            words.append(str(value))
+        elif p.name != "resume" and (p.required or value != _default_value(ctx, p)):
+            flag = max(p.opts, key=len)
+            if p.is_flag:
+                words.append(flag if value else (p.secondary_opts or [flag])[0])
+            else:
+                words += [flag, ",".join(map(str, value)) if isinstance(value, tuple) else str(value)]
+    return " ".join([prog] + [shlex.quote(w) for w in words] + ["--resume"])
+
+
 @cli.command()
 @click.argument("data_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run folder to write.")
@@ -438,7 +468,13 @@ def finetune(data_dir, out, no_plots, **o):
     """
     from pipeline.finetune import FinetuneConfig, finetune as run_finetune
 
-    m = run_finetune(FinetuneConfig(data_dir=data_dir, out=out, plots=not no_plots, **o), progress_bar())
+    try:
+        m = run_finetune(FinetuneConfig(data_dir=data_dir, out=out, plots=not no_plots, **o), progress_bar())
+    except KeyboardInterrupt:
+        if debugging():
+            raise
+        raise click.ClickException(f"interrupted; the last finished epoch is kept: resume with "
+                                   f"{resume_command(click.get_current_context())}") from None
     if not is_rank0():
         return
     for path, reason in m["skipped"][:20]:
@@ -460,7 +496,7 @@ def predict(run_dir, inputs, as_json, device):
     """
     from pipeline.predict import format_table, predict as run_predict
 
-    preds = run_predict(run_dir, list(inputs), device)
+    preds = run_predict(run_dir, list(inputs), device, progress=BarProgress())
     if as_json:
         click.echo(json.dumps([p.as_dict() for p in preds], indent=2, allow_nan=False))
     else:
