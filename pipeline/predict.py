@@ -202,9 +202,14 @@ def export_program(run_dir: str, out: str | os.PathLike, crop: int = 224) -> dic
         prog = torch.export.export(module, (example,), dynamic_shapes={"images": {0: torch.export.Dim.AUTO}})
     except Exception as e:
         raise PipelineError(f"torch.export failed for {run_dir}: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     import json
 
-    torch.export.save(prog, str(out), extra_files={"class_names.json": json.dumps(classes)})
+    from .fsio import atomic_output
+
+    out = Path(out)
+    try:  # a temp file renamed over the target: a full disk or a kill never leaves a truncated program there
+        with atomic_output(out, suffix=out.suffix) as tmp:
+            torch.export.save(prog, str(tmp), extra_files={"class_names.json": json.dumps(classes)})
+    except (OSError, RuntimeError) as e:  # torch's zip writer reports OS failures as RuntimeError
+        raise PipelineError(f"cannot write {out}: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
     return {"path": str(out), "class_names": classes}

@@ -231,3 +231,23 @@ def test_ctrl_c_in_finetune_names_the_command_that_resumes(tiny_data, tmp_path, 
 
     r = CliRunner().invoke(cli, shlex.split(expected)[1:])
     assert seen[1] == FinetuneConfig(**{**seen[0].__dict__, "resume": True})
+
+
+def test_export_is_atomic_and_a_write_failure_is_one_line(head_run, tmp_path, monkeypatch):
+    data, out = head_run
+    target = tmp_path / "m.pt2"
+    target.write_bytes(b"previous program")
+    real = torch.export.save
+
+    def disk_full(prog, f, **kw):
+        real(prog, f, **kw)
+        with open(f, "r+b") as fh:
+            fh.truncate(100)
+        raise RuntimeError("[enforce fail at inline_container.cc] PytorchStreamWriter failed writing file: No space left")
+
+    monkeypatch.setattr(torch.export, "save", disk_full)
+    r = CliRunner().invoke(cli, ["export", str(out), "--out", str(target)])
+    assert r.exit_code == 1
+    assert r.output.startswith(f"Error: cannot write {target}: RuntimeError: [enforce fail") and \
+        len(r.output.strip().splitlines()) == 1
+    assert target.read_bytes() == b"previous program" and sorted(os.listdir(tmp_path)) == ["m.pt2"]
