@@ -225,16 +225,17 @@ def finetune(cfg: FinetuneConfig, progress: Progress | None = None) -> dict:
 
 def _finetune(cfg: FinetuneConfig, progress: Progress, d: Dist) -> dict:
     """Rank 0 holds the run folder (locked, one kind of run, committed at the end) for the whole run."""
-    selection_splits(tuple(cfg.splits))
+    splits = selection_splits(tuple(cfg.splits))
     check_recipe(epochs=cfg.epochs, lr=cfg.lr, momentum=cfg.momentum, step_size=cfg.step_size, gamma=cfg.gamma,
                  batch_size=cfg.batch_size)
     folder = RunFolder(cfg.out, "finetune") if d.is_main else None
     with folder or contextlib.nullcontext():
-        return _train(cfg, progress, d, folder)
+        return _train(cfg, progress, d, folder, splits)
 
 
-def _train(cfg: FinetuneConfig, progress: Progress, d: Dist, folder: RunFolder | None) -> dict:
-    train_name, val_name = selection_splits(tuple(cfg.splits))
+def _train(cfg: FinetuneConfig, progress: Progress, d: Dist, folder: RunFolder | None,
+           splits: tuple[str, str]) -> dict:
+    train_name, val_name = splits
     rt = resolve_runtime(rank_device(cfg.device, d), cfg.precision)
     data = scan_dataset(cfg.data_dir, list(cfg.splits), cfg.allow_empty_class)
     files, skipped = usable_files(data, cfg.workers, cfg.max_skipped, d)
