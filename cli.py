@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import sys
 
@@ -76,23 +77,68 @@ def friendly_errors(fn):
     return wrapper
 
 
-class NumberList(click.ParamType):
-    """A number or a comma-separated list of numbers (a sweep)."""
+class Number(click.ParamType):
+    """A finite number within bounds. click's FloatRange lets NaN through (NaN fails every comparison, so
+    no bound rejects it) and accepts infinity; a recipe of NaN trains a model of NaN."""
 
-    def __init__(self, kind):
-        self.kind = kind
+    def __init__(self, kind, min=None, min_open: bool = False, max=None):
+        self.kind, self.min, self.min_open, self.max = kind, min, min_open, max
+        self.name = kind.__name__
+
+    def problem(self, v) -> str:
+        if not math.isfinite(v):
+            return f"{v} is not a finite number"
+        if self.min is not None and not (v > self.min if self.min_open else v >= self.min):
+            return f"{v} is not {'>' if self.min_open else '>='} {self.min}"
+        if self.max is not None and not v <= self.max:
+            return f"{v} is not <= {self.max}"
+        return ""
+
+    def parse(self, text, param, ctx):
+        try:
+            v = self.kind(text)
+        except (TypeError, ValueError):
+            self.fail(f"{text!r} is not {'an integer' if self.kind is int else 'a number'}", param, ctx)
+        if problem := self.problem(v):
+            self.fail(problem, param, ctx)
+        return v
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, self.kind) and not self.problem(value):
+            return value
+        return self.parse(str(value).strip(), param, ctx)
+
+
+class NumberList(Number):
+    """A number or a comma-separated list of numbers (a sweep), each checked as Number does."""
+
+    def __init__(self, kind, **bounds):
+        super().__init__(kind, **bounds)
         self.name = f"{kind.__name__}[,{kind.__name__}...]"
 
     def convert(self, value, param, ctx):
         if isinstance(value, tuple):
             return value
-        try:
-            values = tuple(self.kind(v) for v in str(value).split(",") if v.strip())
-        except ValueError:
-            self.fail(f"{value!r} is not a {self.kind.__name__} or a comma-separated list of them", param, ctx)
-        if not values:
+        parts = [v.strip() for v in str(value).split(",") if v.strip()]
+        for v in parts:
+            try:
+                self.kind(v)
+            except ValueError:
+                self.fail(f"{value!r} is not a {self.kind.__name__} or a comma-separated list of them", param, ctx)
+        if not parts:
             self.fail("no value given", param, ctx)
-        return values
+        return tuple(self.parse(v, param, ctx) for v in parts)
+
+
+MAX_SEED = 2**63 - 1
+# the recipe's flags, checked alike by train-head, run and finetune (one value or a list)
+EPOCHS = dict(kind=int, min=1)
+LR = dict(kind=float, min=0, min_open=True)
+MOMENTUM = dict(kind=float, min=0)
+STEP_SIZE = dict(kind=int, min=1)
+GAMMA = dict(kind=float, min=0, min_open=True)
+BATCH = dict(kind=int, min=1)
+SEED = dict(kind=int, min=0, max=MAX_SEED)
 
 
 def parse_max_skipped(ctx, param, value):
@@ -184,15 +230,15 @@ def head_options(prefix: str = ""):
 
     def decorate(fn):
         opts = [
-            click.option("--epochs", default="25", type=NumberList(int), show_default=True),
-            click.option("--lr", default="0.001", type=NumberList(float), show_default=True,
+            click.option("--epochs", default="25", type=NumberList(**EPOCHS), show_default=True),
+            click.option("--lr", default="0.001", type=NumberList(**LR), show_default=True,
                          help="Learning rate; a list such as 0.0003,0.001,0.003 sweeps (every numeric flag does)."),
-            click.option("--momentum", default="0.9", type=NumberList(float), show_default=True),
-            click.option("--step-size", default="7", type=NumberList(int), show_default=True),
-            click.option("--gamma", default="0.1", type=NumberList(float), show_default=True),
-            click.option(f"--{prefix}batch-size", "head_batch_size", default="4", type=NumberList(int),
+            click.option("--momentum", default="0.9", type=NumberList(**MOMENTUM), show_default=True),
+            click.option("--step-size", default="7", type=NumberList(**STEP_SIZE), show_default=True),
+            click.option("--gamma", default="0.1", type=NumberList(**GAMMA), show_default=True),
+            click.option(f"--{prefix}batch-size", "head_batch_size", default="4", type=NumberList(**BATCH),
                          show_default=True, help="Head training batch size."),
-            click.option(f"--{prefix}seed", "head_seed", default="0", type=NumberList(int), show_default=True,
+            click.option(f"--{prefix}seed", "head_seed", default="0", type=NumberList(**SEED), show_default=True,
                          help="Seed of the head's init, shuffling and view draws."),
             click.option(f"--{prefix}device", "head_device", default="cpu", show_default=True,
                          help="cpu (fastest for a linear head), cuda or auto."),
@@ -265,16 +311,20 @@ def _do_train_head(cfg):
     return m
 
 
-SWEEP_RESULTS = ("best_val_acc", "best_epoch", "best_val_ci")
+SWEEP_RESULTS = ("best_val_acc", "best_epoch", "best_val_ci", "diverged_epoch")
 
 
 def sweep_table(rows: list[dict]) -> str:
     """One line per setting: the values that vary, best val accuracy with its 95% interval (settings whose
-    intervals overlap are not told apart by this val set), best epoch."""
+    intervals overlap are not told apart by this val set), best epoch; diverged settings are marked."""
     keys = [k for k in rows[0] if k not in SWEEP_RESULTS and len({r[k] for r in rows}) > 1]
-    best = max(range(len(rows)), key=lambda i: rows[i]["best_val_acc"])
+    alive = [i for i, r in enumerate(rows) if "diverged_epoch" not in r]
+    best = max(alive, key=lambda i: rows[i]["best_val_acc"]) if alive else None
     lines = ["  ".join(f"{k:>10}" for k in keys) + "  best_val_acc  95% CI       correct  best_epoch"]
     for i, r in enumerate(rows):
+        if "diverged_epoch" in r:
+            lines.append("  ".join(f"{r[k]:>10g}" for k in keys) + f"  diverged in epoch {r['diverged_epoch']} (not used)")
+            continue
         mark = "  <- best" if i == best else ""
         ci = r.get("best_val_ci")
         interval = f"{ci['low']:.3f}-{ci['high']:.3f}  {ci['correct']:>3}/{ci['n']:<3}" if ci else f"{'':20}"
@@ -326,6 +376,9 @@ def run(data_dir, out, cache_path, **o):
     """
     from pathlib import Path
 
+    from pipeline.runfolder import check_run_folder
+
+    check_run_folder(out, "head")  # before extract puts features.h5 into a folder train-head would refuse
     cache_path = cache_path or str(Path(out) / "features.h5")
     _do_extract(_extract_config(data_dir, cache_path, o))
     _do_train_head(_head_config(cache_path, out, o))
@@ -339,12 +392,9 @@ def report(run_dir):
 
     Example: cli.py report runs/ants
     """
-    from pathlib import Path
+    from pipeline.runfolder import load_report
 
-    path = Path(run_dir) / "report.txt"
-    if not path.is_file():
-        raise PipelineError(f"{run_dir} has no report.txt; is it a run folder of train-head or finetune?")
-    click.echo(path.read_text().rstrip("\n"))
+    click.echo(load_report(run_dir).rstrip("\n"))
 
 
 @cli.command()
@@ -388,6 +438,36 @@ def info(cache_path):
     click.echo(f"fingerprint {a['fingerprint']}")
 
 
+def _default_value(ctx: click.Context, p: click.Parameter):
+    """An option's default as its command receives it (converted and through its callback)."""
+    d = p.get_default(ctx)
+    if d is None:
+        return None
+    d = p.type_cast_value(ctx, d)
+    return p.callback(ctx, p, d) if p.callback else d
+
+
+def resume_command(ctx: click.Context) -> str:
+    """The command line that continues this finetune: its arguments and every option that differs from
+    its default (the recipe must match for --resume), plus --resume."""
+    import shlex
+
+    root = ctx.find_root().info_name or "tlearn"
+    prog = f"python {sys.argv[0]}" if root == "tlearn" and sys.argv[0].endswith(".py") else root
+    words = [ctx.info_name]
+    for p in ctx.command.params:
+        value = ctx.params.get(p.name)
+        if isinstance(p, click.Argument):
+            words.append(str(value))
+        elif p.name != "resume" and (p.required or value != _default_value(ctx, p)):
+            flag = max(p.opts, key=len)
+            if p.is_flag:
+                words.append(flag if value else (p.secondary_opts or [flag])[0])
+            else:
+                words += [flag, ",".join(map(str, value)) if isinstance(value, tuple) else str(value)]
+    return " ".join([prog] + [shlex.quote(w) for w in words] + ["--resume"])
+
+
 @cli.command()
 @click.argument("data_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run folder to write.")
@@ -395,17 +475,17 @@ def info(cache_path):
 @click.option("--weights", default="imagenet", show_default=True, help="imagenet, none or PATH to a state_dict.")
 @click.option("--freeze-backbone", is_flag=True,
               help="The tutorial's frozen mode end to end: only the new layer learns, backbone in the loop.")
-@click.option("--epochs", default=25, show_default=True, type=click.IntRange(min=1))
-@click.option("--lr", default=0.001, show_default=True, type=click.FloatRange(min=0, min_open=True))
-@click.option("--momentum", default=0.9, show_default=True, type=click.FloatRange(min=0))
-@click.option("--step-size", default=7, show_default=True, type=click.IntRange(min=1))
-@click.option("--gamma", default=0.1, show_default=True, type=float)
-@click.option("--batch-size", default=4, show_default=True, type=click.IntRange(min=1))
+@click.option("--epochs", default=25, show_default=True, type=Number(**EPOCHS))
+@click.option("--lr", default=0.001, show_default=True, type=Number(**LR))
+@click.option("--momentum", default=0.9, show_default=True, type=Number(**MOMENTUM))
+@click.option("--step-size", default=7, show_default=True, type=Number(**STEP_SIZE))
+@click.option("--gamma", default=0.1, show_default=True, type=Number(**GAMMA))
+@click.option("--batch-size", default=4, show_default=True, type=Number(**BATCH))
 @click.option("--workers", default=default_workers(), show_default=True, type=click.IntRange(min=0))
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
 @click.option("--precision", default="auto", show_default=True, type=click.Choice(PRECISIONS),
               help="auto = fp32 on CPU, bf16 autocast on CUDA; fp16 uses a grad scaler.")
-@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--seed", default=0, show_default=True, type=Number(**SEED))
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its last finished epoch.")
 @click.option("--splits", default="train,val", show_default=True, callback=parse_splits)
 @click.option("--allow-empty-class", is_flag=True)
@@ -420,7 +500,13 @@ def finetune(data_dir, out, no_plots, **o):
     """
     from pipeline.finetune import FinetuneConfig, finetune as run_finetune
 
-    m = run_finetune(FinetuneConfig(data_dir=data_dir, out=out, plots=not no_plots, **o), progress_bar())
+    try:
+        m = run_finetune(FinetuneConfig(data_dir=data_dir, out=out, plots=not no_plots, **o), progress_bar())
+    except KeyboardInterrupt:
+        if debugging():
+            raise
+        raise click.ClickException(f"interrupted; the last finished epoch is kept: resume with "
+                                   f"{resume_command(click.get_current_context())}") from None
     if not is_rank0():
         return
     for path, reason in m["skipped"][:20]:
@@ -442,9 +528,9 @@ def predict(run_dir, inputs, as_json, device):
     """
     from pipeline.predict import format_table, predict as run_predict
 
-    preds = run_predict(run_dir, list(inputs), device)
+    preds = run_predict(run_dir, list(inputs), device, progress=BarProgress())
     if as_json:
-        click.echo(json.dumps([p.as_dict() for p in preds], indent=2))
+        click.echo(json.dumps([p.as_dict() for p in preds], indent=2, allow_nan=False))
     else:
         click.echo(format_table(preds))
     if preds and all(p.error for p in preds):

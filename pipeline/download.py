@@ -15,6 +15,19 @@ from .progress import Progress
 DATASET_URL = "https://download.pytorch.org/tutorial/hymenoptera_data.zip"
 DATASET_NAME = "hymenoptera_data"
 REQUIRED_SPLITS = ("train", "val")
+# Zip bombs: photos barely compress (JPEG ~1:1, PNG/BMP a few times), so a dataset zip that unpacks to
+# more than MAX_RATIO times its size is refused once it would unpack to more than RATIO_FREE_BYTES.
+MAX_RATIO = 100
+RATIO_FREE_BYTES = 64 << 20
+MAX_UNPACKED_BYTES = 64 << 30
+
+
+class ZipRefused(PipelineError):
+    """The zip is unsafe or would not fit: nothing was unpacked."""
+
+
+class TargetExists(PipelineError):
+    """The zip's dataset folder already exists under DEST and tlearn did not create it."""
 
 
 def dataset_present(root: Path) -> bool:
@@ -41,10 +54,35 @@ def _safe_members(zf: zipfile.ZipFile) -> list[zipfile.ZipInfo]:
     for info in zf.infolist():
         name = PurePosixPath(info.filename.replace("\\", "/"))
         if name.is_absolute() or ".." in name.parts or (name.parts and ":" in name.parts[0]):
-            raise PipelineError(f"refused zip: member {info.filename!r} would land outside the destination")
+            raise ZipRefused(f"refused zip: member {info.filename!r} would land outside the destination")
         if (info.external_attr >> 16) & 0o170000 == 0o120000:
-            raise PipelineError(f"refused zip: member {info.filename!r} is a symbolic link")
+            raise ZipRefused(f"refused zip: member {info.filename!r} is a symbolic link")
     return zf.infolist()
+
+
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):.1f} MiB"
+
+
+def check_unpacked_size(zip_bytes: int, unpacked_bytes: int, free_bytes: int) -> None:
+    """Refuse a zip bomb (absurd compression ratio or size) and a zip that cannot fit on the disk."""
+    if unpacked_bytes > MAX_UNPACKED_BYTES or (unpacked_bytes > RATIO_FREE_BYTES
+                                               and unpacked_bytes > MAX_RATIO * max(zip_bytes, 1)):
+        raise ZipRefused(f"refused zip: {_mib(zip_bytes)} would unpack to {_mib(unpacked_bytes)} (more than "
+                         f"{MAX_RATIO}x its size or {MAX_UNPACKED_BYTES >> 30} GiB); not a photo dataset")
+    if unpacked_bytes > free_bytes:
+        raise ZipRefused(f"the zip unpacks to {_mib(unpacked_bytes)} but only {_mib(free_bytes)} are free at the "
+                         "destination; free some space or choose another DEST")
+
+
+def _copy_bounded(src, dst, limit: int, name: str) -> None:
+    """Copy at most limit bytes (the member's declared size): a lying header cannot grow the output."""
+    left = limit
+    while block := src.read(1 << 16):
+        left -= len(block)
+        if left < 0:
+            raise ZipRefused(f"refused zip: member {name!r} holds more data than its header declares")
+        dst.write(block)
 
 
 def _dataset_root(names: list[str]) -> str:
@@ -56,37 +94,59 @@ def _dataset_root(names: list[str]) -> str:
                 prefix = "/".join(parts[:i])
                 if all(any(m.startswith(f"{prefix}/{s}/" if prefix else f"{s}/") for m in names) for s in REQUIRED_SPLITS):
                     return prefix
-    raise PipelineError("the zip does not hold a dataset with train/ and val/ folders of class sub-folders")
+    raise ZipRefused("the zip does not hold a dataset with train/ and val/ folders of class sub-folders")
+
+
+def _refuse_existing(target: Path) -> None:
+    if target.exists() or target.is_symlink():
+        raise TargetExists(f"{target} already exists and the zip would unpack there; tlearn never replaces a "
+                           "folder it did not create: move it away or choose another DEST")
+
+
+def _wanted(members: list[zipfile.ZipInfo], root: str) -> list[tuple[zipfile.ZipInfo, PurePosixPath]]:
+    """(member, path inside the dataset folder) of every file to unpack."""
+    out = []
+    for m in members:
+        rel = PurePosixPath(m.filename)
+        if root:
+            rel = rel.relative_to(root) if str(rel).startswith(root + "/") else None
+        if rel is None or m.is_dir() or "__MACOSX" in rel.parts:
+            continue
+        out.append((m, rel))
+    return out
 
 
 def unpack(zip_path: Path, dest: Path) -> Path:
-    """Unpack into dest/hymenoptera_data (or the zip's own top folder name); returns the dataset folder."""
+    """Unpack into dest/hymenoptera_data (or the zip's own top folder name); returns the dataset folder.
+    A folder of that name that already exists is never touched: the zip is refused instead."""
     try:
         zf = zipfile.ZipFile(zip_path)
     except zipfile.BadZipFile:
-        raise PipelineError(f"{zip_path} is not a zip file") from None
+        raise ZipRefused(f"{zip_path} is not a zip file") from None
     with zf:
         members = _safe_members(zf)
         root = _dataset_root([m.filename for m in members if not m.is_dir()])
         target = dest / (PurePosixPath(root).name if root else DATASET_NAME)
+        _refuse_existing(target)
+        wanted = _wanted(members, root)
+        check_unpacked_size(zip_path.stat().st_size, sum(m.file_size for m, _ in wanted),
+                            shutil.disk_usage(dest).free)
         staging = Path(tempfile.mkdtemp(prefix=".unpack-", dir=dest))
         try:
-            for m in members:
-                rel = PurePosixPath(m.filename)
-                if root:
-                    rel = rel.relative_to(root) if str(rel).startswith(root + "/") else None
-                if rel is None or m.is_dir() or "__MACOSX" in rel.parts:
-                    continue
+            for m, rel in wanted:
                 out = staging.joinpath(*rel.parts)
                 out.parent.mkdir(parents=True, exist_ok=True)
                 with zf.open(m) as src, open(out, "wb") as dst:
-                    shutil.copyfileobj(src, dst)
-            if target.exists():
-                shutil.rmtree(target)
-            os.replace(staging, target)
+                    _copy_bounded(src, dst, m.file_size, m.filename)
+            _refuse_existing(target)  # it may have appeared while unpacking
+            try:
+                os.rename(staging, target)  # fails on a non-empty folder: never replaces the user's files
+            except OSError:
+                _refuse_existing(target)
+                raise
         finally:
             if staging.exists():
-                shutil.rmtree(staging)
+                shutil.rmtree(staging)  # our own temp folder only
     return target
 
 

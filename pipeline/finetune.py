@@ -2,7 +2,9 @@
 frozen scenario run end to end (--freeze-backbone), with per-epoch checkpoints and exact resume."""
 from __future__ import annotations
 
+import contextlib
 import copy
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -16,15 +18,14 @@ from .backbones import BackboneSpec, build_torchvision, replace_module
 from .data import TRANSFORM_SPEC, EpochSampler, LabelledImages, eval_transform, find_unreadable, scan_dataset, \
     train_transform
 from .distributed import Dist, init_distributed, rank_device, shutdown
-from .head import HeadParams
+from .head import HeadParams, TrainingDiverged, check_recipe
 from .evaluate import ci_from_accuracy, evaluate_predictions, report_text, split_metrics
 from .progress import Progress
 from .fsio import sha256_json
-from .runfolder import load_torch, save_run, save_torch
+from .runfolder import CHECKPOINT, FinetuneCheckpoint, RunFolder, RunManifest
 from .runtime import Runtime, default_workers, resolve_runtime
 
-CHECKPOINT = "checkpoint.pt"
-SEED = HeadParams()
+TUTORIAL_RECIPE = HeadParams()  # the tutorial's recipe, defined once in head.HeadParams
 # fields that must match for --resume to continue a run (the rest, like workers, may change)
 RECIPE_FIELDS = ("backbone", "weights", "freeze_backbone", "epochs", "lr", "momentum", "step_size", "gamma",
                  "batch_size", "seed", "splits", "val_fraction", "test_fraction", "split_seed")
@@ -37,12 +38,12 @@ class FinetuneConfig:
     backbone: str = "resnet18"
     weights: str = "imagenet"
     freeze_backbone: bool = False
-    epochs: int = SEED.epochs  # the tutorial's recipe, defined once in head.HeadParams
-    lr: float = SEED.lr
-    momentum: float = SEED.momentum
-    step_size: int = SEED.step_size
-    gamma: float = SEED.gamma
-    batch_size: int = SEED.batch_size
+    epochs: int = TUTORIAL_RECIPE.epochs
+    lr: float = TUTORIAL_RECIPE.lr
+    momentum: float = TUTORIAL_RECIPE.momentum
+    step_size: int = TUTORIAL_RECIPE.step_size
+    gamma: float = TUTORIAL_RECIPE.gamma
+    batch_size: int = TUTORIAL_RECIPE.batch_size
     workers: int = field(default_factory=default_workers)
     device: str = "auto"
     precision: str = "auto"  # fp32 on CPU; bf16 autocast on CUDA; fp16 uses a grad scaler
@@ -161,7 +162,7 @@ def _files_digest(files: dict) -> str:
     return sha256_json({k: [v[2], v[1]] for k, v in files.items()})
 
 
-def _load_checkpoint(cfg: FinetuneConfig, digest: str) -> dict | None:
+def _load_checkpoint(cfg: FinetuneConfig, digest: str) -> FinetuneCheckpoint | None:
     path = Path(cfg.out) / CHECKPOINT
     if not cfg.resume:
         if path.exists():
@@ -170,14 +171,40 @@ def _load_checkpoint(cfg: FinetuneConfig, digest: str) -> dict | None:
         return None
     if not path.exists():
         return None
-    ck = load_torch(path)
-    if ck.get("recipe") != _recipe(cfg):
-        diff = [k for k in RECIPE_FIELDS if ck.get("recipe", {}).get(k) != _recipe(cfg)[k]]
+    ck = FinetuneCheckpoint.load(path)
+    if ck.recipe != _recipe(cfg):
+        diff = [k for k in RECIPE_FIELDS if (ck.recipe or {}).get(k) != _recipe(cfg)[k]]
         raise PipelineError(f"cannot resume {cfg.out}: its checkpoint was made with other settings "
                             f"({', '.join(diff)}); use the same flags or another --out")
-    if ck.get("files_digest") != digest:
+    if ck.files_digest != digest:
         raise PipelineError(f"cannot resume {cfg.out}: the usable files of {cfg.data_dir} changed since the checkpoint")
     return ck
+
+
+def selection_splits(splits: tuple[str, ...]) -> tuple[str, str]:
+    """(train split, the split that selects the best epoch): the first two the user named. A test split
+    (added by the scan when present) is only evaluated at the end, never used to select anything."""
+    if len(splits) < 2:
+        raise PipelineError("finetune needs a val split to select the best epoch: pass --splits train,val "
+                            "(a test split is only evaluated at the end, never used to select)")
+    if splits[1] == "test":
+        raise PipelineError("the test split cannot select the best epoch (that would make its scores "
+                            "optimistic): pass --splits train,val; test is evaluated at the end when present")
+    return splits[0], splits[1]
+
+
+def nonfinite_part(train_loss: float, val_loss: float, model: nn.Module, precision: str) -> str:
+    """What became NaN or infinite after an epoch ('' when nothing). Under fp16 a loss that overflows to
+    infinity is the grad scaler's business (it skips that step); NaN never is."""
+    bad = math.isnan if precision == "fp16" else (lambda v: not math.isfinite(v))
+    if bad(train_loss):
+        return f"the train loss ({train_loss})"
+    if bad(val_loss):
+        return f"the val loss ({val_loss})"
+    for name, t in model.state_dict().items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            return f"the weights ({name})"
+    return ""
 
 
 def local_batch_size(global_batch: int, world: int) -> int:
@@ -200,14 +227,22 @@ def finetune(cfg: FinetuneConfig, progress: Progress | None = None) -> dict:
 
 
 def _finetune(cfg: FinetuneConfig, progress: Progress, d: Dist) -> dict:
+    """Rank 0 holds the run folder (locked, one kind of run, committed at the end) for the whole run."""
+    splits = selection_splits(tuple(cfg.splits))
+    check_recipe(epochs=cfg.epochs, lr=cfg.lr, momentum=cfg.momentum, step_size=cfg.step_size, gamma=cfg.gamma,
+                 batch_size=cfg.batch_size)
+    folder = RunFolder(cfg.out, "finetune") if d.is_main else None
+    with folder or contextlib.nullcontext():
+        return _train(cfg, progress, d, folder, splits)
+
+
+def _train(cfg: FinetuneConfig, progress: Progress, d: Dist, folder: RunFolder | None,
+           splits: tuple[str, str]) -> dict:
+    train_name, val_name = splits
     rt = resolve_runtime(rank_device(cfg.device, d), cfg.precision)
     data = scan_dataset(cfg.data_dir, list(cfg.splits), cfg.allow_empty_class, cfg.val_fraction, cfg.test_fraction,
                         cfg.split_seed)
     files, skipped = usable_files(data, cfg.workers, cfg.max_skipped, d)
-    names = list(files)
-    train_name, val_name = names[0], names[1] if len(names) > 1 else None
-    if val_name is None:
-        raise PipelineError("finetune needs a val split to select the best epoch; pass --splits train,val")
     digest = _files_digest(files)
     ck = _load_checkpoint(cfg, digest)
     batch = local_batch_size(cfg.batch_size, d.world)
@@ -232,17 +267,17 @@ def _finetune(cfg: FinetuneConfig, progress: Progress, d: Dist) -> dict:
     best_state = copy.deepcopy(model.state_dict())
     seconds = 0.0
     if ck is not None:
-        model.load_state_dict(ck["model"])
-        optimizer.load_state_dict(ck["optimizer"])
-        scheduler.load_state_dict(ck["scheduler"])
-        scaler.load_state_dict(ck["scaler"])
-        history, best_acc, best_epoch = ck["history"], ck["best_acc"], ck["best_epoch"]
-        best_state, start, seconds = ck["best_state"], ck["epoch"] + 1, ck["seconds"]
-        best_preds = ck["best_preds"].numpy()
+        model.load_state_dict(ck.model)
+        optimizer.load_state_dict(ck.optimizer)
+        scheduler.load_state_dict(ck.scheduler)
+        scaler.load_state_dict(ck.scaler)
+        history, best_acc, best_epoch = ck.history, ck.best_acc, ck.best_epoch
+        best_state, start, seconds = ck.best_state, ck.epoch + 1, ck.seconds
+        best_preds = ck.best_preds.numpy()
         # shuffling and augmentation are keyed by (seed, epoch, image) and do not need it; restored so any
         # other use of torch's RNG continues as it would have
-        torch.random.set_rng_state(ck["rng_torch"])
-        progress.log(f"resuming {cfg.out} after epoch {ck['epoch']} of {cfg.epochs}")
+        torch.random.set_rng_state(ck.rng_torch)
+        progress.log(f"resuming {cfg.out} after epoch {ck.epoch} of {cfg.epochs}")
     net = model
     if d.enabled:  # gradients averaged over ranks; the unwrapped model holds the weights we save
         net = torch.nn.parallel.DistributedDataParallel(
@@ -252,7 +287,7 @@ def _finetune(cfg: FinetuneConfig, progress: Progress, d: Dist) -> dict:
     train_loader, train_sampler = make_loader(tr_files, tr_labels, train_transform(), cfg.seed, True,
                                               batch, cfg.workers, rt, d)
     val_loaders = {s: make_loader(files[s][0], files[s][1], eval_transform(), cfg.seed, False, batch,
-                                  cfg.workers, rt, d)[0] for s in names[1:]}
+                                  cfg.workers, rt, d)[0] for s in files if s != train_name}
     progress.start(cfg.epochs, "finetune")
     progress.update(start)
     for epoch in range(start, cfg.epochs):
@@ -263,6 +298,11 @@ def _finetune(cfg: FinetuneConfig, progress: Progress, d: Dist) -> dict:
         train_loss, train_acc = loss_sum / n, correct / n
         scheduler.step()
         val_loss, val_acc, val_preds = evaluate(net, val_loaders[val_name], criterion, rt, d)
+        if bad := nonfinite_part(train_loss, val_loss, model, rt.precision):
+            kept = f"the checkpoint keeps epoch {epoch - 1}" if epoch else "no checkpoint was written"
+            raise TrainingDiverged(f"finetune diverged in epoch {epoch}: {bad} became NaN or infinite; nothing was "
+                                   f"saved as a model ({kept}); lower --lr (or check --weights) and start again "
+                                   "in a new --out")
         if val_acc > best_acc:  # strict: the first best epoch wins ties, as in the tutorial
             best_acc, best_epoch, best_preds = val_acc, epoch, val_preds
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -271,13 +311,12 @@ def _finetune(cfg: FinetuneConfig, progress: Progress, d: Dist) -> dict:
         history.append({"epoch": epoch, "lr": lr, "train_loss": train_loss, "train_acc": train_acc,
                         "val_loss": val_loss, "val_acc": val_acc, "seconds": took})
         if d.is_main:
-            save_torch(Path(cfg.out) / CHECKPOINT, {
-                "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "history": history,
-                "best_acc": best_acc, "best_epoch": best_epoch, "best_state": best_state, "seconds": seconds,
-                "best_preds": torch.as_tensor(best_preds),
-                "recipe": _recipe(cfg), "files_digest": digest, "rng_torch": torch.random.get_rng_state(),
-            })
+            FinetuneCheckpoint(
+                epoch=epoch, model=model.state_dict(), optimizer=optimizer.state_dict(),
+                scheduler=scheduler.state_dict(), scaler=scaler.state_dict(), history=history, best_acc=best_acc,
+                best_epoch=best_epoch, best_state=best_state, best_preds=torch.as_tensor(best_preds),
+                seconds=seconds, recipe=_recipe(cfg), files_digest=digest, rng_torch=torch.random.get_rng_state(),
+            ).save(folder.checkpoint)
         progress.update(1)
         progress.log(f"epoch {epoch}: train loss {train_loss:.4f} acc {train_acc:.4f} | "
                      f"val loss {val_loss:.4f} acc {val_acc:.4f} | {took:.1f} s")
@@ -301,16 +340,17 @@ def _finetune(cfg: FinetuneConfig, progress: Progress, d: Dist) -> dict:
     metrics["report_text"] = report
     if not d.is_main:
         return metrics
-    payload = {
-        "kind": "finetune", "arch": cfg.backbone, "head": head, "class_names": data.class_names,
-        "state_dict": {k: v.detach().cpu() for k, v in best_state.items()},
-        "recipe": _recipe(cfg), "weights_digest": weights_digest, "transform": TRANSFORM_SPEC,
-        "precision": rt.precision, "split": data.split_record(),
-    }
-    save_run(cfg.out, payload, {k: v for k, v in metrics.items() if k != "report_text"}, report)
+    manifest = RunManifest(
+        kind="finetune", class_names=data.class_names,
+        state_dict={k: v.detach().cpu() for k, v in best_state.items()}, recipe=_recipe(cfg),
+        precision=rt.precision, transform=TRANSFORM_SPEC, arch=cfg.backbone, head=head,
+        weights_digest=weights_digest, split=data.split_record())
+    pictures = None
     if cfg.plots:
         from .plots import run_plots
 
-        run_plots(cfg.out, metrics, [Path(f) for f in files[val_name][0]], files[val_name][1], preds[val_name],
-                  val_name)
+        def pictures(into):
+            run_plots(into, metrics, [Path(f) for f in files[val_name][0]], files[val_name][1], preds[val_name],
+                      val_name)
+    folder.commit(manifest, {k: v for k, v in metrics.items() if k != "report_text"}, report, pictures)
     return metrics

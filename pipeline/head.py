@@ -9,8 +9,9 @@ result equals an autograd loop with nn.Linear + SGD + StepLR step for step (see 
 from __future__ import annotations
 
 import itertools
+import math
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 import torch
@@ -19,6 +20,32 @@ from torch import nn
 from . import PipelineError
 
 SWEEPABLE = ("lr", "momentum", "step_size", "gamma", "seed", "batch_size", "epochs")
+
+
+class TrainingDiverged(PipelineError):
+    """The loss or the weights became NaN or infinite: nothing is saved as a model."""
+
+
+class NonFiniteFeatures(PipelineError):
+    """The features given to a head hold NaN or infinity (a broken backbone or weights file)."""
+
+
+def recipe_problems(epochs: int, lr: float, momentum: float, step_size: int, gamma: float, batch_size: int) -> list[str]:
+    """What is wrong with a recipe ([] when nothing): NaN and infinity never pass (NaN fails every comparison,
+    so each rule is written as what must hold)."""
+    bad = [f"{k}={v}" for k, v in (("epochs", epochs), ("batch_size", batch_size), ("step_size", step_size))
+           if not v >= 1]
+    bad += [f"{k}={v}" for k, v in (("lr", lr), ("gamma", gamma)) if not (math.isfinite(v) and v > 0)]
+    if not (math.isfinite(momentum) and momentum >= 0):
+        bad.append(f"momentum={momentum}")
+    return bad
+
+
+def check_recipe(**recipe) -> None:
+    bad = recipe_problems(**recipe)
+    if bad:
+        raise PipelineError(f"bad recipe ({', '.join(bad)}): epochs, batch size and step size must be >= 1; lr and "
+                            "gamma finite numbers > 0; momentum a finite number >= 0")
 
 
 @dataclass(frozen=True)
@@ -32,6 +59,10 @@ class HeadParams:
     gamma: float = 0.1
     batch_size: int = 4
     seed: int = 0
+
+    def __post_init__(self):
+        check_recipe(epochs=self.epochs, lr=self.lr, momentum=self.momentum, step_size=self.step_size,
+                     gamma=self.gamma, batch_size=self.batch_size)
 
     def lr_at(self, epoch: int) -> float:
         """StepLR: lr * gamma ** (epoch // step_size)."""
@@ -48,6 +79,7 @@ class HeadResult:
     history: list[dict] = field(default_factory=list)
     last_weight: torch.Tensor | None = None  # after the final epoch (for checks and warm starts)
     last_bias: torch.Tensor | None = None
+    diverged_epoch: int | None = None  # the epoch whose loss or weights became non-finite (None: never)
 
 
 def expand_grid(grid: dict[str, list]) -> list[HeadParams]:
@@ -57,11 +89,7 @@ def expand_grid(grid: dict[str, list]) -> list[HeadParams]:
         raise PipelineError(f"cannot sweep {', '.join(sorted(unknown))}")
     keys = [k for k in SWEEPABLE if k in grid]
     combos = itertools.product(*(grid[k] for k in keys))
-    out = [HeadParams(**dict(zip(keys, c))) for c in combos]
-    for p in out:
-        if p.epochs < 1 or p.batch_size < 1 or p.step_size < 1 or p.lr <= 0:
-            raise PipelineError(f"bad head recipe {asdict(p)}: epochs, batch size and step size must be >= 1, lr > 0")
-    return out
+    return [HeadParams(**dict(zip(keys, c))) for c in combos]  # each checks itself
 
 
 def init_linear(in_dim: int, classes: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -95,6 +123,7 @@ def _train_group(params: list[HeadParams], Xtr, ytr, Vtr, Xva, yva, classes: int
     best_W, best_b = W.clone(), b.clone()
     best_acc = torch.full((H,), -1.0, device=dev)
     best_epoch = torch.zeros(H, dtype=torch.long, device=dev)
+    diverged = torch.full((H,), -1, dtype=torch.long, device=dev)  # epoch a head went non-finite, -1: never
     hist = [[] for _ in params]
     eye = torch.eye(classes, device=dev)
     for epoch in range(epochs):
@@ -120,8 +149,11 @@ def _train_group(params: list[HeadParams], Xtr, ytr, Vtr, Xva, yva, classes: int
             bufb.mul_(mom[:, None]).add_(g.sum(1))
             W.sub_(lr[:, None, None] * bufW)
             b.sub_(lr[:, None] * bufb)
+        finite = torch.isfinite(loss_sum) & torch.isfinite(W).flatten(1).all(1) & torch.isfinite(b).all(1)
+        diverged = torch.where(~finite & (diverged < 0), torch.full_like(diverged, epoch), diverged)
         val_loss, val_acc = _evaluate(W, b, Xva, yva)
-        better = val_acc > best_acc  # strict, as the tutorial: the first best epoch wins ties
+        # strict, as the tutorial: the first best epoch wins ties; a diverged head never becomes "best"
+        better = (val_acc > best_acc) & (diverged < 0)
         best_W[better], best_b[better] = W[better], b[better]
         best_acc = torch.where(better, val_acc, best_acc)
         best_epoch = torch.where(better, torch.full_like(best_epoch, epoch), best_epoch)
@@ -130,7 +162,17 @@ def _train_group(params: list[HeadParams], Xtr, ytr, Vtr, Xva, yva, classes: int
             hist[h].append({"epoch": epoch, "lr": params[h].lr_at(epoch), "train_loss": tl, "train_acc": ta,
                             "val_loss": vl, "val_acc": va})
     return [HeadResult(p, best_W[h].cpu(), best_b[h].cpu(), float(best_acc[h]), int(best_epoch[h]), hist[h],
-                       W[h].cpu(), b[h].cpu()) for h, p in enumerate(params)]
+                       W[h].cpu(), b[h].cpu(), int(diverged[h]) if diverged[h] >= 0 else None)
+            for h, p in enumerate(params)]
+
+
+def check_finite_features(name: str, X: torch.Tensor | None) -> None:
+    if X is None or len(X) == 0:
+        return
+    bad = int((~torch.isfinite(X.flatten(1))).any(1).sum())
+    if bad:
+        raise NonFiniteFeatures(f"{bad} of {len(X)} {name} feature rows hold NaN or infinity: the backbone gave "
+                                "unusable outputs; check its weights and extract again (with --force)")
 
 
 def train_heads(train: tuple, val: tuple, classes: int, params: list[HeadParams], views=None,
@@ -148,6 +190,8 @@ def train_heads(train: tuple, val: tuple, classes: int, params: list[HeadParams]
     Vtr = None if views is None else torch.as_tensor(np.asarray(views), dtype=torch.float32, device=dev)
     if len(ytr) == 0:
         raise PipelineError("the train split has no usable images")
+    for name, X in (("train", Xtr), ("val", Xva), ("train view", Vtr)):
+        check_finite_features(name, X)
     t0 = time.perf_counter()
     results: dict[int, HeadResult] = {}
     groups: dict[tuple, list[int]] = {}

@@ -12,7 +12,9 @@ from torch import nn
 from . import PipelineError
 from .backbones import BackboneSpec, build_backbone, file_sha256, last_linear_name, load_weights_into, replace_module
 from .data import BadImage, eval_transform, load_rgb, scan_files
-from .runfolder import load_model_file
+from .progress import Progress
+from .runfolder import RunManifest, load_manifest
+from .text import printable
 from .runtime import resolve_device, resolve_runtime
 
 
@@ -59,21 +61,23 @@ def _head_backbone(spec: dict) -> nn.Module:
     return bb.module
 
 
-def load_classifier(run_dir: str | os.PathLike) -> tuple[nn.Module, list[str], dict]:
-    """(model mapping normalised N x 3 x 224 x 224 to logits, class names, model.pt contents)."""
-    m = load_model_file(run_dir)
-    if m["kind"] == "head":
-        model = HeadClassifier(_head_backbone(m["backbone"]), m["state_dict"]["weight"], m["state_dict"]["bias"])
-    elif m["kind"] == "finetune":
-        model = torchvision.models.get_model(m["arch"], weights=None)
-        head = m.get("head") or last_linear_name(model)
-        replace_module(model, head, nn.Linear(model.get_submodule(head).in_features, len(m["class_names"])))
-        load_weights_into(model, m["state_dict"], f"{Path(run_dir) / 'model.pt'}", None)
+def load_classifier(run_dir: str | os.PathLike) -> tuple[nn.Module, list[str], RunManifest]:
+    """(model mapping normalised N x 3 x 224 x 224 to logits, class names, the run's manifest)."""
+    m = load_manifest(run_dir)
+    if m.kind == "head":
+        model = HeadClassifier(_head_backbone(m.backbone), m.state_dict["weight"], m.state_dict["bias"])
     else:
-        raise PipelineError(f"{run_dir}/model.pt has unknown kind {m['kind']!r}")
+        try:
+            model = torchvision.models.get_model(m.arch, weights=None)
+        except ValueError:
+            raise PipelineError(f"{Path(run_dir) / 'model.pt'} names the architecture {m.arch!r}, which this "
+                                "torchvision does not have") from None
+        head = m.head or last_linear_name(model)
+        replace_module(model, head, nn.Linear(model.get_submodule(head).in_features, len(m.class_names)))
+        load_weights_into(model, m.state_dict, f"{Path(run_dir) / 'model.pt'}", None)
     if not isinstance(model, torch.fx.GraphModule):
         model.eval()
-    return model, m["class_names"], m
+    return model, m.class_names, m
 
 
 @dataclass
@@ -90,32 +94,51 @@ class Prediction:
         return {k: v for k, v in d.items() if v is not None}
 
 
-def predict(run_dir: str, inputs: list[str], device: str = "auto", batch_size: int = 32) -> list[Prediction]:
-    """One Prediction per input image (in the order given, folders sorted); bad files carry an error."""
-    model, classes, meta = load_classifier(run_dir)
+def input_entries(inputs: list[str]) -> list[tuple[Path | str, str]]:
+    """(path, reason it cannot be used or '') of every file the inputs name, in the order given (a folder's
+    files sorted in its place), usable and unusable alike."""
+    entries: list[tuple[Path | str, str]] = []
+    for item in inputs:
+        files, skipped = scan_files([item])
+        entries += sorted([(f, "") for f in files] + list(skipped), key=lambda e: Path(e[0]))
+    return entries
+
+
+def predict(run_dir: str, inputs: list[str], device: str = "auto", batch_size: int = 32,
+            progress: Progress | None = None) -> list[Prediction]:
+    """One Prediction per input image, in the order given (folders sorted in place); bad files carry an error."""
+    progress = progress or Progress()
+    model, classes, manifest = load_classifier(run_dir)
     # predict under the precision the run's features were made with (fp16 exists on CUDA only)
-    recorded = meta.get("precision") or meta.get("cache", {}).get("precision", "fp32")
     on_cpu = resolve_device(device).type == "cpu"
-    rt = resolve_runtime(device, "fp32" if (recorded == "fp16" and on_cpu) else recorded)
+    rt = resolve_runtime(device, "fp32" if (manifest.precision == "fp16" and on_cpu) else manifest.precision)
     model = model.to(rt.device)
-    files, skipped = scan_files(inputs)
-    decode = _decoder(meta.get("cache", {}), rt.device)  # decode as the run's features were made
-    results: list[Prediction] = []
-    for s in range(0, len(files), batch_size):  # one batch in memory at a time, whatever the folder size
-        chunk = files[s:s + batch_size]
-        x, reasons = decode(chunk)
+    entries = input_entries(inputs)
+    decode = _decoder(manifest.decoding, rt.device)  # decode as the run's features were made
+    results = [Prediction(str(p), error=reason) if reason else None for p, reason in entries]
+    todo = [i for i, r in enumerate(results) if r is None]
+    progress.start(len(todo), "predict")
+    for s in range(0, len(todo), batch_size):  # one batch in memory at a time, whatever the folder size
+        chunk = todo[s:s + batch_size]
+        x, reasons = decode([entries[i][0] for i in chunk])
         probs = iter([])
         if len(x):
             with torch.inference_mode(), rt.autocast():
                 probs = iter(torch.softmax(model(x.to(rt.device)).float(), 1).cpu())
-        for f, reason in zip(chunk, reasons):
-            if reason:
-                results.append(Prediction(str(f), error=reason))
-                continue
-            p = next(probs)
-            k = int(p.argmax())
-            results.append(Prediction(str(f), classes[k], float(p[k]), {c: float(v) for c, v in zip(classes, p)}))
-    return results + [Prediction(p, error=r) for p, r in skipped]
+        for i, reason in zip(chunk, reasons):
+            results[i] = _prediction(str(entries[i][0]), reason, None if reason else next(probs), classes)
+        progress.update(len(chunk))
+    progress.close()
+    return results
+
+
+def _prediction(path: str, reason: str, p: torch.Tensor | None, classes: list[str]) -> Prediction:
+    if reason:
+        return Prediction(path, error=reason)
+    if not bool(torch.isfinite(p).all()):  # never a class picked from NaN (nor bare NaN in --json)
+        return Prediction(path, error="the model gave NaN or infinite scores for this image")
+    k = int(p.argmax())
+    return Prediction(path, classes[k], float(p[k]), {c: float(v) for c, v in zip(classes, p)})
 
 
 def _decoder(cache_meta: dict, device: torch.device):
@@ -141,13 +164,16 @@ def _decoder(cache_meta: dict, device: torch.device):
 
 
 def format_table(preds: list[Prediction]) -> str:
-    width = max([len(p.path) for p in preds] + [4])
+    """One row per prediction; names are printed escaped, so a file or class name with a newline or a
+    terminal escape code can neither break the table nor control the terminal."""
+    paths = [printable(p.path) for p in preds]
+    width = max([len(p) for p in paths] + [4])
     lines = [f"{'path':<{width}}  {'class':<12}  probability"]
-    for p in preds:
+    for p, path in zip(preds, paths):
         if p.error:
-            lines.append(f"{p.path:<{width}}  ERROR: {p.error}")
+            lines.append(f"{path:<{width}}  ERROR: {printable(p.error)}")
         else:
-            lines.append(f"{p.path:<{width}}  {p.label:<12}  {p.probability:.4f}")
+            lines.append(f"{path:<{width}}  {printable(p.label):<12}  {p.probability:.4f}")
     return "\n".join(lines)
 
 
@@ -176,9 +202,14 @@ def export_program(run_dir: str, out: str | os.PathLike, crop: int = 224) -> dic
         prog = torch.export.export(module, (example,), dynamic_shapes={"images": {0: torch.export.Dim.AUTO}})
     except Exception as e:
         raise PipelineError(f"torch.export failed for {run_dir}: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     import json
 
-    torch.export.save(prog, str(out), extra_files={"class_names.json": json.dumps(classes)})
+    from .fsio import atomic_output
+
+    out = Path(out)
+    try:  # a temp file renamed over the target: a full disk or a kill never leaves a truncated program there
+        with atomic_output(out, suffix=out.suffix) as tmp:
+            torch.export.save(prog, str(tmp), extra_files={"class_names.json": json.dumps(classes)})
+    except (OSError, RuntimeError) as e:  # torch's zip writer reports OS failures as RuntimeError
+        raise PipelineError(f"cannot write {out}: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
     return {"path": str(out), "class_names": classes}

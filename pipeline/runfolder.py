@@ -1,47 +1,428 @@
-"""The run folder: model.pt, metrics.json, report.txt (+ pictures). Every file is written to a temp name
-and renamed, so a kill during a save leaves the previous version intact."""
+"""The run folder, the one module that knows its files: model.pt (a versioned manifest), metrics.json,
+report.txt, the pictures, and finetune's checkpoint.pt.
+
+A run folder always holds one run:
+- a writer holds a lock on it for the whole run (a second train-head or finetune into the same --out is
+  refused while the first runs; the lock is a POSIX record lock, so it dies with the process that took it,
+  never kept alive by a forked DataLoader worker);
+- a run's files are written into a staging folder inside it, then a commit marker is written (the commit
+  point) and the files are renamed into place; a kill before the marker leaves the previous run as it was,
+  a kill after it is rolled forward by the next writer or reader. Files of the replaced run that the new
+  run does not write (pictures after --no-plots) are removed with it;
+- a folder holding the other kind of run (head vs finetune), or run-file names that no run of this tool
+  wrote, is refused; nothing else in the folder is ever touched.
+"""
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import io
 import json
 import os
+import shutil
+import socket
+import threading
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Callable
 
 from . import PipelineError
-from .fsio import atomic_write_bytes, load_weights_only
+from .fsio import atomic_write_bytes, atomic_write_json, fsync_dir, load_weights_only
+
+FORMAT = "tlearn-run/2"
+CHECKPOINT_FORMAT = "tlearn-checkpoint/1"
+KINDS = ("head", "finetune")
+MODEL = "model.pt"
+METRICS = "metrics.json"
+REPORT = "report.txt"
+PICTURES = ("curves.png", "confusion.png", "predictions.png")
+RUN_FILES = (MODEL, METRICS, REPORT, *PICTURES)  # what one committed run consists of
+CHECKPOINT = "checkpoint.pt"
+STAGING = ".tlearn-staging"
+COMMIT = "COMMIT"
+LOCK = ".tlearn-lock"
 
 
-def save_torch(path: Path, obj: dict) -> None:
+class RunFolderError(PipelineError):
+    """A run folder that cannot be used as asked."""
+
+
+class RunFolderBusy(RunFolderError):
+    """Another process (or another run in this one) is writing the folder."""
+
+
+class RunKindMismatch(RunFolderError):
+    """The folder holds the other kind of run."""
+
+
+class NotARunFolder(RunFolderError):
+    """The folder holds files of a run's names that no run of this tool wrote."""
+
+
+class ModelFileError(RunFolderError):
+    """model.pt or checkpoint.pt is not a file of this tool (or of a format this version cannot read)."""
+
+
+# --------------------------------------------------------------------------- model.pt: the run manifest
+
+
+@dataclass
+class RunManifest:
+    """Everything predict and export need to rebuild the classifier from the run folder alone.
+
+    head runs: `features` is the feature spec of the cache the head was trained on (backbone spec, feature
+    size, cache fingerprint and path); the state_dict holds the Linear layer's weight (C, D) and bias (C,).
+    finetune runs: `arch` is the torchvision architecture, `head` the qualified name of its new Linear
+    layer, the state_dict the whole model's.
+    Both: the image preprocessing the model saw (transform spec, precision, decoder, draft decoding).
+    """
+
+    kind: str
+    class_names: list[str]
+    state_dict: dict
+    recipe: dict
+    precision: str = "fp32"
+    transform: dict | None = None
+    decoder: str = "pil"
+    draft: bool = False
+    features: dict | None = None  # head runs
+    arch: str | None = None  # finetune runs
+    head: str | None = None  # finetune runs
+    weights_digest: str | None = None  # finetune runs: the initial backbone weights' content hash
+    split: dict | None = None  # how train/val/test were made (flat folders: the tool's own split)
+    format: str = field(default=FORMAT)
+
+    @property
+    def backbone(self) -> dict:
+        """A head run's backbone spec (what extract recorded about the backbone that made the features)."""
+        return self.features["backbone"]
+
+    @property
+    def decoding(self) -> dict:
+        """How images were decoded for this model (predict decodes the same way)."""
+        return {"decoder": self.decoder, "draft": self.draft}
+
+    def to_payload(self) -> dict:
+        """The dict torch.save writes: plain types and tensors only, so weights_only loading reads it."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_payload(cls, obj, source: str) -> RunManifest:
+        """Reads this format and converts the unversioned shape of earlier versions; anything else is refused."""
+        if not isinstance(obj, dict) or obj.get("kind") not in KINDS or not isinstance(obj.get("state_dict"), dict):
+            raise ModelFileError(f"{source} is not a model file of this tool")
+        fmt = obj.get("format")
+        if fmt is None:
+            obj = _from_unversioned(obj)
+        elif fmt != FORMAT:
+            raise ModelFileError(f"{source} has format {fmt!r}, which this version of tlearn cannot read "
+                                 f"(it reads {FORMAT}); retrain the run with this version")
+        names = {f.name for f in fields(cls)}
+        try:
+            m = cls(**{k: v for k, v in obj.items() if k in names})
+        except TypeError as e:
+            raise ModelFileError(f"{source} is not a complete model file of this tool ({e})") from None
+        m.check(source)
+        return m
+
+    def check(self, source: str) -> None:
+        problem = self._problem()
+        if problem:
+            raise ModelFileError(f"{source} is not a usable model file: {problem}; retrain the run")
+
+    def _problem(self) -> str:
+        if not (isinstance(self.class_names, list) and self.class_names
+                and all(isinstance(c, str) for c in self.class_names)):
+            return "class_names is not a list of names"
+        if self.kind == "head":
+            w, b = self.state_dict.get("weight"), self.state_dict.get("bias")
+            if getattr(w, "ndim", 0) != 2 or getattr(b, "shape", None) != (w.shape[0],):
+                return "the head's weight and bias are missing or of the wrong shape"
+            if w.shape[0] != len(self.class_names):
+                return f"{w.shape[0]} head outputs for {len(self.class_names)} class names"
+            if not isinstance(self.features, dict) or not isinstance(self.features.get("backbone"), dict):
+                return "it does not say which backbone made its features"
+        elif not isinstance(self.arch, str):
+            return "it does not name its architecture"
+        return ""
+
+
+def _from_unversioned(obj: dict) -> dict:
+    """model.pt as written before the manifest had a format (head runs kept the feature spec in
+    'backbone' and 'cache'; finetune runs had today's field names already)."""
+    if obj["kind"] == "finetune":
+        return dict(obj)
+    cache = obj.get("cache") or {}
+    features = {"backbone": obj.get("backbone"), "feature_dim": obj.get("feature_dim"),
+                "fingerprint": cache.get("fingerprint"), "cache": cache.get("path")}
+    return {"kind": "head", "class_names": obj.get("class_names"), "state_dict": obj["state_dict"],
+            "recipe": obj.get("recipe", {}), "precision": cache.get("precision", "fp32"),
+            "transform": cache.get("transform"), "decoder": cache.get("decoder", "pil"),
+            "draft": bool(cache.get("draft", False)), "features": features}
+
+
+def _torch_bytes(obj) -> bytes:
     import torch
 
     buf = io.BytesIO()
     torch.save(obj, buf)
-    atomic_write_bytes(path, buf.getvalue())
+    return buf.getvalue()
 
 
-def load_torch(path: Path) -> dict:
-    """torch.load with weights_only=True and nothing else: a pickle payload is refused, never run."""
-    return load_weights_only(path)
+def save_manifest(path: Path, manifest: RunManifest) -> None:
+    atomic_write_bytes(path, _torch_bytes(manifest.to_payload()))
 
 
-def save_run(out: str | os.PathLike, model: dict, metrics: dict, report: str) -> Path:
-    out = Path(out)
-    save_torch(out / "model.pt", model)
-    atomic_write_bytes(out / "metrics.json", json.dumps(metrics, indent=2).encode())
-    atomic_write_bytes(out / "report.txt", report.encode())
-    return out
+def load_manifest(run_dir: str | os.PathLike) -> RunManifest:
+    """model.pt of a run folder (weights-only loading: a pickle payload is refused, never run)."""
+    roll_forward(Path(run_dir))
+    path = Path(run_dir) / MODEL
+    return RunManifest.from_payload(load_weights_only(path, "model file"), str(path))
 
 
 def load_metrics(run_dir: str | os.PathLike) -> dict:
-    path = Path(run_dir) / "metrics.json"
+    roll_forward(Path(run_dir))
+    path = Path(run_dir) / METRICS
     if not path.is_file():
-        raise PipelineError(f"{run_dir} is not a run folder (no metrics.json); train one with train-head or finetune")
+        raise NotARunFolder(f"{run_dir} is not a run folder (no metrics.json); train one with train-head or finetune")
     return json.loads(path.read_text())
 
 
-def load_model_file(run_dir: str | os.PathLike) -> dict:
-    path = Path(run_dir) / "model.pt"
-    obj = load_torch(path)
-    if not isinstance(obj, dict) or "kind" not in obj or "state_dict" not in obj:
-        raise PipelineError(f"{path} is not a model file of this tool")
-    return obj
+def load_report(run_dir: str | os.PathLike) -> str:
+    roll_forward(Path(run_dir))
+    path = Path(run_dir) / REPORT
+    if not path.is_file():
+        raise NotARunFolder(f"{run_dir} has no report.txt; is it a run folder of train-head or finetune?")
+    return path.read_text()
+
+
+# --------------------------------------------------------------------------- finetune's checkpoint.pt
+
+
+@dataclass
+class FinetuneCheckpoint:
+    """Everything an interrupted finetune needs to continue exactly (written after every epoch)."""
+
+    epoch: int  # the last finished epoch
+    model: dict
+    optimizer: dict
+    scheduler: dict
+    scaler: dict
+    history: list
+    best_acc: float
+    best_epoch: int
+    best_state: dict
+    best_preds: object  # torch.Tensor: val predictions of the best epoch
+    seconds: float
+    recipe: dict
+    files_digest: str
+    rng_torch: object  # torch.Tensor: torch's CPU RNG state
+    format: str = field(default=CHECKPOINT_FORMAT)
+
+    def save(self, path: Path) -> None:
+        atomic_write_bytes(path, _torch_bytes({f.name: getattr(self, f.name) for f in fields(self)}))
+
+    @classmethod
+    def load(cls, path: Path) -> FinetuneCheckpoint:
+        obj = load_weights_only(path, "checkpoint")
+        names = [f.name for f in fields(cls) if f.name != "format"]
+        if not isinstance(obj, dict) or obj.get("format", CHECKPOINT_FORMAT) != CHECKPOINT_FORMAT:
+            raise ModelFileError(f"{path} is not a finetune checkpoint this version can read; choose another --out")
+        missing = [k for k in names if k not in obj]
+        if missing:
+            raise ModelFileError(f"{path} is not a finetune checkpoint of this tool (missing {', '.join(missing)}); "
+                                 "choose another --out")
+        return cls(**{k: obj[k] for k in names})
+
+
+# --------------------------------------------------------------------------- one writer per run folder
+
+_held: set[str] = set()  # run folders locked by this process (POSIX locks do not exclude the same process)
+_held_guard = threading.Lock()
+
+
+def _lock_holder(path: Path) -> str:
+    with contextlib.suppress(OSError):
+        return path.read_text().strip()
+    return "?"
+
+
+def _take_lock(folder: Path) -> int:
+    key = str(folder.resolve())
+    with _held_guard:
+        if key in _held:
+            raise RunFolderBusy(f"{folder} is being written by another run in this process; choose another --out")
+        _held.add(key)
+    try:
+        return _open_lock(folder)
+    except BaseException:
+        with _held_guard:
+            _held.discard(key)
+        raise
+
+
+def _open_lock(folder: Path) -> int:
+    lock = folder / LOCK
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(fd)
+            if e.errno in (errno.EAGAIN, errno.EACCES):
+                raise RunFolderBusy(f"{folder} is being written by another run (pid {_lock_holder(lock)}); wait for "
+                                    "it to finish or choose another --out") from None
+            raise
+        try:  # the previous holder removes the file when done: make sure ours is still the one at the path
+            same = os.stat(lock).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()} on {socket.gethostname()}\n".encode())
+            return fd
+        os.close(fd)
+
+
+def _release_lock(folder: Path, fd: int) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(folder / LOCK)  # while still holding it: the next writer re-checks the inode
+    os.close(fd)
+    with _held_guard:
+        _held.discard(str(folder.resolve()))
+
+
+def _apply_commit(folder: Path) -> None:
+    """Move a committed staging folder's files into place (idempotent: a kill midway is finished later)."""
+    staging = folder / STAGING
+    written = json.loads((staging / COMMIT).read_text())["files"]
+    for name in written:
+        if (staging / name).exists():
+            os.replace(staging / name, folder / name)
+    for name in RUN_FILES:  # the replaced run's files that this run did not write (pictures)
+        if name not in written:
+            with contextlib.suppress(FileNotFoundError):
+                (folder / name).unlink()
+    fsync_dir(folder)
+    shutil.rmtree(staging)
+
+
+def _recover(folder: Path) -> None:
+    """Under the lock: finish a committed save, drop an uncommitted one (our own staging files only)."""
+    staging = folder / STAGING
+    if (staging / COMMIT).is_file():
+        _apply_commit(folder)
+    elif staging.exists():
+        shutil.rmtree(staging)
+
+
+def roll_forward(folder: Path) -> None:
+    """For readers: a save that was committed but not finished (a kill) is finished first."""
+    if not (folder / STAGING / COMMIT).is_file():
+        return
+    fd = _take_lock(folder)
+    try:
+        _recover(folder)
+    finally:
+        _release_lock(folder, fd)
+
+
+def _kind_in(folder: Path) -> str | None:
+    """The kind of run the folder holds (None: no run). Refuses run-file names that no run wrote."""
+    metrics = folder / METRICS
+    if metrics.is_file():
+        try:
+            kind = json.loads(metrics.read_text()).get("kind")
+        except (ValueError, AttributeError, UnicodeDecodeError):
+            kind = None
+        if kind not in KINDS:
+            raise NotARunFolder(f"{folder} holds a metrics.json that no run of this tool wrote; choose another --out")
+        return kind
+    if (folder / CHECKPOINT).is_file():
+        return "finetune"  # a finetune that has not finished yet
+    if (folder / MODEL).is_file():
+        return RunManifest.from_payload(load_weights_only(folder / MODEL, "model file"), str(folder / MODEL)).kind
+    foreign = [n for n in RUN_FILES if (folder / n).exists()]
+    if foreign:
+        raise NotARunFolder(f"{folder} holds {', '.join(foreign)} but no run of this tool; a run would overwrite "
+                            "them: choose another --out")
+    return None
+
+
+KIND_WORDS = {"head": "a train-head run", "finetune": "a finetune run"}
+
+
+def check_run_folder(out: str | os.PathLike, kind: str) -> None:
+    """Refuse to write a run of `kind` into a folder that holds the other kind (or foreign run files)."""
+    folder = Path(out)
+    if not folder.is_dir():
+        return
+    found = _kind_in(folder)
+    if found is not None and found != kind:
+        raise RunKindMismatch(f"{folder} holds {KIND_WORDS[found]}; a {kind} run would mix two kinds of runs in "
+                              "one folder: choose another --out")
+
+
+class RunFolder:
+    """Held for a whole run: `with RunFolder(out, kind) as rf: ... rf.commit(...)`."""
+
+    def __init__(self, out: str | os.PathLike, kind: str):
+        self.path = Path(out)
+        self.kind = kind
+        self._fd: int | None = None
+
+    def __enter__(self) -> RunFolder:
+        self.path.mkdir(parents=True, exist_ok=True)
+        self._fd = _take_lock(self.path)
+        try:
+            _recover(self.path)
+            check_run_folder(self.path, self.kind)
+        except BaseException:
+            self._release()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        staging = self.path / STAGING
+        if staging.exists() and not (staging / COMMIT).is_file():
+            shutil.rmtree(staging)  # an unfinished save of this run: the previous run stays as it was
+        self._release()
+
+    def _release(self) -> None:
+        if self._fd is not None:
+            _release_lock(self.path, self._fd)
+            self._fd = None
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.path / CHECKPOINT
+
+    def commit(self, manifest: RunManifest, metrics: dict, report: str,
+               pictures: Callable[[Path], None] | None = None) -> None:
+        """Write the run's files (pictures(folder) draws into the folder it is given), all or nothing."""
+        if manifest.kind != self.kind:
+            raise RunKindMismatch(f"a {manifest.kind} manifest cannot be saved as a {self.kind} run")
+        staging = self.path / STAGING
+        if staging.exists():
+            shutil.rmtree(staging)
+        staging.mkdir()
+        save_manifest(staging / MODEL, manifest)
+        try:
+            atomic_write_json(staging / METRICS, metrics)
+        except ValueError as e:
+            raise PipelineError(f"the metrics of this run hold NaN or infinity ({e}); nothing was saved") from None
+        atomic_write_bytes(staging / REPORT, report.encode())
+        if pictures is not None:
+            pictures(staging)
+        written = sorted(n for n in os.listdir(staging) if n in RUN_FILES)
+        atomic_write_json(staging / COMMIT, {"files": written})  # the commit point
+        _apply_commit(self.path)
+
+
+def save_run(out: str | os.PathLike, manifest: RunManifest, metrics: dict, report: str,
+             pictures: Callable[[Path], None] | None = None) -> Path:
+    """Lock, write and commit a whole run folder in one go (for callers that train outside the lock)."""
+    with RunFolder(out, manifest.kind) as rf:
+        rf.commit(manifest, metrics, report, pictures)
+    return Path(out)

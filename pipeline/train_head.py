@@ -10,8 +10,8 @@ from cache import read_cache
 
 from . import PipelineError
 from .evaluate import ci_from_accuracy, evaluate_predictions, report_text, split_metrics
-from .head import HeadParams, HeadResult, expand_grid, head_logits, params_dict, train_heads
-from .runfolder import save_run
+from .head import HeadParams, HeadResult, TrainingDiverged, expand_grid, head_logits, params_dict, train_heads
+from .runfolder import RunFolder, RunManifest
 from .splits import cache_record
 
 _DEFAULTS = HeadParams()
@@ -56,24 +56,44 @@ def evaluate_head(result: HeadResult, cache, splits: list[str]) -> dict[str, dic
     return out
 
 
-def head_model_payload(result: HeadResult, cache) -> dict:
+def pick_best(results: list[HeadResult]) -> HeadResult:
+    """The head with the best val accuracy among those that never diverged (first of equals: the grid's
+    order); when every head diverged nothing may be saved as a model."""
+    alive = [r for r in results if r.diverged_epoch is None]
+    if not alive:
+        first = min(results, key=lambda r: r.diverged_epoch)
+        which = "training" if len(results) == 1 else f"every one of the {len(results)} heads"
+        raise TrainingDiverged(f"{which} diverged: the loss or the weights became NaN or infinite (epoch "
+                               f"{first.diverged_epoch}, lr {first.params.lr:g}); nothing was saved; lower --lr")
+    return max(alive, key=lambda r: r.best_val_acc)
+
+
+def sweep_rows(results: list[HeadResult]) -> list[dict]:
+    rows = []
+    for r in results:
+        row = {**params_dict(r.params), "best_val_acc": r.best_val_acc, "best_epoch": r.best_epoch}
+        if r.diverged_epoch is not None:
+            row["diverged_epoch"] = r.diverged_epoch
+        rows.append(row)
+    return rows
+
+
+def head_model_payload(result: HeadResult, cache) -> RunManifest:
     """model.pt: everything predict needs to rebuild backbone + head from the run folder alone."""
-    return {
-        "kind": "head",
-        "state_dict": {"weight": result.weight.contiguous(), "bias": result.bias.contiguous()},
-        "class_names": cache.class_names,
-        "feature_dim": cache.feature_dim,
-        "recipe": params_dict(result.params),
-        "backbone": json.loads(cache.attrs["backbone_spec"]),
-        "cache": {"path": str(cache.path), "fingerprint": cache.attrs["fingerprint"],
-                  "precision": cache.attrs["precision"], "transform": json.loads(cache.attrs["transform"]),
-                  "draft": bool(cache.attrs.get("draft", False)), "decoder": cache.attrs.get("decoder", "pil"),
-                  "split": cache_record(cache.attrs.get("split"))},
-    }
+    a = cache.attrs
+    features = {"backbone": json.loads(a["backbone_spec"]), "feature_dim": int(cache.feature_dim),
+                "fingerprint": a["fingerprint"], "cache": str(cache.path)}
+    return RunManifest(
+        kind="head", class_names=list(cache.class_names),
+        state_dict={"weight": result.weight.contiguous(), "bias": result.bias.contiguous()},
+        recipe=params_dict(result.params), precision=a["precision"], transform=json.loads(a["transform"]),
+        decoder=a.get("decoder", "pil"), draft=bool(a.get("draft", False)), features=features,
+        split=cache_record(a.get("split")))
 
 
 def run_train_head(cfg: HeadConfig) -> dict:
-    """Train the head(s) of cfg on its cache, write the run folder for the best one, return its metrics."""
+    """Train the head(s) of cfg on its cache, write the run folder for the best one, return its metrics.
+    The run folder is locked from start to end and written all at once (see runfolder)."""
     cache = read_cache(cfg.cache)
     if "train" not in cache.splits or cfg.val_split not in cache.splits:
         raise PipelineError(f"cache {cfg.cache} needs train and {cfg.val_split} splits, has {', '.join(cache.splits)}")
@@ -82,11 +102,32 @@ def run_train_head(cfg: HeadConfig) -> dict:
             raise PipelineError(f"cache {cfg.cache} has no usable {s} images (all were skipped); fix the folder "
                                 "and extract again")
     params = expand_grid(cfg.grid())
+    with RunFolder(cfg.out, "head") as folder:
+        run = _train(cfg, cache, params)
+        pictures = None
+        if cfg.plots:
+            from .plots import head_run_plots
+
+            def pictures(into):
+                head_run_plots(into, run.metrics, cache, run.evaluations[cfg.val_split]["pred"], cfg.val_split)
+        folder.commit(head_model_payload(run.best, cache), run.metrics, run.report, pictures)
+    return {**run.metrics, "report_text": run.report}
+
+
+@dataclass
+class HeadRun:
+    best: HeadResult
+    metrics: dict
+    report: str
+    evaluations: dict
+
+
+def _train(cfg: HeadConfig, cache, params: list[HeadParams]) -> HeadRun:
     train = cache.splits["train"]
     views = train.views if (cfg.use_views and train.views is not None and train.views.shape[1] > 0) else None
     results, seconds = train_heads(_split_xy(cache, "train"), _split_xy(cache, cfg.val_split),
                                    len(cache.class_names), params, views=views, device=cfg.device)
-    best = max(results, key=lambda r: r.best_val_acc)  # first of equals: the grid's order
+    best = pick_best(results)
     eval_splits = [cfg.val_split] + [s for s in cache.splits if s not in ("train", cfg.val_split)]
     evaluations = evaluate_head(best, cache, eval_splits)
     metrics = {
@@ -107,13 +148,7 @@ def run_train_head(cfg: HeadConfig) -> dict:
     }
     if len(results) > 1:
         n_val = len(cache.splits[cfg.val_split].labels)
-        metrics["sweep"] = [{**params_dict(r.params), "best_val_acc": r.best_val_acc, "best_epoch": r.best_epoch,
-                             "best_val_ci": ci_from_accuracy(r.best_val_acc, n_val)} for r in results]
+        metrics["sweep"] = [{**row, "best_val_ci": ci_from_accuracy(row["best_val_acc"], n_val)}
+                            if "diverged_epoch" not in row else row for row in sweep_rows(results)]
     report = report_text(evaluations, best.best_val_acc, best.best_epoch)
-    save_run(cfg.out, head_model_payload(best, cache), metrics, report)
-    if cfg.plots:
-        from .plots import head_run_plots
-
-        head_run_plots(cfg.out, metrics, cache, evaluations[cfg.val_split]["pred"], cfg.val_split)
-    metrics["report_text"] = report
-    return metrics
+    return HeadRun(best, metrics, report, evaluations)

@@ -29,7 +29,8 @@ def test_extract_train_head_report(tiny_data, tmp_path):
     assert sum(map(sum, m["confusion_matrix"]["val"])) == 4
     model = torch.load(out / "model.pt", weights_only=True)
     assert model["kind"] == "head" and model["state_dict"]["weight"].shape == (2, 512)
-    assert model["backbone"]["backbone"] == "resnet18" and model["class_names"] == ["ants", "bees"]
+    assert model["features"]["backbone"]["backbone"] == "resnet18" and model["class_names"] == ["ants", "bees"]
+    assert model["format"] == "tlearn-run/2" and model["features"]["feature_dim"] == 512
     r = invoke("report", out)
     assert r.exit_code == 0 and r.output == (out / "report.txt").read_text().rstrip("\n") + "\n"
     r = invoke("info", cache)

@@ -15,7 +15,7 @@ from click.testing import CliRunner
 
 from cache import CacheError, read_attrs, read_cache
 from cli import cli
-from pipeline.runfolder import load_model_file, save_run
+from pipeline.runfolder import RunManifest, load_manifest, save_run
 from tests.conftest import REPO, make_dataset
 
 ENV = {**os.environ, "TLEARN_OFFLINE": "1"}
@@ -107,19 +107,24 @@ def test_flipped_byte_is_reported_not_read(tiny_data, tmp_path):
         read_cache(cache)
 
 
+def head_manifest(weight):
+    return RunManifest(kind="head", class_names=["a", "b"], state_dict={"weight": weight, "bias": torch.zeros(2)},
+                       recipe={}, features={"backbone": {"kind": "torchvision"}})
+
+
 def test_kill_during_save_keeps_previous_model(tmp_path, monkeypatch):
     out = tmp_path / "run"
-    save_run(out, {"kind": "head", "state_dict": {"w": torch.ones(2)}}, {"v": 1}, "first")
+    save_run(out, head_manifest(torch.ones(2, 3)), {"v": 1, "kind": "head"}, "first")
 
     def dies(*a):
         raise KeyboardInterrupt  # as if killed between the temp write and the rename
 
     monkeypatch.setattr(os, "replace", dies)
     with pytest.raises(KeyboardInterrupt):
-        save_run(out, {"kind": "head", "state_dict": {"w": torch.zeros(2)}}, {"v": 2}, "second")
+        save_run(out, head_manifest(torch.zeros(2, 3)), {"v": 2, "kind": "head"}, "second")
     monkeypatch.undo()
-    assert torch.equal(load_model_file(out)["state_dict"]["w"], torch.ones(2))
-    assert json.loads((out / "metrics.json").read_text()) == {"v": 1}
+    assert torch.equal(load_manifest(out).state_dict["weight"], torch.ones(2, 3))
+    assert json.loads((out / "metrics.json").read_text()) == {"v": 1, "kind": "head"}
     assert sorted(p.name for p in out.iterdir()) == ["metrics.json", "model.pt", "report.txt"]
 
 
