@@ -176,6 +176,9 @@ def head_options(prefix: str = ""):
                          help="Seed of the head's init, shuffling and view draws."),
             click.option(f"--{prefix}device", "head_device", default="cpu", show_default=True,
                          help="cpu (fastest for a linear head), cuda or auto."),
+            click.option("--folds", default=0, show_default=True, type=click.IntRange(min=0),
+                         help="K >= 2: K-fold cross-validation on train+val features first (mean, std, per fold); "
+                              "a sweep is then ranked and chosen by CV accuracy."),
             click.option("--no-views", is_flag=True, help="Ignore the cache's augmented views."),
             click.option("--no-plots", is_flag=True, help="Skip curves.png, confusion.png, predictions.png."),
         ]
@@ -201,7 +204,8 @@ def _head_config(cache, out, o: dict):
 
     return HeadConfig(cache=cache, out=out, epochs=o["epochs"], lr=o["lr"], momentum=o["momentum"],
                       step_size=o["step_size"], gamma=o["gamma"], batch_size=o["head_batch_size"],
-                      seed=o["head_seed"], device=resolve_head_device(o["head_device"]), use_views=not o["no_views"], plots=not o["no_plots"])
+                      seed=o["head_seed"], device=resolve_head_device(o["head_device"]), use_views=not o["no_views"], plots=not o["no_plots"],
+                      folds=o["folds"])
 
 
 def resolve_head_device(name: str) -> str:
@@ -238,19 +242,25 @@ def _do_train_head(cfg):
 
     m = run_train_head(cfg)
     if "sweep" in m:
-        click.echo(sweep_table(m["sweep"]))
+        click.echo(sweep_table(m["sweep"], m["chosen"]))
     click.echo(m["report_text"])
     click.echo(f"trained in {m['seconds']:.3f} s; run folder {cfg.out}")
     return m
 
 
-def sweep_table(rows: list[dict]) -> str:
-    keys = [k for k in rows[0] if k not in ("best_val_acc", "best_epoch") and len({r[k] for r in rows}) > 1]
-    best = max(range(len(rows)), key=lambda i: rows[i]["best_val_acc"])
-    lines = ["  ".join(f"{k:>10}" for k in keys) + "  best_val_acc  best_epoch"]
-    for i, r in enumerate(rows):
+def sweep_table(rows: list[dict], best: int) -> str:
+    """One line per setting; with cross-validation (cv_mean) ranked by it, best first."""
+    cv = "cv_mean" in rows[0]
+    scores = ("best_val_acc", "best_epoch", "cv_mean", "cv_std")
+    keys = [k for k in rows[0] if k not in scores and len({r[k] for r in rows}) > 1]
+    order = sorted(range(len(rows)), key=lambda i: -rows[i]["cv_mean"]) if cv else range(len(rows))
+    lines = ["  ".join(f"{k:>10}" for k in keys) + ("   cv_mean   cv_std" if cv else "") + "  best_val_acc  best_epoch"]
+    for i in order:
+        r = rows[i]
         mark = "  <- best" if i == best else ""
-        lines.append("  ".join(f"{r[k]:>10g}" for k in keys) + f"  {r['best_val_acc']:>12.4f}  {r['best_epoch']:>10d}{mark}")
+        cvs = f"  {r['cv_mean']:>8.4f} {r['cv_std']:>8.4f}" if cv else ""
+        lines.append("  ".join(f"{r[k]:>10g}" for k in keys) + cvs
+                     + f"  {r['best_val_acc']:>12.4f}  {r['best_epoch']:>10d}{mark}")
     return "\n".join(lines)
 
 

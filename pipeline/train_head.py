@@ -10,7 +10,8 @@ from cache import read_cache
 
 from . import PipelineError
 from .evaluate import evaluate_predictions, report_text, split_metrics
-from .head import HeadParams, HeadResult, expand_grid, head_logits, params_dict, train_heads
+from .head import (HeadParams, HeadResult, cv_summary, expand_grid, head_logits, params_dict, stratified_folds,
+                   train_folds, train_heads)
 from .runfolder import save_run
 
 _DEFAULTS = HeadParams()
@@ -33,6 +34,8 @@ class HeadConfig:
     use_views: bool = True  # draw augmented views when the cache has them
     plots: bool = True
     val_split: str = "val"
+    folds: int = 0  # > 1: K-fold cross-validation on train+val features before the final training
+    folds_seed: int = 0  # fold assignment; every setting of a sweep sees the same folds
     extra: dict = field(default_factory=dict)
 
     def grid(self) -> dict[str, list]:
@@ -70,6 +73,26 @@ def head_model_payload(result: HeadResult, cache) -> dict:
     }
 
 
+def cross_validate(cfg: HeadConfig, cache, params: list[HeadParams]) -> tuple[list[dict], float]:
+    """K-fold CV of every setting on the train+val features (eval transform; the val split has no
+    views, so no fold uses them). Returns one cv_summary per setting and the training seconds."""
+    X = np.concatenate([cache.splits[s].features for s in ("train", cfg.val_split)])
+    y = np.concatenate([cache.splits[s].labels for s in ("train", cfg.val_split)])
+    if cfg.folds < 2 or len(y) < cfg.folds:
+        raise PipelineError(f"--folds {cfg.folds} needs 2 <= folds <= the {len(y)} images of train+"
+                            f"{cfg.val_split}")
+    folds = stratified_folds(y, cfg.folds, cfg.folds_seed)
+    runs, seconds = train_folds(X, y, len(cache.class_names), params, folds, device=cfg.device)
+    return [{**cv_summary(r), "seed": cfg.folds_seed, "n": int(len(y)), "on": f"train+{cfg.val_split}"}
+            for r in runs], seconds
+
+
+def cv_line(cv: dict) -> str:
+    per = " ".join(f"{a:.4f}" for a in cv["per_fold"])
+    return (f"{cv['folds']}-fold CV on {cv['on']} ({cv['n']} images): mean {cv['mean']:.4f}, std {cv['std']:.4f} "
+            f"(folds {per}; trained in {cv['seconds']:.3f} s)")
+
+
 def run_train_head(cfg: HeadConfig) -> dict:
     """Train the head(s) of cfg on its cache, write the run folder for the best one, return its metrics."""
     cache = read_cache(cfg.cache)
@@ -84,7 +107,16 @@ def run_train_head(cfg: HeadConfig) -> dict:
     views = train.views if (cfg.use_views and train.views is not None and train.views.shape[1] > 0) else None
     results, seconds = train_heads(_split_xy(cache, "train"), _split_xy(cache, cfg.val_split),
                                    len(cache.class_names), params, views=views, device=cfg.device)
-    best = max(results, key=lambda r: r.best_val_acc)  # first of equals: the grid's order
+    cvs = None
+    if cfg.folds:
+        cvs, cv_seconds = cross_validate(cfg, cache, params)
+        for cv in cvs:
+            cv["seconds"] = cv_seconds
+        # with CV the setting is chosen by CV accuracy; its epoch is still picked on val as without
+        chosen = max(range(len(results)), key=lambda i: cvs[i]["mean"])
+    else:
+        chosen = max(range(len(results)), key=lambda i: results[i].best_val_acc)  # first of equals: grid order
+    best = results[chosen]
     eval_splits = [cfg.val_split] + [s for s in cache.splits if s not in ("train", cfg.val_split)]
     evaluations = evaluate_head(best, cache, eval_splits)
     metrics = {
@@ -101,10 +133,16 @@ def run_train_head(cfg: HeadConfig) -> dict:
         "n": {s: int(len(cache.splits[s].labels)) for s in cache.splits},
         "skipped": [list(s) for s in cache.skipped],
     }
+    if cvs is not None:
+        metrics["cv"] = cvs[chosen]
     if len(results) > 1:
-        metrics["sweep"] = [{**params_dict(r.params), "best_val_acc": r.best_val_acc, "best_epoch": r.best_epoch}
-                            for r in results]
+        metrics["sweep"] = [{**params_dict(r.params), "best_val_acc": r.best_val_acc, "best_epoch": r.best_epoch,
+                             **({"cv_mean": cv["mean"], "cv_std": cv["std"]} if cvs else {})}
+                            for r, cv in zip(results, cvs or [None] * len(results))]
+        metrics["chosen"] = chosen
     report = report_text(evaluations, best.best_val_acc, best.best_epoch)
+    if cvs is not None:
+        report += "\n" + cv_line(cvs[chosen]) + "\n"
     save_run(cfg.out, head_model_payload(best, cache), metrics, report)
     if cfg.plots:
         from .plots import head_run_plots
