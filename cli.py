@@ -312,6 +312,43 @@ def run(data_dir, out, cache_path, **o):
 
 
 @cli.command()
+@click.argument("cache_path", metavar="FILE.h5", type=click.Path(exists=True, dir_okay=False))
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="Folder for report.txt, audit.json, suspects.png, duplicates.png.")
+@click.option("--run", "run_dir", default=None, type=click.Path(exists=True, file_okay=False),
+              help="A train-head run on this cache: its head scores the val/test images for label issues.")
+@click.option("--data-dir", default=None, type=click.Path(file_okay=False),
+              help="The image folder, when the one recorded in the cache has moved.")
+@click.option("--top", default=20, show_default=True, type=click.IntRange(min=0), help="Label issues listed at most.")
+@click.option("--dup-threshold", default=0.95, show_default=True, type=click.FloatRange(-1, 1),
+              help="Near duplicates: cosine similarity of mean-centred features at least this.")
+@click.option("--label-threshold", default=0.5, show_default=True, type=click.FloatRange(0, 1),
+              help="Label issues: 1 - p(given label) at least this, another class likelier.")
+@click.option("--outlier-z", default=5.0, show_default=True, type=float,
+              help="Outliers: robust z-score of the k-NN distance at least this.")
+@click.option("--knn", default=5, show_default=True, type=click.IntRange(min=1), help="Neighbours for outliers.")
+@click.option("--folds", default=5, show_default=True, type=click.IntRange(min=2),
+              help="Folds of the out-of-fold heads that score the train images.")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--no-plots", is_flag=True, help="Skip suspects.png and duplicates.png.")
+@click.option("--json", "as_json", is_flag=True, help="Print audit.json instead of the report.")
+@friendly_errors
+def audit(cache_path, out, run_dir, data_dir, top, dup_threshold, label_threshold, outlier_z, knn, folds, seed,
+          no_plots, as_json):
+    """Find duplicates (exact and near, leaks across splits), likely label errors and outliers.
+
+    Reads only the cache (and the images, for exact duplicates and pictures).
+    Example: cli.py audit feats.h5 --out audit/ --run runs/ants
+    """
+    from pipeline.audit import AuditConfig, report_text, run_audit
+
+    a = run_audit(AuditConfig(cache=cache_path, out=out, run=run_dir, data_dir=data_dir, top=top,
+                              dup_threshold=dup_threshold, label_threshold=label_threshold, outlier_z=outlier_z,
+                              knn=knn, folds=folds, seed=seed, pictures=not no_plots))
+    click.echo(json.dumps(a.as_json(), indent=2) if as_json else report_text(a).rstrip("\n"))
+
+
+@cli.command()
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
 @friendly_errors
 def report(run_dir):

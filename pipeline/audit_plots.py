@@ -1,0 +1,92 @@
+"""The audit's pictures: suspects.png (label issues and outliers) and duplicates.png (pairs side by side).
+A file that cannot be read becomes a tile that says so; pictures never fail the audit."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from .data import load_rgb  # noqa: E402
+from .fsio import atomic_output  # noqa: E402
+
+MAX_SUSPECTS = 24
+MAX_PAIRS = 10
+
+
+def _thumb(data_dir: Path | None, rel: str, size: int = 224):
+    """(image array or None, why not)."""
+    if data_dir is None:
+        return None, "data folder not found"
+    try:
+        img = load_rgb(data_dir / rel)
+    except FileNotFoundError:
+        return None, "image missing"
+    except (OSError, ValueError) as e:  # BadImage is a ValueError
+        return None, f"unreadable: {str(e)[:40]}"
+    img.thumbnail((size, size))
+    return np.asarray(img), ""
+
+
+def _tile(ax, data_dir, rel: str, title: str, color: str = "black") -> None:
+    ax.axis("off")
+    img, why = _thumb(data_dir, rel)
+    if img is not None:
+        ax.imshow(img)
+    else:
+        ax.text(0.5, 0.5, f"{why}\n{rel}", ha="center", va="center", fontsize=7, wrap=True)
+    ax.set_title(title, fontsize=8, color=color)
+
+
+def _save(fig, path: Path) -> None:
+    try:
+        with atomic_output(path, suffix=".png") as tmp:
+            fig.savefig(tmp, dpi=90, bbox_inches="tight")
+    finally:
+        plt.close(fig)
+
+
+def suspects_png(audit, data_dir: Path | None, path: Path, cols: int = 6) -> bool:
+    tiles = [(r["path"], f"{r['split']}: given {r['label']}\nsuggested {r['suggested']}\nscore {r['score']:.3f}", "red")
+             for r in audit.label_issues]
+    tiles += [(r["path"], f"{r['split']}: outlier\nz {r['z']:.1f}, distance {r['score']:.3f}", "darkorange")
+              for r in audit.outliers]
+    tiles = tiles[:MAX_SUSPECTS]
+    if not tiles:
+        return False
+    rows = -(-len(tiles) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.4 * cols, 2.9 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, (rel, title, color) in zip(axes.flat, tiles):
+        _tile(ax, data_dir, rel, f"{Path(rel).name[:28]}\n{title}", color)
+    _save(fig, path)
+    return True
+
+
+def duplicates_png(audit, data_dir: Path | None, path: Path) -> bool:
+    pairs = audit.duplicates[:MAX_PAIRS]
+    if not pairs:
+        return False
+    fig, axes = plt.subplots(len(pairs), 2, figsize=(6, 3.1 * len(pairs)), squeeze=False)
+    for (left, right), d in zip(axes, pairs):
+        kind = "exact" if d["exact"] else f"near {d['similarity']:.4f}"
+        color = "red" if d["cross_split"] else "black"
+        _tile(left, data_dir, d["a"], f"{d['a'][-40:]}\n{kind}", color)
+        _tile(right, data_dir, d["b"], f"{d['b'][-40:]}\n{'across splits' if d['cross_split'] else 'same split'}",
+              color)
+    _save(fig, path)
+    return True
+
+
+def audit_pictures(audit, data_dir: Path | None, out: Path) -> list[str]:
+    """Writes the pictures that have something to show; returns their file names."""
+    written = []
+    if suspects_png(audit, data_dir, out / "suspects.png"):
+        written.append("suspects.png")
+    if duplicates_png(audit, data_dir, out / "duplicates.png"):
+        written.append("duplicates.png")
+    return written
