@@ -39,7 +39,7 @@ class AuditConfig:
     run: str | None = None  # a train-head run folder: its head scores the val/test images
     data_dir: str | None = None  # overrides the data folder recorded in the cache
     top: int = 20  # label issues listed at most
-    dup_threshold: float = 0.95  # cosine similarity of mean-centred features (README: how it was chosen)
+    dup_threshold: float = 0.997  # cosine similarity of mean-centred features (README: how it was chosen)
     label_threshold: float = 0.5  # flag when 1 - p(given label) >= this and another class is the argmax
     outlier_z: float = 5.0  # robust z-score of the k-NN distance
     knn: int = 5

@@ -10,7 +10,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from .data import load_rgb  # noqa: E402
+from PIL import Image, ImageOps  # noqa: E402
+
 from .fsio import atomic_output  # noqa: E402
 
 MAX_SUSPECTS = 24
@@ -21,11 +22,15 @@ def _thumb(data_dir: Path | None, rel: str, size: int = 224):
     """(image array or None, why not)."""
     if data_dir is None:
         return None, "data folder not found"
+    # PIL directly, not data.load_rgb: that module imports torchvision (seconds) and a thumbnail needs
+    # no bomb checks on files the cache already decoded once
     try:
-        img = load_rgb(data_dir / rel)
+        with Image.open(data_dir / rel) as im:
+            im.draft("RGB", (size, size))
+            img = ImageOps.exif_transpose(im).convert("RGB")
     except FileNotFoundError:
         return None, "image missing"
-    except (OSError, ValueError) as e:  # BadImage is a ValueError
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
         return None, f"unreadable: {str(e)[:40]}"
     img.thumbnail((size, size))
     return np.asarray(img), ""
