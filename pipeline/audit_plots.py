@@ -46,6 +46,15 @@ def _tile(ax, data_dir, rel: str, title: str, color: str = "black") -> None:
     ax.set_title(title, fontsize=8, color=color)
 
 
+def _nothing(path: Path, what: str) -> None:
+    """A picture that says nothing was found: it replaces an older audit's picture in the same folder,
+    which would otherwise show findings this audit no longer has."""
+    fig, ax = plt.subplots(figsize=(4, 1.2))
+    ax.axis("off")
+    ax.text(0.5, 0.5, what, ha="center", va="center")
+    _save(fig, path)
+
+
 def _save(fig, path: Path) -> None:
     try:
         with atomic_output(path, suffix=".png") as tmp:
@@ -54,14 +63,15 @@ def _save(fig, path: Path) -> None:
         plt.close(fig)
 
 
-def suspects_png(audit, data_dir: Path | None, path: Path, cols: int = 6) -> bool:
+def suspects_png(audit, data_dir: Path | None, path: Path, cols: int = 6) -> None:
     tiles = [(r["path"], f"{r['split']}: given {r['label']}\nsuggested {r['suggested']}\nscore {r['score']:.3f}", "red")
              for r in audit.label_issues]
     tiles += [(r["path"], f"{r['split']}: outlier\nz {r['z']:.1f}, distance {r['score']:.3f}", "darkorange")
               for r in audit.outliers]
     tiles = tiles[:MAX_SUSPECTS]
     if not tiles:
-        return False
+        _nothing(path, "no label issues or outliers\nabove the thresholds")
+        return
     rows = -(-len(tiles) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(2.4 * cols, 2.9 * rows), squeeze=False)
     for ax in axes.flat:
@@ -69,13 +79,13 @@ def suspects_png(audit, data_dir: Path | None, path: Path, cols: int = 6) -> boo
     for ax, (rel, title, color) in zip(axes.flat, tiles):
         _tile(ax, data_dir, rel, f"{Path(rel).name[:28]}\n{title}", color)
     _save(fig, path)
-    return True
 
 
-def duplicates_png(audit, data_dir: Path | None, path: Path) -> bool:
+def duplicates_png(audit, data_dir: Path | None, path: Path) -> None:
     pairs = audit.duplicates[:MAX_PAIRS]
     if not pairs:
-        return False
+        _nothing(path, "no duplicates above the threshold")
+        return
     fig, axes = plt.subplots(len(pairs), 2, figsize=(6, 3.1 * len(pairs)), squeeze=False)
     for (left, right), d in zip(axes, pairs):
         kind = "exact" if d["exact"] else f"near {d['similarity']:.4f}"
@@ -84,14 +94,10 @@ def duplicates_png(audit, data_dir: Path | None, path: Path) -> bool:
         _tile(right, data_dir, d["b"], f"{d['b'][-40:]}\n{'across splits' if d['cross_split'] else 'same split'}",
               color)
     _save(fig, path)
-    return True
 
 
 def audit_pictures(audit, data_dir: Path | None, out: Path) -> list[str]:
-    """Writes the pictures that have something to show; returns their file names."""
-    written = []
-    if suspects_png(audit, data_dir, out / "suspects.png"):
-        written.append("suspects.png")
-    if duplicates_png(audit, data_dir, out / "duplicates.png"):
-        written.append("duplicates.png")
-    return written
+    """Writes both pictures (a line saying so when one has nothing to show); returns their file names."""
+    suspects_png(audit, data_dir, out / "suspects.png")
+    duplicates_png(audit, data_dir, out / "duplicates.png")
+    return ["suspects.png", "duplicates.png"]

@@ -83,8 +83,9 @@ def test_clean_set_reports_nothing(tmp_path):
     a = audit(tmp_path, cache)
     assert (a.duplicates, a.label_issues, a.outliers) == ([], [], [])
     assert a.scored["out_of_fold_accuracy"] == 1.0
-    assert a.pictures == []  # nothing to show: no empty picture files
-    assert not (tmp_path / "audit/suspects.png").exists()
+    # both pictures are still written (saying nothing was found), so an older audit's pictures never linger
+    assert a.pictures == ["suspects.png", "duplicates.png"]
+    assert all((tmp_path / "audit" / p).stat().st_size > 0 for p in a.pictures)
     j = json.loads((tmp_path / "audit/audit.json").read_text())
     assert (j["duplicates"], j["label_issues"], j["outliers"]) == ([], [], [])
     assert "duplicates: 0 pairs" in (tmp_path / "audit/report.txt").read_text()
