@@ -366,6 +366,7 @@ def run_audit(cfg: AuditConfig) -> Audit:
         audit.notes.append(f"the out-of-fold heads reach only {oof:.2f} accuracy on train: their label suggestions "
                            "are weak evidence with these features")
     audit.label_issues = flagged_label_issues(scored, cfg.label_threshold, cfg.top)
+    audit.scored["above_threshold"] = len(flagged_label_issues(scored, cfg.label_threshold, len(scored)))
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     if cfg.pictures:
@@ -385,6 +386,10 @@ def _split_counts(rows: dict[str, int]) -> str:
     return ", ".join(f"{s} {n}" for s, n in rows.items())
 
 
+def _more(found: list, limit: int) -> list[str]:
+    return [f"  ... and {len(found) - limit} more in audit.json"] if len(found) > limit else []
+
+
 def report_text(a: Audit, limit: int = 20) -> str:
     """report.txt: each finding list with its threshold, the first `limit` entries of each."""
     t = a.thresholds
@@ -398,20 +403,23 @@ def report_text(a: Audit, limit: int = 20) -> str:
         kind = "exact" if d["exact"] else "near "
         leak = "  [across splits]" if d["cross_split"] else ""
         lines.append(f"  {kind} {d['similarity']:.4f}  {d['a']}  <->  {d['b']}{leak}")
+    lines += _more(a.duplicates, limit)
     s = a.scored
     how = []
     if "folds" in s:
         how.append(f"{s['rows']} train images out-of-fold, {s['folds']} folds, accuracy {s['out_of_fold_accuracy']:.4f}")
     if "run" in s:
         how.append(f"{s['run_rows']} val/test images by the head of {s['run']}, accuracy {s['run_accuracy']:.4f}")
-    lines.append(f"\nlabel issues: {len(a.label_issues)} (score = 1 - p(given label) >= {t['label_threshold']}, "
-                 f"another class likelier; at most {t['top']})" + (f"; scored: {'; '.join(how)}" if how else ""))
+    lines.append(f"\nlabel issues: {len(a.label_issues)} shown of {s.get('above_threshold', 0)} with score = "
+                 f"1 - p(given label) >= {t['label_threshold']} and another class likelier (--top {t['top']})"
+                 + (f"; scored: {'; '.join(how)}" if how else ""))
     for r in a.label_issues[:limit]:
         lines.append(f"  {r['score']:.4f}  {r['path']}  given {r['label']}, suggested {r['suggested']}")
     lines.append(f"\noutliers: {len(a.outliers)} (mean cosine distance to {t['knn']} nearest images, robust z >= "
                  f"{t['outlier_z']})")
     for r in a.outliers[:limit]:
         lines.append(f"  z {r['z']:.1f}  distance {r['score']:.4f}  {r['path']}")
+    lines += _more(a.outliers, limit)
     if a.notes:
         lines.append("\nnotes:")
         lines += [f"  {n}" for n in a.notes]
