@@ -242,6 +242,9 @@ def head_options(prefix: str = ""):
                          help="Seed of the head's init, shuffling and view draws."),
             click.option(f"--{prefix}device", "head_device", default="cpu", show_default=True,
                          help="cpu (fastest for a linear head), cuda or auto."),
+            click.option("--folds", default=0, show_default=True, type=click.IntRange(min=0),
+                         help="K >= 2: K-fold cross-validation on train+val features first (mean, std, per fold); "
+                              "a sweep is then ranked and chosen by CV accuracy."),
             click.option("--no-views", is_flag=True, help="Ignore the cache's augmented views."),
             click.option("--no-plots", is_flag=True, help="Skip curves.png, confusion.png, predictions.png."),
         ]
@@ -268,7 +271,8 @@ def _head_config(cache, out, o: dict):
 
     return HeadConfig(cache=cache, out=out, epochs=o["epochs"], lr=o["lr"], momentum=o["momentum"],
                       step_size=o["step_size"], gamma=o["gamma"], batch_size=o["head_batch_size"],
-                      seed=o["head_seed"], device=resolve_head_device(o["head_device"]), use_views=not o["no_views"], plots=not o["no_plots"])
+                      seed=o["head_seed"], device=resolve_head_device(o["head_device"]), use_views=not o["no_views"], plots=not o["no_plots"],
+                      folds=o["folds"])
 
 
 def resolve_head_device(name: str) -> str:
@@ -305,30 +309,37 @@ def _do_train_head(cfg):
 
     m = run_train_head(cfg)
     if "sweep" in m:
-        click.echo(sweep_table(m["sweep"]))
+        click.echo(sweep_table(m["sweep"], m.get("chosen")))
     click.echo(m["report_text"])
     click.echo(f"trained in {m['seconds']:.3f} s; run folder {cfg.out}")
     return m
 
 
-SWEEP_RESULTS = ("best_val_acc", "best_epoch", "best_val_ci", "diverged_epoch")
+SWEEP_RESULTS = ("best_val_acc", "best_epoch", "best_val_ci", "diverged_epoch", "cv_mean", "cv_std")
 
 
-def sweep_table(rows: list[dict]) -> str:
-    """One line per setting: the values that vary, best val accuracy with its 95% interval (settings whose
-    intervals overlap are not told apart by this val set), best epoch; diverged settings are marked."""
+def sweep_table(rows: list[dict], best: int | None = None) -> str:
+    """One line per setting: the values that vary, (with cross-validation: CV mean and std, ranked by the
+    mean), best val accuracy with its 95% interval (settings whose intervals overlap are not told apart by
+    this val set), best epoch; diverged settings are marked. best: the chosen row (default: best val)."""
+    cv = "cv_mean" in rows[0]
     keys = [k for k in rows[0] if k not in SWEEP_RESULTS and len({r[k] for r in rows}) > 1]
     alive = [i for i, r in enumerate(rows) if "diverged_epoch" not in r]
-    best = max(alive, key=lambda i: rows[i]["best_val_acc"]) if alive else None
-    lines = ["  ".join(f"{k:>10}" for k in keys) + "  best_val_acc  95% CI       correct  best_epoch"]
-    for i, r in enumerate(rows):
+    if best is None and alive:
+        best = max(alive, key=lambda i: rows[i]["best_val_acc"])
+    order = sorted(range(len(rows)), key=lambda i: -rows[i].get("cv_mean", -1.0)) if cv else range(len(rows))
+    lines = ["  ".join(f"{k:>10}" for k in keys) + ("   cv_mean   cv_std" if cv else "")
+             + "  best_val_acc  95% CI       correct  best_epoch"]
+    for i in order:
+        r = rows[i]
         if "diverged_epoch" in r:
             lines.append("  ".join(f"{r[k]:>10g}" for k in keys) + f"  diverged in epoch {r['diverged_epoch']} (not used)")
             continue
         mark = "  <- best" if i == best else ""
+        cvs = f"  {r['cv_mean']:>8.4f} {r['cv_std']:>8.4f}" if cv else ""
         ci = r.get("best_val_ci")
         interval = f"{ci['low']:.3f}-{ci['high']:.3f}  {ci['correct']:>3}/{ci['n']:<3}" if ci else f"{'':20}"
-        lines.append("  ".join(f"{r[k]:>10g}" for k in keys)
+        lines.append("  ".join(f"{r[k]:>10g}" for k in keys) + cvs
                      + f"  {r['best_val_acc']:>12.4f}  {interval}  {r['best_epoch']:>10d}{mark}")
     return "\n".join(lines)
 
@@ -382,6 +393,43 @@ def run(data_dir, out, cache_path, **o):
     cache_path = cache_path or str(Path(out) / "features.h5")
     _do_extract(_extract_config(data_dir, cache_path, o))
     _do_train_head(_head_config(cache_path, out, o))
+
+
+@cli.command()
+@click.argument("cache_path", metavar="FILE.h5", type=click.Path(exists=True, dir_okay=False))
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="Folder for report.txt, audit.json, suspects.png, duplicates.png.")
+@click.option("--run", "run_dir", default=None, type=click.Path(exists=True, file_okay=False),
+              help="A train-head run on this cache: its head scores the val/test images for label issues.")
+@click.option("--data-dir", default=None, type=click.Path(file_okay=False),
+              help="The image folder, when the one recorded in the cache has moved.")
+@click.option("--top", default=20, show_default=True, type=click.IntRange(min=0), help="Label issues listed at most.")
+@click.option("--dup-threshold", default=0.997, show_default=True, type=click.FloatRange(-1, 1),
+              help="Near duplicates: cosine similarity of mean-centred features at least this.")
+@click.option("--label-threshold", default=0.5, show_default=True, type=click.FloatRange(0, 1),
+              help="Label issues: 1 - p(given label) at least this, another class likelier.")
+@click.option("--outlier-z", default=5.0, show_default=True, type=float,
+              help="Outliers: robust z-score of the k-NN distance at least this.")
+@click.option("--knn", default=5, show_default=True, type=click.IntRange(min=1), help="Neighbours for outliers.")
+@click.option("--folds", default=5, show_default=True, type=click.IntRange(min=2),
+              help="Folds of the out-of-fold heads that score the train images.")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--no-plots", is_flag=True, help="Skip suspects.png and duplicates.png.")
+@click.option("--json", "as_json", is_flag=True, help="Print audit.json instead of the report.")
+@friendly_errors
+def audit(cache_path, out, run_dir, data_dir, top, dup_threshold, label_threshold, outlier_z, knn, folds, seed,
+          no_plots, as_json):
+    """Find duplicates (exact and near, leaks across splits), likely label errors and outliers.
+
+    Reads only the cache (and the images, for exact duplicates and pictures).
+    Example: cli.py audit feats.h5 --out audit/ --run runs/ants
+    """
+    from pipeline.audit import AuditConfig, report_text, run_audit
+
+    a = run_audit(AuditConfig(cache=cache_path, out=out, run=run_dir, data_dir=data_dir, top=top,
+                              dup_threshold=dup_threshold, label_threshold=label_threshold, outlier_z=outlier_z,
+                              knn=knn, folds=folds, seed=seed, pictures=not no_plots))
+    click.echo(json.dumps(a.as_json(), indent=2) if as_json else report_text(a).rstrip("\n"))
 
 
 @cli.command()

@@ -10,7 +10,8 @@ from cache import read_cache
 
 from . import PipelineError
 from .evaluate import ci_from_accuracy, evaluate_predictions, report_text, split_metrics
-from .head import HeadParams, HeadResult, TrainingDiverged, expand_grid, head_logits, params_dict, train_heads
+from .head import (HeadParams, HeadResult, TrainingDiverged, cv_summary, expand_grid, head_logits, params_dict,
+                   stratified_folds, train_folds, train_heads)
 from .runfolder import RunFolder, RunManifest
 from .splits import cache_record
 
@@ -34,6 +35,8 @@ class HeadConfig:
     use_views: bool = True  # draw augmented views when the cache has them
     plots: bool = True
     val_split: str = "val"
+    folds: int = 0  # > 1: K-fold cross-validation on train+val features before the final training
+    folds_seed: int = 0  # fold assignment; every setting of a sweep sees the same folds
     extra: dict = field(default_factory=dict)
 
     def grid(self) -> dict[str, list]:
@@ -56,16 +59,17 @@ def evaluate_head(result: HeadResult, cache, splits: list[str]) -> dict[str, dic
     return out
 
 
-def pick_best(results: list[HeadResult]) -> HeadResult:
-    """The head with the best val accuracy among those that never diverged (first of equals: the grid's
-    order); when every head diverged nothing may be saved as a model."""
-    alive = [r for r in results if r.diverged_epoch is None]
+def pick_best(results: list[HeadResult], cv_means: list[float] | None = None) -> int:
+    """Index of the head with the best val accuracy (with cross-validation: the best CV mean) among those
+    that never diverged (first of equals: the grid's order); when every head diverged nothing may be saved."""
+    alive = [i for i, r in enumerate(results) if r.diverged_epoch is None]
     if not alive:
         first = min(results, key=lambda r: r.diverged_epoch)
         which = "training" if len(results) == 1 else f"every one of the {len(results)} heads"
         raise TrainingDiverged(f"{which} diverged: the loss or the weights became NaN or infinite (epoch "
                                f"{first.diverged_epoch}, lr {first.params.lr:g}); nothing was saved; lower --lr")
-    return max(alive, key=lambda r: r.best_val_acc)
+    score = (lambda i: cv_means[i]) if cv_means is not None else (lambda i: results[i].best_val_acc)
+    return max(alive, key=score)
 
 
 def sweep_rows(results: list[HeadResult]) -> list[dict]:
@@ -89,6 +93,26 @@ def head_model_payload(result: HeadResult, cache) -> RunManifest:
         recipe=params_dict(result.params), precision=a["precision"], transform=json.loads(a["transform"]),
         decoder=a.get("decoder", "pil"), draft=bool(a.get("draft", False)), features=features,
         split=cache_record(a.get("split")))
+
+
+def cross_validate(cfg: HeadConfig, cache, params: list[HeadParams]) -> tuple[list[dict], float]:
+    """K-fold CV of every setting on the train+val features (eval transform; the val split has no
+    views, so no fold uses them). Returns one cv_summary per setting and the training seconds."""
+    X = np.concatenate([cache.splits[s].features for s in ("train", cfg.val_split)])
+    y = np.concatenate([cache.splits[s].labels for s in ("train", cfg.val_split)])
+    if cfg.folds < 2 or len(y) < cfg.folds:
+        raise PipelineError(f"--folds {cfg.folds} needs 2 <= folds <= the {len(y)} images of train+"
+                            f"{cfg.val_split}")
+    folds = stratified_folds(y, cfg.folds, cfg.folds_seed)
+    runs, seconds = train_folds(X, y, len(cache.class_names), params, folds, device=cfg.device)
+    return [{**cv_summary(r), "seed": cfg.folds_seed, "n": int(len(y)), "on": f"train+{cfg.val_split}"}
+            for r in runs], seconds
+
+
+def cv_line(cv: dict) -> str:
+    per = " ".join(f"{a:.4f}" for a in cv["per_fold"])
+    return (f"{cv['folds']}-fold CV on {cv['on']} ({cv['n']} images): mean {cv['mean']:.4f}, std {cv['std']:.4f} "
+            f"(folds {per}; trained in {cv['seconds']:.3f} s)")
 
 
 def run_train_head(cfg: HeadConfig) -> dict:
@@ -127,7 +151,14 @@ def _train(cfg: HeadConfig, cache, params: list[HeadParams]) -> HeadRun:
     views = train.views if (cfg.use_views and train.views is not None and train.views.shape[1] > 0) else None
     results, seconds = train_heads(_split_xy(cache, "train"), _split_xy(cache, cfg.val_split),
                                    len(cache.class_names), params, views=views, device=cfg.device)
-    best = pick_best(results)
+    cvs = None
+    if cfg.folds:
+        cvs, cv_seconds = cross_validate(cfg, cache, params)
+        for cv in cvs:
+            cv["seconds"] = cv_seconds
+    # with CV the setting is chosen by CV accuracy; its epoch is still picked on val as without
+    chosen = pick_best(results, [cv["mean"] for cv in cvs] if cvs else None)
+    best = results[chosen]
     eval_splits = [cfg.val_split] + [s for s in cache.splits if s not in ("train", cfg.val_split)]
     evaluations = evaluate_head(best, cache, eval_splits)
     metrics = {
@@ -146,9 +177,16 @@ def _train(cfg: HeadConfig, cache, params: list[HeadParams]) -> HeadRun:
         "skipped": [list(s) for s in cache.skipped],
         "split": cache_record(cache.attrs.get("split")),
     }
+    if cvs is not None:
+        metrics["cv"] = cvs[chosen]
     if len(results) > 1:
         n_val = len(cache.splits[cfg.val_split].labels)
-        metrics["sweep"] = [{**row, "best_val_ci": ci_from_accuracy(row["best_val_acc"], n_val)}
-                            if "diverged_epoch" not in row else row for row in sweep_rows(results)]
+        metrics["sweep"] = [{**row, **({"best_val_ci": ci_from_accuracy(row["best_val_acc"], n_val)}
+                                       if "diverged_epoch" not in row else {}),
+                             **({"cv_mean": cv["mean"], "cv_std": cv["std"]} if cv else {})}
+                            for row, cv in zip(sweep_rows(results), cvs or [None] * len(results))]
+        metrics["chosen"] = chosen
     report = report_text(evaluations, best.best_val_acc, best.best_epoch)
+    if cvs is not None:
+        report += "\n" + cv_line(cvs[chosen]) + "\n"
     return HeadRun(best, metrics, report, evaluations)

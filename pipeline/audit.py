@@ -1,0 +1,428 @@
+"""The audit stage: leaked duplicates, likely label errors and outliers, from a feature cache alone.
+
+Everything is computed from the cached features (any backbone) plus, for exact duplicates and the
+pictures, the image files named in the cache:
+- exact duplicates: the same bytes (sha256 of each file in the data folder);
+- near duplicates: cosine similarity of mean-centred features, every pair above a threshold, within
+  and across splits, found block by block (never an N x N matrix);
+- label issues: out-of-fold class probabilities of every train image from K heads trained at once
+  (head.train_folds), and, with --run, val/test images scored by that run's trained head;
+- outliers: mean cosine distance to the k nearest neighbours, flagged by a robust z-score.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cache import read_cache
+
+from . import PipelineError
+from .fsio import atomic_write_bytes, atomic_write_json, sha256_file
+from .head import HeadParams, out_of_fold_proba, stratified_folds, train_folds
+from .runfolder import load_manifest
+
+
+class AuditRunMismatch(PipelineError):
+    """--run names a run folder whose head cannot score this cache's features."""
+
+
+@dataclass
+class AuditConfig:
+    cache: str
+    out: str
+    run: str | None = None  # a train-head run folder: its head scores the val/test images
+    data_dir: str | None = None  # overrides the data folder recorded in the cache
+    top: int = 20  # label issues listed at most
+    dup_threshold: float = 0.997  # cosine similarity of mean-centred features (README: how it was chosen)
+    label_threshold: float = 0.5  # flag when 1 - p(given label) >= this and another class is the argmax
+    outlier_z: float = 5.0  # robust z-score of the k-NN distance
+    knn: int = 5
+    folds: int = 5
+    seed: int = 0
+    pictures: bool = True
+    block_rows: int = 2048  # similarity search block: memory ~ 2 x block^2 x 4 bytes
+    max_pairs: int = 100_000  # more near-duplicate pairs than this means the threshold is far too low
+
+
+@dataclass
+class Rows:
+    """Every row of every split, concatenated: row i is paths[i] of split splits[i]."""
+
+    features: np.ndarray  # (N, D) float32
+    labels: np.ndarray  # (N,) int64
+    paths: list[str]
+    splits: list[str]
+    class_names: list[str]
+
+    def where(self, i: int) -> dict:
+        return {"path": self.paths[i], "split": self.splits[i]}
+
+
+@dataclass
+class Audit:
+    """What run_audit found; as_json() is audit.json."""
+
+    cache: str
+    data_dir: str | None
+    rows: dict[str, int]
+    thresholds: dict
+    duplicates: list[dict] = field(default_factory=list)
+    label_issues: list[dict] = field(default_factory=list)
+    outliers: list[dict] = field(default_factory=list)
+    scored: dict = field(default_factory=dict)  # how the label issues were scored (folds, accuracy, run)
+    missing_files: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    pictures: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def as_json(self) -> dict:
+        return asdict(self)
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def gather_rows(cache) -> Rows:
+    names = list(cache.splits)
+    feats = [cache.splits[s].features for s in names]
+    return Rows(
+        features=np.concatenate(feats).astype(np.float32, copy=False) if feats else np.zeros((0, cache.feature_dim),
+                                                                                             np.float32),
+        labels=np.concatenate([cache.splits[s].labels for s in names]) if names else np.zeros(0, np.int64),
+        paths=[p for s in names for p in cache.splits[s].paths],
+        splits=[s for s in names for _ in cache.splits[s].paths],
+        class_names=cache.class_names,
+    )
+
+
+def resolve_data_dir(cache, override: str | None) -> tuple[Path | None, str]:
+    """The folder the cache's paths are relative to: --data-dir, else the cache's absolute data_root,
+    else its config's data_dir as given, against the cwd, then against the cache file's folder.
+    Returns (folder or None, what was tried when none exists)."""
+    if override:
+        p = Path(override)
+        return (p, "") if p.is_dir() else (None, f"--data-dir {override} is not a folder")
+    tried = []
+    if cache.attrs.get("data_root"):
+        tried.append(Path(cache.attrs["data_root"]))
+    try:
+        recorded = json.loads(cache.attrs.get("config", "{}")).get("data_dir")
+    except ValueError:
+        recorded = None
+    if recorded:
+        rp = Path(recorded)
+        tried += [rp] if rp.is_absolute() else [Path.cwd() / rp, Path(cache.path).resolve().parent / rp]
+    for p in tried:
+        if p.is_dir():
+            return p, ""
+    if not tried:
+        return None, "the cache records no data folder"
+    return None, "data folder not found (tried " + ", ".join(str(p) for p in tried) + ")"
+
+
+# --------------------------------------------------------------------------- similarity search
+
+
+def unit_rows(X: np.ndarray) -> torch.Tensor:
+    """Mean-centred, L2-normalised rows. Pooled CNN features are all positive, so raw cosines crowd near 1
+    (random-init ResNet-18 on the ants/bees data: median pair 0.991); centring spreads them (median -0.01)."""
+    X = np.asarray(X, dtype=np.float32)
+    # the mean in float64 by numpy's buffered reduction: torch's mean(dtype=float64) first makes a float64
+    # copy of the whole matrix (+390 MiB at 100k x 512, measured)
+    mean = torch.from_numpy(X.mean(0, dtype=np.float64).astype(np.float32))
+    F = torch.tensor(X)  # one copy, then in place: peak is X + F
+    F.sub_(mean)
+    return F.div_(F.norm(dim=1, keepdim=True).clamp_(min=1e-12))
+
+
+def _merge_topk(best_s, best_i, cand_s, cand_i, k):
+    s = torch.cat([best_s, cand_s], 1)
+    i = torch.cat([best_i, cand_i], 1)
+    top = s.topk(k, dim=1)
+    return top.values, i.gather(1, top.indices)
+
+
+def neighbour_search(F: torch.Tensor, k: int, threshold: float, block: int = 2048, max_pairs: int = 100_000):
+    """Top-k most similar other rows of every row, and every pair (i < j) with similarity >= threshold.
+
+    F (N,D) unit rows. Works on block x block tiles of the upper triangle, each tile updating the
+    top-k of both its row and its column block: memory O(block^2 + N k), never N x N.
+    Returns (sims (N,k) float32 descending, idx (N,k) int64, pairs (P,3) float64 [i, j, sim]).
+    """
+    N = F.shape[0]
+    k = max(0, min(k, N - 1))
+    best_s = torch.full((N, k), -math.inf)
+    best_i = torch.full((N, k), -1, dtype=torch.long)
+    pairs: list[torch.Tensor] = []
+    n_pairs = 0
+    with torch.inference_mode():
+        for a in range(0, N, block):
+            Fa = F[a:a + block]
+            for c in range(a, N, block):
+                S = Fa @ F[c:c + block].T  # (ba, bc)
+                if c == a:
+                    S.fill_diagonal_(-math.inf)  # a row is not its own neighbour
+                # a tile's max first: scanning a mask of a tile without pairs costs 10x more
+                ii, jj = torch.nonzero(S >= threshold, as_tuple=True) if S.amax() >= threshold else (None, None)
+                if ii is not None:
+                    keep = (ii + a) < (jj + c)  # each pair once (the diagonal tile holds both orders)
+                    ii, jj = ii[keep], jj[keep]
+                if ii is not None and len(ii):
+                    n_pairs += len(ii)
+                    if n_pairs > max_pairs:
+                        raise PipelineError(f"more than {max_pairs} pairs of images have similarity >= {threshold}: "
+                                            "that threshold is far too low for these features; raise --dup-threshold")
+                    pairs.append(torch.stack([(ii + a).double(), (jj + c).double(), S[ii, jj].double()], 1))
+                if k:
+                    kk = min(k, S.shape[1])
+                    t = S.topk(kk, dim=1)
+                    rows = slice(a, a + S.shape[0])
+                    best_s[rows], best_i[rows] = _merge_topk(best_s[rows], best_i[rows], t.values, t.indices + c, k)
+                    if c != a:
+                        kk = min(k, S.shape[0])
+                        t = S.T.contiguous().topk(kk, dim=1)  # topk along a strided dim is 3x slower
+                        cols = slice(c, c + S.shape[1])
+                        best_s[cols], best_i[cols] = _merge_topk(best_s[cols], best_i[cols], t.values,
+                                                                 t.indices + a, k)
+    P = torch.cat(pairs).numpy() if pairs else np.zeros((0, 3))
+    return best_s.numpy(), best_i.numpy(), P
+
+
+# --------------------------------------------------------------------------- findings
+
+
+def exact_duplicate_groups(rows: Rows, data_dir: Path) -> tuple[list[list[int]], list[int]]:
+    """Rows whose files have the same bytes (groups of >= 2), and the rows whose file is missing."""
+    by_digest: dict[str, list[int]] = {}
+    missing = []
+    for i, p in enumerate(rows.paths):
+        try:
+            by_digest.setdefault(sha256_file(data_dir / p), []).append(i)
+        except OSError:
+            missing.append(i)
+    return [g for g in by_digest.values() if len(g) > 1], missing
+
+
+def duplicate_list(rows: Rows, F: torch.Tensor, near: np.ndarray, exact_groups: list[list[int]]) -> list[dict]:
+    """Near pairs (i, j, sim) and every pair inside an exact group, one entry per pair, most suspect first:
+    exact before near, then by similarity, leaks across splits before pairs within one."""
+    found: dict[tuple[int, int], dict] = {}
+    for i, j, s in near:
+        found[(int(i), int(j))] = {"similarity": float(s), "exact": False}
+    for g in exact_groups:
+        for x in range(len(g)):
+            for y in range(x + 1, len(g)):
+                i, j = sorted((g[x], g[y]))
+                found[(i, j)] = {"similarity": float(F[i] @ F[j]), "exact": True}
+    out = []
+    for (i, j), v in found.items():
+        out.append({"a": rows.paths[i], "b": rows.paths[j], "a_split": rows.splits[i], "b_split": rows.splits[j],
+                    "similarity": round(v["similarity"], 6), "exact": v["exact"],
+                    "cross_split": rows.splits[i] != rows.splits[j]})
+    out.sort(key=lambda d: (not d["exact"], -d["similarity"], not d["cross_split"], d["a"], d["b"]))
+    return out
+
+
+def knn_outliers(rows: Rows, sims: np.ndarray, z_threshold: float) -> tuple[list[dict], np.ndarray]:
+    """Mean cosine distance to the k nearest other images; flagged where its robust z-score
+    (median / 1.4826 MAD, Iglewicz-Hoaglin) is >= z_threshold. Returns (flagged, most distant first), z."""
+    if sims.shape[1] == 0:
+        return [], np.zeros(len(sims))
+    score = (1.0 - sims).mean(1)
+    med = np.median(score)
+    scale = 1.4826 * np.median(np.abs(score - med))
+    if scale <= 0:
+        scale = score.std()
+    z = (score - med) / scale if scale > 0 else np.zeros_like(score)
+    flagged = np.flatnonzero(z >= z_threshold)
+    flagged = flagged[np.argsort(-z[flagged], kind="stable")]
+    return [{**rows.where(int(i)), "score": round(float(score[i]), 6), "z": round(float(z[i]), 3)}
+            for i in flagged], z
+
+
+def label_issue_rows(rows: Rows, idx: np.ndarray, proba: np.ndarray, source: str) -> list[dict]:
+    """Every row of idx scored by how little probability its given label gets (score = 1 - p)."""
+    out = []
+    for i, p in zip(idx, proba):
+        lab = int(rows.labels[i])
+        sug = int(np.argmax(p))
+        out.append({**rows.where(int(i)), "label": rows.class_names[lab], "suggested": rows.class_names[sug],
+                    "score": round(float(1.0 - p[lab]), 6), "source": source, "_flip": sug != lab})
+    return out
+
+
+def out_of_fold_issues(rows: Rows, cfg: AuditConfig, notes: list[str]) -> tuple[list[dict], dict]:
+    """Out-of-fold scores of the train rows; a note (and nothing) when the train split cannot be folded."""
+    idx = np.flatnonzero(np.asarray(rows.splits) == "train")
+    if len(rows.class_names) < 2:
+        notes.append("label issues skipped: the cache has one class")
+        return [], {}
+    y = rows.labels[idx]
+    counts = np.bincount(y, minlength=len(rows.class_names))
+    present = counts[counts > 0]
+    if len(present) < 2:
+        notes.append("label issues skipped: the train split has images of only one class")
+        return [], {}
+    k = int(min(cfg.folds, present.min()))
+    if k < 2:
+        small = [rows.class_names[c] for c in np.flatnonzero(counts == 1)]
+        notes.append(f"label issues skipped: class {', '.join(small)} has 1 train image; cross-validation needs "
+                     "at least 2 per class")
+        return [], {}
+    if k < cfg.folds:
+        notes.append(f"{k} folds instead of {cfg.folds}: the smallest train class has {k} images")
+    folds = stratified_folds(y, k, cfg.seed)
+    (runs,), seconds = train_folds(rows.features[idx], y, len(rows.class_names), [HeadParams(seed=cfg.seed)], folds)
+    proba = out_of_fold_proba(rows.features[idx], folds, runs)
+    acc = float((proba.argmax(1) == y).mean())
+    return label_issue_rows(rows, idx, proba, "out-of-fold"), {
+        "folds": k, "out_of_fold_accuracy": round(acc, 6), "train_seconds": round(seconds, 4), "rows": int(len(idx))}
+
+
+def run_head_issues(rows: Rows, cache, run_dir: str) -> tuple[list[dict], dict]:
+    """Val/test rows scored by a train-head run's head, which must have been trained on this cache's features."""
+    m = load_manifest(run_dir)
+    if m.kind != "head":
+        raise AuditRunMismatch(f"--run {run_dir} is a {m.kind} run; audit needs a train-head run folder "
+                               "(its head reads cached features)")
+    if m.features.get("fingerprint") != cache.attrs.get("fingerprint"):
+        raise AuditRunMismatch(f"--run {run_dir} was trained on features of another cache (fingerprint differs "
+                               f"from {cache.path}); audit the cache it was trained on")
+    if list(m.class_names) != list(rows.class_names):
+        raise AuditRunMismatch(f"--run {run_dir} has classes {m.class_names}, the cache {rows.class_names}")
+    idx = np.flatnonzero(np.asarray(rows.splits) != "train")
+    W, b = m.state_dict["weight"].float(), m.state_dict["bias"].float()
+    with torch.inference_mode():
+        proba = torch.softmax(torch.from_numpy(rows.features[idx]) @ W.T + b, 1).double().numpy()
+    acc = float((proba.argmax(1) == rows.labels[idx]).mean()) if len(idx) else 0.0
+    return label_issue_rows(rows, idx, proba, "run"), {"run": str(run_dir), "run_accuracy": round(acc, 6),
+                                                       "run_rows": int(len(idx))}
+
+
+def flagged_label_issues(scored: list[dict], threshold: float, top: int) -> list[dict]:
+    """Rows whose suggested class is not their label and whose score passes threshold, worst first, top few."""
+    hits = [r for r in scored if r["_flip"] and r["score"] >= threshold]
+    hits.sort(key=lambda r: (-r["score"], r["split"], r["path"]))
+    return [{k: v for k, v in r.items() if k != "_flip"} for r in hits[:top]]
+
+
+# --------------------------------------------------------------------------- the stage
+
+
+def check_config(cfg: AuditConfig) -> None:
+    if not -1.0 <= cfg.dup_threshold <= 1.0:
+        raise PipelineError(f"--dup-threshold {cfg.dup_threshold} is not a cosine similarity (-1..1)")
+    if not 0.0 <= cfg.label_threshold <= 1.0:
+        raise PipelineError(f"--label-threshold {cfg.label_threshold} must be within 0..1")
+    if cfg.top < 0 or cfg.knn < 1 or cfg.folds < 2:
+        raise PipelineError("--top must be >= 0, --knn >= 1 and --folds >= 2")
+
+
+def run_audit(cfg: AuditConfig) -> Audit:
+    """Audit cfg.cache; writes report.txt, audit.json and the pictures into cfg.out; returns the findings."""
+    check_config(cfg)
+    t0 = time.perf_counter()
+    cache = read_cache(cfg.cache, with_views=False)
+    rows = gather_rows(cache)
+    if len(rows.labels) == 0:
+        raise PipelineError(f"cache {cfg.cache} holds no images; nothing to audit")
+    data_dir, why = resolve_data_dir(cache, cfg.data_dir)
+    audit = Audit(cache=str(cfg.cache), data_dir=str(data_dir) if data_dir else None,
+                  rows={s: int(len(sp.labels)) for s, sp in cache.splits.items()},
+                  thresholds={"dup_threshold": cfg.dup_threshold, "label_threshold": cfg.label_threshold,
+                              "outlier_z": cfg.outlier_z, "knn": cfg.knn, "top": cfg.top})
+    if data_dir is None:
+        audit.notes.append(f"{why}: exact duplicates not checked, pictures without images; pass --data-dir")
+        exact_groups: list[list[int]] = []
+    else:
+        exact_groups, missing = exact_duplicate_groups(rows, data_dir)
+        audit.missing_files = [rows.paths[i] for i in missing]
+        if missing:
+            audit.notes.append(f"{len(missing)} of {len(rows.paths)} files named in the cache are missing from "
+                               f"{data_dir}: not checked for exact duplicates (listed in audit.json missing_files)")
+    F = unit_rows(rows.features)
+    sims, _, near = neighbour_search(F, cfg.knn, cfg.dup_threshold, cfg.block_rows, cfg.max_pairs)
+    audit.duplicates = duplicate_list(rows, F, near, exact_groups)
+    if len(rows.labels) <= cfg.knn:
+        audit.notes.append(f"outliers skipped: {len(rows.labels)} images, need more than --knn {cfg.knn}")
+    else:
+        audit.outliers, _ = knn_outliers(rows, sims, cfg.outlier_z)
+    scored, audit.scored = out_of_fold_issues(rows, cfg, audit.notes)
+    if cfg.run:
+        run_scored, info = run_head_issues(rows, cache, cfg.run)
+        scored += run_scored
+        audit.scored.update(info)
+    elif any(s != "train" for s in rows.splits):
+        audit.notes.append("val/test images not scored for label issues: pass --run RUN_DIR (a train-head run "
+                           "on this cache)")
+    oof = audit.scored.get("out_of_fold_accuracy")
+    if oof is not None and oof < 0.8:
+        audit.notes.append(f"the out-of-fold heads reach only {oof:.2f} accuracy on train: their label suggestions "
+                           "are weak evidence with these features")
+    audit.label_issues = flagged_label_issues(scored, cfg.label_threshold, cfg.top)
+    audit.scored["above_threshold"] = len(flagged_label_issues(scored, cfg.label_threshold, len(scored)))
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if cfg.pictures:
+        from .audit_plots import audit_pictures
+
+        audit.pictures = audit_pictures(audit, data_dir, out)
+    audit.seconds = round(time.perf_counter() - t0, 3)
+    atomic_write_json(out / "audit.json", audit.as_json())
+    atomic_write_bytes(out / "report.txt", report_text(audit).encode())
+    return audit
+
+
+# --------------------------------------------------------------------------- report
+
+
+def _split_counts(rows: dict[str, int]) -> str:
+    return ", ".join(f"{s} {n}" for s, n in rows.items())
+
+
+def _more(found: list, limit: int) -> list[str]:
+    return [f"  ... and {len(found) - limit} more in audit.json"] if len(found) > limit else []
+
+
+def report_text(a: Audit, limit: int = 20) -> str:
+    """report.txt: each finding list with its threshold, the first `limit` entries of each."""
+    t = a.thresholds
+    lines = [f"audit of {a.cache} ({_split_counts(a.rows)}; data folder {a.data_dir or 'not found'}) "
+             f"in {a.seconds:.2f} s"]
+    exact = sum(d["exact"] for d in a.duplicates)
+    cross = sum(d["cross_split"] for d in a.duplicates)
+    lines.append(f"\nduplicates: {len(a.duplicates)} pairs ({exact} exact, {len(a.duplicates) - exact} near; "
+                 f"{cross} across splits); near = cosine of mean-centred features >= {t['dup_threshold']}")
+    for d in a.duplicates[:limit]:
+        kind = "exact" if d["exact"] else "near "
+        leak = "  [across splits]" if d["cross_split"] else ""
+        lines.append(f"  {kind} {d['similarity']:.4f}  {d['a']}  <->  {d['b']}{leak}")
+    lines += _more(a.duplicates, limit)
+    s = a.scored
+    how = []
+    if "folds" in s:
+        how.append(f"{s['rows']} train images out-of-fold, {s['folds']} folds, accuracy {s['out_of_fold_accuracy']:.4f}")
+    if "run" in s:
+        how.append(f"{s['run_rows']} val/test images by the head of {s['run']}, accuracy {s['run_accuracy']:.4f}")
+    lines.append(f"\nlabel issues: {len(a.label_issues)} shown of {s.get('above_threshold', 0)} with score = "
+                 f"1 - p(given label) >= {t['label_threshold']} and another class likelier (--top {t['top']})"
+                 + (f"; scored: {'; '.join(how)}" if how else ""))
+    for r in a.label_issues[:limit]:
+        lines.append(f"  {r['score']:.4f}  {r['path']}  given {r['label']}, suggested {r['suggested']}")
+    lines.append(f"\noutliers: {len(a.outliers)} (mean cosine distance to {t['knn']} nearest images, robust z >= "
+                 f"{t['outlier_z']})")
+    for r in a.outliers[:limit]:
+        lines.append(f"  z {r['z']:.1f}  distance {r['score']:.4f}  {r['path']}")
+    lines += _more(a.outliers, limit)
+    if a.notes:
+        lines.append("\nnotes:")
+        lines += [f"  {n}" for n in a.notes]
+    if a.pictures:
+        lines.append(f"\npictures: {', '.join(a.pictures)}")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,103 @@
+"""The audit's pictures: suspects.png (label issues and outliers) and duplicates.png (pairs side by side).
+A file that cannot be read becomes a tile that says so; pictures never fail the audit."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from PIL import Image, ImageOps  # noqa: E402
+
+from .fsio import atomic_output  # noqa: E402
+
+MAX_SUSPECTS = 24
+MAX_PAIRS = 10
+
+
+def _thumb(data_dir: Path | None, rel: str, size: int = 224):
+    """(image array or None, why not)."""
+    if data_dir is None:
+        return None, "data folder not found"
+    # PIL directly, not data.load_rgb: that module imports torchvision (seconds) and a thumbnail needs
+    # no bomb checks on files the cache already decoded once
+    try:
+        with Image.open(data_dir / rel) as im:
+            im.draft("RGB", (size, size))
+            img = ImageOps.exif_transpose(im).convert("RGB")
+    except FileNotFoundError:
+        return None, "image missing"
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        return None, f"unreadable: {str(e)[:40]}"
+    img.thumbnail((size, size))
+    return np.asarray(img), ""
+
+
+def _tile(ax, data_dir, rel: str, title: str, color: str = "black") -> None:
+    ax.axis("off")
+    img, why = _thumb(data_dir, rel)
+    if img is not None:
+        ax.imshow(img)
+    else:
+        ax.text(0.5, 0.5, f"{why}\n{rel}", ha="center", va="center", fontsize=7, wrap=True)
+    ax.set_title(title, fontsize=8, color=color)
+
+
+def _nothing(path: Path, what: str) -> None:
+    """A picture that says nothing was found: it replaces an older audit's picture in the same folder,
+    which would otherwise show findings this audit no longer has."""
+    fig, ax = plt.subplots(figsize=(4, 1.2))
+    ax.axis("off")
+    ax.text(0.5, 0.5, what, ha="center", va="center")
+    _save(fig, path)
+
+
+def _save(fig, path: Path) -> None:
+    try:
+        with atomic_output(path, suffix=".png") as tmp:
+            fig.savefig(tmp, dpi=90, bbox_inches="tight")
+    finally:
+        plt.close(fig)
+
+
+def suspects_png(audit, data_dir: Path | None, path: Path, cols: int = 6) -> None:
+    tiles = [(r["path"], f"{r['split']}: given {r['label']}\nsuggested {r['suggested']}\nscore {r['score']:.3f}", "red")
+             for r in audit.label_issues]
+    tiles += [(r["path"], f"{r['split']}: outlier\nz {r['z']:.1f}, distance {r['score']:.3f}", "darkorange")
+              for r in audit.outliers]
+    tiles = tiles[:MAX_SUSPECTS]
+    if not tiles:
+        _nothing(path, "no label issues or outliers\nabove the thresholds")
+        return
+    rows = -(-len(tiles) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.4 * cols, 2.9 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, (rel, title, color) in zip(axes.flat, tiles):
+        _tile(ax, data_dir, rel, f"{Path(rel).name[:28]}\n{title}", color)
+    _save(fig, path)
+
+
+def duplicates_png(audit, data_dir: Path | None, path: Path) -> None:
+    pairs = audit.duplicates[:MAX_PAIRS]
+    if not pairs:
+        _nothing(path, "no duplicates above the threshold")
+        return
+    fig, axes = plt.subplots(len(pairs), 2, figsize=(6, 3.1 * len(pairs)), squeeze=False)
+    for (left, right), d in zip(axes, pairs):
+        kind = "exact" if d["exact"] else f"near {d['similarity']:.4f}"
+        color = "red" if d["cross_split"] else "black"
+        _tile(left, data_dir, d["a"], f"{d['a'][-40:]}\n{kind}", color)
+        _tile(right, data_dir, d["b"], f"{d['b'][-40:]}\n{'across splits' if d['cross_split'] else 'same split'}",
+              color)
+    _save(fig, path)
+
+
+def audit_pictures(audit, data_dir: Path | None, out: Path) -> list[str]:
+    """Writes both pictures (a line saying so when one has nothing to show); returns their file names."""
+    suspects_png(audit, data_dir, out / "suspects.png")
+    duplicates_png(audit, data_dir, out / "duplicates.png")
+    return ["suspects.png", "duplicates.png"]

@@ -1,0 +1,38 @@
+"""A feature cache written straight from arrays (no backbone): for tests that need chosen features."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from cache.store import FORMAT, PartialWriter, files_digest, fingerprint
+
+
+def write_cache(path: Path, splits: dict[str, tuple], class_names: list[str], data_dir: str = "data",
+                extra_attrs: dict | None = None) -> Path:
+    """splits = {name: (features (N,D), labels (N,), paths [N])} -> a complete cache at path."""
+    dim = int(next(iter(splits.values()))[0].shape[1])
+    listing = {k: ([str(p) for p in v[2]], [int(x) for x in v[1]]) for k, v in splits.items()}
+    fp = fingerprint({"test": "synthetic", "dim": dim})
+    plan = {"fingerprint": fp, "files_digest": files_digest(class_names, listing), "feature_dim": dim, "views": 0,
+            "views_split": "train", "splits": {k: {"paths": v[0], "labels": v[1]} for k, v in listing.items()}}
+    w = PartialWriter(path, plan).open()
+    for name, (X, y, paths) in splits.items():
+        if len(y):
+            w.write_segment(name, 0, np.asarray(X, np.float32), [""] * len(y))
+    attrs = {"format": FORMAT, "fingerprint": fp, "files_digest": plan["files_digest"], "backbone": "synthetic",
+             "weights": "none", "feature_dim": dim, "class_names": json.dumps(class_names), "transform": "{}",
+             "precision": "fp32", "views": 0, "backbone_spec": json.dumps({"kind": "synthetic"}),
+             "config": json.dumps({"data_dir": str(data_dir)}), **(extra_attrs or {})}
+    w.finalize(attrs, [])
+    return path
+
+
+def blobs(n_per_class: dict[int, int], dim: int = 32, seed: int = 0, spread: float = 1.0):
+    """Gaussian class blobs: (X (N,D) float32, y (N,) int64), classes in order."""
+    g = np.random.default_rng(seed)
+    centers = g.normal(0, 3, (max(n_per_class) + 1, dim))
+    y = np.concatenate([np.full(n, c) for c, n in n_per_class.items()]).astype(np.int64)
+    X = (centers[y] + g.normal(0, spread, (len(y), dim))).astype(np.float32)
+    return X, y

@@ -1,0 +1,239 @@
+"""audit: planted duplicates, label flips and outliers are found; clean data reports nothing; bad input is one line."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+from cli import cli
+from pipeline import PipelineError
+from pipeline.audit import AuditConfig, neighbour_search, run_audit, unit_rows
+from tests.synthetic_cache import blobs, write_cache
+
+
+# --------------------------------------------------------------------------- synthetic features
+
+
+def blob_cache(tmp_path, n_train=60, n_val=20, classes=3, flips=(), val_flips=(), outlier=None, spread=2.0,
+               name="c.h5", dim=32):
+    """Train/val blobs; flips: train rows whose label is moved to the next class; outlier: a train row
+    moved far from every class."""
+    per = {c: (n_train + n_val) // classes for c in range(classes)}
+    X, y = blobs(per, dim=dim, spread=spread, seed=3)
+    order = np.random.default_rng(4).permutation(len(y))
+    X, y = X[order], y[order].copy()
+    val = np.zeros(len(y), bool)
+    for c in range(classes):  # stratified val rows: the last n_val/classes of each class
+        val[np.flatnonzero(y == c)[-(n_val // classes):]] = True
+    tr, va = np.flatnonzero(~val), np.flatnonzero(val)
+    names = [f"c{c}" for c in range(classes)]
+    ytr, yva = y[tr].copy(), y[va].copy()
+    for i in flips:
+        ytr[i] = (ytr[i] + 1) % classes
+    for i in val_flips:
+        yva[i] = (yva[i] + 1) % classes
+    Xtr = X[tr].copy()
+    if outlier is not None:
+        Xtr[outlier] = np.random.default_rng(9).normal(0, 1, dim) * 30
+    ptr = [f"train/{names[c]}/img_{i:03d}.jpg" for i, c in enumerate(y[tr])]
+    pva = [f"val/{names[c]}/img_{i:03d}.jpg" for i, c in enumerate(y[va])]
+    return write_cache(tmp_path / name, {"train": (Xtr, ytr, ptr), "val": (X[va], yva, pva)}, names,
+                       data_dir=str(tmp_path / "no_such_folder")), ptr, pva
+
+
+def audit(tmp_path, cache, **kw):
+    return run_audit(AuditConfig(cache=str(cache), out=str(tmp_path / "audit"), **kw))
+
+
+def test_neighbour_search_equals_brute_force_in_blocks():
+    X = np.random.default_rng(0).normal(0, 1, (53, 8)).astype(np.float32)
+    X[40] = X[3] * 1.01  # one planted pair (scale does not change the cosine)
+    F = unit_rows(X)
+    sims, idx, pairs = neighbour_search(F, 4, threshold=0.6, block=7)  # 8 x 8 tiles, ragged last one
+    S = (F @ F.T).numpy()
+    np.fill_diagonal(S, -np.inf)
+    assert np.allclose(sims, -np.sort(-S, 1)[:, :4], atol=1e-6)
+    assert np.array_equal(S[np.arange(53)[:, None], idx], sims)
+    iu = np.argwhere(np.triu(S >= 0.6, 1))
+    assert sorted(map(tuple, pairs[:, :2].astype(int))) == sorted(map(tuple, iu))
+    assert (3, 40) in {tuple(p) for p in pairs[:, :2].astype(int)}
+
+
+def test_planted_label_flips_ranked_at_the_top(tmp_path):
+    flips = list(range(0, 120, 12))  # 10 of 120 train rows
+    cache, ptr, _ = blob_cache(tmp_path, n_train=120, n_val=30, flips=flips)
+    a = audit(tmp_path, cache, pictures=False)
+    flipped = {ptr[i] for i in flips}
+    ranked = [r["path"] for r in a.label_issues]
+    recall_at_10 = len(flipped & set(ranked[:10])) / len(flipped)
+    assert recall_at_10 >= 0.8  # measured: 8 of the 10 flips are the top 10 (the top 7 are all flips)
+    assert set(ranked[:7]) <= flipped
+    assert flipped <= set(ranked[:12])  # recall 1.0 within the top 12; 15 rows pass the threshold in all
+    r = a.label_issues[0]
+    assert r["split"] == "train" and r["source"] == "out-of-fold" and r["score"] > 0.9
+    assert r["suggested"] != r["label"]
+    assert a.scored["folds"] == 5 and a.scored["rows"] == 120
+
+
+def test_clean_set_reports_nothing(tmp_path):
+    cache, _, _ = blob_cache(tmp_path)
+    a = audit(tmp_path, cache)
+    assert (a.duplicates, a.label_issues, a.outliers) == ([], [], [])
+    assert a.scored["out_of_fold_accuracy"] == 1.0
+    # both pictures are still written (saying nothing was found), so an older audit's pictures never linger
+    assert a.pictures == ["suspects.png", "duplicates.png"]
+    assert all((tmp_path / "audit" / p).stat().st_size > 0 for p in a.pictures)
+    j = json.loads((tmp_path / "audit/audit.json").read_text())
+    assert (j["duplicates"], j["label_issues"], j["outliers"]) == ([], [], [])
+    assert "duplicates: 0 pairs" in (tmp_path / "audit/report.txt").read_text()
+
+
+def test_planted_outlier_found_first(tmp_path):
+    cache, ptr, _ = blob_cache(tmp_path, outlier=7)
+    a = audit(tmp_path, cache, pictures=False)
+    assert [o["path"] for o in a.outliers] == [ptr[7]]
+    assert a.outliers[0]["z"] >= 5
+
+
+def test_run_head_scores_val_images(tmp_path):
+    cache, _, pva = blob_cache(tmp_path, val_flips=[2])
+    r = CliRunner().invoke(cli, ["train-head", str(cache), "--out", str(tmp_path / "run"), "--no-plots"])
+    assert r.exit_code == 0, r.output
+    a = audit(tmp_path, cache, run=str(tmp_path / "run"), pictures=False)
+    assert [(x["path"], x["source"]) for x in a.label_issues] == [(pva[2], "run")]
+    assert a.scored["run_rows"] == 18 and a.scored["run_accuracy"] == pytest.approx(17 / 18)
+    # without --run the val images are not scored, and the report says so
+    a = audit(tmp_path, cache, pictures=False)
+    assert a.label_issues == [] and any("pass --run" in n for n in a.notes)
+
+
+def test_run_of_another_cache_is_refused(tmp_path):
+    cache, _, _ = blob_cache(tmp_path)
+    other, _, _ = blob_cache(tmp_path, name="other.h5", dim=16)
+    r = CliRunner().invoke(cli, ["train-head", str(other), "--out", str(tmp_path / "run"), "--no-plots",
+                                 "--epochs", "1"])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(cli, ["audit", str(cache), "--out", str(tmp_path / "a"), "--run", str(tmp_path / "run")])
+    assert r.exit_code == 1
+    assert r.output.startswith(f"Error: --run {tmp_path / 'run'} was trained on features of another cache")
+
+
+def test_one_class_and_tiny_splits_get_notes_not_tracebacks(tmp_path):
+    X = np.random.default_rng(0).normal(0, 1, (6, 8)).astype(np.float32)
+    one = write_cache(tmp_path / "one.h5", {"train": (X[:4], np.zeros(4, np.int64), [f"a/{i}.jpg" for i in range(4)]),
+                                            "val": (X[4:], np.zeros(2, np.int64), ["v/a.jpg", "v/b.jpg"])}, ["ants"])
+    r = CliRunner().invoke(cli, ["audit", str(one), "--out", str(tmp_path / "a1"), "--json", "--knn", "6"])
+    assert r.exit_code == 0, r.output
+    j = json.loads(r.output)
+    assert j["label_issues"] == [] and "label issues skipped: the cache has one class" in j["notes"]
+    assert "outliers skipped: 6 images, need more than --knn 6" in j["notes"]
+    tiny = write_cache(tmp_path / "tiny.h5", {"train": (X[:3], np.array([0, 0, 1]), ["t/a0", "t/a1", "t/b0"]),
+                                              "val": (X[3:4], np.array([1]), ["v/b0"])}, ["ants", "bees"])
+    r = CliRunner().invoke(cli, ["audit", str(tiny), "--out", str(tmp_path / "a2")])
+    assert r.exit_code == 0, r.output
+    assert ("label issues skipped: class bees has 1 train image; cross-validation needs at least 2 per class"
+            in r.output)
+    assert "data folder not found" in r.output and "pass --data-dir" in r.output
+
+
+def test_bad_thresholds_one_line(tmp_path):
+    cache, _, _ = blob_cache(tmp_path)
+    with pytest.raises(PipelineError, match="more than 100 pairs of images have similarity >= -1.0: that threshold "
+                                           "is far too low for these features; raise --dup-threshold"):
+        run_audit(AuditConfig(cache=str(cache), out=str(tmp_path / "b"), dup_threshold=-1.0, max_pairs=100))
+    r = CliRunner().invoke(cli, ["audit", str(cache), "--out", str(tmp_path / "a"), "--dup-threshold", "2"])
+    assert r.exit_code == 2 and "--dup-threshold" in r.output
+
+
+# --------------------------------------------------------------------------- real images, random-init features
+
+
+def structured_image(label: int, seed: int) -> Image.Image:
+    """Smooth random shapes with a class tint: distinct images stay distinct after a resize, unlike noise."""
+    g = np.random.default_rng(seed)
+    small = Image.fromarray(g.uniform(0, 255, (6, 6, 3)).astype(np.uint8)).resize((96, 96), Image.BICUBIC)
+    tint = np.array([[60, 0, -40], [-40, 0, 60]][label])
+    arr = np.asarray(small).astype(float) * 0.7 + tint + 40 + g.normal(0, 6, (96, 96, 3))
+    return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
+
+
+@pytest.fixture(scope="module")
+def planted_folder(tmp_path_factory):
+    """16 train + 8 val images, plus three val copies of train images: the same bytes, re-encoded at
+    JPEG quality 50, resized to 70%; extracted with a random-init ResNet-18."""
+    from pipeline.extract import ExtractConfig, extract
+
+    root = tmp_path_factory.mktemp("planted") / "data"
+    k = 0
+    for split, n in (("train", 8), ("val", 4)):
+        for c, cls in enumerate(["ants", "bees"]):
+            for _ in range(n):
+                p = root / split / cls / f"{cls}_{k:03d}.jpg"
+                p.parent.mkdir(parents=True, exist_ok=True)
+                structured_image(c, k).save(p, quality=90)
+                k += 1
+    (root / "val/ants/copy_exact.jpg").write_bytes((root / "train/ants/ants_000.jpg").read_bytes())
+    Image.open(root / "train/bees/bees_010.jpg").save(root / "val/bees/copy_q50.jpg", quality=50)
+    Image.open(root / "train/ants/ants_005.jpg").resize((67, 67), Image.LANCZOS).save(
+        root / "val/ants/copy_resized.jpg", quality=85)
+    cache = root.parent / "f.h5"
+    extract(ExtractConfig(data_dir=str(root), cache=str(cache), weights="none", workers=0))
+    return root, cache
+
+
+PLANTED = {("train/ants/ants_000.jpg", "val/ants/copy_exact.jpg", True),
+           ("train/bees/bees_010.jpg", "val/bees/copy_q50.jpg", False),
+           ("train/ants/ants_005.jpg", "val/ants/copy_resized.jpg", False)}
+
+
+def test_planted_cross_split_duplicates_all_found(planted_folder, tmp_path):
+    root, cache = planted_folder
+    r = CliRunner().invoke(cli, ["audit", str(cache), "--out", str(tmp_path / "a")])
+    assert r.exit_code == 0, r.output
+    j = json.loads((tmp_path / "a/audit.json").read_text())
+    assert {(d["a"], d["b"], d["exact"]) for d in j["duplicates"]} == PLANTED  # all three, nothing else
+    assert j["duplicates"][0]["b"] == "val/ants/copy_exact.jpg"  # exact first
+    assert all(d["cross_split"] and d["similarity"] >= 0.997 for d in j["duplicates"])
+    assert j["data_dir"] == str(root) and j["missing_files"] == []
+    assert set(j) >= {"duplicates", "label_issues", "outliers"}
+    assert "3 pairs (1 exact, 2 near; 3 across splits)" in r.output
+    assert (tmp_path / "a/duplicates.png").stat().st_size > 1000 and (tmp_path / "a/report.txt").is_file()
+
+
+def test_missing_image_files_are_named_and_drawn_as_skipped_tiles(planted_folder, tmp_path):
+    import shutil
+
+    root, cache = planted_folder
+    moved = tmp_path / "data"
+    shutil.copytree(root, moved)
+    (moved / "val/bees/copy_q50.jpg").unlink()  # one file of a duplicate pair is gone
+    r = CliRunner().invoke(cli, ["audit", str(cache), "--out", str(tmp_path / "a"), "--data-dir", str(moved)])
+    assert r.exit_code == 0, r.output
+    j = json.loads((tmp_path / "a/audit.json").read_text())
+    assert j["missing_files"] == ["val/bees/copy_q50.jpg"]
+    assert "1 of 27 files named in the cache are missing" in r.output
+    # the near pair is still found from the cached features, and its picture has a tile for the missing file
+    assert ("train/bees/bees_010.jpg", "val/bees/copy_q50.jpg", False) in {(d["a"], d["b"], d["exact"])
+                                                                           for d in j["duplicates"]}
+    assert "duplicates.png" in j["pictures"]
+
+
+def test_data_dir_recorded_relative_resolves_against_cache_folder(planted_folder, tmp_path, monkeypatch):
+    import h5py
+
+    root, cache = planted_folder
+    import shutil
+
+    copy = tmp_path / "f.h5"
+    shutil.copy(cache, copy)
+    shutil.copytree(root, tmp_path / "data")
+    with h5py.File(copy, "r+") as f:
+        cfg = json.loads(f.attrs["config"])
+        cfg["data_dir"] = "data"  # as when extract ran from the cache's folder
+        f.attrs["config"] = json.dumps(cfg)
+    monkeypatch.chdir(tmp_path.parent)  # not where the data is
+    a = run_audit(AuditConfig(cache=str(copy), out=str(tmp_path / "a"), pictures=False))
+    assert a.data_dir == str(tmp_path / "data") and a.missing_files == []
