@@ -278,11 +278,14 @@ class PartialWriter:
         segs = {split: self._load_split(split) for split in self.plan.splits}
         self._check_space()
         with atomic_output(self.cache_path) as tmp:
-            with h5py.File(tmp, "w") as f:
-                result = self._write(f, segs, attrs, scan_skipped)
+            result = _in_child(lambda: self._assemble(tmp, segs, attrs, scan_skipped), self.cache_path)
         fsync_dir(self.cache_path.parent)
         shutil.rmtree(self.dir)
         return result
+
+    def _assemble(self, tmp: Path, segs, attrs: dict, scan_skipped) -> dict:
+        with h5py.File(tmp, "w") as f:
+            return self._write(f, segs, attrs, scan_skipped)
 
     def _write(self, f: h5py.File, segs: dict[str, list[Segment]], attrs: dict,
                scan_skipped: list[tuple[str, str]]) -> dict:
@@ -335,6 +338,57 @@ class PartialWriter:
         f.attrs["complete"] = True
         f.attrs["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         return {"rows": counts, "skipped": skipped}
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(f"{type(e).__name__}: {e}".split())[:240]
+
+
+def _in_child(work, cache_path: Path):
+    """work() in a forked child process, its result or its error passed back.
+
+    When a write fails (a full disk), HDF5 can crash the process later while h5py releases the file
+    (a segmentation fault at exit). In a child, such a crash becomes one error line here, and the caller
+    removes the temp file. The child only runs h5py and numpy (no torch, no CUDA), so forking is safe."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork")
+    recv, send = ctx.Pipe(duplex=False)
+
+    def child():
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 2)  # h5py prints a traceback per object it fails to release: the parent says it once
+        try:
+            msg = ("ok", work())
+        except OSError as e:
+            msg = (("oserror", e.errno, " ".join(e.strerror.split())[:240], e.filename) if e.errno and e.strerror
+                   else ("error", _one_line(e)))
+        except BaseException as e:  # noqa: BLE001  (any failure goes back to the parent as text)
+            msg = ("error", _one_line(e))
+        send.send(msg)
+        send.close()
+
+    proc = ctx.Process(target=child, name="assemble-cache")
+    proc.start()
+    send.close()
+    try:
+        msg = recv.recv()
+    except EOFError:
+        msg = None
+    finally:
+        recv.close()
+        proc.join()
+    if msg is not None and msg[0] == "ok" and proc.exitcode == 0:
+        return msg[1]
+    if msg is not None and msg[0] == "oserror":
+        raise OSError(msg[1], msg[2], msg[3])
+    why = msg[1] if msg is not None and msg[0] == "error" else f"the HDF5 library crashed (exit {proc.exitcode})"
+    try:
+        free = f"{shutil.disk_usage(cache_path.parent).free / 1e6:.0f} MB free"
+    except OSError:
+        free = "free space unknown"
+    raise CacheError(f"assembling cache {cache_path} failed: {why}; is the disk full ({free})? "
+                     "Finished work is kept: free some space and rerun the same command")
 
 
 def gaps(segments: list[Segment], lo: int, hi: int) -> list[tuple[int, int]]:
