@@ -350,3 +350,42 @@ def test_a_cache_inside_the_data_folder_is_never_scanned(tiny_data, monkeypatch)
     assert extract(cfg(tiny_data, cache))["up_to_date"]  # the cache file itself is not a new file
     cache2 = tiny_data / "train/feats.h5"
     assert extract(cfg(tiny_data, cache2))["rows"] == {"train": 6, "val": 4}
+
+
+# --------------------------------------------------------------------------- .pt2 contract (20)
+
+
+class _Net(__import__("torch").nn.Module):
+    def __init__(self, width):
+        super().__init__()
+        import torch
+
+        self.conv = torch.nn.Conv2d(3, 4, 3, stride=8)
+        self.width = width
+
+    def forward(self, x):
+        import torch
+
+        y = torch.flatten(torch.nn.functional.adaptive_avg_pool2d(self.conv(x), 1), 1)
+        return y[:, : self.width]
+
+
+@pytest.mark.parametrize("width, dynamic, match", [
+    (4, False, r"with N=1 it failed .*export it with a dynamic batch dimension"),
+    (0, True, r"with N=1 it returned shape \(1, 0\)"),
+])
+def test_program_contract_is_checked_before_any_work(tiny_data, tmp_path, width, dynamic, match):
+    import torch
+
+    torch.manual_seed(0)
+    shapes = {"x": {0: torch.export.Dim("batch", min=1, max=1024)}} if dynamic else None
+    prog = torch.export.export(_Net(width).eval(), (torch.randn(2, 3, 224, 224),), dynamic_shapes=shapes)
+    path = tmp_path / "p.pt2"
+    torch.export.save(prog, str(path))
+    cache = tmp_path / "out/f.h5"
+    r = CliRunner().invoke(cli, ["extract", str(tiny_data), "--cache", str(cache), "--backbone", str(path),
+                                 "--workers", "0"])
+    assert r.exit_code == 1 and len(r.output.strip().splitlines()) == 1, r.output
+    assert f"Error: program {path} must map N x 3 x 224 x 224 images to N x D features (D >= 1) for any N" in r.output
+    assert __import__("re").search(match, r.output), r.output
+    assert not (tmp_path / "out").exists()  # no .partial folder, no lock
