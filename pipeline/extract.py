@@ -4,7 +4,6 @@ from __future__ import annotations
 import contextlib
 import enum
 import json
-import os
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path

@@ -1,6 +1,5 @@
 """Crafted, damaged and stale caches; changed files; locks that die with their process; a full disk."""
 import errno
-import json
 import os
 import shutil
 import signal
