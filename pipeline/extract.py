@@ -162,11 +162,16 @@ def _check_existing(cfg: ExtractConfig, plan: ExtractionPlan) -> tuple[Decision,
         raise CacheMismatch(f"cache {cfg.cache} was made by an earlier version that did not record file sizes, times "
                             "and hashes, so files changed since cannot be told apart; pass --force to rebuild it "
                             "(train-head still reads it as it is)")
+    if cache.class_names != plan.class_names or set(cache.splits) != set(plan.splits):
+        was, now = (f"classes {', '.join(map(printable, c))}" for c in (cache.class_names, plan.class_names)) \
+            if cache.class_names != plan.class_names else (f"splits {', '.join(sorted(c))}" for c in (cache.splits, plan.splits))
+        raise CacheMismatch(f"cache {cfg.cache} was made for {was}, {cfg.data_dir} now has {now}; "
+                            "pass --force to rebuild it or choose another --cache")
     reuse = compare_files(plan, old_files(cache), lambda p: _sha256_or_empty(Path(plan.root) / p))
-    if cache.class_names != plan.class_names or set(cache.splits) != set(plan.splits) or reuse.lost:
-        first = f" (first: {printable(reuse.lost[0])})" if reuse.lost else ""
+    if reuse.lost:
         raise CacheMismatch(f"cache {cfg.cache} was made from other files of {cfg.data_dir} (some were removed, "
-                            f"moved or relabelled{first}); pass --force to rebuild it or choose another --cache")
+                            f"moved or relabelled (first: {printable(reuse.lost[0])})); pass --force to rebuild it "
+                            "or choose another --cache")
     return Decision.UPDATE, cache, reuse
 
 

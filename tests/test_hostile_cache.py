@@ -90,6 +90,9 @@ def test_relabelled_file_is_refused_without_force(tiny_data, tmp_path):
     with pytest.raises(CacheMismatch, match=r"other files .*relabelled \(first: train/ants/img_002.jpg\)"):
         extract(cfg(tiny_data, cache))
     assert extract(cfg(tiny_data, cache, force=True))["computed"] == 10
+    make_dataset(tiny_data, {"train": {"wasps": 1}, "val": {"wasps": 1}})
+    with pytest.raises(CacheMismatch, match=r"was made for classes ants, bees, .* now has classes ants, bees, wasps"):
+        extract(cfg(tiny_data, cache))
 
 
 def test_a_skipped_file_repaired_later_is_extracted(tiny_data, tmp_path):
@@ -388,3 +391,12 @@ def test_program_contract_is_checked_before_any_work(tiny_data, tmp_path, width,
     assert f"Error: program {path} must map N x 3 x 224 x 224 images to N x D features (D >= 1) for any N" in r.output
     assert __import__("re").search(match, r.output), r.output
     assert not (tmp_path / "out").exists()  # no .partial folder, no lock
+
+
+def test_a_fifo_at_the_cache_path_is_refused_not_opened(tmp_path):
+    fifo = tmp_path / "f.h5"
+    os.mkfifo(fifo)
+    t0 = time.perf_counter()
+    r = CliRunner().invoke(cli, ["info", str(fifo)])
+    assert r.exit_code == 1 and r.output == f"Error: cache {fifo} is not a regular file\n"
+    assert time.perf_counter() - t0 < 5
