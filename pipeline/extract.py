@@ -74,7 +74,7 @@ class Decision(enum.Enum):
 class OldFile:
     """A file an older cache of the same settings holds, as it was when extracted."""
 
-    split: str
+    split: str  # of its row ('' for a skipped file)
     size: int
     mtime_ns: int
     sha256: str
@@ -110,7 +110,7 @@ def old_files(cache: FeatureCache) -> dict[str, OldFile]:
                 out[p] = OldFile(split, st.size, st.mtime_ns, st.sha256, row=i, label=int(lab))
     for p, st in stats.items():
         if p not in out and p in reasons:  # decoded and found unusable
-            out[p] = OldFile(p.split("/", 1)[0], st.size, st.mtime_ns, st.sha256, reason=reasons[p])
+            out[p] = OldFile("", st.size, st.mtime_ns, st.sha256, reason=reasons[p])  # no row: no split
     return out
 
 
@@ -125,7 +125,7 @@ def compare_files(plan: ExtractionPlan, old: dict[str, OldFile], content_sha256:
         for p, lab, size, mtime in zip(sp.paths, sp.labels, sp.sizes, sp.mtimes):
             labels[p] = (split, lab)
             o = old.get(p)
-            if o is None or o.split != split:
+            if o is None or (o.row >= 0 and o.split != split):
                 out.new += 1
                 rows.append(None)
             elif o.size != size or (o.mtime_ns != mtime and (not o.sha256 or content_sha256(p) != o.sha256)):

@@ -72,7 +72,7 @@ STATS = {"train/a/1.jpg": FileStat(10, 100, "h1"), "train/a/2.jpg": FileStat(20,
 
 def test_compare_files_reuses_only_unchanged_files():
     old = old_files(old_cache(STATS, [("train/b/bad.jpg", "truncated image file")]))
-    assert old["train/b/bad.jpg"] == OldFile("train", 4, 400, "hb", reason="truncated image file")
+    assert old["train/b/bad.jpg"] == OldFile("", 4, 400, "hb", reason="truncated image file")
     p = plan(train=[("train/a/1.jpg", 0, 10, 100),  # unchanged
                     ("train/a/2.jpg", 0, 20, 999),  # touched, same bytes
                     ("train/a/new.jpg", 0, 5, 5),  # new
