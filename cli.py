@@ -296,8 +296,10 @@ def _do_extract(cfg):
     summary = extract(cfg, progress_bar())
     if not is_rank0():
         return summary
+    from pipeline.text import printable
+
     for path, reason in summary["skipped"][:20]:
-        click.echo(f"skipped {path}: {reason}", err=True)
+        click.echo(f"skipped {printable(path)}: {printable(reason)}", err=True)
     if len(summary["skipped"]) > 20:
         click.echo(f"... and {len(summary['skipped']) - 20} more skipped (listed in the cache's /skipped)", err=True)
     click.echo(summary_line(summary))
@@ -466,23 +468,28 @@ def download(dest, url):
 def info(cache_path):
     """Describe a feature cache: what made it, rows per split, skipped files.
 
+    The cache is validated fully first (as train-head does): a damaged or crafted file is one error line.
     Example: cli.py info feats.h5
     """
     from cache import read_cache
     from pipeline.splits import SplitSpec
+    from pipeline.text import printable as p
 
     c = read_cache(cache_path, with_views=True)
     a = c.attrs
-    click.echo(f"{cache_path}: {a['format']}, complete, created {a.get('created', '?')}")
-    click.echo(f"backbone {a['backbone']}  weights {a['weights']}  precision {a['precision']}  "
+    click.echo(f"{p(cache_path)}: {a['format']}, complete, created {p(str(a.get('created', '?')))}")
+    click.echo(f"backbone {p(a['backbone'])}  weights {p(a['weights'])}  precision {p(a['precision'])}  "
                f"feature_dim {a['feature_dim']}  views {a.get('views', 0)}  draft {bool(a.get('draft'))}")
-    click.echo(f"classes {', '.join(c.class_names)}")
+    click.echo(f"classes {', '.join(map(p, c.class_names))}")
     click.echo(SplitSpec.from_record(a.get("split")).describe())
     for name, sp in c.splits.items():
-        counts = ", ".join(f"{cls} {int((sp.labels == i).sum())}" for i, cls in enumerate(c.class_names))
+        counts = ", ".join(f"{p(cls)} {int((sp.labels == i).sum())}" for i, cls in enumerate(c.class_names))
         extra = f", views {tuple(sp.views.shape)}" if sp.views is not None else ""
-        click.echo(f"  {name}: {len(sp.labels)} rows ({counts}){extra}")
-    click.echo(f"skipped {len(c.skipped)}" + "".join(f"\n  {p}: {r}" for p, r in c.skipped[:20]))
+        click.echo(f"  {p(name)}: {len(sp.labels)} rows ({counts}){extra}")
+    click.echo(f"skipped {len(c.skipped)}" + "".join(f"\n  {p(path)}: {p(r)}" for path, r in c.skipped[:20]))
+    stats = ("recorded (changed files are re-extracted)" if c.file_stats is not None
+             else "not recorded (an earlier version made it; extract --force rebuilds it)")
+    click.echo(f"file sizes, times and hashes {stats}")
     click.echo(f"fingerprint {a['fingerprint']}")
 
 

@@ -1,7 +1,7 @@
 """The HDF5 feature store: schema, fingerprint, resumable writes, locking, reading.
 
 The error types import without h5py; everything else loads cache.store on first use."""
-from .errors import CacheError, CacheMissing  # noqa: F401
+from .errors import CacheError, CacheInvalid, CacheLocked, CacheMismatch, CacheMissing  # noqa: F401
 
 _STORE_API = ("FORMAT", "CacheLock", "FeatureCache", "PartialWriter", "fingerprint", "read_cache", "read_attrs",
               "files_digest")

@@ -7,3 +7,15 @@ class CacheError(Exception):
 
 class CacheMissing(CacheError):
     """No file at the cache path (maybe an unfinished extract's .partial folder)."""
+
+
+class CacheLocked(CacheError):
+    """Another live process is extracting into this cache."""
+
+
+class CacheMismatch(CacheError):
+    """A valid cache made with other settings or from other files than asked; --force rebuilds it."""
+
+
+class CacheInvalid(CacheError):
+    """A file that is not a sound feature cache: damaged, crafted or of an unknown layout; never read as one."""

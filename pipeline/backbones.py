@@ -198,17 +198,43 @@ def load_program(path: str | os.PathLike) -> nn.Module:
         raise PipelineError(f"cannot load torch.export program {path}: {type(e).__name__}: {str(e)[:160]}") from None
 
 
+CONTRACT_BATCHES = (1, 2, 5)  # a batch of one (the last batch), a few, an odd count
+
+
+def check_program(module, name: str, crop: int = 224, batches: tuple[int, ...] = CONTRACT_BATCHES) -> int:
+    """A program's contract, checked once before any work: N x 3 x crop x crop images -> N x D finite
+    features, the same D >= 1 for every N tried. Returns D. Batches of any size are extracted later,
+    so a program exported for one fixed batch size is refused here, not after minutes of work."""
+    want = f"program {name} must map N x 3 x {crop} x {crop} images to N x D features (D >= 1) for any N"
+    dims = set()
+    for n in batches:
+        try:
+            with torch.inference_mode():
+                out = module(torch.zeros(n, 3, crop, crop))
+        except Exception as e:  # export guards, shape asserts...: the program's own words, first line
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+            raise PipelineError(f"{want}; with N={n} it failed ({type(e).__name__}: {first}); export it with "
+                                "a dynamic batch dimension (torch.export.Dim)") from None
+        if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != n or out.shape[1] < 1:
+            raise PipelineError(f"{want}; with N={n} it returned {_shape(out)}")
+        if not torch.isfinite(out).all():
+            raise PipelineError(f"{want}; with N={n} it returned non-finite values (NaN or infinity)")
+        dims.add(int(out.shape[1]))
+    if len(dims) > 1:
+        raise PipelineError(f"{want}; D changed with N ({sorted(dims)})")
+    return dims.pop()
+
+
+def _shape(out) -> str:
+    return f"shape {tuple(out.shape)}" if isinstance(out, torch.Tensor) else type(out).__name__
+
+
 def build_backbone(spec: BackboneSpec, crop: int = 224) -> Backbone:
     """The frozen feature extractor of spec, in eval mode, on the CPU."""
     if spec.is_program:
         module = load_program(spec.backbone)
         digest = file_sha256(spec.backbone)
-        with torch.inference_mode():
-            out = module(torch.zeros(2, 3, crop, crop))
-        if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != 2:
-            raise PipelineError(f"program {spec.backbone} must map N x 3 x {crop} x {crop} to N x D features, "
-                                f"got {getattr(out, 'shape', type(out).__name__)}")
-        dim = int(out.shape[1])
+        dim = check_program(module, spec.backbone, crop)
         desc = {"kind": "program", "backbone": os.path.basename(spec.backbone), "path": str(Path(spec.backbone).resolve()),
                 "weights": "program", "weights_digest": digest}
         return Backbone(module, dim, digest, desc)

@@ -6,6 +6,7 @@ Files that cannot be used are never fatal: they become (path, reason) rows in `s
 from __future__ import annotations
 
 import os
+import stat
 import warnings
 import zlib
 from dataclasses import asdict, dataclass, field
@@ -19,6 +20,7 @@ from torchvision import transforms as T
 from . import PipelineError
 from .splits import FLAT, FOLDERS, SPLIT_FOLDERS, LayoutError, SplitSpec, assign, check_class_split, flat_spec, \
     membership_digest
+from .text import is_utf8, printable
 
 # torchvision's ImageFolder list; matched case-insensitively.
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -35,6 +37,8 @@ class Split:
     paths: list[str] = field(default_factory=list)
     labels: list[int] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    sizes: list[int] = field(default_factory=list)  # bytes, per path (os.stat through links)
+    mtimes: list[int] = field(default_factory=list)  # st_mtime_ns, per path: a changed file is re-extracted
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -59,13 +63,80 @@ def _visible(name: str) -> bool:
     return not name.startswith(".")
 
 
-def _walk_files(folder: Path) -> list[Path]:
-    """Every visible file under folder, sorted, hidden files and folders pruned."""
-    found = []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if _visible(d))
-        found.extend(Path(dirpath) / f for f in sorted(filenames) if _visible(f))
-    return sorted(found)
+PARTIAL_SUFFIX = ".partial"  # an extract's work folder (CACHE.partial/ with a plan.json)
+
+
+def _tool_folder(path: Path) -> bool:
+    """The tool's own unfinished-extract folder, when a cache was written inside the data folder."""
+    return path.name.endswith(PARTIAL_SUFFIX) and (path / "plan.json").is_file()
+
+
+def _within(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def link_refusal(target: str, inside: str | None, scanned: tuple[str, ...], visited: set[str]) -> str:
+    """Why a link to the folder `target` (a real path) is not followed ('' when it is).
+
+    A folder link is followed only when its target lies inside DATA_DIR (`inside`), is not a folder the
+    scan reads anyway (`scanned`: the split folders; this also catches every link to an ancestor, i.e.
+    every loop) and was not reached before (`visited`): no file is read twice, nothing outside is read."""
+    if inside is not None and not _within(target, inside):
+        return "link to a folder outside DATA_DIR (not followed)"
+    if any(_within(target, s) or _within(s, target) for s in scanned):
+        return "link to a folder that is scanned anyway (a loop or a duplicate; not followed)"
+    if target in visited:
+        return "link to a folder already scanned through another path (not followed)"
+    return ""
+
+
+def _walk_files(folder: Path, inside: Path | None = None, scanned: tuple[Path, ...] = (),
+                visited: set[str] | None = None) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """Every visible file under folder (sorted), and (path, reason) of each folder link not followed.
+
+    Links to files are followed wherever they point (where a file link points is the user's choice);
+    links to folders only as link_refusal allows, so a walk never loops, never finds a file twice and
+    never leaves `inside`. Hidden entries and the tool's own .partial folders are ignored.
+    visited: real paths of the folders reached so far, shared by the walks of one scan."""
+    inside_real = os.path.realpath(inside) if inside is not None else None
+    roots = tuple(os.path.realpath(s) for s in scanned) or (os.path.realpath(folder),)
+    visited = set() if visited is None else visited
+    visited.add(os.path.realpath(folder))
+    found: list[Path] = []
+    refused: list[tuple[Path, str]] = []
+
+    def walk(d: Path) -> None:
+        try:
+            entries = sorted(os.scandir(d), key=lambda e: e.name)
+        except OSError as e:
+            refused.append((d, f"folder cannot be listed ({e.strerror or e})"))
+            return
+        for e in entries:
+            path = Path(e.path)
+            if not _visible(e.name):
+                continue
+            try:
+                is_dir = e.is_dir()  # follows links; a broken link is not a dir
+            except OSError:
+                is_dir = False
+            if not is_dir:
+                found.append(path)
+                continue
+            if _tool_folder(path):
+                continue
+            target = os.path.realpath(path)
+            if e.is_symlink():
+                why = link_refusal(target, inside_real, roots, visited)
+                if why:
+                    refused.append((path, why))
+                    continue
+            elif target in visited:  # a real folder already reached through a link
+                continue
+            visited.add(target)
+            walk(path)
+
+    walk(folder)
+    return sorted(found), refused
 
 
 def _not_regular(f: Path) -> str:
@@ -77,35 +148,80 @@ def _not_regular(f: Path) -> str:
     return ""
 
 
+def _file_stat(f: Path) -> tuple[str, os.stat_result | None]:
+    """(why f cannot be read as a file or '', its stat through links). One stat per file: the size and
+    mtime_ns recorded in the cache come from it."""
+    try:
+        st = os.stat(f)
+    except FileNotFoundError:
+        return ("broken symbolic link" if f.is_symlink() else "file disappeared"), None
+    except OSError as e:
+        return f"cannot stat ({e.strerror or e})", None
+    if not stat.S_ISREG(st.st_mode):
+        return "not a regular file", None
+    return "", st
+
+
 def list_classes(split_dir: Path) -> list[str]:
-    return sorted(e.name for e in split_dir.iterdir() if e.is_dir() and _visible(e.name))
+    names = sorted(e.name for e in split_dir.iterdir() if e.is_dir() and _visible(e.name) and not _tool_folder(e))
+    for n in names:
+        if not is_utf8(n):
+            raise PipelineError(f"class folder {printable(str(split_dir / n))} has a name that is not valid UTF-8; "
+                                "rename it")
+    return names
 
 
-def scan_split(root: Path, split: str, class_names: list[str]) -> Split:
-    """Files of root/split/<class>/..., labelled by their index in class_names."""
+def _class_folder(root: Path, split_dir: Path, cls: str, scanned: tuple[Path, ...]) -> Path:
+    """split_dir/cls, refused (one line) when it is a link that leaves DATA_DIR or overlaps another split."""
+    folder = split_dir / cls
+    if folder.is_symlink():
+        why = link_refusal(os.path.realpath(folder), os.path.realpath(root),
+                           tuple(os.path.realpath(s) for s in scanned if s != split_dir), set())
+        if why:
+            raise PipelineError(f"class folder {printable(str(folder))} is a {why.split(' (')[0]}; "
+                                "copy the images in or link each file instead")
+    return folder
+
+
+def scan_split(root: Path, split: str, class_names: list[str], splits: tuple[str, ...] = (),
+               visited: set[str] | None = None) -> Split:
+    """Files of root/split/<class>/..., labelled by their index in class_names.
+
+    splits: every split of the scan; a folder link into any of them is not followed. visited: shared by
+    the splits of one scan, so a folder linked from two places is read once (no file twice)."""
+    visited = set() if visited is None else visited
     out = Split(split)
     split_dir = root / split
+    scanned = tuple(root / s for s in dict.fromkeys((split, *splits)))
     for cls in list_classes(split_dir):
         if cls not in class_names:
             raise PipelineError(
-                f"class folder {split_dir / cls} is not a class of the train split "
-                f"({', '.join(class_names)}); remove it or add it to train"
+                f"class folder {printable(str(split_dir / cls))} is not a class of the train split "
+                f"({', '.join(map(printable, class_names))}); remove it or add it to train"
             )
-        for f in _walk_files(split_dir / cls):
+        files, refused = _walk_files(_class_folder(root, split_dir, cls, scanned), root, scanned, visited)
+        out.skipped += [(printable(p.relative_to(root).as_posix()), why) for p, why in refused]
+        for f in files:
             rel = f.relative_to(root).as_posix()
-            problem = _not_regular(f)
+            if not is_utf8(rel):  # HDF5 stores UTF-8 only; the name is shown escaped
+                out.skipped.append((printable(rel), "file name is not valid UTF-8 (rename it)"))
+                continue
+            problem, st = _file_stat(f)
+            if not problem and f.suffix.lower() not in IMG_EXTENSIONS:
+                problem = f"not an image extension ({f.suffix or 'none'})"
             if problem:
                 out.skipped.append((rel, problem))
-            elif f.suffix.lower() in IMG_EXTENSIONS:
-                out.paths.append(rel)
-                out.labels.append(class_names.index(cls))
-            else:
-                out.skipped.append((rel, f"not an image extension ({f.suffix or 'none'})"))
+                continue
+            out.paths.append(rel)
+            out.labels.append(class_names.index(cls))
+            out.sizes.append(st.st_size)
+            out.mtimes.append(st.st_mtime_ns)
+    out.skipped.sort()
     return out
 
 
 def _holds_images(folder: Path) -> bool:
-    return any(f.suffix.lower() in IMG_EXTENSIONS for f in _walk_files(folder))
+    return any(f.suffix.lower() in IMG_EXTENSIONS for f in _walk_files(folder, folder)[0])
 
 
 def detect_layout(root: Path, splits: list[str], flat_flags: bool) -> str:
@@ -138,10 +254,12 @@ def scan_flat(root: Path, spec: SplitSpec, allow_empty_class: bool = False) -> S
                             "(or train/ and val/ folders of class folders)")
     every = scan_split(root, "", class_names)  # root/<class>/... with paths relative to root
     out = {s: Split(s) for s in spec.splits()}
-    for rel, label in zip(every.paths, every.labels):
+    for rel, label, size, mtime in zip(every.paths, every.labels, every.sizes, every.mtimes):
         sp = out[assign(rel, spec)]
         sp.paths.append(rel)
         sp.labels.append(label)
+        sp.sizes.append(size)
+        sp.mtimes.append(mtime)
     for rel, reason in every.skipped:
         out[assign(rel, spec)].skipped.append((rel, reason))
     for ci, cls in enumerate(class_names):
@@ -174,7 +292,8 @@ def scan_dataset(root: str | os.PathLike, splits: list[str], allow_empty_class: 
     class_names = list_classes(root / splits[0])
     if not class_names:
         raise PipelineError(f"no class folders in {root / splits[0]}: expected {root / splits[0]}/<class>/<image>")
-    scanned = {s: scan_split(root, s, class_names) for s in splits}
+    visited: set[str] = set()  # folders reached so far, across splits: a linked folder is read once
+    scanned = {s: scan_split(root, s, class_names, tuple(splits), visited) for s in splits}
     for s, sp in scanned.items():
         if not sp.paths:
             raise PipelineError(f"split folder {root / s} has no images (looked for {', '.join(IMG_EXTENSIONS)} "
@@ -196,7 +315,8 @@ def scan_files(inputs: list[str]) -> tuple[list[Path], list[tuple[str, str]]]:
     for item in inputs:
         p = Path(item)
         if p.is_dir():
-            candidates = _walk_files(p)
+            candidates, refused = _walk_files(p)
+            skipped += [(printable(str(f)), why) for f, why in refused]
         elif p.exists():
             candidates = [p]
         else:

@@ -2,20 +2,26 @@
 from __future__ import annotations
 
 import contextlib
+import enum
 import json
 import time
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 
-from cache import CacheError, CacheMissing
-from cache.store import FORMAT, CacheLock, PartialWriter, files_digest, fingerprint, read_attrs, read_cache
+from cache import CacheError, CacheMismatch, CacheMissing
+from cache.plan import ExtractionPlan, SplitPlan
+from cache.store import FORMAT, RESERVED, CacheLock, FeatureCache, PartialWriter, fingerprint, read_attrs, read_cache
 
 from . import PipelineError
 from .backbones import BackboneSpec, build_backbone
 from .distributed import init_distributed, rank_device, shutdown
 from .data import TRANSFORM_SPEC, ImageFiles, eval_transform, scan_dataset
+from .fsio import sha256_file
+from .text import printable
 from .device_decode import RawFiles, collate_raw, finish_batch
 from .progress import Progress
 from .splits import SplitSpec
@@ -60,76 +66,158 @@ def feature_fields(backbone_desc: dict, precision: str, views: int, seed: int, d
     }
 
 
-def _check_existing(cfg: ExtractConfig, plan: dict, class_names: list[str], split: SplitSpec = SplitSpec()):
-    """What to do about a file already at cfg.cache, as (state, old cache): 'new' (build it), 'done'
-    (complete for these settings and files), 'grown' (same settings, the folder only gained files:
-    reuse the old cache's rows). Raises when it differs otherwise and --force was not given."""
-    fp, digest = plan["fingerprint"], plan["files_digest"]
+class Decision(enum.Enum):
+    """What rank 0 decided about the file at the cache path."""
+
+    BUILD = "build"  # no usable cache there (or --force): extract every row
+    DONE = "done"  # complete for these settings and these unchanged files
+    UPDATE = "update"  # same settings; files were added or changed: reuse the rows of unchanged files
+
+
+@dataclass(frozen=True)
+class OldFile:
+    """A file an older cache of the same settings holds, as it was when extracted."""
+
+    split: str  # of its row ('' for a skipped file)
+    size: int
+    mtime_ns: int
+    sha256: str
+    row: int = -1  # its row in the old split's features; -1: it was skipped (reason)
+    label: int = -1
+    reason: str = ""
+
+
+@dataclass
+class Reuse:
+    """Which rows of a plan an older cache already has. rows[split][i] is the OldFile to copy for the
+    plan's row i, or None to extract it."""
+
+    rows: dict[str, list[OldFile | None]]
+    changed: int = 0  # files whose content differs from what the cache was made from
+    new: int = 0  # files the cache does not know
+    lost: list[str] = field(default_factory=list)  # cache rows whose file is gone, moved or relabelled
+
+    @property
+    def reused(self) -> int:
+        return sum(r is not None for rows in self.rows.values() for r in rows)
+
+
+def old_files(cache: FeatureCache) -> dict[str, OldFile]:
+    """path -> OldFile for every file the cache's extract decoded (used or skipped)."""
+    stats = cache.file_stats or {}
+    reasons = dict(cache.skipped)
+    out = {}
+    for split, sp in cache.splits.items():
+        for i, (p, lab) in enumerate(zip(sp.paths, sp.labels)):
+            st = stats.get(p)
+            if st is not None:
+                out[p] = OldFile(split, st.size, st.mtime_ns, st.sha256, row=i, label=int(lab))
+    for p, st in stats.items():
+        if p not in out and p in reasons:  # decoded and found unusable
+            out[p] = OldFile("", st.size, st.mtime_ns, st.sha256, reason=reasons[p])  # no row: no split
+    return out
+
+
+def compare_files(plan: ExtractionPlan, old: dict[str, OldFile], content_sha256: Callable[[str], str]) -> Reuse:
+    """Match the plan's rows with an older cache's files (pure but for content_sha256, called only for
+    a file whose size is the same and mtime is not). A row is reused only while its file is unchanged:
+    same split, size and (mtime or content); a skipped file that changed is tried again."""
+    out = Reuse({})
+    labels = {}
+    for split, sp in plan.splits.items():
+        rows = []
+        for p, lab, size, mtime in zip(sp.paths, sp.labels, sp.sizes, sp.mtimes):
+            labels[p] = (split, lab)
+            o = old.get(p)
+            if o is None or (o.row >= 0 and o.split != split):
+                out.new += 1
+                rows.append(None)
+            elif o.size != size or (o.mtime_ns != mtime and (not o.sha256 or content_sha256(p) != o.sha256)):
+                out.changed += 1
+                rows.append(None)
+            else:
+                rows.append(o)
+        out.rows[split] = rows
+    out.lost = sorted(p for p, o in old.items() if o.row >= 0 and labels.get(p) != (o.split, o.label))
+    return out
+
+
+def _check_existing(cfg: ExtractConfig, plan: ExtractionPlan,
+                    split: SplitSpec = SplitSpec()) -> tuple[Decision, FeatureCache | None, Reuse | None]:
+    """What to do about a file already at cfg.cache. Raises CacheMismatch when it was made with other
+    settings, or from files that were since removed, moved or relabelled, and --force was not given."""
     try:
         old = read_attrs(cfg.cache)
     except CacheMissing:
-        return "new", None
+        return Decision.BUILD, None, None
     except CacheError as e:
         if cfg.force:
-            return "new", None
-        raise CacheError(f"{e}; or pass --force to replace it") from None
+            return Decision.BUILD, None, None
+        raise type(e)(f"{e}; or pass --force to replace it") from None
     if cfg.force:
-        return "new", None
+        return Decision.BUILD, None, None
     old_split = SplitSpec.from_record(old.get("split"))
     if old.get("complete") and old_split != split:
-        raise CacheError(f"cache {cfg.cache} was made with another split ({old_split.describe()}; now "
-                         f"{split.describe()}); use the same --val-fraction/--test-fraction/--split-seed, pass --force "
-                         "to rebuild it, or choose another --cache")
-    if old.get("complete") and old.get("fingerprint") == fp:
-        if old.get("files_digest") == digest:
-            return "done", None
-        cache = read_cache(cfg.cache)
-        if _only_gained(cache, plan, class_names):
-            return "grown", cache
-        raise CacheError(f"cache {cfg.cache} was made from other files of {cfg.data_dir} (some were removed, "
-                         "moved or relabelled); pass --force to rebuild it or choose another --cache")
-    was = f"{old.get('backbone')}/{old.get('weights')}/{old.get('precision')}/views={old.get('views')}"
-    raise CacheError(f"cache {cfg.cache} was made with other settings ({was}: backbone, weights, transforms, "
-                     "precision or views differ); pass --force to rebuild it or choose another --cache")
+        raise CacheMismatch(f"cache {cfg.cache} was made with another split ({old_split.describe()}; now "
+                            f"{split.describe()}); use the same --val-fraction/--test-fraction/--split-seed, pass "
+                            "--force to rebuild it, or choose another --cache")
+    if old["fingerprint"] != plan.fingerprint:
+        was = f"{old.get('backbone')}/{old.get('weights')}/{old.get('precision')}/views={old.get('views')}"
+        raise CacheMismatch(f"cache {cfg.cache} was made with other settings ({was}: backbone, weights, transforms, "
+                            "precision or views differ); pass --force to rebuild it or choose another --cache")
+    if old.get("files_digest") == plan.files_digest:
+        return Decision.DONE, None, None
+    cache = read_cache(cfg.cache)
+    if cache.file_stats is None:
+        raise CacheMismatch(f"cache {cfg.cache} was made by an earlier version that did not record file sizes, times "
+                            "and hashes, so files changed since cannot be told apart; pass --force to rebuild it "
+                            "(train-head still reads it as it is)")
+    if cache.class_names != plan.class_names or set(cache.splits) != set(plan.splits):
+        was, now = (f"classes {', '.join(map(printable, c))}" for c in (cache.class_names, plan.class_names)) \
+            if cache.class_names != plan.class_names else (f"splits {', '.join(sorted(c))}" for c in (cache.splits, plan.splits))
+        raise CacheMismatch(f"cache {cfg.cache} was made for {was}, {cfg.data_dir} now has {now}; "
+                            "pass --force to rebuild it or choose another --cache")
+    reuse = compare_files(plan, old_files(cache), lambda p: _sha256_or_empty(Path(plan.root) / p))
+    if reuse.lost:
+        raise CacheMismatch(f"cache {cfg.cache} was made from other files of {cfg.data_dir} (some were removed, "
+                            f"moved or relabelled (first: {printable(reuse.lost[0])})); pass --force to rebuild it "
+                            "or choose another --cache")
+    return Decision.UPDATE, cache, reuse
 
 
-def _only_gained(old, plan: dict, class_names: list[str]) -> bool:
-    """True when every file of the old cache is still in the plan with the same label."""
-    if old.class_names != class_names or set(old.splits) != set(plan["splits"]):
-        return False
-    for split, meta in plan["splits"].items():
-        new = dict(zip(meta["paths"], meta["labels"]))
-        sp = old.splits[split]
-        if any(new.get(p) != int(lab) for p, lab in zip(sp.paths, sp.labels)):
-            return False
-    return True
+def _sha256_or_empty(path: Path) -> str:
+    try:
+        return sha256_file(path)
+    except OSError:
+        return ""
 
 
-def seed_from_cache(writer: PartialWriter, old) -> int:
-    """Write the rows an older complete cache already has as finished segments; returns how many."""
-    reasons_old = dict(old.skipped)
+def seed_from_cache(writer: PartialWriter, old: FeatureCache, reuse: Reuse) -> int:
+    """Write the rows reuse found in an older cache as finished segments (one per run of consecutive
+    rows); returns how many."""
     reused = 0
-    for split, meta in writer.plan["splits"].items():
-        sp = old.splits[split]
-        index = {p: i for i, p in enumerate(sp.paths)}
-        known = [p in index or p in reasons_old for p in meta["paths"]]
-        j, n = 0, len(known)
+    for split, rows in reuse.rows.items():
+        k = writer.views_of(split)
+        j, n = 0, len(rows)
         while j < n:
-            if not known[j]:
+            if rows[j] is None:
                 j += 1
                 continue
-            k = j
-            while k < n and known[k]:
-                k += 1
-            paths = meta["paths"][j:k]
-            rows = [index.get(p, -1) for p in paths]
-            feats = np.stack([sp.features[r] if r >= 0 else np.zeros(sp.features.shape[1], np.float32) for r in rows])
+            e = j
+            while e < n and rows[e] is not None:
+                e += 1
+            run = rows[j:e]
+            sp = old.splits[split]
+            dim = writer.plan.feature_dim
+            feats = np.stack([sp.features[o.row] if o.row >= 0 else np.zeros(dim, np.float32) for o in run])
             views = None
-            if writer.views_of(split):
-                views = np.stack([sp.views[r] if r >= 0 else np.zeros(sp.views.shape[1:], np.float32) for r in rows])
-            writer.write_segment(split, j, feats, ["" if r >= 0 else reasons_old[p] for r, p in zip(rows, paths)], views)
-            reused += k - j
-            j = k
+            if k:
+                views = np.stack([sp.views[o.row] if o.row >= 0 and sp.views is not None
+                                  else np.zeros((k, dim), np.float32) for o in run])
+            writer.write_segment(split, j, feats, [o.reason if o.row < 0 else "" for o in run], views,
+                                 digests=[o.sha256 for o in run])
+            reused += e - j
+            j = e
     return reused
 
 
@@ -214,8 +302,9 @@ def extract_rows(writer: PartialWriter, data, model, rt: Runtime, cfg: ExtractCo
         split = splits[g]
         k = writer.views_of(split)
         ok = torch.tensor([r == "" for r in reasons])
-        feats = torch.zeros(len(reasons), model.feature_dim)
-        vfeats = torch.zeros(len(reasons), k, model.feature_dim) if k else None
+        dim = writer.plan.feature_dim
+        feats = torch.zeros(len(reasons), dim)
+        vfeats = torch.zeros(len(reasons), k, dim) if k else None
         if len(x):
             feats[ok] = forward_features(model, x, rt)
             if k:
@@ -229,29 +318,79 @@ def extract_rows(writer: PartialWriter, data, model, rt: Runtime, cfg: ExtractCo
     return done
 
 
-def plan_extraction(cfg: ExtractConfig):
-    """Scan the data, build the backbone, and compute the plan of the cache (pure of disk writes)."""
+SEED_MAX = 2**32 - 1  # view seeds are seed * 1_000_003 + crc32(name): within torch's 64-bit seed range
+
+
+def check_split_names(splits) -> None:
+    """Each split is one plain sub-folder of DATA_DIR (its name also names cache groups and segment files)."""
+    seen = set()
+    for s in splits:
+        plain = s and s not in (".", "..") and "/" not in s and "\\" not in s and not s.startswith(".") \
+            and printable(s) == s
+        if not plain:
+            raise PipelineError(f"--splits: {printable(s)!r} is not a sub-folder name of DATA_DIR "
+                                "(no '/', '..', leading '.' or control characters)")
+        if s in RESERVED:
+            raise PipelineError(f"--splits: a split cannot be called {s!r} (the cache uses /{s}); rename the folder")
+        if s in seen:
+            raise PipelineError(f"--splits: {s!r} is named twice")
+        seen.add(s)
+
+
+def check_config(cfg: ExtractConfig) -> None:
+    """Options that would fail (or write outside the cache's folders) later: one line each, before any work."""
     if cfg.views < 0:
         raise PipelineError("--views must be >= 0")
     if cfg.decoder not in ("pil", "torchvision"):
         raise PipelineError(f"unknown decoder {cfg.decoder!r}: use pil or torchvision")
     if cfg.decoder == "torchvision" and (cfg.views or cfg.draft):
         raise PipelineError("--decoder torchvision works without --views and --draft; use the pil decoder for those")
+    if not 0 <= cfg.seed <= SEED_MAX:
+        raise PipelineError(f"--seed must be from 0 to {SEED_MAX}, got {cfg.seed}")
+    check_split_names(cfg.splits)
+
+
+@dataclass
+class Extraction:
+    """Everything an extract needs, decided before anything is written."""
+
+    data: object  # pipeline.data.ScannedData
+    rt: Runtime
+    model: torch.nn.Module
+    plan: ExtractionPlan
+    attrs: dict  # the cache's root attributes
+
+
+def _tool_files(cfg: ExtractConfig, root: Path) -> set[str]:
+    """The cache's own files, as paths relative to the data folder, for a cache written inside it."""
+    cache = Path(cfg.cache).resolve()
+    names = (cache, cache.with_name(cache.name + ".lock"))
+    out = set()
+    for n in names:
+        with contextlib.suppress(ValueError):
+            out.add(n.relative_to(root.resolve()).as_posix())
+    return out
+
+
+def plan_extraction(cfg: ExtractConfig) -> Extraction:
+    """Scan the data, build the backbone, and compute the plan of the cache (pure of disk writes)."""
+    check_config(cfg)
     data = scan_dataset(cfg.data_dir, list(cfg.splits), cfg.allow_empty_class, cfg.val_fraction, cfg.test_fraction,
                         cfg.split_seed)
+    own = _tool_files(cfg, data.root)
+    for sp in data.splits.values():
+        sp.skipped = [s for s in sp.skipped if s[0] not in own]
     rt = resolve_runtime(cfg.device, cfg.precision)
     bb = build_backbone(BackboneSpec(cfg.backbone, cfg.weights, cfg.seed))
     model = prepare_module(bb.module, rt)
-    model.feature_dim = bb.feature_dim
     fields = feature_fields(bb.description, rt.precision, cfg.views, cfg.seed, cfg.draft, cfg.decoder)
-    fp = fingerprint(fields)
-    splits = {s: (sp.paths, sp.labels) for s, sp in data.splits.items()}
-    digest = files_digest(data.class_names, splits)
-    plan = {"fingerprint": fp, "files_digest": digest, "feature_dim": bb.feature_dim, "views": cfg.views,
-            "views_split": views_split(data),
-            "splits": {s: {"paths": p, "labels": lab} for s, (p, lab) in splits.items()}}
+    plan = ExtractionPlan(
+        fingerprint=fingerprint(fields), feature_dim=bb.feature_dim, views=cfg.views, views_split=views_split(data),
+        class_names=list(data.class_names), root=str(Path(data.root).resolve()),
+        splits={s: SplitPlan(list(sp.paths), list(sp.labels), list(sp.sizes), list(sp.mtimes))
+                for s, sp in data.splits.items()})
     attrs = {
-        "format": FORMAT, "fingerprint": fp, "files_digest": digest,
+        "format": FORMAT, "fingerprint": plan.fingerprint, "files_digest": plan.files_digest,
         "backbone": bb.description["backbone"], "weights": bb.description["weights"],
         "backbone_spec": json.dumps(bb.description), "feature_dim": bb.feature_dim,
         "class_names": json.dumps(data.class_names), "transform": json.dumps(TRANSFORM_SPEC),
@@ -260,22 +399,35 @@ def plan_extraction(cfg: ExtractConfig):
         "config": json.dumps({k: v for k, v in asdict(cfg).items() if k not in ("force",)}, default=list),
         "torch": torch.__version__,
     }
-    return data, rt, model, plan, attrs
+    return Extraction(data, rt, model, plan, attrs)
 
 
 def views_split(data) -> str:
     return next(iter(data.splits))  # the first split (train) carries the augmented views
 
 
-def _prepare_on_main(cfg: ExtractConfig, data, plan: dict, stack: contextlib.ExitStack):
-    """Rank 0 (or the only process): lock, decide, open the partial folder. Returns (state, writer, reused)."""
+@dataclass(frozen=True)
+class MainOutcome:
+    """Rank 0's decision, broadcast to every rank: a decision, or the error that stopped it."""
+
+    decision: Decision | None = None
+    reused: int = 0
+    changed: int = 0
+    error: Exception | None = None
+
+
+def _prepare_on_main(cfg: ExtractConfig, plan: ExtractionPlan, stack: contextlib.ExitStack,
+                     split: SplitSpec = SplitSpec()):
+    """Rank 0 (or the only process): lock, decide, open the partial folder. Returns (outcome, writer)."""
     stack.enter_context(CacheLock(cfg.cache))
-    state, old = _check_existing(cfg, plan, data.class_names, data.split)
-    if state == "done":
-        return state, None, 0
+    decision, old, reuse = _check_existing(cfg, plan, split)
+    if decision is Decision.DONE:
+        return MainOutcome(decision), None
     writer = PartialWriter(cfg.cache, plan).open()
-    reused = seed_from_cache(writer, old) if state == "grown" and not writer.segments() else 0
-    return state, writer, reused
+    reused = 0
+    if decision is Decision.UPDATE and not writer.segments():
+        reused = seed_from_cache(writer, old, reuse)
+    return MainOutcome(decision, reused, reuse.changed if reuse else 0), writer
 
 
 def extract(cfg: ExtractConfig, progress: Progress | None = None) -> dict:
@@ -295,50 +447,53 @@ def extract(cfg: ExtractConfig, progress: Progress | None = None) -> dict:
 def _extract(cfg: ExtractConfig, progress: Progress, d) -> dict:
     t0 = time.perf_counter()
     cfg = replace(cfg, device=rank_device(cfg.device, d))
-    data, rt, model, plan, attrs = plan_extraction(cfg)
-    if len({(fp, dg) for fp, dg in d.all_gather((plan["fingerprint"], plan["files_digest"]))}) > 1:
+    ex = plan_extraction(cfg)
+    data, plan = ex.data, ex.plan
+    if len({(fp, dg) for fp, dg in d.all_gather((plan.fingerprint, plan.files_digest))}) > 1:
         raise PipelineError("the ranks see different files or settings; run every rank on the same DATA_DIR and flags")
     scan_skipped = sorted(s for sp in data.splits.values() for s in sp.skipped)
     with contextlib.ExitStack() as stack:
-        outcome = ("ok", None, 0)
+        outcome, writer = MainOutcome(), None
         if d.is_main:
             try:
-                state, writer, reused = _prepare_on_main(cfg, data, plan, stack)
-                outcome = (state, None, reused)
+                outcome, writer = _prepare_on_main(cfg, plan, stack, data.split)
             except (CacheError, PipelineError) as e:
-                outcome = ("error", str(e), 0)
-        state, message, reused = d.broadcast(outcome)
-        if state == "error":
-            raise CacheError(message) if d.is_main else PipelineError(f"rank 0 stopped: {message}")
-        if state == "done":
+                outcome = MainOutcome(error=e)
+        outcome = d.broadcast(outcome)
+        if outcome.error is not None:
+            if d.is_main:
+                raise outcome.error
+            raise PipelineError(f"rank 0 stopped: {outcome.error}")
+        if outcome.decision is Decision.DONE:
             return summarize(cfg, data, scan_skipped, {}, 0, time.perf_counter() - t0, up_to_date=True)
         if not d.is_main:
             writer = PartialWriter(cfg.cache, plan).join()
+        reused = outcome.reused
         already = sum(writer.done_files(s) for s in data.splits) - reused
         total = sum(len(sp) for sp in data.splits.values())
         progress.start(total, "extract")
         progress.update(already + reused)
         shard = {s: d.shard(len(sp)) for s, sp in data.splits.items()} if d.enabled else None
         whole_job = writer if d.enabled and d.is_main else None  # rank 0's bar counts every rank's batches
-        computed = extract_rows(writer, data, model, rt, cfg, progress, shard, whole_job)
+        computed = extract_rows(writer, data, ex.model, ex.rt, cfg, progress, shard, whole_job)
         computed = int(sum(d.all_gather(computed)))  # also the barrier: every shard is written
         progress.close()
         if not d.is_main:
             return summarize(cfg, data, [], {}, computed, time.perf_counter() - t0, resumed=already)
         n_decode_bad = sum(int((np.load(s.path)["ok"] == 0).sum()) for s in writer.segments())
         _check_skipped(cfg, len(scan_skipped) + n_decode_bad, total + len(scan_skipped))
-        result = writer.finalize(attrs, scan_skipped)
+        result = writer.finalize(ex.attrs, scan_skipped)
     return summarize(cfg, data, result["skipped"], result["rows"], computed, time.perf_counter() - t0,
-                     resumed=already, discarded=writer.discarded, reused=reused)
+                     resumed=already, discarded=writer.discarded, reused=reused, changed=outcome.changed)
 
 
 def summarize(cfg, data, skipped, rows, computed, seconds, up_to_date=False, resumed=0, discarded="",
-              reused=0) -> dict:
+              reused=0, changed=0) -> dict:
     return {
         "cache": str(cfg.cache), "class_names": data.class_names, "rows": rows,
         "skipped": [list(s) for s in skipped], "computed": computed, "resumed": resumed,
         "seconds": seconds, "images_per_s": computed / seconds if seconds > 0 else 0.0,
-        "up_to_date": up_to_date, "discarded": discarded, "reused": reused,
+        "up_to_date": up_to_date, "discarded": discarded, "reused": reused, "changed": changed,
     }
 
 
@@ -351,7 +506,8 @@ def summary_line(s: dict) -> str:
     if s["resumed"]:
         line += f" (resumed: {s['resumed']} images were already done)"
     if s["reused"]:
-        line += f" (the folder only gained files: {s['reused']} rows reused from the existing cache, {s['computed']} new)"
+        line += f" ({s['reused']} rows reused from the existing cache, {s['computed']} new"
+        line += f", of which {s['changed']} changed since it was made)" if s.get("changed") else ")"
     if s["discarded"]:
         line += f" (discarded {s['discarded']})"
     return line

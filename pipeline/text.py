@@ -1,11 +1,33 @@
-"""Text from users' files made safe to print: names with newlines or terminal escape codes are shown escaped."""
+"""Names from the disk shown safely: file and class names may hold newlines, terminal escape codes or
+bytes that are not UTF-8; printed raw they break tables or send control codes to the terminal."""
 from __future__ import annotations
+
+import unicodedata
+
+_NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
 
 
 def printable(s: str) -> str:
-    """s with control characters and other non-printables as backslash escapes (\\n, \\x1b, \\u200b, and
-    \\udcff for bytes that were not UTF-8); ordinary unicode (accents, CJK, emoji) is left alone."""
-    if s.isprintable():
-        return s
-    return "".join(c if c.isprintable() else c.encode("unicode_escape", "backslashreplace").decode("ascii")
-                   for c in s)
+    """s with every control or invisible-formatting character escaped; the undecodable bytes of a
+    file name (surrogateescape, as os.listdir returns them) shown as \\xNN. Letters of any script stay."""
+    out = []
+    for ch in s:
+        o = ord(ch)
+        if ch in _NAMED:
+            out.append(_NAMED[ch])
+        elif 0xDC80 <= o <= 0xDCFF:  # an undecodable byte of a file name
+            out.append(f"\\x{o - 0xDC00:02x}")
+        elif unicodedata.category(ch) in ("Cc", "Cf", "Cs", "Co", "Zl", "Zp"):  # controls, bidi overrides...
+            out.append(f"\\x{o:02x}" if o < 0x100 else f"\\u{o:04x}" if o < 0x10000 else f"\\U{o:08x}")
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def is_utf8(name: str) -> bool:
+    """False for a name holding bytes that are not valid UTF-8 (surrogate-escaped by the OS layer)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True

@@ -1,0 +1,160 @@
+"""A cache is data from the disk, maybe crafted: every reader checks it fully before using it.
+
+check_layout runs on the open file before any dataset's data is read (links out of the file, external
+or virtual storage, attributes, shapes, dtypes); check_values runs on what was read (paths inside the
+data folder, labels in range, finite features). Each failure names the file and what is wrong.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path, PurePosixPath
+
+import h5py
+import numpy as np
+
+from .errors import CacheError, CacheInvalid
+
+MAX_FEATURE_DIM = 1 << 20
+REBUILD = "rebuild it with: extract ... --force"
+
+
+def _invalid(path: Path, what: str) -> CacheInvalid:
+    return CacheInvalid(f"cache {path} is invalid: {what}; {REBUILD}")
+
+
+def _json(path: Path, attrs: dict, key: str, kind: type):
+    if key not in attrs:
+        raise _invalid(path, f"attribute {key} is missing")
+    try:
+        value = json.loads(attrs[key])
+    except (TypeError, ValueError):
+        raise _invalid(path, f"attribute {key} is not JSON") from None
+    if not isinstance(value, kind):
+        raise _invalid(path, f"attribute {key} is not a JSON {kind.__name__}")
+    return value
+
+
+def check_attrs(path: Path, attrs: dict) -> None:
+    """The root attributes every reader relies on; raises CacheInvalid (or CacheError for a foreign file)."""
+    from .store import FORMAT
+
+    if attrs.get("format") != FORMAT:
+        raise CacheError(f"{path} is not a feature cache of this tool (format {attrs.get('format')!r}, "
+                         f"expected {FORMAT!r}); extract into a new file")
+    if not attrs.get("complete"):
+        raise CacheError(f"cache {path} is incomplete; rerun the extract command to finish it")
+    fp = attrs.get("fingerprint")
+    if not isinstance(fp, str) or len(fp) != 64 or any(c not in "0123456789abcdef" for c in fp):
+        raise _invalid(path, "attribute fingerprint is missing or not a sha256")
+    names = _json(path, attrs, "class_names", list)
+    if not names or not all(isinstance(n, str) and n for n in names) or len(set(names)) != len(names):
+        raise _invalid(path, "attribute class_names is not a list of distinct names")
+    _json(path, attrs, "backbone_spec", dict)
+    _json(path, attrs, "config", dict)
+    _json(path, attrs, "transform", dict)
+    for key in ("backbone", "weights", "precision"):
+        if not isinstance(attrs.get(key), str):
+            raise _invalid(path, f"attribute {key} is missing")
+    dim = attrs.get("feature_dim")
+    if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or not 1 <= int(dim) <= MAX_FEATURE_DIM:
+        raise _invalid(path, f"attribute feature_dim is {dim!r}, not a number from 1 to {MAX_FEATURE_DIM}")
+    views = attrs.get("views", 0)
+    if isinstance(views, bool) or not isinstance(views, (int, np.integer)) or int(views) < 0:
+        raise _invalid(path, f"attribute views is {views!r}, not a count")
+
+
+def _check_storage(path: Path, f: h5py.File) -> None:
+    """Every object lives inside this file: no soft or external links, no external or virtual datasets.
+    External storage can point at any file (or a FIFO that blocks a reader forever)."""
+
+    def visit(group: h5py.Group, prefix: str) -> None:
+        for name in group:
+            link = group.get(name, getlink=True)
+            where = f"{prefix}/{name}"
+            if not isinstance(link, h5py.HardLink):
+                raise _invalid(path, f"{where} is a link to elsewhere ({type(link).__name__}), not stored in the file")
+            obj = group.get(name)
+            if isinstance(obj, h5py.Group):
+                visit(obj, where)
+            elif isinstance(obj, h5py.Dataset):
+                plist = obj.id.get_create_plist()
+                if obj.is_virtual or plist.get_layout() == h5py.h5d.VIRTUAL:
+                    raise _invalid(path, f"dataset {where} is virtual (its data lives in other files)")
+                if plist.get_external_count() > 0:
+                    raise _invalid(path, f"dataset {where} uses external storage (its data lives in other files)")
+
+    visit(f, "")
+
+
+def _dataset(path: Path, g: h5py.Group, name: str, where: str) -> h5py.Dataset:
+    obj = g.get(name)
+    if not isinstance(obj, h5py.Dataset):
+        raise _invalid(path, f"{where}/{name} is missing")
+    return obj
+
+
+def check_layout(path: Path, f: h5py.File, attrs: dict) -> list[str]:
+    """Attributes, storage and every dataset's shape and dtype, before any data is read. Returns the splits."""
+    check_attrs(path, attrs)
+    _check_storage(path, f)
+    dim, views = int(attrs["feature_dim"]), int(attrs.get("views", 0))
+    splits = [k for k in f if k not in ("skipped", "file_stats")]
+    if not splits:
+        raise _invalid(path, "it has no splits")
+    for s in splits:
+        g = f[s]
+        if not isinstance(g, h5py.Group):
+            raise _invalid(path, f"/{s} is not a split group")
+        feats = _dataset(path, g, "features", f"/{s}")
+        if feats.ndim != 2 or feats.shape[1] != dim or feats.dtype.kind != "f":
+            raise _invalid(path, f"/{s}/features has shape {feats.shape} {feats.dtype}, expected (N, {dim}) float")
+        n = feats.shape[0]
+        labels = _dataset(path, g, "labels", f"/{s}")
+        if labels.shape != (n,) or labels.dtype.kind not in "iu":
+            raise _invalid(path, f"/{s}/labels has shape {labels.shape} {labels.dtype} for {n} feature rows")
+        paths = _dataset(path, g, "paths", f"/{s}")
+        if paths.shape != (n,) or paths.dtype.kind not in "OSU":
+            raise _invalid(path, f"/{s}/paths has shape {paths.shape} for {n} feature rows")
+        if "views" in g:
+            v = _dataset(path, g, "views", f"/{s}")
+            if v.ndim != 3 or v.shape[0] != n or v.shape[2] != dim or v.shape[1] != views or v.dtype.kind != "f":
+                raise _invalid(path, f"/{s}/views has shape {v.shape}, expected ({n}, {views}, {dim})")
+    sk = f.get("skipped")
+    if not isinstance(sk, h5py.Dataset) or sk.dtype.names is None or not {"path", "reason"} <= set(sk.dtype.names):
+        raise _invalid(path, "/skipped is missing or not a (path, reason) table")
+    st = f.get("file_stats")
+    if st is not None and (not isinstance(st, h5py.Dataset) or st.dtype.names is None
+                           or not {"path", "size", "mtime_ns", "sha256"} <= set(st.dtype.names)):
+        raise _invalid(path, "/file_stats is not a (path, size, mtime_ns, sha256) table")
+    return splits
+
+
+def bad_relative_path(p: str) -> bool:
+    """True unless p is a plain relative path that stays inside the folder it is relative to."""
+    if not isinstance(p, str) or not p or "\0" in p or "\\" in p:
+        return True
+    pp = PurePosixPath(p)
+    return pp.is_absolute() or any(part in ("..", "") for part in p.split("/"))
+
+
+def check_values(path: Path, cache) -> None:
+    """What was read: paths inside the data folder, labels in range, finite features and views."""
+    n_classes = len(cache.class_names)
+    for s, sp in cache.splits.items():
+        bad = next((p for p in sp.paths if bad_relative_path(p)), None)
+        if bad is not None:
+            raise _invalid(path, f"/{s}/paths holds {bad!r}, not a path inside the data folder")
+        if len(sp.labels) and (sp.labels.min() < 0 or sp.labels.max() >= n_classes):
+            wrong = int(sp.labels.min() if sp.labels.min() < 0 else sp.labels.max())
+            raise _invalid(path, f"/{s}/labels holds {wrong}, outside 0..{n_classes - 1} ({n_classes} classes)")
+        if not np.isfinite(sp.features).all():
+            raise _invalid(path, f"/{s}/features holds non-finite values (NaN or infinity)")
+        if sp.views is not None and not np.isfinite(sp.views).all():
+            raise _invalid(path, f"/{s}/views holds non-finite values (NaN or infinity)")
+    bad = next((p for p, _ in cache.skipped if not isinstance(p, str)), None)
+    if bad is not None:
+        raise _invalid(path, "/skipped holds a path that is not text")
+    if cache.file_stats is not None:
+        bad = next((p for p in cache.file_stats if bad_relative_path(p)), None)
+        if bad is not None:
+            raise _invalid(path, f"/file_stats holds {bad!r}, not a path inside the data folder")
