@@ -165,14 +165,13 @@ def forward_features(model: torch.nn.Module, x: torch.Tensor, rt: Runtime,
         if not x.is_floating_point():
             x = normalize_batch(x, spec or Preprocess())
         y = model(x.contiguous(memory_format=rt.memory_format)).float()
-    if rt.device.type != "cuda":
-        return PendingFeatures(y.cpu())
-    out = torch.empty(y.shape, dtype=y.dtype, pin_memory=True)
-    out.copy_(y, non_blocking=True)
+        if rt.device.type != "cuda":
+            return PendingFeatures(y.cpu())
+        out = torch.empty(y.shape, dtype=y.dtype, pin_memory=True)
+        out.copy_(y, non_blocking=True)  # queued behind the forward; the CPU goes on to the next batch
     event = torch.cuda.Event()
-    event.record()
+    event.record()  # on the current stream, after the copy: wait() blocks until the features are there
     return PendingFeatures(out, event)
-
 
 
 def prepare_module(module: torch.nn.Module, rt: Runtime) -> torch.nn.Module:
