@@ -264,3 +264,13 @@ def test_elongated_images_extract_and_predict_without_traceback(tiny_data, tmp_p
     assert c.skipped == [] or all("wide" not in p and "tall" not in p for p, _ in c.skipped)
     r = CliRunner().invoke(cli, ["predict", str(out), str(tiny_data / "train/ants/wide.png"), "--json"])
     assert r.exit_code == 0 and json.loads(r.output)[0]["class"] in ("ants", "bees"), r.output
+
+
+def test_device_path_through_worker_processes_equals_in_process(tiny_data, tmp_path):
+    """RawBatch (one blob per batch) crosses the worker boundary intact: same features as workers=0."""
+    for w in (0, 1):
+        extract(ExtractConfig(str(tiny_data), str(tmp_path / f"w{w}.h5"), weights="none", workers=w, batch_size=4,
+                              decoder="torchvision"))
+    a, b = read_cache(tmp_path / "w0.h5"), read_cache(tmp_path / "w1.h5")
+    for split in ("train", "val"):
+        np.testing.assert_array_equal(a.splits[split].features, b.splits[split].features)
