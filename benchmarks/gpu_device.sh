@@ -36,7 +36,7 @@ step() {
   t1=$(date +%s%N)
   echo "$out" | tee -a "$LOG" >/dev/null; echo "$out" | tail -n 15
   local key
-  key=$(echo "$out" | grep -E "images/s|speed-up|in its loop|epoch|max \|diff\||pure forward|ceiling" | tail -n 2 | tr '\n' ' ' | tr '\t' ' ' | cut -c1-230)
+  key=$(echo "$out" | grep -E "images/s|speed-up|in its loop|epoch|max \|diff\||pure forward|ceiling| init " | tail -n 3 | tr '\n' ' ' | tr '\t' ' ' | cut -c1-230)
   [ "$rc" = 0 ] || key="FAILED rc=$rc ${key}"
   printf '%s\t%s\t%s\n' "$name" "$(awk -v a="$t0" -v b="$t1" 'BEGIN{printf "%.1f", (b-a)/1e9}')" "$key" >>"$ROWS"
 }
