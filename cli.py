@@ -212,8 +212,9 @@ def extract_options(fn):
                      help="auto = fp32 on CPU, bf16 autocast on CUDA; recorded in the fingerprint."),
         click.option("--seed", default=0, show_default=True, type=int),
         click.option("--draft", is_flag=True, help="Faster JPEG decoding (DCT downscale); changes features slightly."),
-        click.option("--decoder", default="pil", show_default=True, type=click.Choice(["pil", "torchvision"]),
-                     help="torchvision: decode JPEGs on the device (nvJPEG on a GPU); pixels differ slightly."),
+        click.option("--decoder", default="auto", show_default=True, type=click.Choice(["auto", "pil", "torchvision"]),
+                     help="auto: torchvision on CUDA (without --views/--draft), else pil. torchvision: decode JPEGs "
+                          "on the device (nvJPEG on a GPU); pixels differ slightly. The one used is in the fingerprint."),
         click.option("--allow-empty-class", is_flag=True, help="Keep a class whose train folder has no images."),
         click.option("--max-skipped", default=None, callback=parse_max_skipped,
                      help="Fail when more files than this are unusable: a fraction (<1) or a count."),

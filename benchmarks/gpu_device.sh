@@ -1,27 +1,111 @@
 #!/usr/bin/env bash
-# All GPU measurements in one prepared run, for the `device` tool (one H100, about 15 minutes a session).
+# Every pair of issue 9 in one run on the GPU machine (one H200 via the `device` tool), process walls
+# included; prints a table at the end (also in $OUT/gpu.log and $OUT/table.md).
 #   here:   mkdir -p .data && cp -r ../shared/datasets/hymenoptera_data .data/ && echo /.data/ >> .git/info/exclude
-#   device: run(command="bash benchmarks/gpu_device.sh .data/hymenoptera_data", carry=[".data"], timeout_s=540)
-# Every pair (tutorial vs ours) runs in this one call on the same GPU; results land in $OUT/gpu.log.
+#   device: run(command="bash benchmarks/gpu_device.sh .data/hymenoptera_data", carry=[".data"], timeout_s=590)
+#   check without a GPU:  bash benchmarks/gpu_device.sh --dry-run [DATA]    print every step's command
+#                         bash benchmarks/gpu_device.sh --cpu-small [DATA]  run every step on the CPU, tiny sizes
+# Knobs (env): COPIES (hard-linked copies of the data for extraction at scale, 50 -> 19,850 images),
+# EPOCHS (25), ONLY (a regex of step names to run), T_<step> (a step's timeout in seconds).
 set -uo pipefail
+MODE=gpu
+case "${1:-}" in --dry-run) MODE=dry; shift ;; --cpu-small) MODE=cpu; shift ;; esac
 DATA=${1:-.data/hymenoptera_data}
-LOG=${OUT:-/tmp}/gpu.log
+OUTDIR=${OUT:-/tmp/tlearn_bench}
+mkdir -p "$OUTDIR"
+LOG=$OUTDIR/gpu.log ROWS=$OUTDIR/rows.tsv
+: >"$LOG"; : >"$ROWS"
+WORK=$(mktemp -d /tmp/tlearn_gpu.XXXXXX)
 export PYTHONUNBUFFERED=1 TLEARN_OFFLINE=1
-py=python3
-run() { echo "== $*" | tee -a "$LOG"; timeout "${T:-150}" "$@" 2>&1 | grep -v Warning | tee -a "$LOG"; }
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$LOG"
-$py -c "import torch; print('torch', torch.__version__)" | tee -a "$LOG"
-# 1. extraction vs the pure-forward ceiling, per precision (channels_last), batch 256
-for p in bf16 fp16 fp32; do T=90 run $py benchmarks/extract_ceiling.py --data "$DATA" --device cuda --precision $p --batch-size 256 --workers 16 --rounds 2; done
-# 1b. JPEGs decoded on the GPU (nvJPEG) instead of by PIL in the workers
-T=90 run $py benchmarks/extract_ceiling.py --data "$DATA" --device cuda --precision bf16 --batch-size 256 --workers 16 --rounds 2 --decoder torchvision
-# 2. frozen two-stage vs the tutorial's frozen recipe (2 epochs timed, 25 estimated), same GPU
-T=120 run $py benchmarks/frozen_vs_seed.py --data "$DATA" --device cuda --precision bf16 --seed-epochs 2
-# 3. finetune 25 epochs: tutorial recipe vs ours, same GPU (issue 3's table); bf16 and fp32 (batch 4 is
-#    launch-bound, so autocast's casts may cost more than bf16 saves: measure both)
-T=200 run $py benchmarks/finetune_vs_seed.py --data "$DATA" --device cuda --epochs 25 --precision bf16
-T=200 run $py benchmarks/finetune_vs_seed.py --data "$DATA" --device cuda --epochs 25 --precision fp32
-# 4. sharded extraction with 2 processes on one GPU: equal to one process?
-T=90 run bash -c "$py -m torch.distributed.run --standalone --nproc-per-node 2 cli.py extract $DATA --cache /tmp/two.h5 --weights none --precision fp32 && \
-  $py cli.py extract $DATA --cache /tmp/one.h5 --weights none --precision fp32 && \
-  $py -c \"import numpy as np; from cache import read_cache as r; a,b=r('/tmp/two.h5'),r('/tmp/one.h5'); print('max |diff| two vs one process:', max(float(np.abs(a.splits[s].features-b.splits[s].features).max()) for s in a.splits), 'paths equal:', all(a.splits[s].paths==b.splits[s].paths for s in a.splits))\""
+py=${PYTHON:-python3}
+if [ "$MODE" != cpu ]; then
+  DEV=cuda COPIES=${COPIES:-50} EPOCHS=${EPOCHS:-25} PER_CLASS=0 BS=256 W16=16
+else  # a few images, one epoch: proves every step runs and parses, measures nothing
+  DEV=cpu COPIES=${COPIES:-3} EPOCHS=${EPOCHS:-1} PER_CLASS=3 BS=8 W16=2
+fi
+
+# step NAME TIMEOUT CMD...: run CMD, log its output, record its process wall and its key line
+step() {
+  local name=$1 limit=$2; shift 2
+  if [ -n "${ONLY:-}" ] && ! [[ $name =~ $ONLY ]]; then return; fi
+  echo "== $name: $*" | tee -a "$LOG"
+  if [ "$MODE" = dry ]; then printf '%s\t-\t(dry run)\n' "$name" >>"$ROWS"; return; fi
+  local t0 t1 rc out
+  t0=$(date +%s%N)
+  out=$(timeout "$limit" "$@" 2>&1 | grep -v -e Warning -e warnings.warn); rc=${PIPESTATUS[0]}
+  t1=$(date +%s%N)
+  echo "$out" | tee -a "$LOG" >/dev/null; echo "$out" | tail -n 15
+  local key
+  key=$(echo "$out" | grep -E "images/s|speed-up|in its loop|epoch|max \|diff\||pure forward|ceiling| init " | tail -n 3 | tr '\n' ' ' | tr '\t' ' ' | cut -c1-230)
+  [ "$rc" = 0 ] || key="FAILED rc=$rc ${key}"
+  printf '%s\t%s\t%s\n' "$name" "$(awk -v a="$t0" -v b="$t1" 'BEGIN{printf "%.1f", (b-a)/1e9}')" "$key" >>"$ROWS"
+}
+
+# the data: a small copy for --cpu-small; COPIES hard-linked copies of every image for extraction at scale
+[ "$MODE" = dry ] || $py - "$DATA" "$WORK" "$COPIES" "$PER_CLASS" <<'PYEOF'
+import os, sys
+from pathlib import Path
+src, work, copies, per_class = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+if not (src / "train").is_dir():
+    sys.exit(f"no dataset at {src}")
+small, big = work / "data", work / "big"
+for split in ("train", "val"):
+    for cls in sorted(p.name for p in (src / split).iterdir() if p.is_dir()):
+        files = sorted(f for f in (src / split / cls).iterdir() if f.suffix.lower() in (".jpg", ".jpeg", ".png"))
+        if per_class:
+            files = files[:per_class]
+        for d in (small / split / cls, big / split / cls):
+            d.mkdir(parents=True, exist_ok=True)
+        for f in files:
+            os.link(f, small / split / cls / f.name)
+            for k in range(copies):
+                os.link(f, big / split / cls / f"c{k:03d}_{f.name}")
+n = sum(1 for _ in big.rglob("*.*"))
+print(f"data: {small} (the tutorial's folder), {big} ({n} images: {copies} hard-linked copies)")
+PYEOF
+SMALL=$WORK/data BIG=$WORK/big
+if [ "$MODE" = gpu ]; then
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee -a "$LOG"
+fi
+$py -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'cuda', torch.cuda.is_available())" | tee -a "$LOG"
+# a bare interpreter with torch + CUDA init: the start-up both sides of every pair pay
+step startup_torch_cuda 120 $py -c "import time; t=time.perf_counter(); import torch, torchvision; torch.zeros(1, device='$DEV'); print(f'import + {\"$DEV\"} init {time.perf_counter()-t:.1f} s')"
+
+# 1. the forward ceiling (in-memory batch, channels_last) and extraction at scale, per decoder
+for p in bf16 fp32; do
+  [ "$MODE" = cpu ] && [ $p = bf16 ] && continue
+  step "ceiling_$p" 150 $py benchmarks/extract_ceiling.py --data "$SMALL" --device $DEV --precision $p --batch-size $BS --workers $W16 --rounds 1
+done
+step extract_default_flags 240 $py cli.py extract "$BIG" --cache "$WORK/auto.h5" --weights none --batch-size $BS
+step extract_pil_workers16 240 $py cli.py extract "$BIG" --cache "$WORK/pil.h5" --weights none --batch-size $BS --decoder pil --workers $W16
+step extract_torchvision 240 $py cli.py extract "$BIG" --cache "$WORK/tv.h5" --weights none --batch-size $BS --decoder torchvision
+step features_tv_vs_pil 60 $py -c "
+import numpy as np; from cache import read_cache
+a, b = read_cache('$WORK/pil.h5'), read_cache('$WORK/tv.h5')
+for s in a.splits:
+    fa, fb = a.splits[s].features, b.splits[s].features
+    rel = np.linalg.norm(fa - fb, axis=1) / np.maximum(np.linalg.norm(fa, axis=1), 1e-12)
+    print(f'{s}: torchvision vs pil decoder, max relative L2 {rel.max():.2e} (max |diff| {np.abs(fa - fb).max():.2e})')"
+
+# 2. frozen mode: the tutorial's recipe vs `cli.py run` (extract + 25-epoch head), each its own process
+step tutorial_frozen 400 $py benchmarks/tutorial_process.py "$SMALL" --frozen --epochs $EPOCHS --device $DEV
+step tlearn_run_frozen 200 $py cli.py run "$SMALL" --out "$WORK/run" --weights none --epochs $EPOCHS
+
+# 3. finetune, the same recipe: the tutorial's loop vs `cli.py finetune` (bf16 and fp32)
+step tutorial_finetune 400 $py benchmarks/tutorial_process.py "$SMALL" --epochs $EPOCHS --device $DEV
+for p in bf16 fp32; do
+  [ "$MODE" = cpu ] && [ $p = bf16 ] && continue
+  step "tlearn_finetune_$p" 400 $py cli.py finetune "$SMALL" --out "$WORK/ft_$p" --weights none --epochs $EPOCHS --precision $p --no-plots
+done
+
+# 4. features vs sharding: 2 processes on one device vs 1, fp32 (bit for bit on the CPU; a tolerance on CUDA)
+step torchrun_2_vs_1 200 bash -c "$py -m torch.distributed.run --standalone --nproc-per-node 2 cli.py extract $SMALL --cache $WORK/two.h5 --weights none --precision fp32 --device $DEV --decoder pil >/dev/null && \
+  $py cli.py extract $SMALL --cache $WORK/one.h5 --weights none --precision fp32 --device $DEV --decoder pil --batch-size 7 >/dev/null && \
+  $py -c \"import numpy as np; from cache import read_cache as r; a,b=r('$WORK/two.h5'),r('$WORK/one.h5'); print('max |diff| two processes vs one (other batch size):', max(float(np.abs(a.splits[s].features-b.splits[s].features).max()) for s in a.splits), 'paths equal:', all(a.splits[s].paths==b.splits[s].paths for s in a.splits))\""
+
+# the table
+{
+  echo; echo "| step | process wall s | key figures |"; echo "|---|---:|---|"
+  while IFS=$'\t' read -r name wall key; do echo "| $name | $wall | ${key//|/\\|} |"; done <"$ROWS"
+} | tee "$OUTDIR/table.md" | tee -a "$LOG"
+rm -rf "$WORK"

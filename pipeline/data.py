@@ -18,14 +18,13 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 from torchvision import transforms as T
 
 from . import PipelineError
+from .preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess  # noqa: F401  (re-exported)
 from .splits import FLAT, FOLDERS, SPLIT_FOLDERS, LayoutError, SplitSpec, assign, check_class_split, flat_spec, \
     membership_digest
 from .text import is_utf8, printable
 
 # torchvision's ImageFolder list; matched case-insensitively.
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated JPEG must fail its full decode
 
 
@@ -358,8 +357,8 @@ class BadImage(ValueError):
     """A file that cannot be used as an image; the message is the reason shown to the user."""
 
 
-def load_rgb(path: str | os.PathLike, draft: tuple[int, int] | None = None) -> Image.Image:
-    """Fully decode an image to RGB, EXIF orientation applied. Raises BadImage with a reason.
+def load_rgb(path: str | os.PathLike, draft: tuple[int, int] | None = None, exif: bool = True) -> Image.Image:
+    """Fully decode an image to RGB, EXIF orientation applied (unless exif=False). Raises BadImage with a reason.
 
     The decompression-bomb check uses the header only, before any pixel is decoded. A full decode
     (not Image.verify, which passes truncated JPEGs) is what finds damaged files.
@@ -377,7 +376,8 @@ def load_rgb(path: str | os.PathLike, draft: tuple[int, int] | None = None) -> I
             if draft and im.format == "JPEG":
                 im.draft("RGB", draft)
             im.load()
-            im = ImageOps.exif_transpose(im)
+            if exif:
+                im = ImageOps.exif_transpose(im)
             return _to_rgb(im)
     except BadImage:
         raise
@@ -400,10 +400,75 @@ def load_rgb(path: str | os.PathLike, draft: tuple[int, int] | None = None) -> I
 
 # --------------------------------------------------------------------------- transforms
 
+_PIL_RESAMPLE = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}
 
-def eval_transform(resize: int = 256, crop: int = 224) -> T.Compose:
-    """The tutorial's val transform (torchvision's ImageClassification preset for ResNet-18)."""
-    return T.Compose([T.Resize(resize), T.CenterCrop(crop), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+def resize_crop_pil(img: Image.Image, spec: Preprocess) -> Image.Image:
+    """Resize (short side) + CenterCrop of spec, exactly torchvision's T.Resize + T.CenterCrop on PIL images.
+    An absurdly elongated image (spec.bounded) is resampled straight from the crop's source region instead,
+    so the work and memory are those of the crop, not of a huge intermediate."""
+    w, h = img.size
+    resample = _PIL_RESAMPLE[spec.interpolation]
+    if spec.bounded(w, h):
+        # PIL's box resize reads the filter's support outside the box too: the same pixels up to rounding
+        return img.resize((spec.crop, spec.crop), resample, box=spec.source_box(w, h))
+    rw, rh = spec.resized_size(w, h)
+    if (rw, rh) != (w, h):  # torchvision returns the image itself when the size is already right
+        img = img.resize((rw, rh), resample)
+    left, top = spec.crop_offset(w, h)
+    return img.crop((left, top, left + spec.crop, top + spec.crop))
+
+
+def pil_to_uint8(img: Image.Image) -> torch.Tensor:
+    """RGB PIL image -> 3 x H x W uint8 tensor (ToTensor without the float conversion)."""
+    return torch.from_numpy(np.array(img, dtype=np.uint8, copy=True)).permute(2, 0, 1).contiguous()
+
+
+def normalize_batch(x: torch.Tensor, spec: Preprocess) -> torch.Tensor:
+    """uint8 N x 3 x H x W -> float32 normalised, on x's device, in one batched pass. The same ops as
+    ToTensor (div 255) + Normalize (sub mean, div std), so on the CPU it is bit for bit the reference."""
+    mean = torch.tensor(spec.mean, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(spec.std, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
+    return x.to(torch.float32).div_(255).sub_(mean).div_(std)
+
+
+class _Uint8Crop:
+    """PIL image -> 3 x crop x crop uint8: what the decode workers ship (150 KB, not 600 KB of floats)."""
+
+    def __init__(self, spec: Preprocess):
+        self.spec = spec
+
+    def __call__(self, img: Image.Image) -> torch.Tensor:
+        return pil_to_uint8(resize_crop_pil(img, self.spec))
+
+
+class _ResizeCrop:
+    def __init__(self, spec: Preprocess):
+        self.spec = spec
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        return resize_crop_pil(img, self.spec)
+
+    def __repr__(self) -> str:
+        return f"ResizeCrop({self.spec.resize}, {self.spec.crop}, {self.spec.interpolation})"
+
+
+def uint8_transform(spec: Preprocess | None = None) -> _Uint8Crop:
+    return _Uint8Crop(spec or Preprocess())
+
+
+def eval_transform(spec: Preprocess | int | None = None, crop: int | None = None) -> T.Compose:
+    """The tutorial's val transform (Resize 256, CenterCrop 224, ToTensor, Normalize) built from a spec;
+    eval_transform(resize, crop) is kept for callers that pass sizes."""
+    if not isinstance(spec, Preprocess):
+        spec = Preprocess(**({"resize": spec} if spec else {}), **({"crop": crop} if crop else {}))
+    return T.Compose([_ResizeCrop(spec), T.ToTensor(), T.Normalize(spec.mean, spec.std)])
+
+
+def view_transform(spec: Preprocess | None = None) -> T.Compose:
+    """The tutorial's train augmentation without ToTensor/Normalize (uint8 out; normalised on the device)."""
+    spec = spec or Preprocess()
+    return T.Compose([T.RandomResizedCrop(spec.crop), T.RandomHorizontalFlip(), T.PILToTensor()])
 
 
 def train_transform(crop: int = 224) -> T.Compose:
@@ -413,33 +478,29 @@ def train_transform(crop: int = 224) -> T.Compose:
     )
 
 
-TRANSFORM_SPEC = {
-    "eval": "Resize(256, bilinear, antialias) CenterCrop(224) ToTensor Normalize(imagenet)",
-    "views": "RandomResizedCrop(224, scale=(0.08,1), ratio=(3/4,4/3)) RandomHorizontalFlip ToTensor Normalize(imagenet)",
-    "mean": list(IMAGENET_MEAN),
-    "std": list(IMAGENET_STD),
-    "exif_transpose": True,
-    "rgb": "16-bit scaled to 8, alpha over white",
-}
+# The default spec's record: what caches and runs made before the spec existed carry (kept for readers).
+TRANSFORM_SPEC = Preprocess().record()
 
 
 class ImageFiles(torch.utils.data.Dataset):
-    """Images of several splits behind one index: key (group, i) -> (x, views, group, i, reason).
+    """Images of several splits behind one index: key (group, i) -> (x, views, group, i, reason), where x
+    is the 3 x crop x crop uint8 crop (views: K x 3 x crop x crop uint8); normalisation happens on the
+    extraction device, batched (normalize_batch).
 
     groups: one (files, names, views) per split. A bad file yields zeros and its reason instead of
-    raising. With views > 0 an item also carries that many augmented tensors drawn from a generator
+    raising. With views > 0 an item also carries that many augmented crops drawn from a generator
     seeded by (seed, name), so the views of an image do not depend on batching, workers, resume
     points or on which other files the folder holds.
     """
 
-    def __init__(self, groups: list[tuple[list[str], list[str], int]], transform, seed: int = 0,
-                 draft: bool = False, crop: int = 224, resize: int = 256):
+    def __init__(self, groups: list[tuple[list[str], list[str], int]], spec: Preprocess | None = None, seed: int = 0):
         self.groups = groups
-        self.transform = transform
+        self.spec = spec = spec or Preprocess()
         self.seed = seed
-        self.draft = (resize, resize) if draft else None  # JPEG DCT scaling keeps the short side >= resize
-        self.crop = crop
-        self.view_transform = train_transform(crop)
+        # JPEG DCT scaling keeps the short side >= resize
+        self.draft = (spec.resize, spec.resize) if spec.draft else None
+        self.transform = uint8_transform(spec)
+        self.view_transform = view_transform(spec)
 
     def __len__(self) -> int:
         return sum(len(g[0]) for g in self.groups)
@@ -447,14 +508,15 @@ class ImageFiles(torch.utils.data.Dataset):
     def __getitem__(self, key: tuple[int, int]):
         g, i = key
         files, names, views = self.groups[g]
+        c = self.spec.crop
         try:
-            img = load_rgb(files[i], draft=self.draft)
+            img = load_rgb(files[i], draft=self.draft, exif=self.spec.exif)
         except BadImage as e:
-            no_views = torch.zeros(views, 3, self.crop, self.crop) if views else torch.zeros(0)
-            return torch.zeros(3, self.crop, self.crop), no_views, g, i, str(e)
+            no_views = torch.zeros(views, 3, c, c, dtype=torch.uint8) if views else torch.zeros(0, dtype=torch.uint8)
+            return torch.zeros(3, c, c, dtype=torch.uint8), no_views, g, i, str(e)
         x = self.transform(img)
         if not views:
-            return x, torch.zeros(0), g, i, ""
+            return x, torch.zeros(0, dtype=torch.uint8), g, i, ""
         # torchvision's random transforms draw from torch's global RNG: seed it per image.
         state = torch.random.get_rng_state()
         torch.manual_seed(self.seed * 1_000_003 + zlib.crc32(names[i].encode()))

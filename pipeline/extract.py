@@ -19,13 +19,14 @@ from cache.store import FORMAT, RESERVED, CacheLock, FeatureCache, PartialWriter
 from . import PipelineError
 from .backbones import BackboneSpec, build_backbone
 from .distributed import init_distributed, rank_device, shutdown
-from .data import TRANSFORM_SPEC, ImageFiles, eval_transform, scan_dataset
+from .data import ImageFiles, normalize_batch, scan_dataset
+from .device_decode import RawBatch, RawFiles, collate_raw, decode_crops
 from .fsio import sha256_file
-from .text import printable
-from .device_decode import RawFiles, collate_raw, finish_batch
+from .preprocess import Preprocess, resolve_decoder
 from .progress import Progress
 from .splits import SplitSpec
-from .runtime import Runtime, default_workers, resolve_runtime
+from .runtime import Runtime, default_workers, resolve_device, resolve_runtime
+from .text import printable
 
 
 @dataclass
@@ -43,7 +44,8 @@ class ExtractConfig:
     seed: int = 0  # random init (--weights none) and the views' crops
     force: bool = False
     draft: bool = False  # JPEG draft-mode decoding (faster, slightly different pixels)
-    decoder: str = "pil"  # pil (workers, the reference) | torchvision (JPEGs decoded on the device: nvJPEG)
+    decoder: str = "auto"  # auto: torchvision on CUDA, else pil | pil (workers, the reference) |
+    #                        torchvision (JPEGs decoded on the device: nvJPEG); the one used is in the fingerprint
     allow_empty_class: bool = False
     max_skipped: float | None = None  # < 1: fraction of files, >= 1: count
     val_fraction: float | None = None  # flat folders only (None: splits.DEFAULT_VAL_FRACTION)
@@ -51,18 +53,24 @@ class ExtractConfig:
     split_seed: int = 0  # flat folders only: which files go to val/test
 
 
-def feature_fields(backbone_desc: dict, precision: str, views: int, seed: int, draft: bool,
-                   decoder: str = "pil") -> dict:
-    """Everything that changes a cached feature; the fingerprint is their hash."""
+def preprocess_for(cfg: ExtractConfig, device) -> Preprocess:
+    """The preprocessing spec of an extract: the tutorial's eval transform, decoded by the decoder that
+    cfg.decoder resolves to on this device (auto: torchvision on CUDA, pil elsewhere)."""
+    return Preprocess(draft=cfg.draft, decoder=resolve_decoder(cfg.decoder, device.type, cfg.views, cfg.draft))
+
+
+def feature_fields(backbone_desc: dict, precision: str, views: int, seed: int, draft: bool = False,
+                   decoder: str = "pil", spec: Preprocess | None = None) -> dict:
+    """Everything that changes a cached feature; the fingerprint is their hash. The preprocessing part
+    comes from the spec (default: the tutorial's, with draft and decoder as given)."""
+    spec = spec or Preprocess(draft=draft, decoder=decoder)
     return {
         "backbone": backbone_desc["backbone"] if backbone_desc["kind"] == "torchvision" else "program",
         "weights_digest": backbone_desc["weights_digest"],
-        "transform": TRANSFORM_SPEC,
         "precision": precision,
         "views": views,
         "views_seed": seed if views else None,
-        "draft": draft,
-        **({"decoder": decoder} if decoder != "pil" else {}),  # absent for pil: older caches stay valid
+        **spec.fingerprint_fields(),  # transform, draft, decoder (absent for pil: older caches stay valid)
     }
 
 
@@ -230,11 +238,38 @@ def _check_skipped(cfg: ExtractConfig, n_skipped: int, n_total: int) -> None:
                             f"{cfg.max_skipped:g}); fix the folder or raise --max-skipped (finished work is kept)")
 
 
-def forward_features(model: torch.nn.Module, x: torch.Tensor, rt: Runtime) -> torch.Tensor:
-    """(N, 3, H, W) normalised images -> (N, D) float32 features on the CPU."""
+@dataclass
+class PendingFeatures:
+    """(N, D) float32 features on their way to the CPU: on CUDA a non-blocking copy into pinned memory,
+    waited for once (wait) when the batch is written, so the next batch's decode and forward are queued
+    meanwhile; on the CPU they are simply there."""
+
+    out: torch.Tensor
+    copied: object = None  # torch.cuda.Event recorded after the copy, or None
+
+    def wait(self) -> torch.Tensor:
+        if self.copied is not None:
+            self.copied.synchronize()
+        return self.out
+
+
+def forward_features(model: torch.nn.Module, x: torch.Tensor, rt: Runtime,
+                     spec: Preprocess | None = None) -> PendingFeatures:
+    """(N, 3, H, W) uint8 crops (normalised here, on the device, as one batch) or normalised floats ->
+    pending (N, D) float32 CPU features (.wait() gives them)."""
     with torch.inference_mode(), rt.autocast():
+        # the layout is set on the uint8 crops (4x fewer bytes to move); normalising keeps it
         x = x.to(rt.device, non_blocking=True).contiguous(memory_format=rt.memory_format)
-        return model(x).float().cpu()
+        if not x.is_floating_point():
+            x = normalize_batch(x, spec or Preprocess())
+        y = model(x.contiguous(memory_format=rt.memory_format)).float()
+        if rt.device.type != "cuda":
+            return PendingFeatures(y.cpu())
+        out = torch.empty(y.shape, dtype=y.dtype, pin_memory=True)
+        out.copy_(y, non_blocking=True)  # queued behind the forward; the CPU goes on to the next batch
+    event = torch.cuda.Event()
+    event.record()  # on the current stream, after the copy: wait() blocks until the features are there
+    return PendingFeatures(out, event)
 
 
 def prepare_module(module: torch.nn.Module, rt: Runtime) -> torch.nn.Module:
@@ -264,7 +299,7 @@ def plan_batches(writer: PartialWriter, splits: list[str], size: int,
 
 
 def _worker_batch(batch):
-    """A batch the workers transformed: (split number, first row, good images, their views, reasons)."""
+    """A batch the workers cropped: (split number, first row, good uint8 crops, their views, reasons)."""
     x, v, g, idx, reasons = batch
     good = [r == "" for r in reasons]
     if not all(good):  # the usual batch has no bad file and needs no copy
@@ -273,48 +308,84 @@ def _worker_batch(batch):
     return int(g[0]), int(idx[0]), x, v, list(reasons)
 
 
-def _device_batch(batch, device):
-    """A batch of raw JPEG bytes (and odd files' pixels): decoded and transformed on the device."""
-    x, reasons = finish_batch([(kind, payload, reason) for kind, payload, _, _, reason in batch], device)
-    return batch[0][2], batch[0][3], x, None, reasons
+def _device_batch(batch: RawBatch, device, spec: Preprocess):
+    """A batch of raw JPEG bytes (and odd files' pixels): decoded, resized and cropped on the device."""
+    x, reasons = decode_crops(batch.items(), device, spec)
+    return batch.group, batch.start, x, None, reasons
+
+
+@dataclass
+class _InFlight:
+    """A batch whose forward has been queued; written to its segment once its features reach the CPU."""
+
+    split: str
+    start: int
+    reasons: list[str]
+    feats: PendingFeatures | None
+    views: PendingFeatures | None
+    k: int  # views per image
+
+
+def _write_batch(writer: PartialWriter, b: _InFlight, dim: int) -> int:
+    """Wait for a batch's features and write its segment (bad files: zero rows); returns its size."""
+    ok = torch.tensor([r == "" for r in b.reasons])
+    feats = torch.zeros(len(b.reasons), dim)
+    vfeats = torch.zeros(len(b.reasons), b.k, dim) if b.k else None
+    if b.feats is not None:
+        feats[ok] = b.feats.wait()
+        if b.k:
+            vfeats[ok] = b.views.wait().view(-1, b.k, dim)
+    writer.write_segment(b.split, b.start, feats.numpy(), b.reasons, vfeats.numpy() if b.k else None)
+    return len(b.reasons)
 
 
 def extract_rows(writer: PartialWriter, data, model, rt: Runtime, cfg: ExtractConfig, progress: Progress,
                  shard: dict[str, tuple[int, int]] | None = None, whole_job: PartialWriter | None = None) -> int:
-    """Extract every unfinished row (of shard, when given) through one DataLoader; one segment per batch."""
+    """Extract every unfinished row (of shard, when given) through one DataLoader; one segment per batch.
+
+    Workers ship uint8 crops (PIL path) or raw bytes (device path); normalisation is one batched op on
+    the device. A batch's segment is written after the next batch's forward is queued, so on CUDA the
+    copy of its features to the CPU overlaps the next decode and forward (one sync per batch)."""
     splits = list(data.splits)
     batches = plan_batches(writer, splits, cfg.batch_size, shard)
     if not batches:
         return 0
+    spec = preprocess_for(cfg, rt.device)
     groups = [([str(data.root / p) for p in data.splits[s].paths], data.splits[s].paths, writer.views_of(s))
               for s in splits]
-    on_device = cfg.decoder == "torchvision"
+    on_device = spec.decoder == "torchvision"
     if on_device:
-        ds, collate = RawFiles(groups), collate_raw
+        ds, collate = RawFiles(groups, spec.exif), collate_raw
     else:
-        ds, collate = ImageFiles(groups, eval_transform(), seed=cfg.seed, draft=cfg.draft), None
+        ds, collate = ImageFiles(groups, spec, seed=cfg.seed), None
     loader = torch.utils.data.DataLoader(ds, batch_sampler=batches, num_workers=cfg.workers, collate_fn=collate,
                                          pin_memory=rt.pin_memory and not on_device,
                                          prefetch_factor=4 if cfg.workers else None)
-    done = 0
-    for batch in loader:
-        g, start, x, v, reasons = _device_batch(batch, rt.device) if on_device else _worker_batch(batch)
-        split = splits[g]
-        k = writer.views_of(split)
-        ok = torch.tensor([r == "" for r in reasons])
-        dim = writer.plan.feature_dim
-        feats = torch.zeros(len(reasons), dim)
-        vfeats = torch.zeros(len(reasons), k, dim) if k else None
-        if len(x):
-            feats[ok] = forward_features(model, x, rt)
-            if k:
-                vfeats[ok] = forward_features(model, v.flatten(0, 1), rt).view(len(v), k, -1)
-        writer.write_segment(split, start, feats.numpy(), reasons, vfeats.numpy() if k else None)
-        done += len(reasons)
+    done, in_flight = 0, None
+
+    def write(b: _InFlight) -> None:
+        nonlocal done
+        done += _write_batch(writer, b, writer.plan.feature_dim)
         if whole_job is not None:
             progress.set(sum(whole_job.done_files(s) for s in splits))
         else:
-            progress.update(len(reasons))
+            progress.update(len(b.reasons))
+
+    try:
+        for batch in loader:
+            g, start, x, v, reasons = _device_batch(batch, rt.device, spec) if on_device else _worker_batch(batch)
+            k = writer.views_of(splits[g])
+            feats = views = None
+            if len(x):
+                feats = forward_features(model, x, rt, spec)
+                if k:
+                    views = forward_features(model, v.flatten(0, 1), rt, spec)
+            queued, in_flight = in_flight, _InFlight(splits[g], start, reasons, feats, views, k)
+            if queued is not None:
+                write(queued)
+    finally:  # also on an error or Ctrl-C in the next batch: a batch already computed is kept
+        if in_flight is not None:
+            write(in_flight)
     return done
 
 
@@ -341,10 +412,6 @@ def check_config(cfg: ExtractConfig) -> None:
     """Options that would fail (or write outside the cache's folders) later: one line each, before any work."""
     if cfg.views < 0:
         raise PipelineError("--views must be >= 0")
-    if cfg.decoder not in ("pil", "torchvision"):
-        raise PipelineError(f"unknown decoder {cfg.decoder!r}: use pil or torchvision")
-    if cfg.decoder == "torchvision" and (cfg.views or cfg.draft):
-        raise PipelineError("--decoder torchvision works without --views and --draft; use the pil decoder for those")
     if not 0 <= cfg.seed <= SEED_MAX:
         raise PipelineError(f"--seed must be from 0 to {SEED_MAX}, got {cfg.seed}")
     check_split_names(cfg.splits)
@@ -375,6 +442,7 @@ def _tool_files(cfg: ExtractConfig, root: Path) -> set[str]:
 def plan_extraction(cfg: ExtractConfig) -> Extraction:
     """Scan the data, build the backbone, and compute the plan of the cache (pure of disk writes)."""
     check_config(cfg)
+    spec = preprocess_for(cfg, resolve_device(cfg.device))  # checks --decoder early; auto resolved here
     data = scan_dataset(cfg.data_dir, list(cfg.splits), cfg.allow_empty_class, cfg.val_fraction, cfg.test_fraction,
                         cfg.split_seed)
     own = _tool_files(cfg, data.root)
@@ -383,7 +451,7 @@ def plan_extraction(cfg: ExtractConfig) -> Extraction:
     rt = resolve_runtime(cfg.device, cfg.precision)
     bb = build_backbone(BackboneSpec(cfg.backbone, cfg.weights, cfg.seed))
     model = prepare_module(bb.module, rt)
-    fields = feature_fields(bb.description, rt.precision, cfg.views, cfg.seed, cfg.draft, cfg.decoder)
+    fields = feature_fields(bb.description, rt.precision, cfg.views, cfg.seed, spec=spec)
     plan = ExtractionPlan(
         fingerprint=fingerprint(fields), feature_dim=bb.feature_dim, views=cfg.views, views_split=views_split(data),
         class_names=list(data.class_names), root=str(Path(data.root).resolve()),
@@ -393,9 +461,10 @@ def plan_extraction(cfg: ExtractConfig) -> Extraction:
         "format": FORMAT, "fingerprint": plan.fingerprint, "files_digest": plan.files_digest,
         "backbone": bb.description["backbone"], "weights": bb.description["weights"],
         "backbone_spec": json.dumps(bb.description), "feature_dim": bb.feature_dim,
-        "class_names": json.dumps(data.class_names), "transform": json.dumps(TRANSFORM_SPEC),
+        "class_names": json.dumps(data.class_names), "transform": json.dumps(spec.record()),
         "precision": rt.precision, "views": cfg.views, "seed": cfg.seed, "draft": cfg.draft,
-        "decoder": cfg.decoder, "split": json.dumps(data.split_record()),
+        "decoder": spec.decoder,  # the decoder actually used (auto resolved)
+        "split": json.dumps(data.split_record()),
         "config": json.dumps({k: v for k, v in asdict(cfg).items() if k not in ("force",)}, default=list),
         "torch": torch.__version__,
     }

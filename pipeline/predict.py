@@ -11,7 +11,7 @@ from torch import nn
 
 from . import PipelineError
 from .backbones import BackboneSpec, build_backbone, file_sha256, last_linear_name, load_weights_into, replace_module
-from .data import BadImage, eval_transform, load_rgb, scan_files
+from .data import BadImage, load_rgb, scan_files
 from .progress import Progress
 from .runfolder import RunManifest, load_manifest
 from .text import printable
@@ -142,23 +142,29 @@ def _prediction(path: str, reason: str, p: torch.Tensor | None, classes: list[st
 
 
 def _decoder(cache_meta: dict, device: torch.device):
-    """files -> (good images as one normalised batch, reason per file ('' when used))."""
-    if cache_meta.get("decoder") == "torchvision":
+    """files -> (good images as one normalised batch on device, reason per file ('' when used)), with the
+    preprocessing spec the run's features were made with (rebuilt from its record in model.pt)."""
+    from .data import normalize_batch, pil_to_uint8, resize_crop_pil
+    from .preprocess import Preprocess
+
+    spec = Preprocess.from_record(cache_meta.get("transform"), cache_meta.get("draft", False),
+                                  cache_meta.get("decoder", "pil"))
+    if spec.decoder == "torchvision":
         from .device_decode import finish_batch, read_for_device
 
-        return lambda files: finish_batch([read_for_device(str(f)) for f in files], device)
-    tf = eval_transform()
-    draft = (256, 256) if cache_meta.get("draft") else None
+        return lambda files: finish_batch([read_for_device(str(f), spec.exif) for f in files], device, spec)
+    draft = (spec.resize, spec.resize) if spec.draft else None
 
     def decode(files):
         xs, reasons = [], []
         for f in files:
             try:
-                xs.append(tf(load_rgb(f, draft=draft)))
+                xs.append(pil_to_uint8(resize_crop_pil(load_rgb(f, draft=draft, exif=spec.exif), spec)))
                 reasons.append("")
             except BadImage as e:
                 reasons.append(str(e))
-        return (torch.stack(xs) if xs else torch.zeros(0, 3, 224, 224)), reasons
+        x = torch.stack(xs) if xs else torch.zeros(0, 3, spec.crop, spec.crop, dtype=torch.uint8)
+        return normalize_batch(x.to(device), spec), reasons
 
     return decode
 
