@@ -114,7 +114,7 @@ def predict(run_dir: str, inputs: list[str], device: str = "auto", batch_size: i
     rt = resolve_runtime(device, "fp32" if (manifest.precision == "fp16" and on_cpu) else manifest.precision)
     model = model.to(rt.device)
     entries = input_entries(inputs)
-    decode = _decoder(manifest.decoding, rt.device)  # decode as the run's features were made
+    decode = _decoder({**manifest.decoding, "transform": manifest.transform}, rt.device)  # decode as the run's features were made
     results = [Prediction(str(p), error=reason) if reason else None for p, reason in entries]
     todo = [i for i, r in enumerate(results) if r is None]
     progress.start(len(todo), "predict")

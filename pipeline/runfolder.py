@@ -100,8 +100,8 @@ class RunManifest:
 
     @property
     def decoding(self) -> dict:
-        """How images were decoded and preprocessed for this model (predict does the same)."""
-        return {"decoder": self.decoder, "draft": self.draft, "transform": self.transform}
+        """How images were decoded for this model (predict decodes the same way)."""
+        return {"decoder": self.decoder, "draft": self.draft}
 
     def to_payload(self) -> dict:
         """The dict torch.save writes: plain types and tensors only, so weights_only loading reads it."""

@@ -6,22 +6,25 @@ from pathlib import Path
 
 import numpy as np
 
-from cache.store import FORMAT, PartialWriter, files_digest, fingerprint
+from cache.plan import ExtractionPlan, SplitPlan
+from cache.store import FORMAT, PartialWriter, fingerprint
 
 
 def write_cache(path: Path, splits: dict[str, tuple], class_names: list[str], data_dir: str = "data",
                 extra_attrs: dict | None = None) -> Path:
     """splits = {name: (features (N,D), labels (N,), paths [N])} -> a complete cache at path."""
     dim = int(next(iter(splits.values()))[0].shape[1])
-    listing = {k: ([str(p) for p in v[2]], [int(x) for x in v[1]]) for k, v in splits.items()}
     fp = fingerprint({"test": "synthetic", "dim": dim})
-    plan = {"fingerprint": fp, "files_digest": files_digest(class_names, listing), "feature_dim": dim, "views": 0,
-            "views_split": "train", "splits": {k: {"paths": v[0], "labels": v[1]} for k, v in listing.items()}}
+    plan = ExtractionPlan(
+        fingerprint=fp, feature_dim=dim, views=0, views_split="train", class_names=list(class_names),
+        root=str(Path(data_dir).resolve()),
+        splits={k: SplitPlan([str(p) for p in v[2]], [int(x) for x in v[1]], [0] * len(v[1]), [0] * len(v[1]))
+                for k, v in splits.items()})
     w = PartialWriter(path, plan).open()
     for name, (X, y, paths) in splits.items():
-        if len(y):
-            w.write_segment(name, 0, np.asarray(X, np.float32), [""] * len(y))
-    attrs = {"format": FORMAT, "fingerprint": fp, "files_digest": plan["files_digest"], "backbone": "synthetic",
+        if len(y):  # no files behind these rows: no content digests to read
+            w.write_segment(name, 0, np.asarray(X, np.float32), [""] * len(y), digests=[""] * len(y))
+    attrs = {"format": FORMAT, "fingerprint": fp, "files_digest": plan.files_digest, "backbone": "synthetic",
              "weights": "none", "feature_dim": dim, "class_names": json.dumps(class_names), "transform": "{}",
              "precision": "fp32", "views": 0, "backbone_spec": json.dumps({"kind": "synthetic"}),
              "config": json.dumps({"data_dir": str(data_dir)}), **(extra_attrs or {})}
