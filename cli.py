@@ -233,10 +233,12 @@ def _do_extract(cfg):
     return summary
 
 
-def _do_train_head(cfg):
+def _do_train_head(cfg, sidecar=None):
     from pipeline.train_head import run_train_head
 
-    m = run_train_head(cfg)
+    m = run_train_head(cfg, sidecar)
+    for note in m.get("notes", []):
+        click.echo(note, err=True)
     if "sweep" in m:
         click.echo(sweep_table(m["sweep"]))
     click.echo(m["report_text"])
@@ -296,9 +298,13 @@ def run(data_dir, out, cache_path, **o):
     """
     from pathlib import Path
 
+    from pipeline.sidecar import sidecar
+
     cache_path = cache_path or str(Path(out) / "features.h5")
-    _do_extract(_extract_config(data_dir, cache_path, o))
-    _do_train_head(_head_config(cache_path, out, o))
+    # the report/picture process loads scikit-learn and matplotlib during extract, at low priority
+    with sidecar(plots=not o["no_plots"], nice=10, enabled=is_rank0()) as side:
+        _do_extract(_extract_config(data_dir, cache_path, o))
+        _do_train_head(_head_config(cache_path, out, o), side)
 
 
 @cli.command()

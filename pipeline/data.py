@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
-from torchvision import transforms as T
 
 from . import PipelineError
 
@@ -215,11 +214,15 @@ def load_rgb(path: str | os.PathLike, draft: tuple[int, int] | None = None) -> I
 
 def eval_transform(resize: int = 256, crop: int = 224) -> T.Compose:
     """The tutorial's val transform (torchvision's ImageClassification preset for ResNet-18)."""
+    from torchvision import transforms as T  # here, not at the top: importing torchvision costs ~1 s
+
     return T.Compose([T.Resize(resize), T.CenterCrop(crop), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 
 def train_transform(crop: int = 224) -> T.Compose:
     """The tutorial's train transform: RandomResizedCrop + horizontal flip."""
+    from torchvision import transforms as T
+
     return T.Compose(
         [T.RandomResizedCrop(crop), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
     )

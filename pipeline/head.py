@@ -12,11 +12,14 @@ import itertools
 import time
 from dataclasses import asdict, dataclass, field, fields
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
-from torch import nn
 
 from . import PipelineError
+
+if TYPE_CHECKING:  # torch is imported inside the functions: configs and HeadParams load without it
+    import torch
 
 SWEEPABLE = ("lr", "momentum", "step_size", "gamma", "seed", "batch_size", "epochs")
 
@@ -66,6 +69,9 @@ def expand_grid(grid: dict[str, list]) -> list[HeadParams]:
 
 def init_linear(in_dim: int, classes: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """nn.Linear's own initialisation under torch.manual_seed(seed), so heads match the tutorial's."""
+    import torch
+    from torch import nn
+
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         layer = nn.Linear(in_dim, classes)
@@ -74,6 +80,8 @@ def init_linear(in_dim: int, classes: int, seed: int) -> tuple[torch.Tensor, tor
 
 def _evaluate(W: torch.Tensor, b: torch.Tensor, X: torch.Tensor, y: torch.Tensor):
     """Mean loss and accuracy per head. W (H,C,D), b (H,C), X (N,D) -> (H,), (H,)."""
+    import torch
+
     if len(y) == 0:
         z = torch.zeros(W.shape[0], device=W.device)
         return z, z
@@ -85,6 +93,8 @@ def _evaluate(W: torch.Tensor, b: torch.Tensor, X: torch.Tensor, y: torch.Tensor
 
 def _train_group(params: list[HeadParams], Xtr, ytr, Vtr, Xva, yva, classes: int) -> list[HeadResult]:
     """Heads that share epochs and batch size, trained in lockstep."""
+    import torch
+
     H, (N, D), dev = len(params), Xtr.shape, Xtr.device
     epochs, B = params[0].epochs, params[0].batch_size
     W0, b0 = zip(*(init_linear(D, classes, p.seed) for p in params))
@@ -140,6 +150,8 @@ def train_heads(train: tuple, val: tuple, classes: int, params: list[HeadParams]
     views: optional (N,K,D) array of augmented train features; each epoch draws one per image.
     Returns the results in the order of params, and the wall time in seconds.
     """
+    import torch
+
     dev = torch.device(device)
     Xtr = torch.as_tensor(np.asarray(train[0]), dtype=torch.float32, device=dev)
     ytr = torch.as_tensor(np.asarray(train[1]), dtype=torch.long, device=dev)
@@ -161,6 +173,8 @@ def train_heads(train: tuple, val: tuple, classes: int, params: list[HeadParams]
 
 
 def head_logits(weight: torch.Tensor, bias: torch.Tensor, X) -> np.ndarray:
+    import torch
+
     X = torch.as_tensor(np.asarray(X), dtype=torch.float32)
     return (X @ weight.T + bias).numpy()
 

@@ -6,12 +6,16 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from cache import read_cache
-
 from . import PipelineError
-from .evaluate import evaluate_predictions, report_text, split_metrics
+from .evaluate import report_text, split_metrics
+from .plots import PictureJob
 from .head import HeadParams, HeadResult, expand_grid, head_logits, params_dict, train_heads
 from .runfolder import save_run
+from .sidecar import Sidecar, evaluate_splits, start_pictures
+from .sidecar import sidecar as start_sidecar
+
+# torch (inside head's functions), h5py (cache.read_cache), scikit-learn and matplotlib (the sidecar) are
+# imported only once run_train_head runs: the sidecar starts first and imports its part meanwhile.
 
 _DEFAULTS = HeadParams()
 
@@ -45,14 +49,27 @@ def _split_xy(cache, name: str):
     return sp.features, sp.labels
 
 
-def evaluate_head(result: HeadResult, cache, splits: list[str]) -> dict[str, dict]:
-    out = {}
+def evaluate_head(result: HeadResult, cache, splits: list[str], side: Sidecar | None = None) -> dict[str, dict]:
+    preds = {}
     for s in splits:
         X, y = _split_xy(cache, s)
         pred = head_logits(result.weight, result.bias, X).argmax(1) if len(y) else np.zeros(0, np.int64)
-        out[s] = evaluate_predictions(y, pred, cache.class_names)
-        out[s]["pred"] = pred.tolist()
+        preds[s] = (np.asarray(y).tolist(), pred.tolist())
+    out = evaluate_splits(side, preds, cache.class_names)
+    for s in splits:
+        out[s]["pred"] = preds[s][1]
     return out
+
+
+def picture_paths(cache, split: str) -> list[str | None]:
+    """Absolute path of each image of a split for predictions.png (None: the cache's path leaves its data
+    folder). The data folder resolves even when the cache recorded it relative to another folder."""
+    from .plots import inside, resolve_data_dir
+
+    paths = cache.splits[split].paths
+    data_dir = resolve_data_dir(json.loads(cache.attrs["config"])["data_dir"], cache.path,
+                                paths[0] if paths else None)
+    return [str(p) if (p := inside(data_dir, rel)) is not None else None for rel in paths]
 
 
 def head_model_payload(result: HeadResult, cache) -> dict:
@@ -70,8 +87,19 @@ def head_model_payload(result: HeadResult, cache) -> dict:
     }
 
 
-def run_train_head(cfg: HeadConfig) -> dict:
-    """Train the head(s) of cfg on its cache, write the run folder for the best one, return its metrics."""
+def run_train_head(cfg: HeadConfig, sidecar: Sidecar | None = None) -> dict:
+    """Train the head(s) of cfg on its cache, write the run folder for the best one, return its metrics
+    (plus report_text, and notes: pictures that could not be drawn). sidecar: one already started (by
+    `run`, before extract); by default one is started here, before torch and h5py are imported."""
+    if sidecar is not None:
+        return _run_train_head(cfg, sidecar)
+    with start_sidecar(plots=cfg.plots) as side:
+        return _run_train_head(cfg, side)
+
+
+def _run_train_head(cfg: HeadConfig, side: Sidecar | None) -> dict:
+    from cache import read_cache
+
     cache = read_cache(cfg.cache)
     if "train" not in cache.splits or cfg.val_split not in cache.splits:
         raise PipelineError(f"cache {cfg.cache} needs train and {cfg.val_split} splits, has {', '.join(cache.splits)}")
@@ -86,7 +114,7 @@ def run_train_head(cfg: HeadConfig) -> dict:
                                    len(cache.class_names), params, views=views, device=cfg.device)
     best = max(results, key=lambda r: r.best_val_acc)  # first of equals: the grid's order
     eval_splits = [cfg.val_split] + [s for s in cache.splits if s not in ("train", cfg.val_split)]
-    evaluations = evaluate_head(best, cache, eval_splits)
+    evaluations = evaluate_head(best, cache, eval_splits, side)
     metrics = {
         "kind": "head",
         "best_val_acc": best.best_val_acc,
@@ -105,10 +133,11 @@ def run_train_head(cfg: HeadConfig) -> dict:
         metrics["sweep"] = [{**params_dict(r.params), "best_val_acc": r.best_val_acc, "best_epoch": r.best_epoch}
                             for r in results]
     report = report_text(evaluations, best.best_val_acc, best.best_epoch)
-    save_run(cfg.out, head_model_payload(best, cache), metrics, report)
-    if cfg.plots:
-        from .plots import head_run_plots
-
-        head_run_plots(cfg.out, metrics, cache, evaluations[cfg.val_split]["pred"], cfg.val_split)
+    pictures = start_pictures(side, PictureJob(
+        str(cfg.out), metrics["history"], metrics["confusion_matrix"][cfg.val_split], cache.class_names,
+        cfg.val_split, picture_paths(cache, cfg.val_split), cache.splits[cfg.val_split].labels.tolist(),
+        evaluations[cfg.val_split]["pred"])) if cfg.plots else list
+    save_run(cfg.out, head_model_payload(best, cache), metrics, report)  # while the sidecar draws
+    metrics["notes"] = pictures()
     metrics["report_text"] = report
     return metrics
