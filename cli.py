@@ -398,6 +398,8 @@ def finetune(data_dir, out, no_plots, **o):
         return
     for path, reason in m["skipped"][:20]:
         click.echo(f"skipped {path}: {reason}", err=True)
+    for note in m.get("notes", []):
+        click.echo(note, err=True)
     click.echo(m["report_text"])
     click.echo(f"trained {len(m['history'])} epochs in {m['seconds']:.1f} s; run folder {out}")
 

@@ -96,8 +96,10 @@ class Sidecar:
         self.proc.wait()
 
     def close(self) -> None:
-        """End of input: it exits by itself; killed if it does not within a few seconds."""
+        """Ask it to exit (an explicit message: DataLoader workers forked meanwhile hold copies of its
+        stdin, so end-of-file may never come); killed if it has not exited within a few seconds."""
         try:
+            self.proc.stdin.write(b'{"op": "exit"}\n')
             self.proc.stdin.close()
         except OSError:  # broken pipe: it is gone already
             pass
@@ -204,6 +206,8 @@ def serve(argv: list[str]) -> None:
     for line in sys.stdin:
         try:
             req = json.loads(line)
+            if req["op"] == "exit":
+                break
             reply = {"ok": True, "result": HANDLERS[req["op"]](req["payload"])}
         except Exception as e:
             reply = {"ok": False, "error": f"{type(e).__name__}: {e}"}
