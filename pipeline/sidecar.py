@@ -148,7 +148,8 @@ def start_pictures(side: Sidecar | None, job) -> Callable[[], list[str]]:
         try:
             side.send("draw", asdict(job))
         except SidecarError as e:
-            return lambda: [f"pictures not drawn: {e}"]
+            note = f"pictures not drawn: {e}"
+            return lambda: [note]
 
         def wait() -> list[str]:
             try:
