@@ -89,7 +89,8 @@ def confusion_png(matrix: list[list[int]], class_names: list[str], path: Path, t
     ax.set_ylabel("true")
     ax.set_title(f"confusion matrix ({title})" + (f"\n{note}" if note else ""))
     size = 10 if n <= 10 else 7
-    for i, j in zip(*np.nonzero(m)):  # zeros stay blank: with many classes most cells are 0
+    cells = zip(*np.nonzero(m)) if n > 10 else np.ndindex(m.shape)  # many classes: zeros stay blank
+    for i, j in cells:
         ax.text(j, i, str(m[i, j]), ha="center", va="center", fontsize=size,
                 color="white" if m[i, j] > m.max() / 2 else "black")
     _save(fig, path)
