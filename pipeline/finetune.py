@@ -103,14 +103,15 @@ def usable_files(data, workers: int, max_skipped: float | None, d: Dist = Dist()
     known = load_verdicts(verdicts)
     files = {name: [str(data.root / p) for p in sp.paths] for name, sp in data.splits.items()}
     ids = {f: _identity(f) for fs in files.values() for f in fs}
-    todo = [f for f in ids if ids[f] is None or known.get(f, [None])[0] != ids[f]]
-    cached = {f: known[f][1] for f in ids if f not in set(todo)}
+    key = {f: os.path.abspath(f) for f in ids}  # the same file whatever folder the command runs from
+    todo = [f for f in ids if ids[f] is None or known.get(key[f], [None])[0] != ids[f]]
+    cached = {f: known[key[f]][1] for f in ids if f not in set(todo)}
     todo, cached = d.broadcast((todo, cached))  # rank 0's view decides: every rank decodes the same shard
     lo, hi = d.shard(len(todo))
     found = [r for part in d.all_gather(find_unreadable(todo[lo:hi], workers)) for r in part]
     reason = cached | dict(zip(todo, found))
     if verdicts is not None and d.is_main and todo:
-        atomic_write_json(verdicts, {"version": 1, "files": {f: [ids[f], reason[f]] for f in ids
+        atomic_write_json(verdicts, {"version": 1, "files": {key[f]: [ids[f], reason[f]] for f in ids
                                                               if ids[f] is not None}})
     out = {}
     total = 0
