@@ -201,13 +201,7 @@ def _head_config(cache, out, o: dict):
 
     return HeadConfig(cache=cache, out=out, epochs=o["epochs"], lr=o["lr"], momentum=o["momentum"],
                       step_size=o["step_size"], gamma=o["gamma"], batch_size=o["head_batch_size"],
-                      seed=o["head_seed"], device=resolve_head_device(o["head_device"]), use_views=not o["no_views"], plots=not o["no_plots"])
-
-
-def resolve_head_device(name: str) -> str:
-    from pipeline.runtime import resolve_device
-
-    return str(resolve_device(name))
+                      seed=o["head_seed"], device=o["head_device"], use_views=not o["no_views"], plots=not o["no_plots"])
 
 
 def is_rank0() -> bool:
@@ -298,8 +292,10 @@ def run(data_dir, out, cache_path, **o):
     """
     from pathlib import Path
 
+    from pipeline.runtime import resolve_device
     from pipeline.sidecar import sidecar
 
+    resolve_device(o["head_device"])  # a bad --head-device fails now, not after the extract
     cache_path = cache_path or str(Path(out) / "features.h5")
     # the report/picture process loads scikit-learn and matplotlib during extract, at low priority
     with sidecar(plots=not o["no_plots"], nice=10, enabled=is_rank0()) as side:

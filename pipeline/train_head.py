@@ -11,6 +11,7 @@ from .evaluate import report_text, split_metrics
 from .plots import PictureJob
 from .head import HeadParams, HeadResult, expand_grid, head_logits, params_dict, train_heads
 from .runfolder import save_run
+from .runtime import resolve_device
 from .sidecar import Sidecar, evaluate_splits, start_pictures
 from .sidecar import sidecar as start_sidecar
 
@@ -33,7 +34,7 @@ class HeadConfig:
     gamma: tuple[float, ...] = (_DEFAULTS.gamma,)
     batch_size: tuple[int, ...] = (_DEFAULTS.batch_size,)
     seed: tuple[int, ...] = (_DEFAULTS.seed,)
-    device: str = "cpu"  # tiny matmuls: the CPU beats kernel-launch latency; cuda works too
+    device: str = "cpu"  # tiny matmuls: the CPU beats kernel-launch latency; cuda or auto work too
     use_views: bool = True  # draw augmented views when the cache has them
     plots: bool = True
     val_split: str = "val"
@@ -111,7 +112,7 @@ def _run_train_head(cfg: HeadConfig, side: Sidecar | None) -> dict:
     train = cache.splits["train"]
     views = train.views if (cfg.use_views and train.views is not None and train.views.shape[1] > 0) else None
     results, seconds = train_heads(_split_xy(cache, "train"), _split_xy(cache, cfg.val_split),
-                                   len(cache.class_names), params, views=views, device=cfg.device)
+                                   len(cache.class_names), params, views=views, device=resolve_device(cfg.device))
     best = max(results, key=lambda r: r.best_val_acc)  # first of equals: the grid's order
     eval_splits = [cfg.val_split] + [s for s in cache.splits if s not in ("train", cfg.val_split)]
     evaluations = evaluate_head(best, cache, eval_splits, side)

@@ -51,6 +51,12 @@ def test_train_head_process_never_imports_torchvision_sklearn_or_matplotlib(smal
     """The report and pictures come from the sidecar; the main process loads torch and h5py only."""
     out = tmp_path / "run"
     code = ("import sys\nfrom click.testing import CliRunner\nfrom cli import cli\n"
+            "from pipeline.sidecar import Sidecar\n"
+            "start = Sidecar.start.__func__\n"
+            "def early(cls, *a, **k):\n"
+            "    assert 'torch' not in sys.modules and 'h5py' not in sys.modules  # started before them\n"
+            "    return start(cls, *a, **k)\n"
+            "Sidecar.start = classmethod(early)\n"
             f"r = CliRunner().invoke(cli, ['train-head', {str(small_cache)!r}, '--out', {str(out)!r}, '--epochs', '2'])\n"
             "assert r.exit_code == 0, r.output\n"
             "assert 'precision    recall  f1-score   support' in r.output, r.output\n")
@@ -223,3 +229,11 @@ def test_one_set_of_workers_serves_every_split_with_the_same_batches(tiny_data, 
         for part in shared.pass_(epoch, [0, 1]):
             pids |= {int(p) for _, y in part for p in y}
     assert len(pids) == 2 and os.getpid() not in pids  # two workers for both splits and both epochs
+
+
+def test_bad_head_device_is_one_line_and_run_checks_it_before_extracting(small_cache, tiny_data, tmp_path):
+    r = CliRunner().invoke(cli, ["train-head", str(small_cache), "--out", str(tmp_path / "h"), "--device", "tpu"])
+    assert r.exit_code == 1 and "Error: unknown device 'tpu': use auto, cpu or cuda" in r.output
+    r = CliRunner().invoke(cli, ["run", str(tiny_data), "--out", str(tmp_path / "r"), "--weights", "none",
+                                 "--head-device", "tpu"])
+    assert r.exit_code == 1 and "unknown device 'tpu'" in r.output and not (tmp_path / "r" / "features.h5").exists()
