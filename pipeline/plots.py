@@ -163,7 +163,7 @@ def predictions_png(image_paths: list[Path | None], y_true, y_pred, class_names:
     for k, i in enumerate(idx):
         r, c = divmod(k, cols)
         x0, y0 = c * cell_w, r * cell_h
-        img = thumbnail(image_paths[i]) if image_paths[i] else "path outside the data folder"
+        img = thumbnail(image_paths[i]) if image_paths[i] else "image not shown (not in the data folder)"
         top = y0 + band
         if isinstance(img, str):
             fig.text((x0 + cell_w / 2) / W, 1 - (y0 + band + (cell_h - band) / 2) / H, img, ha="center", va="center")
@@ -208,7 +208,7 @@ class PictureJob:
     confusion_matrix: list[list[int]]
     class_names: list[str]
     split: str
-    image_paths: list[str | None]  # absolute, one per row of the split; None: outside the data folder
+    image_paths: list[str | None]  # absolute, one per row of the split; None: not to be read
     y_true: list[int]
     y_pred: list[int]
 

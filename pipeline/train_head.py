@@ -8,8 +8,8 @@ import numpy as np
 
 from . import PipelineError
 from .evaluate import report_text, split_metrics
-from .plots import PictureJob
 from .head import HeadParams, HeadResult, expand_grid, head_logits, params_dict, train_heads
+from .plots import PictureJob, inside, resolve_data_dir
 from .runfolder import save_run
 from .runtime import resolve_device
 from .sidecar import Sidecar, evaluate_splits, start_pictures
@@ -63,13 +63,15 @@ def evaluate_head(result: HeadResult, cache, splits: list[str], side: Sidecar | 
 
 
 def picture_paths(cache, split: str) -> list[str | None]:
-    """Absolute path of each image of a split for predictions.png (None: the cache's path leaves its data
-    folder). The data folder resolves even when the cache recorded it relative to another folder."""
-    from .plots import inside, resolve_data_dir
-
+    """Absolute path of each image of a split for predictions.png (None: not shown, as the cache's path
+    leaves its data folder or the cache names no data folder). The data folder resolves even when the
+    cache recorded it relative to another folder."""
     paths = cache.splits[split].paths
-    data_dir = resolve_data_dir(json.loads(cache.attrs["config"])["data_dir"], cache.path,
-                                paths[0] if paths else None)
+    try:
+        recorded = json.loads(cache.attrs["config"])["data_dir"]
+    except (KeyError, TypeError, ValueError):  # pictures never fail a run
+        return [None] * len(paths)
+    data_dir = resolve_data_dir(recorded, cache.path, paths[0] if paths else None)
     return [str(p) if (p := inside(data_dir, rel)) is not None else None for rel in paths]
 
 
