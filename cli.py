@@ -295,10 +295,10 @@ def run(data_dir, out, cache_path, **o):
     from pipeline.runtime import resolve_device
     from pipeline.sidecar import sidecar
 
-    resolve_device(o["head_device"])  # a bad --head-device fails now, not after the extract
     cache_path = cache_path or str(Path(out) / "features.h5")
     # the report/picture process loads scikit-learn and matplotlib during extract, at low priority
     with sidecar(plots=not o["no_plots"], nice=10, enabled=is_rank0()) as side:
+        resolve_device(o["head_device"])  # a bad --head-device fails now, not after the extract
         _do_extract(_extract_config(data_dir, cache_path, o))
         _do_train_head(_head_config(cache_path, out, o), side)
 

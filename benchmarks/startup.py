@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import re
+import resource
 import shutil
 import statistics
 import subprocess
@@ -30,11 +31,20 @@ DEFAULT_DATA = REPO.parent / "shared/datasets/hymenoptera_data"
 COMMANDS = ("extract", "train-head", "run", "finetune", "predict", "export", "report", "info", "download", "preview")
 
 
+CPU: list[float] = []  # CPU seconds (user + sys, the process and its children) of each wall() call
+
+
+def _cpu() -> float:
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
 def wall(args: list[str], cwd: Path, env: dict) -> tuple[float, str]:
     """(seconds, stdout) of one process; a failing command stops the benchmark with its output."""
-    t0 = time.perf_counter()
+    c0, t0 = _cpu(), time.perf_counter()
     r = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
     took = time.perf_counter() - t0
+    CPU.append(_cpu() - c0)
     if r.returncode != 0:
         sys.exit(f"{' '.join(args)} failed ({r.returncode}):\n{r.stdout}\n{r.stderr}")
     return took, r.stdout
@@ -59,10 +69,11 @@ def main(argv=None) -> list[dict]:
     py = [sys.executable]
     workers = ["--workers", str(a.workers)] if a.workers is not None else []
     rows: list[dict] = []
+    load0 = f"{os.getloadavg()[0]:.2f}"
 
     def row(what: str, seconds: float, work: float | None = None, goal: str = "", ok: bool | None = None):
         rows.append({"command": what, "wall_s": round(seconds, 3), "work_s": None if work is None else round(work, 3),
-                     "goal": goal, "met": ok})
+                     "cpu_s": round(CPU[-1], 3), "goal": goal, "met": ok})
 
     try:
         floor, _ = median_wall(py + ["-c", "import torch"], tmp, env, a.repeat)
@@ -76,7 +87,7 @@ def main(argv=None) -> list[dict]:
         cache = tmp / "feats.h5"
         t, out = wall(py + [CLI, "extract", str(a.data), "--cache", str(cache), "--weights", "none"] + workers, tmp, env)
         work = float(re.search(r"\| ([\d.]+) s \|", out).group(1))
-        row("cli.py extract (real data)", t, work, goal="(reference for run)")
+        row(f"cli.py extract ({a.data.name})", t, work, goal="(reference for run)")
         extract_work = work
 
         times, work = [], None
@@ -96,7 +107,7 @@ def main(argv=None) -> list[dict]:
             work = float(re.search(r"\| ([\d.]+) s \|", out).group(1))
             head = float(re.search(r"trained in ([\d.]+) s", out).group(1))
             limit = extract_work + floor + 1.5
-            row("cli.py run (extract + train-head)", t, work + head,
+            row(f"cli.py run ({a.data.name}: extract + train-head)", t, work + head,
                 f"<= extract work {extract_work:.2f} + floor + 1.5 = {limit:.2f} s", t <= limit)
 
         img = next(p for p in sorted((a.data / "val").rglob("*.jpg")))
@@ -118,12 +129,15 @@ def main(argv=None) -> list[dict]:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
-    print(f"| command | process wall (s) | work inside (s) | wall - floor (s) | goal | met |")
-    print("|---|---|---|---|---|---|")
+    print(f"load average before/after: {load0} / {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores "
+          "(walls are only comparable on a quiet machine; CPU s is the process's and its children's user+sys)")
+    print("| command | process wall (s) | work inside (s) | wall - floor (s) | CPU s | goal | met |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
         work = "" if r["work_s"] is None else f"{r['work_s']:.3f}"
         met = "" if r["met"] is None else ("yes" if r["met"] else "NO")
-        print(f"| {r['command']} | {r['wall_s']:.3f} | {work} | {r['wall_s'] - floor:+.3f} | {r['goal']} | {met} |")
+        print(f"| {r['command']} | {r['wall_s']:.3f} | {work} | {r['wall_s'] - floor:+.3f} | {r['cpu_s']:.2f} | "
+              f"{r['goal']} | {met} |")
     return rows
 
 
