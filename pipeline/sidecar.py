@@ -15,6 +15,7 @@ import contextlib
 import json
 import os
 import select
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -36,6 +37,7 @@ class Sidecar:
     def __init__(self, proc: subprocess.Popen):
         self.proc = proc
         self._buf = b""
+        self.busy = False  # a request is out: it may be writing files now
 
     @classmethod
     def start(cls, plots: bool = True, nice: int = 0) -> Sidecar | None:
@@ -54,14 +56,15 @@ class Sidecar:
         return self
 
     def __exit__(self, exc_type, *exc) -> None:
-        if exc_type is not None:  # the run failed: nothing more will be asked
+        if exc_type is not None and not self.busy:  # the run failed and it is not writing: end it now
             self.kill()
-        self.close()
+        self.close()  # busy: let it finish the picture it is writing (no temp file left behind)
 
     def send(self, op: str, payload) -> None:
         try:
             self.proc.stdin.write(json.dumps({"op": op, "payload": payload}).encode() + b"\n")
             self.proc.stdin.flush()
+            self.busy = True
         except (OSError, ValueError) as e:  # broken pipe: it died
             raise SidecarError(f"the sidecar is gone ({e})") from None
 
@@ -88,12 +91,14 @@ class Sidecar:
                 raise SidecarError(f"the sidecar exited (status {self.proc.wait()})")
             self._buf += chunk
         line, self._buf = self._buf.split(b"\n", 1)
+        self.busy = False
         return line
 
     def kill(self) -> None:
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait()
+        self.busy = False
 
     def close(self) -> None:
         """Ask it to exit (an explicit message: DataLoader workers forked meanwhile hold copies of its
@@ -188,6 +193,7 @@ HANDLERS = {"evaluate": _evaluate, "draw": _draw}
 
 def serve(argv: list[str]) -> None:
     """The child's loop: import what will be needed, then answer one JSON line per request until EOF."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle; it ends us
     replies = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)  # anything a library prints goes to stderr, never into the replies
     sys.stdout = sys.stderr
