@@ -237,3 +237,9 @@ def test_bad_head_device_is_one_line_and_run_checks_it_before_extracting(small_c
     r = CliRunner().invoke(cli, ["run", str(tiny_data), "--out", str(tmp_path / "r"), "--weights", "none",
                                  "--head-device", "tpu"])
     assert r.exit_code == 1 and "unknown device 'tpu'" in r.output and not (tmp_path / "r" / "features.h5").exists()
+
+
+def test_the_sidecar_side_never_imports_torch():
+    """What the sidecar loads (report, pictures) must not pay for torch: it runs beside torch's import."""
+    loaded = _modules_after("from pipeline import evaluate, plots, sidecar\nevaluate.preload()\nplots.preload()")
+    assert {"sklearn", "matplotlib"} <= loaded and "torch" not in loaded and "torchvision" not in loaded
