@@ -243,3 +243,22 @@ def test_the_sidecar_side_never_imports_torch():
     """What the sidecar loads (report, pictures) must not pay for torch: it runs beside torch's import."""
     loaded = _modules_after("from pipeline import evaluate, plots, sidecar\nevaluate.preload()\nplots.preload()")
     assert {"sklearn", "matplotlib"} <= loaded and "torch" not in loaded and "torchvision" not in loaded
+
+
+def test_a_small_head_trains_on_one_thread_with_the_same_result(small_cache, tmp_path):
+    import torch
+
+    from pipeline.head import expand_grid, train_heads
+    from pipeline.train_head import HeadConfig, _threads, run_train_head
+    from cache import read_cache
+
+    before = torch.get_num_threads()
+    with _threads(1):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+    m = run_train_head(HeadConfig(cache=str(small_cache), out=str(tmp_path / "h"), epochs=(3,), plots=False))
+    assert torch.get_num_threads() == before
+    c = read_cache(small_cache)
+    tr, va = c.splits["train"], c.splits["val"]
+    (ref,), _ = train_heads((tr.features, tr.labels), (va.features, va.labels), 2, expand_grid({"epochs": [3]}))
+    assert m["history"] == ref.history and m["best_epoch"] == ref.best_epoch
