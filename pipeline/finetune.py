@@ -194,6 +194,13 @@ class SharedLoader:
         self.loader = torch.utils.data.DataLoader(ds, batch_sampler=self.batch_sampler, num_workers=workers,
                                                   pin_memory=rt.pin_memory, persistent_workers=workers > 0)
 
+    def close(self) -> None:
+        """End the workers now, while the sidecar draws, rather than in the interpreter's exit (~1 s)."""
+        it = getattr(self.loader, "_iterator", None)
+        if it is not None and hasattr(it, "_shutdown_workers"):
+            it._shutdown_workers()
+        self.loader._iterator = None
+
     def pass_(self, epoch: int, splits: list[int]) -> list[SplitBatches]:
         for s in self.samplers:
             s.set_epoch(epoch)
@@ -414,5 +421,6 @@ def _finetune(cfg: FinetuneConfig, progress: Progress, d: Dist, side: Sidecar | 
         [str(Path(f).absolute()) for f in files[val_name][0]], list(files[val_name][1]),
         np.asarray(preds[val_name]).tolist())) if cfg.plots else list
     save_run(cfg.out, payload, {k: v for k, v in metrics.items() if k != "report_text"}, report)  # while it draws
+    loaders.close()
     metrics["notes"] = pictures()
     return metrics

@@ -229,6 +229,10 @@ def test_one_set_of_workers_serves_every_split_with_the_same_batches(tiny_data, 
         for part in shared.pass_(epoch, [0, 1]):
             pids |= {int(p) for _, y in part for p in y}
     assert len(pids) == 2 and os.getpid() not in pids  # two workers for both splits and both epochs
+    shared.close()  # ends them now, not at the interpreter's exit
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
 
 
 def test_bad_head_device_is_one_line_and_run_checks_it_before_extracting(small_cache, tiny_data, tmp_path):
