@@ -272,14 +272,8 @@ def _head_config(cache, out, o: dict):
 
     return HeadConfig(cache=cache, out=out, epochs=o["epochs"], lr=o["lr"], momentum=o["momentum"],
                       step_size=o["step_size"], gamma=o["gamma"], batch_size=o["head_batch_size"],
-                      seed=o["head_seed"], device=resolve_head_device(o["head_device"]), use_views=not o["no_views"], plots=not o["no_plots"],
+                      seed=o["head_seed"], device=o["head_device"], use_views=not o["no_views"], plots=not o["no_plots"],
                       folds=o["folds"])
-
-
-def resolve_head_device(name: str) -> str:
-    from pipeline.runtime import resolve_device
-
-    return str(resolve_device(name))
 
 
 def is_rank0() -> bool:
@@ -307,10 +301,12 @@ def _do_extract(cfg):
     return summary
 
 
-def _do_train_head(cfg):
+def _do_train_head(cfg, sidecar=None):
     from pipeline.train_head import run_train_head
 
-    m = run_train_head(cfg)
+    m = run_train_head(cfg, sidecar)
+    for note in m.get("notes", []):
+        click.echo(note, err=True)
     if "sweep" in m:
         click.echo(sweep_table(m["sweep"], m.get("chosen")))
     click.echo(m["report_text"])
@@ -391,11 +387,16 @@ def run(data_dir, out, cache_path, **o):
     from pathlib import Path
 
     from pipeline.runfolder import check_run_folder
+    from pipeline.runtime import resolve_device
+    from pipeline.sidecar import sidecar
 
     check_run_folder(out, "head")  # before extract puts features.h5 into a folder train-head would refuse
     cache_path = cache_path or str(Path(out) / "features.h5")
-    _do_extract(_extract_config(data_dir, cache_path, o))
-    _do_train_head(_head_config(cache_path, out, o))
+    # the report/picture process loads scikit-learn and matplotlib during extract, at low priority
+    with sidecar(plots=not o["no_plots"], nice=10, enabled=is_rank0()) as side:
+        resolve_device(o["head_device"])  # a bad --head-device fails now, not after the extract
+        _do_extract(_extract_config(data_dir, cache_path, o))
+        _do_train_head(_head_config(cache_path, out, o), side)
 
 
 @cli.command()
@@ -567,6 +568,8 @@ def finetune(data_dir, out, no_plots, **o):
         return
     for path, reason in m["skipped"][:20]:
         click.echo(f"skipped {path}: {reason}", err=True)
+    for note in m.get("notes", []):
+        click.echo(note, err=True)
     click.echo(m["report_text"])
     click.echo(f"trained {len(m['history'])} epochs in {m['seconds']:.1f} s; run folder {out}")
 

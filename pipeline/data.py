@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
-from torchvision import transforms as T
 
 from . import PipelineError
 from .preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess  # noqa: F401  (re-exported)
@@ -460,6 +459,8 @@ def uint8_transform(spec: Preprocess | None = None) -> _Uint8Crop:
 def eval_transform(spec: Preprocess | int | None = None, crop: int | None = None) -> T.Compose:
     """The tutorial's val transform (Resize 256, CenterCrop 224, ToTensor, Normalize) built from a spec;
     eval_transform(resize, crop) is kept for callers that pass sizes."""
+    from torchvision import transforms as T  # here, not at the top: importing torchvision costs ~1 s
+
     if not isinstance(spec, Preprocess):
         spec = Preprocess(**({"resize": spec} if spec else {}), **({"crop": crop} if crop else {}))
     return T.Compose([_ResizeCrop(spec), T.ToTensor(), T.Normalize(spec.mean, spec.std)])
@@ -467,12 +468,16 @@ def eval_transform(spec: Preprocess | int | None = None, crop: int | None = None
 
 def view_transform(spec: Preprocess | None = None) -> T.Compose:
     """The tutorial's train augmentation without ToTensor/Normalize (uint8 out; normalised on the device)."""
+    from torchvision import transforms as T
+
     spec = spec or Preprocess()
     return T.Compose([T.RandomResizedCrop(spec.crop), T.RandomHorizontalFlip(), T.PILToTensor()])
 
 
 def train_transform(crop: int = 224) -> T.Compose:
     """The tutorial's train transform: RandomResizedCrop + horizontal flip."""
+    from torchvision import transforms as T
+
     return T.Compose(
         [T.RandomResizedCrop(crop), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
     )

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -19,11 +21,13 @@ from .data import TRANSFORM_SPEC, EpochSampler, LabelledImages, eval_transform, 
     train_transform
 from .distributed import Dist, init_distributed, rank_device, shutdown
 from .head import HeadParams, TrainingDiverged, check_recipe
-from .evaluate import ci_from_accuracy, evaluate_predictions, report_text, split_metrics
+from .evaluate import ci_from_accuracy, report_text, split_metrics
 from .progress import Progress
-from .fsio import sha256_json
+from .fsio import atomic_write_json, sha256_json
 from .runfolder import CHECKPOINT, FinetuneCheckpoint, RunFolder, RunManifest
 from .runtime import Runtime, default_workers, resolve_runtime
+from .plots import PictureJob
+from .sidecar import Sidecar, evaluate_splits, sidecar, start_pictures
 
 TUTORIAL_RECIPE = HeadParams()  # the tutorial's recipe, defined once in head.HeadParams
 # fields that must match for --resume to continue a run (the rest, like workers, may change)
@@ -68,20 +72,59 @@ def build_classifier(cfg_backbone: str, weights: str, seed: int, classes: int) -
     return model, head, digest
 
 
-def usable_files(data, workers: int, max_skipped: float | None, d: Dist = Dist()) -> tuple[dict, list]:
+VERDICTS = "verdicts.json"  # in the run folder: each file's decode verdict, keyed by its stat identity
+
+
+def _identity(path: str) -> list[int] | None:
+    """What says a file is unchanged since its verdict: inode, size, mtime and ctime (ns)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return [st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+
+
+def load_verdicts(path: Path | None) -> dict[str, list]:
+    """{absolute file: [identity, reason]} from an earlier run into the same folder; {} when none/unreadable."""
+    if path is None or not path.is_file():
+        return {}
+    try:
+        known = json.loads(path.read_text())["files"]
+        return {k: v for k, v in known.items() if isinstance(v, list) and len(v) == 2}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}  # a damaged verdicts file only costs a decode pass
+
+
+def usable_files(data, workers: int, max_skipped: float | None, d: Dist = Dist(),
+                 verdicts: Path | None = None) -> tuple[dict, list]:
     """{split: (files, labels, rel paths)} of files that decode, and (path, reason) of all the others.
-    Under torchrun each rank decodes its share and the verdicts are gathered."""
+
+    A full decode finds damaged files; it is skipped for files whose verdict an earlier run into the same
+    folder recorded (verdicts file) and that have not changed since (same inode, size, mtime, ctime).
+    Under torchrun each rank decodes its share of the rest and the verdicts are gathered.
+    """
     skipped = [s for sp in data.splits.values() for s in sp.skipped]
+    known = load_verdicts(verdicts)
+    files = {name: [str(data.root / p) for p in sp.paths] for name, sp in data.splits.items()}
+    ids = {f: _identity(f) for fs in files.values() for f in fs}
+    key = {f: os.path.abspath(f) for f in ids}  # the same file whatever folder the command runs from
+    todo = [f for f in ids if ids[f] is None or known.get(key[f], [None])[0] != ids[f]]
+    cached = {f: known[key[f]][1] for f in ids if f not in set(todo)}
+    todo, cached = d.broadcast((todo, cached))  # rank 0's view decides: every rank decodes the same shard
+    lo, hi = d.shard(len(todo))
+    found = [r for part in d.all_gather(find_unreadable(todo[lo:hi], workers)) for r in part]
+    reason = cached | dict(zip(todo, found))
+    if verdicts is not None and d.is_main and todo:
+        atomic_write_json(verdicts, {"version": 1, "files": {key[f]: [ids[f], reason[f]] for f in ids
+                                                              if ids[f] is not None}})
     out = {}
     total = 0
     for name, sp in data.splits.items():
-        files = [str(data.root / p) for p in sp.paths]
-        lo, hi = d.shard(len(files))
-        reasons = [r for part in d.all_gather(find_unreadable(files[lo:hi], workers)) for r in part]
+        reasons = [reason[f] for f in files[name]]
         keep = [i for i, r in enumerate(reasons) if not r]
         skipped += [(sp.paths[i], r) for i, r in enumerate(reasons) if r]
-        out[name] = ([files[i] for i in keep], [sp.labels[i] for i in keep], [sp.paths[i] for i in keep])
-        total += len(files) + len(sp.skipped)
+        out[name] = ([files[name][i] for i in keep], [sp.labels[i] for i in keep], [sp.paths[i] for i in keep])
+        total += len(files[name]) + len(sp.skipped)
     if max_skipped is not None and total:
         limit = max_skipped * total if max_skipped < 1 else max_skipped
         if len(skipped) > limit:
@@ -92,13 +135,82 @@ def usable_files(data, workers: int, max_skipped: float | None, d: Dist = Dist()
     return out, sorted(skipped)
 
 
-def make_loader(files, labels, transform, seed: int, shuffle: bool, batch_size: int, workers: int, rt: Runtime,
-                d: Dist = Dist()):
-    ds = LabelledImages(files, labels, transform, seed)
-    sampler = EpochSampler(len(ds), seed, shuffle, d.rank, d.world)
-    loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=workers,
-                                         pin_memory=rt.pin_memory, persistent_workers=workers > 0)
-    return loader, sampler
+class _SplitImages(torch.utils.data.Dataset):
+    """Several LabelledImages behind one index, (split, epoch, i) -> (x, label): one dataset, so one set
+    of DataLoader workers serves training, validation and the final test pass."""
+
+    def __init__(self, parts: list[LabelledImages]):
+        self.parts = parts
+
+    def __len__(self) -> int:
+        return sum(len(p) for p in self.parts)
+
+    def __getitem__(self, key):
+        g, epoch, i = key
+        return self.parts[g][(epoch, i)]
+
+
+class _PassBatches(torch.utils.data.Sampler):
+    """Batches of the splits in `plan`, one split after the other: each split's EpochSampler keys cut into
+    consecutive batches exactly as DataLoader(batch_size, sampler) does (last batch may be short)."""
+
+    def __init__(self, samplers: list[EpochSampler], batch_size: int):
+        self.samplers, self.batch_size, self.plan = samplers, batch_size, []
+
+    def batches(self, g: int) -> int:
+        return -(-len(self.samplers[g]) // self.batch_size)
+
+    def __len__(self) -> int:
+        return sum(self.batches(g) for g in self.plan)
+
+    def __iter__(self):
+        for g in self.plan:
+            keys = list(self.samplers[g])
+            for s in range(0, len(keys), self.batch_size):
+                yield [(g, e, i) for e, i in keys[s:s + self.batch_size]]
+
+
+class SplitBatches:
+    """The batches of one split within a pass of the shared loader. Iterate it once, in pass order;
+    .sampler is the split's EpochSampler (evaluate reads which images this rank saw)."""
+
+    def __init__(self, source, sampler: EpochSampler, n_batches: int):
+        self.source, self.sampler, self.n_batches = source, sampler, n_batches
+
+    def __len__(self) -> int:
+        return self.n_batches
+
+    def __iter__(self):
+        for _ in range(self.n_batches):
+            yield next(self.source)
+
+
+class SharedLoader:
+    """One DataLoader, one set of persistent workers, for every split of a finetune run (they were started
+    once per split before). pass_(epoch, splits) -> one SplitBatches per split, consumed in that order;
+    the workers prefetch the next split's batches while the current one's last batches are computed."""
+
+    def __init__(self, groups: list[tuple[list[str], list[int], object, bool]], seed: int, batch_size: int,
+                 workers: int, rt: Runtime, d: Dist = Dist()):
+        self.samplers = [EpochSampler(len(f), seed, shuffle, d.rank, d.world) for f, _, _, shuffle in groups]
+        self.batch_sampler = _PassBatches(self.samplers, batch_size)
+        ds = _SplitImages([LabelledImages(f, y, tf, seed) for f, y, tf, _ in groups])
+        self.loader = torch.utils.data.DataLoader(ds, batch_sampler=self.batch_sampler, num_workers=workers,
+                                                  pin_memory=rt.pin_memory, persistent_workers=workers > 0)
+
+    def close(self) -> None:
+        """End the workers now, while the sidecar draws, rather than in the interpreter's exit (~1 s)."""
+        it = getattr(self.loader, "_iterator", None)
+        if it is not None and hasattr(it, "_shutdown_workers"):
+            it._shutdown_workers()
+        self.loader._iterator = None
+
+    def pass_(self, epoch: int, splits: list[int]) -> list[SplitBatches]:
+        for s in self.samplers:
+            s.set_epoch(epoch)
+        self.batch_sampler.plan = list(splits)
+        it = iter(self.loader)
+        return [SplitBatches(it, self.samplers[g], self.batch_sampler.batches(g)) for g in splits]
 
 
 def train_one_epoch(model, loader, optimizer, scaler, criterion, rt: Runtime) -> tuple[float, float, int]:
@@ -221,28 +333,31 @@ def finetune(cfg: FinetuneConfig, progress: Progress | None = None) -> dict:
     """
     d = init_distributed(cfg.device)
     try:
-        return _finetune(cfg, progress or Progress(), d)
+        # the report/picture process loads scikit-learn and matplotlib during training, at low priority
+        with sidecar(plots=cfg.plots, nice=10, enabled=d.is_main) as side:
+            return _finetune(cfg, progress or Progress(), d, side)
     finally:
         shutdown(d)  # a process group left to the interpreter's exit can abort (SIGABRT) under gloo
 
 
-def _finetune(cfg: FinetuneConfig, progress: Progress, d: Dist) -> dict:
+def _finetune(cfg: FinetuneConfig, progress: Progress, d: Dist, side: Sidecar | None = None) -> dict:
     """Rank 0 holds the run folder (locked, one kind of run, committed at the end) for the whole run."""
     splits = selection_splits(tuple(cfg.splits))
     check_recipe(epochs=cfg.epochs, lr=cfg.lr, momentum=cfg.momentum, step_size=cfg.step_size, gamma=cfg.gamma,
                  batch_size=cfg.batch_size)
     folder = RunFolder(cfg.out, "finetune") if d.is_main else None
     with folder or contextlib.nullcontext():
-        return _train(cfg, progress, d, folder, splits)
+        return _train(cfg, progress, d, folder, splits, side)
 
 
 def _train(cfg: FinetuneConfig, progress: Progress, d: Dist, folder: RunFolder | None,
-           splits: tuple[str, str]) -> dict:
+           splits: tuple[str, str], side: Sidecar | None = None) -> dict:
     train_name, val_name = splits
     rt = resolve_runtime(rank_device(cfg.device, d), cfg.precision)
     data = scan_dataset(cfg.data_dir, list(cfg.splits), cfg.allow_empty_class, cfg.val_fraction, cfg.test_fraction,
                         cfg.split_seed)
-    files, skipped = usable_files(data, cfg.workers, cfg.max_skipped, d)
+    files, skipped = usable_files(data, cfg.workers, cfg.max_skipped, d, Path(cfg.out) / VERDICTS)
+    names = list(files)
     digest = _files_digest(files)
     ck = _load_checkpoint(cfg, digest)
     batch = local_batch_size(cfg.batch_size, d.world)
@@ -283,21 +398,20 @@ def _train(cfg: FinetuneConfig, progress: Progress, d: Dist, folder: RunFolder |
         net = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
 
-    tr_files, tr_labels, _ = files[train_name]
-    train_loader, train_sampler = make_loader(tr_files, tr_labels, train_transform(), cfg.seed, True,
-                                              batch, cfg.workers, rt, d)
-    val_loaders = {s: make_loader(files[s][0], files[s][1], eval_transform(), cfg.seed, False, batch,
-                                  cfg.workers, rt, d)[0] for s in files if s != train_name}
+    # one set of workers for every split; group g of the loader is split names[g]
+    loaders = SharedLoader([(files[s][0], files[s][1], train_transform() if s == train_name else eval_transform(),
+                             s == train_name) for s in names], cfg.seed, batch, cfg.workers, rt, d)
+    train_g, val_g = names.index(train_name), names.index(val_name)
     progress.start(cfg.epochs, "finetune")
     progress.update(start)
     for epoch in range(start, cfg.epochs):
         t0 = time.perf_counter()
-        train_sampler.set_epoch(epoch)
+        train_part, val_part = loaders.pass_(epoch, [train_g, val_g])
         lr = optimizer.param_groups[0]["lr"]
-        loss_sum, correct, n = d.all_sum(list(train_one_epoch(net, train_loader, optimizer, scaler, criterion, rt)))
+        loss_sum, correct, n = d.all_sum(list(train_one_epoch(net, train_part, optimizer, scaler, criterion, rt)))
         train_loss, train_acc = loss_sum / n, correct / n
         scheduler.step()
-        val_loss, val_acc, val_preds = evaluate(net, val_loaders[val_name], criterion, rt, d)
+        val_loss, val_acc, val_preds = evaluate(net, val_part, criterion, rt, d)
         if bad := nonfinite_part(train_loss, val_loss, model, rt.precision):
             kept = f"the checkpoint keeps epoch {epoch - 1}" if epoch else "no checkpoint was written"
             raise TrainingDiverged(f"finetune diverged in epoch {epoch}: {bad} became NaN or infinite; nothing was "
@@ -324,10 +438,12 @@ def _train(cfg: FinetuneConfig, progress: Progress, d: Dist, folder: RunFolder |
 
     model.load_state_dict(best_state)
     preds = {val_name: best_preds}  # val predictions of the best epoch; other splits (test) evaluated now
-    for s, loader in val_loaders.items():
-        if s not in preds:
-            preds[s] = evaluate(net, loader, criterion, rt, d)[2]
-    evaluations = {s: evaluate_predictions(files[s][1], preds[s], data.class_names) for s in preds}
+    rest = [g for g, s in enumerate(names) if s not in (train_name, val_name)]
+    for g, part in zip(rest, loaders.pass_(cfg.epochs, rest) if rest else []):
+        preds[names[g]] = evaluate(net, part, criterion, rt, d)[2]
+    evaluations = evaluate_splits(side if d.is_main else None,
+                                  {s: (list(files[s][1]), np.asarray(p).tolist()) for s, p in preds.items()},
+                                  data.class_names)
     metrics = {
         "kind": "finetune", "best_val_acc": best_acc, "best_epoch": best_epoch,
         "best_val_acc_ci": ci_from_accuracy(best_acc, len(files[val_name][0])), "history": history,
@@ -345,12 +461,16 @@ def _train(cfg: FinetuneConfig, progress: Progress, d: Dist, folder: RunFolder |
         state_dict={k: v.detach().cpu() for k, v in best_state.items()}, recipe=_recipe(cfg),
         precision=rt.precision, transform=TRANSFORM_SPEC, arch=cfg.backbone, head=head,
         weights_digest=weights_digest, split=data.split_record())
+    notes: list[str] = []
     pictures = None
     if cfg.plots:
-        from .plots import run_plots
-
-        def pictures(into):
-            run_plots(into, metrics, [Path(f) for f in files[val_name][0]], files[val_name][1], preds[val_name],
-                      val_name)
+        def pictures(into):  # drawn into the run's staging folder (the sidecar draws when there is one)
+            loaders.close()  # the workers end while the pictures are drawn
+            notes.extend(start_pictures(side, PictureJob(
+                str(into), history, metrics["confusion_matrix"][val_name], data.class_names, val_name,
+                [str(Path(f).absolute()) for f in files[val_name][0]], list(files[val_name][1]),
+                np.asarray(preds[val_name]).tolist()))())
     folder.commit(manifest, {k: v for k, v in metrics.items() if k != "report_text"}, report, pictures)
+    loaders.close()
+    metrics["notes"] = notes
     return metrics

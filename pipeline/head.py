@@ -14,11 +14,14 @@ import math
 import time
 from dataclasses import dataclass, field, fields
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
-from torch import nn
 
 from . import PipelineError
+
+if TYPE_CHECKING:  # torch is imported inside the functions: configs and HeadParams load without it
+    import torch
 
 SWEEPABLE = ("lr", "momentum", "step_size", "gamma", "seed", "batch_size", "epochs")
 
@@ -95,6 +98,9 @@ def expand_grid(grid: dict[str, list]) -> list[HeadParams]:
 
 def init_linear(in_dim: int, classes: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """nn.Linear's own initialisation under torch.manual_seed(seed), so heads match the tutorial's."""
+    import torch
+    from torch import nn
+
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         layer = nn.Linear(in_dim, classes)
@@ -103,6 +109,8 @@ def init_linear(in_dim: int, classes: int, seed: int) -> tuple[torch.Tensor, tor
 
 def _evaluate(W: torch.Tensor, b: torch.Tensor, X: torch.Tensor, y: torch.Tensor):
     """Mean loss and accuracy per head. W (H,C,D), b (H,C), X (N,D) -> (H,), (H,)."""
+    import torch
+
     if len(y) == 0:
         z = torch.zeros(W.shape[0], device=W.device)
         return z, z
@@ -114,6 +122,8 @@ def _evaluate(W: torch.Tensor, b: torch.Tensor, X: torch.Tensor, y: torch.Tensor
 
 def _train_group(params: list[HeadParams], Xtr, ytr, Vtr, Xva, yva, classes: int) -> list[HeadResult]:
     """Heads that share epochs and batch size, trained in lockstep."""
+    import torch
+
     H, (N, D), dev = len(params), Xtr.shape, Xtr.device
     epochs, B = params[0].epochs, params[0].batch_size
     W0, b0 = zip(*(init_linear(D, classes, p.seed) for p in params))
@@ -168,6 +178,8 @@ def _train_group(params: list[HeadParams], Xtr, ytr, Vtr, Xva, yva, classes: int
 
 
 def check_finite_features(name: str, X: torch.Tensor | None) -> None:
+    import torch
+
     if X is None or len(X) == 0:
         return
     bad = int((~torch.isfinite(X.flatten(1))).any(1).sum())
@@ -183,6 +195,8 @@ def train_heads(train: tuple, val: tuple, classes: int, params: list[HeadParams]
     views: optional (N,K,D) array of augmented train features; each epoch draws one per image.
     Returns the results in the order of params, and the wall time in seconds.
     """
+    import torch
+
     dev = torch.device(device)
     Xtr = torch.as_tensor(np.asarray(train[0]), dtype=torch.float32, device=dev)
     ytr = torch.as_tensor(np.asarray(train[1]), dtype=torch.long, device=dev)
@@ -206,6 +220,8 @@ def train_heads(train: tuple, val: tuple, classes: int, params: list[HeadParams]
 
 
 def head_logits(weight: torch.Tensor, bias: torch.Tensor, X) -> np.ndarray:
+    import torch
+
     X = torch.as_tensor(np.asarray(X), dtype=torch.float32)
     return (X @ weight.T + bias).numpy()
 
@@ -259,6 +275,8 @@ def _train_rows_group(params: list[HeadParams], rows: list[torch.Tensor], heldou
     buffer and weights stay as they are), as if that batch did not exist for it.
     Returns per head (last W, last b, held-out accuracy per epoch).
     """
+    import torch
+
     H, D, dev = len(params), X.shape[1], X.device
     epochs, B = params[0].epochs, params[0].batch_size
     n = torch.tensor([len(r) for r in rows], device=dev)  # (H,)
@@ -315,6 +333,8 @@ def _cpu_threads(n: int | None):
     """Run with n intra-op threads, then restore. These matrices are tiny (H x 4 x 512): a second thread
     only adds hand-off latency, which on a loaded CPU grows to milliseconds per call (measured 0.05 s
     against 2.9 s for the same 3-epoch, 5-fold run on a busy 2-core machine)."""
+    import torch
+
     if n is None:
         yield
         return
@@ -333,6 +353,8 @@ def train_folds(X, y, classes: int, params: list[HeadParams], folds, device: str
     X (N,D), y (N,), folds (N,) fold id per row (see stratified_folds). Returns, per setting, its K
     FoldRuns in fold order, and the training wall time in seconds.
     """
+    import torch
+
     dev = torch.device(device)
     Xt = torch.as_tensor(np.asarray(X), dtype=torch.float32, device=dev)
     yt = torch.as_tensor(np.asarray(y), dtype=torch.long, device=dev)

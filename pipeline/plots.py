@@ -1,31 +1,56 @@
 """The tutorial's pictures, as files: curves.png, confusion.png, predictions.png, and the preview grid.
-Plots only format results that the stages computed."""
+Plots only format results that the stages computed.
+
+Torch-free on purpose (numpy, PIL and matplotlib's object API, no pyplot): the sidecar process
+(pipeline/sidecar.py) imports this module while the main process imports torch. Pictures are a
+courtesy: draw_pictures never raises, it returns a note for each picture it could not draw.
+"""
 from __future__ import annotations
 
-import json
-from pathlib import Path
+import os
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+from .fsio import atomic_output
 
-from .data import IMAGENET_MEAN, IMAGENET_STD, load_rgb  # noqa: E402
-from .fsio import atomic_output  # noqa: E402
+DPI = 100
+MATRIX_CLASSES = 25  # more classes than this: confusion.png shows the ones with the most errors
+THUMB = 224  # predictions.png tile size in pixels (the model's crop)
+MISSING = "image not found"
+
+
+def preload() -> None:
+    """Import matplotlib and render a tiny figure now (fonts, caches): the sidecar does this while the
+    main process imports torch, so the run's pictures later cost only their own drawing."""
+    import io
+
+    fig = _figure(1, 1)
+    fig.text(0.5, 0.5, "warm-up")
+    fig.add_axes((0.1, 0.1, 0.8, 0.8)).plot([0, 1], [0, 1], "o-", label="x")
+    fig.savefig(io.BytesIO(), format="png", dpi=10)
+
+
+def _figure(width: float, height: float):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=DPI)
+    FigureCanvasAgg(fig)  # no pyplot: no global figure registry, nothing to close
+    return fig
 
 
 def _save(fig, path: Path) -> None:
-    try:
-        with atomic_output(path, suffix=Path(path).suffix) as tmp:
-            fig.savefig(tmp, dpi=100, bbox_inches="tight")
-    finally:
-        plt.close(fig)
+    # the layout was fixed when the figure was made; bbox_inches="tight" would render it twice
+    with atomic_output(path, suffix=Path(path).suffix) as tmp:
+        fig.savefig(tmp, dpi=DPI, pil_kwargs={"compress_level": 1})  # 1: a third of level 6's time
 
 
 def curves_png(history: list[dict], path: Path) -> None:
     epochs = [h["epoch"] for h in history]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    fig = _figure(10, 4)
+    a, b = fig.subplots(1, 2)
     for key, ax in (("loss", a), ("acc", b)):
         ax.plot(epochs, [h[f"train_{key}"] for h in history], "o-", label="train")
         ax.plot(epochs, [h[f"val_{key}"] for h in history], "o-", label="val")
@@ -35,21 +60,39 @@ def curves_png(history: list[dict], path: Path) -> None:
         ax.grid(alpha=0.3)
     a.set_title("loss per epoch")
     b.set_title("accuracy per epoch")
+    fig.subplots_adjust(left=0.07, right=0.98, bottom=0.13, top=0.92, wspace=0.22)
     _save(fig, path)
 
 
+def matrix_view(matrix, class_names: list[str], limit: int = MATRIX_CLASSES) -> tuple[np.ndarray, list[str], str]:
+    """(matrix, names, note) to draw: all classes up to limit; beyond that the limit classes with the
+    most errors (wrong predictions from or into them), in their original order, and a note saying so."""
+    m = np.asarray(matrix, dtype=np.int64).reshape(len(class_names), len(class_names))
+    if len(class_names) <= limit:
+        return m, list(class_names), ""
+    errors = m.sum(0) + m.sum(1) - 2 * np.diag(m)
+    keep = np.sort(np.argsort(-errors, kind="stable")[:limit])
+    note = f"{limit} of {len(class_names)} classes: those with the most errors"
+    return m[np.ix_(keep, keep)], [class_names[i] for i in keep], note
+
+
 def confusion_png(matrix: list[list[int]], class_names: list[str], path: Path, title: str = "val") -> None:
-    m = np.asarray(matrix)
-    fig, ax = plt.subplots(figsize=(1.2 * len(class_names) + 3, 1.2 * len(class_names) + 2))
+    m, names, note = matrix_view(matrix, class_names)
+    n = len(names)
+    side = min(1.2 * n + 3, 16)  # inches: 1.2 per class for a few classes, at most 1600 px
+    fig = _figure(side, side)
+    ax = fig.add_axes((0.2, 0.2, 0.75, 0.72))
     ax.imshow(m, cmap="Blues")
-    ax.set_xticks(range(len(class_names)), class_names, rotation=45, ha="right")
-    ax.set_yticks(range(len(class_names)), class_names)
+    ax.set_xticks(range(n), names, rotation=45, ha="right", fontsize=8 if n > 10 else 10)
+    ax.set_yticks(range(n), names, fontsize=8 if n > 10 else 10)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
-    ax.set_title(f"confusion matrix ({title})")
-    for i in range(m.shape[0]):
-        for j in range(m.shape[1]):
-            ax.text(j, i, str(m[i, j]), ha="center", va="center", color="white" if m[i, j] > m.max() / 2 else "black")
+    ax.set_title(f"confusion matrix ({title})" + (f"\n{note}" if note else ""))
+    size = 10 if n <= 10 else 7
+    cells = zip(*np.nonzero(m)) if n > 10 else np.ndindex(m.shape)  # many classes: zeros stay blank
+    for i, j in cells:
+        ax.text(j, i, str(m[i, j]), ha="center", va="center", fontsize=size,
+                color="white" if m[i, j] > m.max() / 2 else "black")
     _save(fig, path)
 
 
@@ -69,57 +112,147 @@ def pick_examples(y_true, y_pred, n: int = 8) -> list[int]:
     return sorted(wrong + right)
 
 
-def _thumb(path: Path, size: int = 224):
+def _display_rgb(im):
+    """8-bit RGB for display: transparency over white, 16-bit and float images scaled to their peak."""
+    from PIL import Image
+
+    if im.mode == "RGB":
+        return im
+    if "A" in im.getbands() or (im.mode == "P" and "transparency" in im.info):
+        im = im.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", im.size, (255, 255, 255, 255)), im).convert("RGB")
+    if im.mode.startswith("I") or im.mode == "F":
+        a = np.asarray(im, dtype=np.float64)
+        a = np.clip(a * (255.0 / max(float(a.max(initial=0)), 1.0)), 0, 255).astype(np.uint8)
+        return Image.fromarray(a, "L").convert("RGB")
+    return im.convert("RGB")
+
+
+def thumbnail(path: str | os.PathLike, size: int = THUMB) -> np.ndarray | str:
+    """A display thumbnail (H,W,3 uint8, longest side <= size), or why there is none.
+
+    Cheap by design: JPEGs decode at a reduced DCT scale (draft) and other formats are reduced by an
+    integer factor before resampling, so an 8-picture grid of camera photos costs tens of ms.
+    """
+    from PIL import Image, ImageOps
+
     try:
-        img = load_rgb(path)
-    except ValueError:
-        return None
-    img.thumbnail((size, size))
-    return np.asarray(img)
+        with Image.open(path) as im:
+            im.draft("RGB", (size, size))  # JPEG only: decode at 1/2..1/8 scale, still >= size
+            im = ImageOps.exif_transpose(im)
+            im.thumbnail((size, size), reducing_gap=2.0)
+            return np.asarray(_display_rgb(im))
+    except FileNotFoundError:
+        return MISSING
+    except Exception as e:  # damaged or replaced since extract: say so instead of "not found"
+        return f"cannot read image ({type(e).__name__})"
 
 
-def predictions_png(image_paths: list[Path], y_true, y_pred, class_names: list[str], path: Path) -> None:
-    """The tutorial's visualize_model: val images titled with the prediction, wrong ones in red."""
+def predictions_png(image_paths: list[Path | None], y_true, y_pred, class_names: list[str], path: Path,
+                    cols: int = 4) -> None:
+    """The tutorial's visualize_model: val images titled with the prediction, wrong ones in red.
+
+    One mosaic image and one text per title (not one axes per picture): axes, ticks and their layout
+    were most of the cost of this picture."""
     idx = pick_examples(y_true, y_pred)
-    cols = 4
     rows = max(1, -(-len(idx) // cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3.2 * rows), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, i in zip(axes.flat, idx):
-        img = _thumb(image_paths[i])
-        if img is not None:
-            ax.imshow(img)
+    cell_w, cell_h, band = 300, 320, 56  # pixels: a 224 px thumbnail under a two-line title
+    mosaic = np.full((rows * cell_h, cols * cell_w, 3), 255, np.uint8)
+    fig = _figure(cols * cell_w / DPI, rows * cell_h / DPI)
+    W, H = cols * cell_w, rows * cell_h
+    for k, i in enumerate(idx):
+        r, c = divmod(k, cols)
+        x0, y0 = c * cell_w, r * cell_h
+        img = thumbnail(image_paths[i]) if image_paths[i] else "image not shown (not in the data folder)"
+        top = y0 + band
+        if isinstance(img, str):
+            fig.text((x0 + cell_w / 2) / W, 1 - (y0 + band + (cell_h - band) / 2) / H, img, ha="center", va="center")
         else:
-            ax.text(0.5, 0.5, "image not found", ha="center", va="center")
+            h, w = img.shape[:2]
+            top, left = y0 + band + (cell_h - band - h) // 2, x0 + (cell_w - w) // 2
+            mosaic[top:top + h, left:left + w] = img[..., :3]
         ok = y_true[i] == y_pred[i]
         title = f"predicted: {class_names[y_pred[i]]}" + ("" if ok else f"\nWRONG (true: {class_names[y_true[i]]})")
-        ax.set_title(title, color="black" if ok else "red", fontsize=10)
+        fig.text((x0 + cell_w / 2) / W, 1 - (top - 4) / H, title, ha="center", va="bottom",
+                 color="black" if ok else "red", fontsize=10)
+    ax = fig.add_axes((0, 0, 1, 1))
+    ax.axis("off")
+    ax.imshow(mosaic, interpolation="none", aspect="auto")  # one figure pixel per mosaic pixel
+    ax.set_zorder(-1)
     _save(fig, path)
 
 
-def images_grid_png(batch, titles: list[str], path: Path, cols: int = 4) -> None:
-    """A grid of normalised image tensors (N,3,H,W) with titles (the tutorial's imshow of a batch)."""
-    x = batch.numpy().transpose(0, 2, 3, 1) * np.asarray(IMAGENET_STD) + np.asarray(IMAGENET_MEAN)
-    x = np.clip(x, 0, 1)
-    rows = max(1, -(-len(x) // cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3.2 * rows), squeeze=False)
+def images_grid_png(images: np.ndarray, titles: list[str], path: Path, cols: int = 4) -> None:
+    """A grid of images (N,H,W,3 floats in [0,1]) with titles (the tutorial's imshow of a batch)."""
+    rows = max(1, -(-len(images) // cols))
+    fig = _figure(3 * cols, 3.2 * rows)
+    axes = fig.subplots(rows, cols, squeeze=False)
+    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=1 - 0.4 / (3.2 * rows), wspace=0.05, hspace=0.2)
     for ax in axes.flat:
         ax.axis("off")
-    for ax, img, t in zip(axes.flat, x, titles):
+    for ax, img, t in zip(axes.flat, images, titles):
         ax.imshow(img)
         ax.set_title(t, fontsize=10)
     _save(fig, path)
 
 
-def run_plots(out: str | Path, metrics: dict, image_paths: list[Path], y_true, y_pred, split: str) -> None:
-    out = Path(out)
-    curves_png(metrics["history"], out / "curves.png")
-    confusion_png(metrics["confusion_matrix"][split], metrics["class_names"], out / "confusion.png", split)
-    predictions_png(image_paths, list(y_true), list(y_pred), metrics["class_names"], out / "predictions.png")
+# --------------------------------------------------------------------------- a run's pictures
 
 
-def head_run_plots(out, metrics: dict, cache, val_pred: list[int], split: str) -> None:
-    data_dir = Path(json.loads(cache.attrs["config"])["data_dir"])
-    sp = cache.splits[split]
-    run_plots(out, metrics, [data_dir / p for p in sp.paths], sp.labels.tolist(), val_pred, split)
+@dataclass
+class PictureJob:
+    """Everything the three run pictures need, as plain data (it crosses to the sidecar as JSON)."""
+
+    out: str
+    history: list[dict]
+    confusion_matrix: list[list[int]]
+    class_names: list[str]
+    split: str
+    image_paths: list[str | None]  # absolute, one per row of the split; None: not to be read
+    y_true: list[int]
+    y_pred: list[int]
+
+
+def draw_pictures(job: PictureJob) -> list[str]:
+    """Draw curves.png, confusion.png, predictions.png into job.out; a note per picture that failed.
+    The run's model and metrics are already saved: a picture must never fail a finished run."""
+    out = Path(job.out)
+    steps = {
+        "curves.png": lambda p: curves_png(job.history, p),
+        "confusion.png": lambda p: confusion_png(job.confusion_matrix, job.class_names, p, job.split),
+        "predictions.png": lambda p: predictions_png([f and Path(f) for f in job.image_paths], job.y_true,
+                                                     job.y_pred, job.class_names, p),
+    }
+    notes = []
+    for name, draw in steps.items():
+        try:
+            draw(out / name)
+        except Exception as e:  # MemoryError included: the picture is lost, the run is not
+            notes.append(f"{name} not drawn: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
+    return notes
+
+
+def resolve_data_dir(recorded: str, cache_path: str | os.PathLike, probe: str | None = None) -> Path:
+    """The absolute data folder of a cache. New caches record it absolute; an older cache may hold it as
+    typed (relative to wherever extract ran): then try the cache file's folder, then the current folder,
+    and take the first where probe (a path of the cache, relative to the data folder) exists."""
+    p = Path(recorded)
+    if p.is_absolute():
+        return p
+    candidates = [(Path(cache_path).resolve().parent / p), (Path.cwd() / p)]
+    for c in candidates:
+        if probe is not None and (c / probe).exists():
+            return c.resolve()
+    for c in candidates:
+        if c.is_dir():
+            return c.resolve()
+    return candidates[-1].resolve()
+
+
+def inside(data_dir: Path, rel: str) -> Path | None:
+    """data_dir / rel when rel is a plain relative path (no '..', not absolute); None otherwise, so a
+    crafted cache cannot make a picture read files outside its data folder."""
+    pure = PurePosixPath(rel)
+    if pure.is_absolute() or ".." in pure.parts or not rel:
+        return None
+    return data_dir / pure

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from . import PipelineError
-from .data import LabelledImages, find_unreadable, scan_dataset, train_transform
+from .data import IMAGENET_MEAN, IMAGENET_STD, LabelledImages, find_unreadable, scan_dataset, train_transform
 from .plots import images_grid_png
 
 
@@ -25,5 +25,7 @@ def preview(data_dir: str, out: str, n: int = 8, seed: int = 0, split: str = "tr
         raise PipelineError(f"no usable images in {data.root / split}")
     ds = LabelledImages(files, labels, train_transform(), seed)
     batch = torch.stack([ds[(0, i)][0] for i in range(len(files))])
-    images_grid_png(batch, [data.class_names[y] for y in labels], out)
+    # undo the normalisation for display: (N,3,H,W) normalised -> (N,H,W,3) in [0, 1]
+    images = (batch.permute(0, 2, 3, 1) * torch.tensor(IMAGENET_STD) + torch.tensor(IMAGENET_MEAN)).clamp(0, 1)
+    images_grid_png(images.numpy(), [data.class_names[y] for y in labels], out)
     return {"path": str(out), "n": len(files), "classes": [data.class_names[y] for y in labels]}

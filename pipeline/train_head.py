@@ -1,19 +1,25 @@
 """The train-head stage: cached features in, run folder out. No backbone runs here."""
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from cache import read_cache
-
 from . import PipelineError
-from .evaluate import ci_from_accuracy, evaluate_predictions, report_text, split_metrics
+from .evaluate import ci_from_accuracy, report_text, split_metrics
 from .head import (HeadParams, HeadResult, TrainingDiverged, cv_summary, expand_grid, head_logits, params_dict,
                    stratified_folds, train_folds, train_heads)
+from .plots import PictureJob, inside, resolve_data_dir
 from .runfolder import RunFolder, RunManifest
+from .runtime import resolve_device
+from .sidecar import Sidecar, evaluate_splits, start_pictures
+from .sidecar import sidecar as start_sidecar
 from .splits import cache_record
+
+# torch (inside head's functions), h5py (cache.read_cache), scikit-learn and matplotlib (the sidecar) are
+# imported only once run_train_head runs: the sidecar starts first and imports its part meanwhile.
 
 _DEFAULTS = HeadParams()
 
@@ -31,7 +37,7 @@ class HeadConfig:
     gamma: tuple[float, ...] = (_DEFAULTS.gamma,)
     batch_size: tuple[int, ...] = (_DEFAULTS.batch_size,)
     seed: tuple[int, ...] = (_DEFAULTS.seed,)
-    device: str = "cpu"  # tiny matmuls: the CPU beats kernel-launch latency; cuda works too
+    device: str = "cpu"  # tiny matmuls: the CPU beats kernel-launch latency; cuda or auto work too
     use_views: bool = True  # draw augmented views when the cache has them
     plots: bool = True
     val_split: str = "val"
@@ -49,13 +55,34 @@ def _split_xy(cache, name: str):
     return sp.features, sp.labels
 
 
-def evaluate_head(result: HeadResult, cache, splits: list[str]) -> dict[str, dict]:
-    out = {}
+SMALL_HEAD_WORK = 1 << 22  # heads x rows x dim x classes; at or below it one CPU thread is fastest
+
+
+@contextlib.contextmanager
+def _threads(n: int | None):
+    """torch's intra-op threads set to n for the block (None: unchanged). A small head is thousands of
+    tiny matmuls: one thread is 2-5x faster than two, which wait for each other at every op and for
+    the core the sidecar uses meanwhile (measured 0.14 s vs 0.63 s on the real data's cache)."""
+    import torch
+
+    before = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def evaluate_head(result: HeadResult, cache, splits: list[str], side: Sidecar | None = None) -> dict[str, dict]:
+    preds = {}
     for s in splits:
         X, y = _split_xy(cache, s)
         pred = head_logits(result.weight, result.bias, X).argmax(1) if len(y) else np.zeros(0, np.int64)
-        out[s] = evaluate_predictions(y, pred, cache.class_names)
-        out[s]["pred"] = pred.tolist()
+        preds[s] = (np.asarray(y).tolist(), pred.tolist())
+    out = evaluate_splits(side, preds, cache.class_names)
+    for s in splits:
+        out[s]["pred"] = preds[s][1]
     return out
 
 
@@ -82,6 +109,19 @@ def sweep_rows(results: list[HeadResult]) -> list[dict]:
     return rows
 
 
+def picture_paths(cache, split: str) -> list[str | None]:
+    """Absolute path of each image of a split for predictions.png (None: not shown, as the cache's path
+    leaves its data folder or the cache names no data folder). The data folder resolves even when the
+    cache recorded it relative to another folder."""
+    paths = cache.splits[split].paths
+    try:
+        recorded = json.loads(cache.attrs["config"])["data_dir"]
+    except (KeyError, TypeError, ValueError):  # pictures never fail a run
+        return [None] * len(paths)
+    data_dir = resolve_data_dir(recorded, cache.path, paths[0] if paths else None)
+    return [str(p) if (p := inside(data_dir, rel)) is not None else None for rel in paths]
+
+
 def head_model_payload(result: HeadResult, cache) -> RunManifest:
     """model.pt: everything predict needs to rebuild backbone + head from the run folder alone."""
     a = cache.attrs
@@ -95,7 +135,7 @@ def head_model_payload(result: HeadResult, cache) -> RunManifest:
         split=cache_record(a.get("split")))
 
 
-def cross_validate(cfg: HeadConfig, cache, params: list[HeadParams]) -> tuple[list[dict], float]:
+def cross_validate(cfg: HeadConfig, cache, params: list[HeadParams], device=None) -> tuple[list[dict], float]:
     """K-fold CV of every setting on the train+val features (eval transform; the val split has no
     views, so no fold uses them). Returns one cv_summary per setting and the training seconds."""
     X = np.concatenate([cache.splits[s].features for s in ("train", cfg.val_split)])
@@ -104,7 +144,7 @@ def cross_validate(cfg: HeadConfig, cache, params: list[HeadParams]) -> tuple[li
         raise PipelineError(f"--folds {cfg.folds} needs 2 <= folds <= the {len(y)} images of train+"
                             f"{cfg.val_split}")
     folds = stratified_folds(y, cfg.folds, cfg.folds_seed)
-    runs, seconds = train_folds(X, y, len(cache.class_names), params, folds, device=cfg.device)
+    runs, seconds = train_folds(X, y, len(cache.class_names), params, folds, device=device or resolve_device(cfg.device))
     return [{**cv_summary(r), "seed": cfg.folds_seed, "n": int(len(y)), "on": f"train+{cfg.val_split}"}
             for r in runs], seconds
 
@@ -115,9 +155,20 @@ def cv_line(cv: dict) -> str:
             f"(folds {per}; trained in {cv['seconds']:.3f} s)")
 
 
-def run_train_head(cfg: HeadConfig) -> dict:
-    """Train the head(s) of cfg on its cache, write the run folder for the best one, return its metrics.
-    The run folder is locked from start to end and written all at once (see runfolder)."""
+def run_train_head(cfg: HeadConfig, sidecar: Sidecar | None = None) -> dict:
+    """Train the head(s) of cfg on its cache, write the run folder for the best one, return its metrics
+    (plus report_text, and notes: pictures that could not be drawn). The run folder is locked from start to
+    end and written all at once (see runfolder). sidecar: one already started (by `run`, before extract);
+    by default one is started here, before torch and h5py are imported."""
+    if sidecar is not None:
+        return _run_train_head(cfg, sidecar)
+    with start_sidecar(plots=cfg.plots) as side:
+        return _run_train_head(cfg, side)
+
+
+def _run_train_head(cfg: HeadConfig, side: Sidecar | None) -> dict:
+    from cache import read_cache
+
     cache = read_cache(cfg.cache)
     if "train" not in cache.splits or cfg.val_split not in cache.splits:
         raise PipelineError(f"cache {cfg.cache} needs train and {cfg.val_split} splits, has {', '.join(cache.splits)}")
@@ -126,16 +177,18 @@ def run_train_head(cfg: HeadConfig) -> dict:
             raise PipelineError(f"cache {cfg.cache} has no usable {s} images (all were skipped); fix the folder "
                                 "and extract again")
     params = expand_grid(cfg.grid())
+    notes: list[str] = []
     with RunFolder(cfg.out, "head") as folder:
-        run = _train(cfg, cache, params)
+        run = _train(cfg, cache, params, side)
         pictures = None
         if cfg.plots:
-            from .plots import head_run_plots
-
-            def pictures(into):
-                head_run_plots(into, run.metrics, cache, run.evaluations[cfg.val_split]["pred"], cfg.val_split)
+            def pictures(into):  # drawn into the run's staging folder (the sidecar draws when there is one)
+                notes.extend(start_pictures(side, PictureJob(
+                    str(into), run.metrics["history"], run.metrics["confusion_matrix"][cfg.val_split],
+                    cache.class_names, cfg.val_split, picture_paths(cache, cfg.val_split),
+                    cache.splits[cfg.val_split].labels.tolist(), run.evaluations[cfg.val_split]["pred"]))())
         folder.commit(head_model_payload(run.best, cache), run.metrics, run.report, pictures)
-    return {**run.metrics, "report_text": run.report}
+    return {**run.metrics, "report_text": run.report, "notes": notes}
 
 
 @dataclass
@@ -146,21 +199,24 @@ class HeadRun:
     evaluations: dict
 
 
-def _train(cfg: HeadConfig, cache, params: list[HeadParams]) -> HeadRun:
+def _train(cfg: HeadConfig, cache, params: list[HeadParams], side: Sidecar | None = None) -> HeadRun:
     train = cache.splits["train"]
     views = train.views if (cfg.use_views and train.views is not None and train.views.shape[1] > 0) else None
-    results, seconds = train_heads(_split_xy(cache, "train"), _split_xy(cache, cfg.val_split),
-                                   len(cache.class_names), params, views=views, device=cfg.device)
+    device = resolve_device(cfg.device)
+    work = len(params) * train.features.size * len(cache.class_names)
+    with _threads(1 if device.type == "cpu" and work <= SMALL_HEAD_WORK else None):
+        results, seconds = train_heads(_split_xy(cache, "train"), _split_xy(cache, cfg.val_split),
+                                       len(cache.class_names), params, views=views, device=device)
     cvs = None
     if cfg.folds:
-        cvs, cv_seconds = cross_validate(cfg, cache, params)
+        cvs, cv_seconds = cross_validate(cfg, cache, params, device)
         for cv in cvs:
             cv["seconds"] = cv_seconds
     # with CV the setting is chosen by CV accuracy; its epoch is still picked on val as without
     chosen = pick_best(results, [cv["mean"] for cv in cvs] if cvs else None)
     best = results[chosen]
     eval_splits = [cfg.val_split] + [s for s in cache.splits if s not in ("train", cfg.val_split)]
-    evaluations = evaluate_head(best, cache, eval_splits)
+    evaluations = evaluate_head(best, cache, eval_splits, side)
     metrics = {
         "kind": "head",
         "best_val_acc": best.best_val_acc,

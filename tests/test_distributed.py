@@ -121,4 +121,5 @@ def test_ddp_finetune_writes_the_run_folder_once_and_resumes(data, tmp_path):
     m = json.loads((out / "metrics.json").read_text())
     assert m["processes"] == 2 and len(m["history"]) == 2 and m["n"] == {"train": 17, "val": 7}
     assert sum(map(sum, m["confusion_matrix"]["val"])) == 7
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "metrics.json", "model.pt", "report.txt"]
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "metrics.json", "model.pt", "report.txt",
+                                                     "verdicts.json"]
