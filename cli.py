@@ -17,6 +17,7 @@ import click
 from cache import CacheError
 from pipeline import PipelineError
 from pipeline.progress import Progress
+from pipeline.recipe import RECIPE_FIELDS, TUTORIAL_RECIPE
 from pipeline.runtime import PRECISIONS, default_workers
 
 
@@ -130,15 +131,15 @@ class NumberList(Number):
         return tuple(self.parse(v, param, ctx) for v in parts)
 
 
-MAX_SEED = 2**63 - 1
-# the recipe's flags, checked alike by train-head, run and finetune (one value or a list)
-EPOCHS = dict(kind=int, min=1)
-LR = dict(kind=float, min=0, min_open=True)
-MOMENTUM = dict(kind=float, min=0)
-STEP_SIZE = dict(kind=int, min=1)
-GAMMA = dict(kind=float, min=0, min_open=True)
-BATCH = dict(kind=int, min=1)
-SEED = dict(kind=int, min=0, max=MAX_SEED)
+def recipe_option(name: str, sweep: bool, *decls: str, help: str | None = None):
+    """An option of the tutorial's recipe built from its field in pipeline.recipe.HeadParams: the default,
+    the bounds (checked as finite numbers) and the help text live there only. sweep: a list sweeps."""
+    f = RECIPE_FIELDS[name]
+    m = f.metadata
+    kind = (NumberList if sweep else Number)(m["kind"], min=m["min"], min_open=m["min_open"], max=m["max"])
+    default = getattr(TUTORIAL_RECIPE, name)
+    return click.option(*(decls or (f"--{name.replace('_', '-')}",)), default=str(default) if sweep else default,
+                        type=kind, show_default=True, help=help or m["help"])
 
 
 def parse_max_skipped(ctx, param, value):
@@ -192,37 +193,63 @@ def split_options(fn):
     return fn
 
 
-def extract_options(fn):
-    opts = [
-        click.option("--backbone", default="resnet18", show_default=True,
-                     help="torchvision architecture name, or a torch.export .pt2 program (trusted files only)."),
+def shared_data_options() -> list:
+    """Options that extract (and run) and finetune share, declared once: how DATA_DIR is read and where."""
+    return [
         click.option("--weights", default="imagenet", show_default=True,
                      help="imagenet (torchvision IMAGENET1K_V1 via TORCH_HOME), none (random init from --seed), "
                           "or PATH to a state_dict."),
         click.option("--splits", default="train,val", show_default=True, callback=parse_splits,
-                     help="Sub-folders of DATA_DIR; test is added when present."),
+                     help="Sub-folders of DATA_DIR (train, then the split that selects: val); test is added when "
+                          "present."),
         *split_option_list(),
-        click.option("--views", default=0, show_default=True, type=click.IntRange(min=0),
-                     help="Augmented views (RandomResizedCrop+flip) stored per train image."),
-        click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1)),
         click.option("--workers", default=default_workers(), show_default=True, type=click.IntRange(min=0),
                      help="DataLoader worker processes decoding images."),
         click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda."),
         click.option("--precision", default="auto", show_default=True, type=click.Choice(PRECISIONS),
-                     help="auto = fp32 on CPU, bf16 autocast on CUDA; recorded in the fingerprint."),
-        click.option("--seed", default=0, show_default=True, type=int),
+                     help="auto = fp32 on CPU, bf16 autocast on CUDA; fp16 (CUDA) trains with a grad scaler. "
+                          "Recorded in the cache's fingerprint and the run."),
+        click.option("--allow-empty-class", is_flag=True, help="Keep a class whose train folder has no images."),
+        click.option("--max-skipped", default=None, callback=parse_max_skipped,
+                     help="Fail when more files than this are unusable: a fraction (<1) or a count."),
+    ]
+
+
+def _apply(fn, opts: list):
+    for opt in reversed(opts):
+        fn = opt(fn)
+    return fn
+
+
+def extract_options(fn):
+    return _apply(fn, [
+        click.option("--backbone", default="resnet18", show_default=True,
+                     help="torchvision architecture name, or a torch.export .pt2 program (trusted files only)."),
+        *shared_data_options(),
+        click.option("--views", default=0, show_default=True, type=click.IntRange(min=0),
+                     help="Augmented views (RandomResizedCrop+flip) stored per train image."),
+        click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1),
+                     help="Inference batch (features do not depend on it)."),
+        click.option("--seed", default=0, show_default=True, type=int,
+                     help="Random init (--weights none) and the views' crops."),
         click.option("--draft", is_flag=True, help="Faster JPEG decoding (DCT downscale); changes features slightly."),
         click.option("--decoder", default="auto", show_default=True, type=click.Choice(["auto", "pil", "torchvision"]),
                      help="auto: torchvision on CUDA (without --views/--draft), else pil. torchvision: decode JPEGs "
                           "on the device (nvJPEG on a GPU); pixels differ slightly. The one used is in the fingerprint."),
-        click.option("--allow-empty-class", is_flag=True, help="Keep a class whose train folder has no images."),
-        click.option("--max-skipped", default=None, callback=parse_max_skipped,
-                     help="Fail when more files than this are unusable: a fraction (<1) or a count."),
         click.option("--force", is_flag=True, help="Rebuild a cache made with other settings or files."),
-    ]
-    for opt in reversed(opts):
-        fn = opt(fn)
-    return fn
+    ])
+
+
+def finetune_options(fn):
+    return _apply(fn, [
+        click.option("--backbone", default="resnet18", show_default=True, help="torchvision architecture name."),
+        click.option("--freeze-backbone", is_flag=True,
+                     help="The tutorial's frozen mode end to end: only the new layer learns, backbone in the loop."),
+        *(recipe_option(name, False) for name in RECIPE_FIELDS),
+        *shared_data_options(),
+        click.option("--resume", is_flag=True, help="Continue an interrupted run from its last finished epoch."),
+        click.option("--no-plots", is_flag=True, help="Skip curves.png, confusion.png, predictions.png."),
+    ])
 
 
 def head_options(prefix: str = ""):
@@ -231,16 +258,14 @@ def head_options(prefix: str = ""):
 
     def decorate(fn):
         opts = [
-            click.option("--epochs", default="25", type=NumberList(**EPOCHS), show_default=True),
-            click.option("--lr", default="0.001", type=NumberList(**LR), show_default=True,
-                         help="Learning rate; a list such as 0.0003,0.001,0.003 sweeps (every numeric flag does)."),
-            click.option("--momentum", default="0.9", type=NumberList(**MOMENTUM), show_default=True),
-            click.option("--step-size", default="7", type=NumberList(**STEP_SIZE), show_default=True),
-            click.option("--gamma", default="0.1", type=NumberList(**GAMMA), show_default=True),
-            click.option(f"--{prefix}batch-size", "head_batch_size", default="4", type=NumberList(**BATCH),
-                         show_default=True, help="Head training batch size."),
-            click.option(f"--{prefix}seed", "head_seed", default="0", type=NumberList(**SEED), show_default=True,
-                         help="Seed of the head's init, shuffling and view draws."),
+            recipe_option("epochs", True),
+            recipe_option("lr", True, help="Learning rate (SGD); a list such as 0.0003,0.001,0.003 sweeps (every "
+                                           "recipe flag does: all combinations train together)."),
+            recipe_option("momentum", True),
+            recipe_option("step_size", True),
+            recipe_option("gamma", True),
+            recipe_option("batch_size", True, f"--{prefix}batch-size", "head_batch_size", help="Head training batch size."),
+            recipe_option("seed", True, f"--{prefix}seed", "head_seed", help="Seed of the head's init, shuffling and view draws."),
             click.option(f"--{prefix}device", "head_device", default="cpu", show_default=True,
                          help="cpu (fastest for a linear head), cuda or auto."),
             click.option("--folds", default=0, show_default=True, type=click.IntRange(min=0),
@@ -528,27 +553,7 @@ def resume_command(ctx: click.Context) -> str:
 @cli.command()
 @click.argument("data_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run folder to write.")
-@click.option("--backbone", default="resnet18", show_default=True, help="torchvision architecture name.")
-@click.option("--weights", default="imagenet", show_default=True, help="imagenet, none or PATH to a state_dict.")
-@click.option("--freeze-backbone", is_flag=True,
-              help="The tutorial's frozen mode end to end: only the new layer learns, backbone in the loop.")
-@click.option("--epochs", default=25, show_default=True, type=Number(**EPOCHS))
-@click.option("--lr", default=0.001, show_default=True, type=Number(**LR))
-@click.option("--momentum", default=0.9, show_default=True, type=Number(**MOMENTUM))
-@click.option("--step-size", default=7, show_default=True, type=Number(**STEP_SIZE))
-@click.option("--gamma", default=0.1, show_default=True, type=Number(**GAMMA))
-@click.option("--batch-size", default=4, show_default=True, type=Number(**BATCH))
-@click.option("--workers", default=default_workers(), show_default=True, type=click.IntRange(min=0))
-@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
-@click.option("--precision", default="auto", show_default=True, type=click.Choice(PRECISIONS),
-              help="auto = fp32 on CPU, bf16 autocast on CUDA; fp16 uses a grad scaler.")
-@click.option("--seed", default=0, show_default=True, type=Number(**SEED))
-@click.option("--resume", is_flag=True, help="Continue an interrupted run from its last finished epoch.")
-@click.option("--splits", default="train,val", show_default=True, callback=parse_splits)
-@click.option("--allow-empty-class", is_flag=True)
-@click.option("--max-skipped", default=None, callback=parse_max_skipped)
-@click.option("--no-plots", is_flag=True)
-@split_options
+@finetune_options
 @friendly_errors
 def finetune(data_dir, out, no_plots, **o):
     """Fine-tune the whole network end to end (the tutorial's first scenario).

@@ -20,7 +20,8 @@ from .backbones import BackboneSpec, build_torchvision, replace_module
 from .data import TRANSFORM_SPEC, EpochSampler, LabelledImages, eval_transform, find_unreadable, scan_dataset, \
     train_transform
 from .distributed import Dist, init_distributed, rank_device, shutdown
-from .head import HeadParams, TrainingDiverged, check_recipe
+from .head import TrainingDiverged
+from .recipe import TUTORIAL_RECIPE, check_recipe
 from .evaluate import ci_from_accuracy, report_text, split_metrics
 from .progress import Progress
 from .fsio import atomic_write_json, sha256_json
@@ -29,7 +30,6 @@ from .runtime import Runtime, default_workers, resolve_runtime
 from .plots import PictureJob
 from .sidecar import Sidecar, evaluate_splits, sidecar, start_pictures
 
-TUTORIAL_RECIPE = HeadParams()  # the tutorial's recipe, defined once in head.HeadParams
 # fields that must match for --resume to continue a run (the rest, like workers, may change)
 RECIPE_FIELDS = ("backbone", "weights", "freeze_backbone", "epochs", "lr", "momentum", "step_size", "gamma",
                  "batch_size", "seed", "splits", "val_fraction", "test_fraction", "split_seed")

@@ -1,7 +1,6 @@
 """The train-head stage: cached features in, run folder out. No backbone runs here."""
 from __future__ import annotations
 
-import contextlib
 import json
 from dataclasses import dataclass, field
 
@@ -9,8 +8,8 @@ import numpy as np
 
 from . import PipelineError
 from .evaluate import ci_from_accuracy, report_text, split_metrics
-from .head import (HeadParams, HeadResult, TrainingDiverged, cv_summary, expand_grid, head_logits, params_dict,
-                   stratified_folds, train_folds, train_heads)
+from .head import (HeadParams, HeadResult, TrainingDiverged, cpu_threads, cv_summary, expand_grid, head_logits,
+                   params_dict, stratified_folds, train_folds, train_heads)
 from .plots import PictureJob, inside, resolve_data_dir
 from .runfolder import RunFolder, RunManifest
 from .runtime import resolve_device
@@ -56,22 +55,6 @@ def _split_xy(cache, name: str):
 
 
 SMALL_HEAD_WORK = 1 << 22  # heads x rows x dim x classes; at or below it one CPU thread is fastest
-
-
-@contextlib.contextmanager
-def _threads(n: int | None):
-    """torch's intra-op threads set to n for the block (None: unchanged). A small head is thousands of
-    tiny matmuls: one thread is 2-5x faster than two, which wait for each other at every op and for
-    the core the sidecar uses meanwhile (measured 0.14 s vs 0.63 s on the real data's cache)."""
-    import torch
-
-    before = torch.get_num_threads()
-    if n is not None:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def evaluate_head(result: HeadResult, cache, splits: list[str], side: Sidecar | None = None) -> dict[str, dict]:
@@ -204,7 +187,7 @@ def _train(cfg: HeadConfig, cache, params: list[HeadParams], side: Sidecar | Non
     views = train.views if (cfg.use_views and train.views is not None and train.views.shape[1] > 0) else None
     device = resolve_device(cfg.device)
     work = len(params) * train.features.size * len(cache.class_names)
-    with _threads(1 if device.type == "cpu" and work <= SMALL_HEAD_WORK else None):
+    with cpu_threads(1 if device.type == "cpu" and work <= SMALL_HEAD_WORK else None):
         results, seconds = train_heads(_split_xy(cache, "train"), _split_xy(cache, cfg.val_split),
                                        len(cache.class_names), params, views=views, device=device)
     cvs = None

@@ -223,7 +223,7 @@ def test_ctrl_c_in_finetune_names_the_command_that_resumes(tiny_data, tmp_path, 
             "--splits", "train,val", "--no-plots", "--workers", "0"]
     r = CliRunner().invoke(cli, args)
     assert r.exit_code == 1
-    expected = (f"cli finetune {tiny_data} --out '{out}' --weights none --epochs 3 --lr 0.01 --workers 0 "
+    expected = (f"cli finetune {tiny_data} --out '{out}' --epochs 3 --lr 0.01 --weights none --workers 0 "
                 "--no-plots --resume")
     assert r.output.strip() == f"Error: interrupted; the last finished epoch is kept: resume with {expected}"
     # the command it names is the same run with --resume

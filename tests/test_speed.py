@@ -253,11 +253,12 @@ def test_a_small_head_trains_on_one_thread_with_the_same_result(small_cache, tmp
     import torch
 
     from pipeline.head import expand_grid, train_heads
-    from pipeline.train_head import HeadConfig, _threads, run_train_head
+    from pipeline.head import cpu_threads
+    from pipeline.train_head import HeadConfig, run_train_head
     from cache import read_cache
 
     before = torch.get_num_threads()
-    with _threads(1):
+    with cpu_threads(1):
         assert torch.get_num_threads() == 1
     assert torch.get_num_threads() == before
     m = run_train_head(HeadConfig(cache=str(small_cache), out=str(tmp_path / "h"), epochs=(3,), plots=False))
