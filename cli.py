@@ -571,8 +571,10 @@ def finetune(data_dir, out, no_plots, **o):
                                    f"{resume_command(click.get_current_context())}") from None
     if not is_rank0():
         return
+    from pipeline.text import printable
+
     for path, reason in m["skipped"][:20]:
-        click.echo(f"skipped {path}: {reason}", err=True)
+        click.echo(f"skipped {printable(path)}: {printable(reason)}", err=True)
     for note in m.get("notes", []):
         click.echo(note, err=True)
     click.echo(m["report_text"])

@@ -342,6 +342,9 @@ def finetune(cfg: FinetuneConfig, progress: Progress | None = None) -> dict:
 
 def _finetune(cfg: FinetuneConfig, progress: Progress, d: Dist, side: Sidecar | None = None) -> dict:
     """Rank 0 holds the run folder (locked, one kind of run, committed at the end) for the whole run."""
+    from .extract import check_split_names
+
+    check_split_names(cfg.splits)  # plain sub-folders of DATA_DIR: no '..', no absolute paths
     splits = selection_splits(tuple(cfg.splits))
     check_recipe(epochs=cfg.epochs, lr=cfg.lr, momentum=cfg.momentum, step_size=cfg.step_size, gamma=cfg.gamma,
                  batch_size=cfg.batch_size)

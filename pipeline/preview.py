@@ -7,9 +7,16 @@ from . import PipelineError
 from .data import IMAGENET_MEAN, IMAGENET_STD, LabelledImages, find_unreadable, scan_dataset, train_transform
 from .plots import images_grid_png
 
+PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".pdf", ".svg")  # what matplotlib writes by the name alone
+
 
 def preview(data_dir: str, out: str, n: int = 8, seed: int = 0, split: str = "train") -> dict:
     """Draw n random training images (seeded), augmented as finetune does, into out (PNG)."""
+    from pathlib import Path
+
+    if Path(out).suffix.lower() not in PICTURE_SUFFIXES:
+        raise PipelineError(f"--out {out}: name a picture file ending in {', '.join(PICTURE_SUFFIXES)} "
+                            "(e.g. preview.png)")
     data = scan_dataset(data_dir, [split])
     sp = data.splits[split]
     order = torch.randperm(len(sp), generator=torch.Generator().manual_seed(seed)).tolist()

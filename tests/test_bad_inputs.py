@@ -5,6 +5,7 @@ import struct
 import zlib
 
 import numpy as np
+import pytest
 from click.testing import CliRunner
 from PIL import Image
 
@@ -157,3 +158,25 @@ def test_finetune_excludes_bad_files_and_reports_them(tmp_path):
     assert m["n"] == {"train": 4, "val": 2}
     assert m["skipped"] == [["train/ants/zero.jpg", "empty file (0 bytes)"],
                             ["val/bees/page.jpg", "not a readable image (PIL cannot identify it)"]]
+
+
+def test_preview_out_without_a_picture_extension_is_one_line(tiny_data, tmp_path):
+    from click.testing import CliRunner
+
+    from cli import cli
+
+    r = CliRunner().invoke(cli, ["preview", str(tiny_data), "--out", str(tmp_path / "grid")])
+    assert r.exit_code == 1 and r.output.startswith(f"Error: --out {tmp_path / 'grid'}: name a picture file ending in .png")
+    assert not (tmp_path / "grid").exists()
+
+
+@pytest.mark.parametrize("splits", ["train,/abs/val", "train,../other/val", "train,skipped"])
+def test_finetune_refuses_split_names_that_are_not_sub_folders(tiny_data, tmp_path, splits):
+    from click.testing import CliRunner
+
+    from cli import cli
+
+    r = CliRunner().invoke(cli, ["finetune", str(tiny_data), "--out", str(tmp_path / "ft"), "--weights", "none",
+                                 "--splits", splits, "--workers", "0"])
+    assert r.exit_code == 1 and r.output.startswith("Error: --splits: "), r.output
+    assert not (tmp_path / "ft").exists()
