@@ -21,8 +21,6 @@ every reader validates it fully (cache.validate) before anything uses it.
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
 import hashlib
 import json
 import os
@@ -35,7 +33,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from pipeline.fsio import atomic_output, atomic_write_bytes, fsync_dir, sha256_file
+from pipeline.fsio import LockBusy, ProcessLock, atomic_output, atomic_write_bytes, fsync_dir, sha256_file
 
 from .errors import CacheError, CacheInvalid, CacheLocked, CacheMissing
 from .plan import ExtractionPlan, files_digest  # noqa: F401  (files_digest: part of the cache API)
@@ -58,65 +56,24 @@ def fingerprint(fields: dict) -> str:
 
 
 class CacheLock:
-    """Exclusive lock on CACHE.lock, held for a whole extract; refuses a second writer.
-
-    A POSIX record lock (fcntl.lockf) belongs to the process that took it: children forked by the
-    DataLoader inherit the descriptor but not the lock, so a killed extract's lock dies with it even
-    while its workers linger (flock locks live on in every inherited descriptor). Record locks do not
-    exclude the same process, so a process-wide registry refuses a second lock of one file in-process."""
-
-    _held: set[tuple[int, int]] = set()  # (st_dev, st_ino) of lock files this process holds
+    """Exclusive lock on CACHE.lock, held for a whole extract; refuses a second writer. A process-bound
+    lock (fsio.ProcessLock): a killed extract's lock dies with it even while its workers linger."""
 
     def __init__(self, cache_path: str | os.PathLike):
         self.cache_path = Path(cache_path)
         self.path = self.cache_path.with_name(self.cache_path.name + ".lock")
-        self.fd: int | None = None
-        self.key: tuple[int, int] | None = None
-
-    def _refuse(self, fd: int) -> None:
-        holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "another process"
-        os.close(fd)
-        raise CacheLocked(f"cache {self.cache_path} is locked by {holder} (an extract is running); "
-                          "wait for it to finish")
+        self._lock = ProcessLock(self.path)
 
     def __enter__(self) -> "CacheLock":
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-            st = os.fstat(fd)
-            key = (st.st_dev, st.st_ino)
-            if key in CacheLock._held:
-                self._refuse(fd)
-            try:
-                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError as e:
-                if e.errno not in (errno.EAGAIN, errno.EACCES):
-                    os.close(fd)
-                    raise
-                self._refuse(fd)
-            # the previous holder may have unlinked the file between our open and lock: retry then
-            try:
-                same = os.stat(self.path).st_ino == st.st_ino
-            except FileNotFoundError:
-                same = False
-            if same:
-                break
-            os.close(fd)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on {os.uname().nodename}".encode(), 0)
-        self.fd, self.key = fd, key
-        CacheLock._held.add(key)
+        try:
+            self._lock.acquire()
+        except LockBusy as e:
+            raise CacheLocked(f"cache {self.cache_path} is locked by {e.holder} (an extract is running); "
+                              "wait for it to finish") from None
         return self
 
     def __exit__(self, *exc) -> None:
-        if self.fd is not None:
-            try:
-                os.unlink(self.path)
-            except FileNotFoundError:
-                pass
-            os.close(self.fd)  # closing releases the record lock
-            CacheLock._held.discard(self.key)
-            self.fd = self.key = None
+        self._lock.release()
 
 
 # --------------------------------------------------------------------------- writing

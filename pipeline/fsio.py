@@ -6,10 +6,12 @@ the target, fsynced and renamed over it; a failed write removes its temp file.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
 import pickle
+import threading
 import uuid
 from pathlib import Path
 
@@ -92,3 +94,83 @@ def sha256_file(path: str | os.PathLike) -> str:
 def sha256_json(obj) -> str:
     """Digest of a JSON-able object in canonical form (sorted keys, no spaces)."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+class LockBusy(Exception):
+    """ProcessLock could not be taken: holder says who has it ('pid N on HOST'); same_process: this one."""
+
+    def __init__(self, holder: str, same_process: bool):
+        super().__init__(holder)
+        self.holder, self.same_process = holder, same_process
+
+
+class ProcessLock:
+    """Exclusive lock on a lock file, held by this process until release (or its death).
+
+    A POSIX record lock (fcntl.lockf) belongs to the process that took it: children forked by a
+    DataLoader inherit the descriptor but not the lock, so a killed process's lock dies with it even
+    while its workers linger (flock locks live on in every inherited descriptor). Record locks do not
+    exclude the same process, so a process-wide registry refuses a second holder in-process. The file
+    holds 'pid N on HOST' and is removed on release (while still held: the next taker re-checks that
+    the file it locked is the one at the path)."""
+
+    _held: set[tuple[int, int]] = set()  # (st_dev, st_ino) of lock files this process holds
+    _guard = threading.Lock()
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.fd: int | None = None
+        self.key: tuple[int, int] | None = None
+
+    def acquire(self) -> ProcessLock:
+        """Take the lock or raise LockBusy (never waits)."""
+        import fcntl
+        import socket
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            st = os.fstat(fd)
+            key = (st.st_dev, st.st_ino)
+            with ProcessLock._guard:
+                mine = key in ProcessLock._held
+            if mine:
+                os.close(fd)
+                raise LockBusy(f"pid {os.getpid()}", True)
+            try:
+                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                holder = os.pread(fd, 128, 0).decode(errors="replace").strip() or "another process"
+                os.close(fd)
+                if e.errno in (errno.EAGAIN, errno.EACCES):
+                    raise LockBusy(holder, False) from None
+                raise
+            try:  # the previous holder may have removed the file between our open and lock: retry then
+                same = os.stat(self.path).st_ino == st.st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
+        with ProcessLock._guard:
+            ProcessLock._held.add(key)
+        self.fd, self.key = fd, key
+        return self
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+        os.close(self.fd)  # closing releases the record lock
+        with ProcessLock._guard:
+            ProcessLock._held.discard(self.key)
+        self.fd = self.key = None
+
+    def __enter__(self) -> ProcessLock:
+        return self if self.fd is not None else self.acquire()  # `with ProcessLock(p).acquire():` works too
+
+    def __exit__(self, *exc) -> None:
+        self.release()

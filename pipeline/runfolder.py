@@ -15,20 +15,16 @@ A run folder always holds one run:
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
 import io
 import json
 import os
 import shutil
-import socket
-import threading
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Callable
 
 from . import PipelineError
-from .fsio import atomic_write_bytes, atomic_write_json, fsync_dir, load_weights_only
+from .fsio import LockBusy, ProcessLock, atomic_write_bytes, atomic_write_json, fsync_dir, load_weights_only
 
 FORMAT = "tlearn-run/2"
 CHECKPOINT_FORMAT = "tlearn-checkpoint/1"
@@ -238,59 +234,16 @@ class FinetuneCheckpoint:
 
 # --------------------------------------------------------------------------- one writer per run folder
 
-_held: set[str] = set()  # run folders locked by this process (POSIX locks do not exclude the same process)
-_held_guard = threading.Lock()
-
-
-def _lock_holder(path: Path) -> str:
-    with contextlib.suppress(OSError):
-        return path.read_text().strip()
-    return "?"
-
-
-def _take_lock(folder: Path) -> int:
-    key = str(folder.resolve())
-    with _held_guard:
-        if key in _held:
-            raise RunFolderBusy(f"{folder} is being written by another run in this process; choose another --out")
-        _held.add(key)
+def _take_lock(folder: Path) -> ProcessLock:
+    """The folder's writer lock (process-bound: it dies with its process, even under kill -9)."""
     try:
-        return _open_lock(folder)
-    except BaseException:
-        with _held_guard:
-            _held.discard(key)
-        raise
-
-
-def _open_lock(folder: Path) -> int:
-    lock = folder / LOCK
-    while True:
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        try:
-            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            os.close(fd)
-            if e.errno in (errno.EAGAIN, errno.EACCES):
-                raise RunFolderBusy(f"{folder} is being written by another run (pid {_lock_holder(lock)}); wait for "
-                                    "it to finish or choose another --out") from None
-            raise
-        try:  # the previous holder removes the file when done: make sure ours is still the one at the path
-            same = os.stat(lock).st_ino == os.fstat(fd).st_ino
-        except FileNotFoundError:
-            same = False
-        if same:
-            os.ftruncate(fd, 0)
-            os.write(fd, f"{os.getpid()} on {socket.gethostname()}\n".encode())
-            return fd
-        os.close(fd)
-
-
-def _release_lock(folder: Path, fd: int) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(folder / LOCK)  # while still holding it: the next writer re-checks the inode
-    os.close(fd)
-    with _held_guard:
-        _held.discard(str(folder.resolve()))
+        return ProcessLock(folder / LOCK).acquire()
+    except LockBusy as e:
+        if e.same_process:
+            raise RunFolderBusy(f"{folder} is being written by another run in this process; choose another --out") \
+                from None
+        raise RunFolderBusy(f"{folder} is being written by another run ({e.holder}); wait for it to finish or "
+                            "choose another --out") from None
 
 
 def _apply_commit(folder: Path) -> None:
@@ -321,11 +274,8 @@ def roll_forward(folder: Path) -> None:
     """For readers: a save that was committed but not finished (a kill) is finished first."""
     if not (folder / STAGING / COMMIT).is_file():
         return
-    fd = _take_lock(folder)
-    try:
+    with _take_lock(folder):
         _recover(folder)
-    finally:
-        _release_lock(folder, fd)
 
 
 def _kind_in(folder: Path) -> str | None:
@@ -370,11 +320,11 @@ class RunFolder:
     def __init__(self, out: str | os.PathLike, kind: str):
         self.path = Path(out)
         self.kind = kind
-        self._fd: int | None = None
+        self._lock: ProcessLock | None = None
 
     def __enter__(self) -> RunFolder:
         self.path.mkdir(parents=True, exist_ok=True)
-        self._fd = _take_lock(self.path)
+        self._lock = _take_lock(self.path)
         try:
             _recover(self.path)
             check_run_folder(self.path, self.kind)
@@ -390,9 +340,9 @@ class RunFolder:
         self._release()
 
     def _release(self) -> None:
-        if self._fd is not None:
-            _release_lock(self.path, self._fd)
-            self._fd = None
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     @property
     def checkpoint(self) -> Path:
