@@ -73,3 +73,22 @@ def resnet18_state_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("weights") / "resnet18_random.pt"
     torch.save(torchvision.models.resnet18(weights=None).state_dict(), path)
     return path
+
+
+@pytest.fixture
+def interrupt_second_batch(monkeypatch):
+    """Makes extract's second forward pass raise KeyboardInterrupt (a kill after the first finished batch);
+    returns a function that restores the real forward for the rerun."""
+    import pipeline.extract as ex
+
+    real = ex.forward_features
+    calls = {"n": 0}
+
+    def dying(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(ex, "forward_features", dying)
+    return lambda: monkeypatch.setattr(ex, "forward_features", real)

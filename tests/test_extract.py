@@ -125,25 +125,13 @@ def test_second_extract_refused_while_locked(tiny_data, tmp_path):
     assert cache.exists() and not (tmp_path / "f.h5.lock").exists()
 
 
-def test_resume_reuses_finished_batches(tiny_data, tmp_path, monkeypatch):
+def test_resume_reuses_finished_batches(tiny_data, tmp_path, interrupt_second_batch):
     """An extract that dies after its first batch resumes without redoing it and equals a clean run."""
-    import pipeline.extract as ex
-
     cache = tmp_path / "f.h5"
-    real = ex.forward_features
-    calls = {"n": 0}
-
-    def dying(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-
-    monkeypatch.setattr(ex, "forward_features", dying)
     with pytest.raises(KeyboardInterrupt):
         extract(cfg(tiny_data, cache, batch_size=4))
     assert not cache.exists() and len(list((tmp_path / "f.h5.partial").glob("*.npz"))) == 1
-    monkeypatch.setattr(ex, "forward_features", real)
+    interrupt_second_batch()  # the real forward again
     s = extract(cfg(tiny_data, cache, batch_size=4))
     assert s["resumed"] == 4 and s["computed"] == 6
     extract(cfg(tiny_data, tmp_path / "clean.h5", batch_size=4))

@@ -330,23 +330,11 @@ def test_seed_out_of_range_is_one_line(tiny_data, tmp_path, seed):
 # --------------------------------------------------------------------------- the tool's own files in DATA_DIR
 
 
-def test_a_cache_inside_the_data_folder_is_never_scanned(tiny_data, monkeypatch):
-    import pipeline.extract as ex
-
+def test_a_cache_inside_the_data_folder_is_never_scanned(tiny_data, interrupt_second_batch):
     cache = tiny_data / "train/ants/feats.h5"  # the worst place: inside a class folder
-    real = ex.forward_features
-    calls = {"n": 0}
-
-    def dying(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-
-    monkeypatch.setattr(ex, "forward_features", dying)
     with pytest.raises(KeyboardInterrupt):
         extract(cfg(tiny_data, cache))
-    monkeypatch.setattr(ex, "forward_features", real)
+    interrupt_second_batch()  # the real forward again
     s = extract(cfg(tiny_data, cache))  # the .partial folder sits in train/ants/: not a file, not a class
     assert s["rows"] == {"train": 6, "val": 4} and s["skipped"] == [] and s["resumed"] == 4
     assert extract(cfg(tiny_data, cache))["up_to_date"]  # the cache file itself is not a new file
