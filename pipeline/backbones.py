@@ -1,5 +1,7 @@
 """Backbones: torchvision architectures (pooled features = the network with its last Linear removed)
-or a user's torch.export program; and the weights that go in them.
+or a user's torch.export program; and the weights that go in them. The ResNets are built by
+pipeline/resnet.py (torchvision's networks without importing torchvision, which costs seconds);
+every other architecture by torchvision, imported only then.
 
 Every checkpoint is read with torch.load(weights_only=True): a file that needs pickle is refused.
 """
@@ -13,11 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torchvision
 from torch import nn
 
 from . import PipelineError, check_torch_version
 from .fsio import sha256_file
+from .resnet import ARCHS as NATIVE_ARCHS, WEIGHTS_URL, resnet
 
 check_torch_version(torch.__version__)
 
@@ -59,6 +61,8 @@ def state_dict_digest(sd: dict[str, torch.Tensor]) -> str:
 
 
 def architectures() -> list[str]:
+    import torchvision
+
     return sorted(torchvision.models.list_models(module=torchvision.models))
 
 
@@ -77,6 +81,8 @@ def replace_module(model: nn.Module, qualname: str, new: nn.Module) -> None:
 
 
 def _imagenet_weights_enum(arch: str):
+    import torchvision
+
     try:
         enum = torchvision.models.get_model_weights(arch)
     except (ValueError, KeyError):
@@ -84,10 +90,16 @@ def _imagenet_weights_enum(arch: str):
     return getattr(enum, "IMAGENET1K_V1", None) or enum.DEFAULT
 
 
+def imagenet_weights_url(arch: str) -> str:
+    """torchvision's IMAGENET1K_V1 download address of arch (its DEFAULT where it has no V1)."""
+    if arch in NATIVE_ARCHS:
+        return WEIGHTS_URL + NATIVE_ARCHS[arch][2]
+    return _imagenet_weights_enum(arch).url
+
+
 def imagenet_weights_path(arch: str) -> Path:
     """Where torchvision's cache keeps the ImageNet state_dict for arch (TORCH_HOME/hub/checkpoints)."""
-    w = _imagenet_weights_enum(arch)
-    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(w.url)
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(imagenet_weights_url(arch))
 
 
 def _fetch_imagenet(arch: str) -> Path:
@@ -98,7 +110,7 @@ def _fetch_imagenet(arch: str) -> Path:
     if os.environ.get(OFFLINE_ENV) == "1":
         raise PipelineError(f"ImageNet weights for {arch} are not in the torch cache ({path}) and {OFFLINE_ENV}=1; "
                             f"copy the file there, or {alternatives}")
-    url = _imagenet_weights_enum(arch).url
+    url = imagenet_weights_url(arch)
     path.parent.mkdir(parents=True, exist_ok=True)
     old = socket.getdefaulttimeout()
     socket.setdefaulttimeout(15)
@@ -141,7 +153,8 @@ def load_weights_into(model: nn.Module, sd: dict[str, torch.Tensor], source: str
 
     sd = {k: v for k, v in sd.items() if keep(k)}
     own = {k: v for k, v in model.state_dict().items() if keep(k)}
-    missing = sorted(set(own) - set(sd))
+    # a BatchNorm counter that checkpoints saved before torch 0.4.1 lack (only momentum=None reads it)
+    missing = sorted(k for k in set(own) - set(sd) if not k.endswith(".num_batches_tracked"))
     unexpected = sorted(set(sd) - set(own))
     wrong = [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in sorted(set(sd) & set(own))
              if sd[k].shape != own[k].shape]
@@ -158,14 +171,24 @@ def load_weights_into(model: nn.Module, sd: dict[str, torch.Tensor], source: str
     return sd
 
 
+def architecture(arch: str) -> nn.Module:
+    """torchvision's network of that name, randomly initialised from torch's global RNG; ValueError when
+    torchvision has no such classification architecture."""
+    if arch in NATIVE_ARCHS:
+        return resnet(arch)
+    import torchvision
+
+    return torchvision.models.get_model(arch, weights=None)
+
+
 def build_torchvision(spec: BackboneSpec) -> tuple[nn.Module, str, str]:
     """(full torchvision model with its weights, classifier layer name, weights digest)."""
-    if spec.backbone not in architectures():
+    if spec.backbone not in NATIVE_ARCHS and spec.backbone not in architectures():
         raise PipelineError(f"unknown backbone {spec.backbone!r}: use a torchvision classification architecture "
                             f"(e.g. resnet18, resnet50, mobilenet_v3_small) or a .pt2 torch.export file")
     with torch.random.fork_rng(devices=[]):  # --weights none: random init from the seed, no global side effect
         torch.manual_seed(spec.seed)
-        model = torchvision.models.get_model(spec.backbone, weights=None)
+        model = architecture(spec.backbone)
     head = last_linear_name(model)
     if spec.weights == "none":
         sd = {k: v for k, v in model.state_dict().items() if not k.startswith(head + ".")}

@@ -5,6 +5,7 @@ Files that cannot be used are never fatal: they become (path, reason) rows in `s
 """
 from __future__ import annotations
 
+import math
 import os
 import stat
 import warnings
@@ -456,31 +457,100 @@ def uint8_transform(spec: Preprocess | None = None) -> _Uint8Crop:
     return _Uint8Crop(spec or Preprocess())
 
 
-def eval_transform(spec: Preprocess | int | None = None, crop: int | None = None) -> T.Compose:
+class Transform:
+    """PIL image -> steps applied in order (torchvision's Compose, without importing torchvision)."""
+
+    def __init__(self, *steps):
+        self.steps = steps
+
+    def __call__(self, img):
+        for step in self.steps:
+            img = step(img)
+        return img
+
+    def __repr__(self) -> str:
+        return f"Transform{self.steps!r}"
+
+
+class _Normalized:
+    """PIL image -> float32 3 x H x W, exactly torchvision's ToTensor + Normalize(mean, std): the same ops."""
+
+    def __init__(self, mean, std):
+        self.mean, self.std = tuple(mean), tuple(std)
+
+    def __call__(self, img: Image.Image) -> torch.Tensor:
+        x = pil_to_uint8(img).to(torch.get_default_dtype()).div(255)
+        mean = torch.as_tensor(self.mean, dtype=x.dtype).view(-1, 1, 1)
+        std = torch.as_tensor(self.std, dtype=x.dtype).view(-1, 1, 1)
+        return x.sub_(mean).div_(std)
+
+    def __repr__(self) -> str:
+        return f"Normalized(mean={self.mean}, std={self.std})"
+
+
+RRC_SCALE = (0.08, 1.0)  # torchvision's RandomResizedCrop defaults, the tutorial's augmentation
+RRC_RATIO = (3.0 / 4.0, 4.0 / 3.0)
+
+
+def random_crop_box(width: int, height: int, scale=RRC_SCALE, ratio=RRC_RATIO) -> tuple[int, int, int, int]:
+    """(top, left, height, width) of a random crop of area scale x the image's and aspect ratio within ratio
+    (log-uniform): torchvision's RandomResizedCrop.get_params, drawing the same numbers from torch's global
+    RNG in the same order, so a seeded augmentation is the tutorial's to the pixel."""
+    area = height * width
+    log_ratio = torch.log(torch.tensor(ratio))
+    for _ in range(10):
+        target = area * torch.empty(1).uniform_(scale[0], scale[1]).item()
+        aspect = torch.exp(torch.empty(1).uniform_(log_ratio[0], log_ratio[1])).item()
+        w = int(round(math.sqrt(target * aspect)))
+        h = int(round(math.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = torch.randint(0, height - h + 1, size=(1,)).item()
+            left = torch.randint(0, width - w + 1, size=(1,)).item()
+            return top, left, h, w
+    # ten misses (a very elongated image): the largest centred crop within the ratio range
+    w, h = width, height
+    if width / height < min(ratio):
+        h = int(round(w / min(ratio)))
+    elif width / height > max(ratio):
+        w = int(round(h * max(ratio)))
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+class _RandomCropFlip:
+    """torchvision's RandomResizedCrop(crop) (bilinear) then RandomHorizontalFlip(0.5) on PIL images."""
+
+    def __init__(self, crop: int):
+        self.crop = crop
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        top, left, h, w = random_crop_box(*img.size)
+        img = img.crop((left, top, left + w, top + h))
+        if (h, w) != (self.crop, self.crop):  # torchvision returns the crop itself when it already has the size
+            img = img.resize((self.crop, self.crop), Image.BILINEAR)
+        if torch.rand(1) < 0.5:
+            img = img.transpose(Image.FLIP_LEFT_RIGHT)
+        return img
+
+    def __repr__(self) -> str:
+        return f"RandomCropFlip({self.crop})"
+
+
+def eval_transform(spec: Preprocess | int | None = None, crop: int | None = None) -> Transform:
     """The tutorial's val transform (Resize 256, CenterCrop 224, ToTensor, Normalize) built from a spec;
     eval_transform(resize, crop) is kept for callers that pass sizes."""
-    from torchvision import transforms as T  # here, not at the top: importing torchvision costs ~1 s
-
     if not isinstance(spec, Preprocess):
         spec = Preprocess(**({"resize": spec} if spec else {}), **({"crop": crop} if crop else {}))
-    return T.Compose([_ResizeCrop(spec), T.ToTensor(), T.Normalize(spec.mean, spec.std)])
+    return Transform(_ResizeCrop(spec), _Normalized(spec.mean, spec.std))
 
 
-def view_transform(spec: Preprocess | None = None) -> T.Compose:
+def view_transform(spec: Preprocess | None = None) -> Transform:
     """The tutorial's train augmentation without ToTensor/Normalize (uint8 out; normalised on the device)."""
-    from torchvision import transforms as T
-
-    spec = spec or Preprocess()
-    return T.Compose([T.RandomResizedCrop(spec.crop), T.RandomHorizontalFlip(), T.PILToTensor()])
+    return Transform(_RandomCropFlip((spec or Preprocess()).crop), pil_to_uint8)
 
 
-def train_transform(crop: int = 224) -> T.Compose:
-    """The tutorial's train transform: RandomResizedCrop + horizontal flip."""
-    from torchvision import transforms as T
-
-    return T.Compose(
-        [T.RandomResizedCrop(crop), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
-    )
+def train_transform(crop: int = 224) -> Transform:
+    """The tutorial's train transform: RandomResizedCrop + horizontal flip, ToTensor, Normalize."""
+    return Transform(_RandomCropFlip(crop), _Normalized(IMAGENET_MEAN, IMAGENET_STD))
 
 
 # The default spec's record: what caches and runs made before the spec existed carry (kept for readers).

@@ -6,11 +6,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torchvision
 from torch import nn
 
 from . import PipelineError
-from .backbones import BackboneSpec, build_backbone, file_sha256, last_linear_name, load_weights_into, replace_module
+from .backbones import BackboneSpec, architecture, build_backbone, file_sha256, last_linear_name, load_weights_into, \
+    replace_module
 from .data import BadImage, load_rgb, scan_files
 from .progress import Progress
 from .runfolder import RunManifest, load_manifest
@@ -68,7 +68,7 @@ def load_classifier(run_dir: str | os.PathLike) -> tuple[nn.Module, list[str], R
         model = HeadClassifier(_head_backbone(m.backbone), m.state_dict["weight"], m.state_dict["bias"])
     else:
         try:
-            model = torchvision.models.get_model(m.arch, weights=None)
+            model = architecture(m.arch)
         except ValueError:
             raise PipelineError(f"{Path(run_dir) / 'model.pt'} names the architecture {m.arch!r}, which this "
                                 "torchvision does not have") from None

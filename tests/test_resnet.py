@@ -1,0 +1,83 @@
+"""pipeline/resnet.py and the torchvision-free transforms are torchvision's, exactly: the same weights from
+the same seed, the same outputs from the same weights, the same pixels from the same seeded draws."""
+import numpy as np
+import pytest
+import torch
+import torchvision
+from PIL import Image
+from torchvision import transforms as T
+
+from pipeline.backbones import imagenet_weights_url
+from pipeline.data import IMAGENET_MEAN, IMAGENET_STD, eval_transform, random_crop_box, train_transform, \
+    view_transform
+from pipeline.preprocess import Preprocess
+from pipeline.resnet import ARCHS, resnet
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+def test_native_resnet_is_torchvisions_network(arch):
+    torch.manual_seed(7)
+    ours = resnet(arch)
+    after_ours = torch.rand(3)
+    torch.manual_seed(7)
+    ref = torchvision.models.get_model(arch, weights=None)
+    assert torch.equal(torch.rand(3), after_ours)  # the same number of draws from the global RNG
+    a, b = ours.state_dict(), ref.state_dict()
+    assert list(a) == list(b)
+    assert all(a[k].shape == b[k].shape and torch.equal(a[k], b[k]) for k in a)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(ours.eval()(x), ref.eval()(x))
+        ours.train(), ref.train()
+        assert torch.equal(ours(x), ref(x))  # training mode too (batch statistics)
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_native_resnets_have_torchvisions_shapes_and_weights_files(arch):
+    with torch.device("meta"):
+        a, b = resnet(arch).state_dict(), torchvision.models.get_model(arch, weights=None).state_dict()
+    assert {k: tuple(v.shape) for k, v in a.items()} == {k: tuple(v.shape) for k, v in b.items()}
+    enum = torchvision.models.get_model_weights(arch)
+    assert imagenet_weights_url(arch) == enum.IMAGENET1K_V1.url
+
+
+def _photo(w: int, h: int, seed: int) -> Image.Image:
+    g = np.random.default_rng(seed)
+    base = g.integers(0, 256, (h // 8 + 1, w // 8 + 1, 3), dtype=np.uint8)  # smooth-ish, like a photo
+    return Image.fromarray(base).resize((w, h), Image.BILINEAR)
+
+
+SIZES = [(500, 375), (375, 500), (224, 224), (256, 300), (1200, 90), (60, 900), (31, 17)]
+
+
+def test_random_crop_box_draws_what_torchvision_draws():
+    for w, h in SIZES:
+        for seed in range(40):
+            torch.manual_seed(seed)
+            ours = random_crop_box(w, h)
+            after = torch.rand(1)
+            torch.manual_seed(seed)
+            ref = T.RandomResizedCrop.get_params(torch.zeros(3, h, w), [0.08, 1.0], [3 / 4, 4 / 3])
+            assert ours == tuple(ref) and torch.equal(torch.rand(1), after), (w, h, seed)
+
+
+def test_transforms_are_torchvisions_to_the_bit():
+    train_ref = T.Compose([T.RandomResizedCrop(224), T.RandomHorizontalFlip(), T.ToTensor(),
+                           T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    view_ref = T.Compose([T.RandomResizedCrop(224), T.RandomHorizontalFlip(), T.PILToTensor()])
+    eval_ref = T.Compose([T.Resize(256), T.CenterCrop(224), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    flips = 0
+    for k, (w, h) in enumerate(SIZES[:5]):
+        img = _photo(w, h, k)
+        assert torch.equal(eval_transform()(img), eval_ref(img))
+        for seed in range(6):
+            for ours, ref in ((train_transform(), train_ref), (view_transform(Preprocess()), view_ref)):
+                torch.manual_seed(seed)
+                x = ours(img)
+                torch.manual_seed(seed)
+                y = ref(img)
+                assert x.dtype == y.dtype and torch.equal(x, y), (w, h, seed)
+            torch.manual_seed(seed)
+            random_crop_box(w, h)
+            flips += bool(torch.rand(1) < 0.5)
+    assert 0 < flips < 30  # both branches of the flip were compared
