@@ -14,9 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torchvision.transforms.v2.functional as F
 from PIL import Image
-from torchvision.io import ImageReadMode, decode_jpeg
 
 from .data import BadImage, load_rgb, normalize_batch, pil_to_uint8, resize_crop_pil
 from .preprocess import Preprocess
@@ -51,6 +49,8 @@ def read_for_device(path: str, exif: bool = True) -> tuple[str, torch.Tensor | N
 
 
 def _decode(data, device: torch.device, exif: bool = True):
+    from torchvision.io import ImageReadMode, decode_jpeg  # here: importing torchvision costs seconds
+
     with warnings.catch_warnings():  # torchvision 0.29 deprecates its decoders in favour of torchcodec
         warnings.simplefilter("ignore", DeprecationWarning)
         return decode_jpeg(data, mode=ImageReadMode.RGB, device=device, apply_exif_orientation=exif)
@@ -73,9 +73,6 @@ def _decode_all(datas: list[torch.Tensor], device: torch.device, exif: bool = Tr
         return out
 
 
-_TENSOR_INTERPOLATION = {"bilinear": F.InterpolationMode.BILINEAR, "bicubic": F.InterpolationMode.BICUBIC}
-
-
 def _bounded_crop(img: torch.Tensor, spec: Preprocess) -> torch.Tensor:
     """An absurdly elongated image (spec.bounded): the crop resampled from its source region by PIL on the
     CPU, as the PIL path does; a tensor resize would build the whole huge intermediate first."""
@@ -92,7 +89,9 @@ def resize_crop_tensors(images: list[torch.Tensor], spec: Preprocess) -> torch.T
     by_size: dict[tuple[int, int], list[int]] = {}
     for i, img in enumerate(images):
         by_size.setdefault(tuple(img.shape[-2:]), []).append(i)
-    interp = _TENSOR_INTERPOLATION[spec.interpolation]
+    import torchvision.transforms.v2.functional as F  # here: importing torchvision costs seconds
+
+    interp = {"bilinear": F.InterpolationMode.BILINEAR, "bicubic": F.InterpolationMode.BICUBIC}[spec.interpolation]
     for (h, w), idx in by_size.items():
         if spec.bounded(w, h):
             for i in idx:

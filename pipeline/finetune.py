@@ -17,6 +17,7 @@ from torch import nn
 
 from . import PipelineError
 from .backbones import BackboneSpec, build_torchvision, replace_module
+from .optim import SGD, StepLR
 from .data import TRANSFORM_SPEC, EpochSampler, LabelledImages, eval_transform, find_unreadable, scan_dataset, \
     train_transform
 from .distributed import Dist, init_distributed, rank_device, shutdown
@@ -353,6 +354,17 @@ def _finetune(cfg: FinetuneConfig, progress: Progress, d: Dist, side: Sidecar | 
         return _train(cfg, progress, d, folder, splits, side)
 
 
+def _cpu_copy(tree):
+    """A state_dict (nested dicts/lists of tensors) with every tensor copied to the CPU."""
+    if isinstance(tree, torch.Tensor):
+        return tree.detach().to("cpu", copy=True)
+    if isinstance(tree, dict):
+        return {k: _cpu_copy(v) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [_cpu_copy(v) for v in tree]
+    return tree
+
+
 def _train(cfg: FinetuneConfig, progress: Progress, d: Dist, folder: RunFolder | None,
            splits: tuple[str, str], side: Sidecar | None = None) -> dict:
     train_name, val_name = splits
@@ -376,8 +388,8 @@ def _train(cfg: FinetuneConfig, progress: Progress, d: Dist, folder: RunFolder |
             p.requires_grad_(True)
     model = model.to(rt.device).to(memory_format=rt.memory_format)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum)
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.step_size, gamma=cfg.gamma)
+    optimizer = SGD(params, lr=cfg.lr, momentum=cfg.momentum)  # torch.optim's, without its dynamo import
+    scheduler = StepLR(optimizer, step_size=cfg.step_size, gamma=cfg.gamma)
     scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.precision == "fp16")
     criterion = nn.CrossEntropyLoss()
 
@@ -427,13 +439,13 @@ def _train(cfg: FinetuneConfig, progress: Progress, d: Dist, folder: RunFolder |
         seconds += took
         history.append({"epoch": epoch, "lr": lr, "train_loss": train_loss, "train_acc": train_acc,
                         "val_loss": val_loss, "val_acc": val_acc, "seconds": took})
-        if d.is_main:
-            FinetuneCheckpoint(
-                epoch=epoch, model=model.state_dict(), optimizer=optimizer.state_dict(),
-                scheduler=scheduler.state_dict(), scaler=scaler.state_dict(), history=history, best_acc=best_acc,
-                best_epoch=best_epoch, best_state=best_state, best_preds=torch.as_tensor(best_preds),
-                seconds=seconds, recipe=_recipe(cfg), files_digest=digest, rng_torch=torch.random.get_rng_state(),
-            ).save(folder.checkpoint)
+        if folder is not None:  # written while the next epoch trains: copies, never the live tensors
+            folder.save_checkpoint(FinetuneCheckpoint(
+                epoch=epoch, model=_cpu_copy(model.state_dict()), optimizer=_cpu_copy(optimizer.state_dict()),
+                scheduler=scheduler.state_dict(), scaler=scaler.state_dict(), history=copy.deepcopy(history),
+                best_acc=best_acc, best_epoch=best_epoch, best_state=best_state,
+                best_preds=torch.as_tensor(best_preds).clone(), seconds=seconds, recipe=_recipe(cfg),
+                files_digest=digest, rng_torch=torch.random.get_rng_state()))
         progress.update(1)
         progress.log(f"epoch {epoch}: train loss {train_loss:.4f} acc {train_acc:.4f} | "
                      f"val loss {val_loss:.4f} acc {val_acc:.4f} | {took:.1f} s")
@@ -469,11 +481,11 @@ def _train(cfg: FinetuneConfig, progress: Progress, d: Dist, folder: RunFolder |
     if cfg.plots:
         def pictures(into):  # drawn into the run's staging folder (the sidecar draws when there is one)
             loaders.close()  # the workers end while the pictures are drawn
-            notes.extend(start_pictures(side, PictureJob(
+            return start_pictures(side, PictureJob(
                 str(into), history, metrics["confusion_matrix"][val_name], data.class_names, val_name,
                 [str(Path(f).absolute()) for f in files[val_name][0]], list(files[val_name][1]),
-                np.asarray(preds[val_name]).tolist()))())
-    folder.commit(manifest, {k: v for k, v in metrics.items() if k != "report_text"}, report, pictures)
+                np.asarray(preds[val_name]).tolist()))
+    notes += folder.commit(manifest, {k: v for k, v in metrics.items() if k != "report_text"}, report, pictures)
     loaders.close()
     metrics["notes"] = notes
     return metrics

@@ -19,6 +19,7 @@ import io
 import json
 import os
 import shutil
+import threading
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Callable
@@ -232,6 +233,38 @@ class FinetuneCheckpoint:
         return cls(**{k: obj[k] for k in names})
 
 
+class CheckpointWriter:
+    """Saves checkpoints on a background thread, one at a time, so the next epoch (or the run's final
+    report and pictures) goes on while the last one is written: 135 MB for resnet18 take 0.7 s per epoch
+    on a 2-core CPU. A checkpoint still lands whole or not at all (atomic rename); a failed write is
+    raised by the next save() or by wait(); the thread is not a daemon, so Ctrl-C lets it finish."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def save(self, ck: FinetuneCheckpoint) -> None:
+        """ck must not be changed afterwards (give it copies of the live weights)."""
+        self.wait()
+        self._thread = threading.Thread(target=self._write, args=(ck,), name="checkpoint-writer")
+        self._thread.start()
+
+    def _write(self, ck: FinetuneCheckpoint) -> None:
+        try:
+            ck.save(self.path)
+        except BaseException as e:  # handed to the training thread by wait()
+            self._error = e
+
+    def wait(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+
 # --------------------------------------------------------------------------- one writer per run folder
 
 def _take_lock(folder: Path) -> ProcessLock:
@@ -321,6 +354,7 @@ class RunFolder:
         self.path = Path(out)
         self.kind = kind
         self._lock: ProcessLock | None = None
+        self._checkpoints = CheckpointWriter(self.path / CHECKPOINT)
 
     def __enter__(self) -> RunFolder:
         self.path.mkdir(parents=True, exist_ok=True)
@@ -333,7 +367,13 @@ class RunFolder:
             raise
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, *exc) -> None:
+        try:  # a checkpoint still being written lands (or fails) before the folder is unlocked
+            self._checkpoints.wait()
+        except BaseException:
+            if exc_type is None:
+                self._release()
+                raise
         staging = self.path / STAGING
         if staging.exists() and not (staging / COMMIT).is_file():
             shutil.rmtree(staging)  # an unfinished save of this run: the previous run stays as it was
@@ -348,30 +388,38 @@ class RunFolder:
     def checkpoint(self) -> Path:
         return self.path / CHECKPOINT
 
+    def save_checkpoint(self, ck: FinetuneCheckpoint) -> None:
+        """Written in the background (CheckpointWriter); the commit point waits for it."""
+        self._checkpoints.save(ck)
+
     def commit(self, manifest: RunManifest, metrics: dict, report: str,
-               pictures: Callable[[Path], None] | None = None) -> None:
-        """Write the run's files (pictures(folder) draws into the folder it is given), all or nothing."""
+               pictures: Callable[[Path], Callable[[], list[str]] | None] | None = None) -> list[str]:
+        """Write the run's files, all or nothing; returns the notes of pictures not drawn. pictures(folder)
+        starts drawing into the folder it is given and returns wait() -> notes (None: drawn already), so a
+        sidecar draws while model.pt is written here."""
         if manifest.kind != self.kind:
             raise RunKindMismatch(f"a {manifest.kind} manifest cannot be saved as a {self.kind} run")
         staging = self.path / STAGING
         if staging.exists():
             shutil.rmtree(staging)
         staging.mkdir()
+        wait = pictures(staging) if pictures is not None else None
         save_manifest(staging / MODEL, manifest)
         try:
             atomic_write_json(staging / METRICS, metrics)
         except ValueError as e:
             raise PipelineError(f"the metrics of this run hold NaN or infinity ({e}); nothing was saved") from None
         atomic_write_bytes(staging / REPORT, report.encode())
-        if pictures is not None:
-            pictures(staging)
+        notes = wait() if wait is not None else []
+        self._checkpoints.wait()  # the last epoch's checkpoint is in place before the run counts as saved
         written = sorted(n for n in os.listdir(staging) if n in RUN_FILES)
         atomic_write_json(staging / COMMIT, {"files": written})  # the commit point
         _apply_commit(self.path)
+        return notes
 
 
 def save_run(out: str | os.PathLike, manifest: RunManifest, metrics: dict, report: str,
-             pictures: Callable[[Path], None] | None = None) -> Path:
+             pictures: Callable[[Path], Callable[[], list[str]] | None] | None = None) -> Path:
     """Lock, write and commit a whole run folder in one go (for callers that train outside the lock)."""
     with RunFolder(out, manifest.kind) as rf:
         rf.commit(manifest, metrics, report, pictures)

@@ -166,11 +166,11 @@ def _run_train_head(cfg: HeadConfig, side: Sidecar | None) -> dict:
         pictures = None
         if cfg.plots:
             def pictures(into):  # drawn into the run's staging folder (the sidecar draws when there is one)
-                notes.extend(start_pictures(side, PictureJob(
+                return start_pictures(side, PictureJob(
                     str(into), run.metrics["history"], run.metrics["confusion_matrix"][cfg.val_split],
                     cache.class_names, cfg.val_split, picture_paths(cache, cfg.val_split),
-                    cache.splits[cfg.val_split].labels.tolist(), run.evaluations[cfg.val_split]["pred"]))())
-        folder.commit(head_model_payload(run.best, cache), run.metrics, run.report, pictures)
+                    cache.splits[cfg.val_split].labels.tolist(), run.evaluations[cfg.val_split]["pred"]))
+        notes += folder.commit(head_model_payload(run.best, cache), run.metrics, run.report, pictures)
     return {**run.metrics, "report_text": run.report, "notes": notes}
 
 

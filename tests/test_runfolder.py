@@ -126,7 +126,7 @@ def test_checkpoint_round_trip_and_refusals(tmp_path):
 
 def test_kill_after_the_commit_point_is_rolled_forward(tmp_path, monkeypatch):
     out = tmp_path / "run"
-    save_run(out, head_manifest(), {"kind": "head", "v": 1}, "first", lambda d: (d / "curves.png").write_bytes(b"1"))
+    save_run(out, head_manifest(), {"kind": "head", "v": 1}, "first", lambda d: (d / "curves.png").write_bytes(b"1") and None)
     real, calls = os.replace, []
 
     def dies_on_second_move(src, dst):
