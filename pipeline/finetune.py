@@ -394,7 +394,7 @@ def _train(cfg: FinetuneConfig, progress: Progress, d: Dist, folder: RunFolder |
     criterion = nn.CrossEntropyLoss()
 
     history, best_acc, best_epoch, start, best_preds = [], -1.0, -1, 0, None
-    best_state = copy.deepcopy(model.state_dict())
+    best_state = None  # set by the first epoch (every accuracy beats -1) or by the checkpoint
     seconds = 0.0
     if ck is not None:
         model.load_state_dict(ck.model)
@@ -441,7 +441,9 @@ def _train(cfg: FinetuneConfig, progress: Progress, d: Dist, folder: RunFolder |
                         "val_loss": val_loss, "val_acc": val_acc, "seconds": took})
         if folder is not None:  # written while the next epoch trains: copies, never the live tensors
             folder.save_checkpoint(FinetuneCheckpoint(
-                epoch=epoch, model=_cpu_copy(model.state_dict()), optimizer=_cpu_copy(optimizer.state_dict()),
+                # a best epoch's copy is the model itself: one copy, and torch.save stores it once
+                epoch=epoch, model=best_state if best_epoch == epoch else _cpu_copy(model.state_dict()),
+                optimizer=_cpu_copy(optimizer.state_dict()),
                 scheduler=scheduler.state_dict(), scaler=scaler.state_dict(), history=copy.deepcopy(history),
                 best_acc=best_acc, best_epoch=best_epoch, best_state=best_state,
                 best_preds=torch.as_tensor(best_preds).clone(), seconds=seconds, recipe=_recipe(cfg),
@@ -451,7 +453,8 @@ def _train(cfg: FinetuneConfig, progress: Progress, d: Dist, folder: RunFolder |
                      f"val loss {val_loss:.4f} acc {val_acc:.4f} | {took:.1f} s")
     progress.close()
 
-    model.load_state_dict(best_state)
+    if best_epoch != cfg.epochs - 1:  # otherwise the model holds the best epoch's weights already
+        model.load_state_dict(best_state)
     preds = {val_name: best_preds}  # val predictions of the best epoch; other splits (test) evaluated now
     rest = [g for g, s in enumerate(names) if s not in (train_name, val_name)]
     for g, part in zip(rest, loaders.pass_(cfg.epochs, rest) if rest else []):
