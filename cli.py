@@ -636,8 +636,46 @@ def preview(data_dir, out, count, seed):
     click.echo(f"wrote {r['path']} ({r['n']} images)")
 
 
+CLEAN_EXIT_ENV = "TLEARN_CLEAN_EXIT"  # 1: end the process the usual way (full interpreter teardown)
+
+
 def main():
-    cli(prog_name="tlearn")
+    try:
+        cli(prog_name="tlearn")
+    except SystemExit as e:
+        if isinstance(e.code, (int, type(None))) and _nothing_left_running():
+            quick_exit(e.code or 0)
+        raise
+
+
+def _nothing_left_running() -> bool:
+    """True when ending the process now loses nothing: torch is loaded (else there is no teardown worth
+    skipping), not under torchrun, no thread but daemons, no child process, no HDF5 file open."""
+    if os.environ.get(CLEAN_EXIT_ENV, "") not in ("", "0") or "torch" not in sys.modules:
+        return False
+    if "WORLD_SIZE" in os.environ or "TORCHELASTIC_RUN_ID" in os.environ:
+        return False
+    import threading
+
+    if any(t is not threading.main_thread() and not t.daemon for t in threading.enumerate()):
+        return False
+    if "multiprocessing" in sys.modules and sys.modules["multiprocessing"].active_children():
+        return False
+    if "h5py" in sys.modules and sys.modules["h5py"].h5f.get_obj_ids(types=sys.modules["h5py"].h5f.OBJ_FILE):
+        return False
+    return True
+
+
+def quick_exit(code: int) -> None:
+    """End the process without the interpreter's teardown of torch's module graph: 0.5-1.5 s of a 2-core
+    CPU after the command's work is done (every file is written, renamed and closed by then; stdout and
+    stderr are flushed here). TLEARN_CLEAN_EXIT=1 turns it off."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe: nothing more can reach it anyway
+            pass
+    os._exit(code)
 
 
 if __name__ == "__main__":

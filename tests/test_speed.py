@@ -267,3 +267,67 @@ def test_a_small_head_trains_on_one_thread_with_the_same_result(small_cache, tmp
     tr, va = c.splits["train"], c.splits["val"]
     (ref,), _ = train_heads((tr.features, tr.labels), (va.features, va.labels), 2, expand_grid({"epochs": [3]}))
     assert m["history"] == ref.history and m["best_epoch"] == ref.best_epoch
+
+
+def test_extract_predict_and_finetune_never_import_torchvision_or_dynamo(tiny_data, tmp_path):
+    """torchvision pulls torch._dynamo in (seconds); so does any use of torch.optim. The default backbone,
+    its transforms and finetune's optimizer do without both."""
+    code = ("from click.testing import CliRunner\nfrom cli import cli\n"
+            f"r = CliRunner().invoke(cli, ['run', {str(tiny_data)!r}, '--out', {str(tmp_path / 'r')!r}, "
+            "'--weights', 'none', '--workers', '0', '--epochs', '2', '--no-plots'])\n"
+            "assert r.exit_code == 0, r.output\n"
+            f"r = CliRunner().invoke(cli, ['predict', {str(tmp_path / 'r')!r}, {str(tiny_data / 'val')!r}])\n"
+            "assert r.exit_code == 0 and 'probability' in r.output, r.output\n"
+            f"r = CliRunner().invoke(cli, ['finetune', {str(tiny_data)!r}, '--out', {str(tmp_path / 'f')!r}, "
+            "'--weights', 'none', '--workers', '0', '--epochs', '1', '--no-plots'])\n"
+            "assert r.exit_code == 0, r.output\n"
+            "import sys\nassert 'torch._dynamo' not in sys.modules\n")
+    loaded = _modules_after(code)
+    assert "torch" in loaded and "torchvision" not in loaded
+
+
+def _cli_process(*args, env=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "cli.py"), *map(str, args)], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, **(env or {})})
+
+
+def test_the_quick_exit_loses_no_output_and_keeps_the_exit_code(small_cache, tmp_path):
+    """After a command the process ends without torch's teardown; what it printed and wrote is all there,
+    and a failing command still exits 1 with its one line."""
+    out = tmp_path / "run"
+    r = _cli_process("train-head", small_cache, "--out", out, "--epochs", "2")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.rstrip().endswith(f"run folder {out}") and "precision    recall" in r.stdout
+    r = _cli_process("predict", out, small_cache.parent / "data" / "val", "--json")
+    assert r.returncode == 0 and len(json.loads(r.stdout)) == 4, r.stderr
+    clean = _cli_process("predict", out, small_cache.parent / "data" / "val", "--json", env={"TLEARN_CLEAN_EXIT": "1"})
+    assert clean.stdout == r.stdout
+    bad = _cli_process("predict", tmp_path / "nowhere", small_cache)
+    assert bad.returncode == 2 and "does not exist" in bad.stderr  # click's usage error, before any torch
+    bad = _cli_process("predict", small_cache.parent, small_cache)
+    assert bad.returncode == 1 and bad.stderr.startswith("Error: ") and len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_the_quick_exit_waits_for_anything_still_running(monkeypatch):
+    import threading
+
+    import cli as cli_module
+
+    monkeypatch.delenv("TLEARN_CLEAN_EXIT", raising=False)
+    assert cli_module._nothing_left_running()  # torch is loaded in this process, nothing else runs
+    monkeypatch.setenv("TLEARN_CLEAN_EXIT", "1")
+    assert not cli_module._nothing_left_running()
+    monkeypatch.delenv("TLEARN_CLEAN_EXIT")
+    release = threading.Event()
+    t = threading.Thread(target=release.wait)  # e.g. a checkpoint still being written
+    t.start()
+    try:
+        assert not cli_module._nothing_left_running()
+    finally:
+        release.set()
+        t.join()
+    import h5py
+
+    with h5py.File(Path(os.environ["TORCH_HOME"]) / "open.h5", "w"):
+        assert not cli_module._nothing_left_running()
+    assert cli_module._nothing_left_running()
