@@ -650,10 +650,13 @@ def main():
 
 def _nothing_left_running() -> bool:
     """True when ending the process now loses nothing: torch is loaded (else there is no teardown worth
-    skipping), not under torchrun, no thread but daemons, no child process, no HDF5 file open."""
+    skipping), not under torchrun, a profiler or a coverage tracer, no thread but daemons, no child
+    process, no HDF5 file open."""
     if os.environ.get(CLEAN_EXIT_ENV, "") not in ("", "0") or "torch" not in sys.modules:
         return False
     if "WORLD_SIZE" in os.environ or "TORCHELASTIC_RUN_ID" in os.environ:
+        return False
+    if sys.getprofile() is not None or sys.gettrace() is not None:  # cProfile, coverage: they write at exit
         return False
     import threading
 

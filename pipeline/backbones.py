@@ -7,7 +7,9 @@ Every checkpoint is read with torch.load(weights_only=True): a file that needs p
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import itertools
 import os
 import pickle
 import socket
@@ -145,9 +147,10 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in obj.items()}
 
 
-def load_weights_into(model: nn.Module, sd: dict[str, torch.Tensor], source: str, skip_prefix: str | None) -> dict:
+def load_weights_into(model: nn.Module, sd: dict[str, torch.Tensor], source: str, skip_prefix: str | None,
+                      assign: bool = False) -> dict:
     """Copy sd into model except the classifier (skip_prefix; None: everything); wrong shapes or keys -> a
-    clear error that names them."""
+    clear error that names them. assign: sd's tensors become the model's (a model on the meta device)."""
     def keep(k: str) -> bool:
         return skip_prefix is None or not k.startswith(skip_prefix + ".")
 
@@ -167,18 +170,19 @@ def load_weights_into(model: nn.Module, sd: dict[str, torch.Tensor], source: str
         problems.append(f"{len(wrong)} wrong shapes (first: {'; '.join(wrong[:2])})")
     if problems:
         raise PipelineError(f"weights {source} do not fit {type(model).__name__}: " + "; ".join(problems))
-    model.load_state_dict(sd, strict=False)
+    model.load_state_dict(sd, strict=False, assign=assign)
     return sd
 
 
-def architecture(arch: str) -> nn.Module:
-    """torchvision's network of that name, randomly initialised from torch's global RNG; ValueError when
-    torchvision has no such classification architecture."""
+def architecture(arch: str, meta: bool = False) -> nn.Module:
+    """torchvision's network of that name, randomly initialised from torch's global RNG (meta: laid out on
+    the meta device, for weights to be assigned); ValueError when torchvision has no such architecture."""
     if arch in NATIVE_ARCHS:
-        return resnet(arch)
+        return resnet(arch, device="meta" if meta else None)
     import torchvision
 
-    return torchvision.models.get_model(arch, weights=None)
+    with torch.device("meta") if meta else contextlib.nullcontext():
+        return torchvision.models.get_model(arch, weights=None)
 
 
 def build_torchvision(spec: BackboneSpec) -> tuple[nn.Module, str, str]:
@@ -186,16 +190,37 @@ def build_torchvision(spec: BackboneSpec) -> tuple[nn.Module, str, str]:
     if spec.backbone not in NATIVE_ARCHS and spec.backbone not in architectures():
         raise PipelineError(f"unknown backbone {spec.backbone!r}: use a torchvision classification architecture "
                             f"(e.g. resnet18, resnet50, mobilenet_v3_small) or a .pt2 torch.export file")
-    with torch.random.fork_rng(devices=[]):  # --weights none: random init from the seed, no global side effect
-        torch.manual_seed(spec.seed)
-        model = architecture(spec.backbone)
-    head = last_linear_name(model)
     if spec.weights == "none":
+        with torch.random.fork_rng(devices=[]):  # random init from the seed, no global side effect
+            torch.manual_seed(spec.seed)
+            model = architecture(spec.backbone)
+        head = last_linear_name(model)
         sd = {k: v for k, v in model.state_dict().items() if not k.startswith(head + ".")}
-    else:
-        path = _fetch_imagenet(spec.backbone) if spec.weights == "imagenet" else spec.weights
-        sd = load_weights_into(model, load_state_dict_file(path), str(path), head)
+        return model, head, state_dict_digest(sd)
+    path = _fetch_imagenet(spec.backbone) if spec.weights == "imagenet" else spec.weights
+    loaded = load_state_dict_file(path)
+    model = architecture(spec.backbone, meta=True)  # laid out only: a random init would be overwritten at once
+    head = last_linear_name(model)
+    sd = load_weights_into(model, loaded, str(path), head, assign=True)  # the file's tensors become the weights
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(spec.seed)
+        _materialize_rest(model, head)
     return model, head, state_dict_digest(sd)
+
+
+def _materialize_rest(model: nn.Module, head: str) -> None:
+    """What a weights file loaded onto the meta device left there: the classifier (a fresh layer; every
+    caller replaces it anyway) and BatchNorm counters that old files lack (0, as torch's own load leaves
+    them)."""
+    old = model.get_submodule(head)
+    replace_module(model, head, nn.Linear(old.in_features, old.out_features))
+    for module in model.modules():
+        for name, buf in list(module.named_buffers(recurse=False)):
+            if buf is not None and buf.is_meta:
+                setattr(module, name, torch.zeros(buf.shape, dtype=buf.dtype))
+    left = [n for n, t in itertools.chain(model.named_parameters(), model.named_buffers()) if t.is_meta]
+    if left:  # load_weights_into refuses missing keys, so this would be a bug here, never a silent model
+        raise PipelineError(f"weights left unset in {type(model).__name__}: {', '.join(left[:3])}")
 
 
 class PooledFeatures(nn.Module):

@@ -22,8 +22,8 @@ ARCHS = {
 WEIGHTS_URL = "https://download.pytorch.org/models/"
 
 
-def _conv(cin: int, cout: int, k: int, stride: int = 1) -> nn.Conv2d:
-    return nn.Conv2d(cin, cout, k, stride=stride, padding=k // 2, bias=False)
+def _conv(cin: int, cout: int, k: int, stride: int = 1, device=None) -> nn.Conv2d:
+    return nn.Conv2d(cin, cout, k, stride=stride, padding=k // 2, bias=False, device=device)
 
 
 class BasicBlock(nn.Module):
@@ -31,14 +31,14 @@ class BasicBlock(nn.Module):
 
     expansion = 1
 
-    def __init__(self, cin: int, planes: int, stride: int = 1, downsample: nn.Module | None = None):
+    def __init__(self, cin: int, planes: int, stride: int = 1, downsample: nn.Module | None = None, device=None):
         super().__init__()
         # registration order = torchvision's, so modules() (and so the init order) is the same
-        self.conv1 = _conv(cin, planes, 3, stride)
-        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv1 = _conv(cin, planes, 3, stride, device)
+        self.bn1 = nn.BatchNorm2d(planes, device=device)
         self.relu = nn.ReLU(inplace=True)
-        self.conv2 = _conv(planes, planes, 3)
-        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv2 = _conv(planes, planes, 3, 1, device)
+        self.bn2 = nn.BatchNorm2d(planes, device=device)
         self.downsample = downsample
         self.stride = stride
 
@@ -54,14 +54,14 @@ class Bottleneck(nn.Module):
 
     expansion = 4
 
-    def __init__(self, cin: int, planes: int, stride: int = 1, downsample: nn.Module | None = None):
+    def __init__(self, cin: int, planes: int, stride: int = 1, downsample: nn.Module | None = None, device=None):
         super().__init__()
-        self.conv1 = _conv(cin, planes, 1)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = _conv(planes, planes, 3, stride)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.conv3 = _conv(planes, planes * 4, 1)
-        self.bn3 = nn.BatchNorm2d(planes * 4)
+        self.conv1 = _conv(cin, planes, 1, 1, device)
+        self.bn1 = nn.BatchNorm2d(planes, device=device)
+        self.conv2 = _conv(planes, planes, 3, stride, device)
+        self.bn2 = nn.BatchNorm2d(planes, device=device)
+        self.conv3 = _conv(planes, planes * 4, 1, 1, device)
+        self.bn3 = nn.BatchNorm2d(planes * 4, device=device)
         self.relu = nn.ReLU(inplace=True)
         self.downsample = downsample
         self.stride = stride
@@ -77,11 +77,11 @@ class Bottleneck(nn.Module):
 class ResNet(nn.Module):
     """images N x 3 x H x W (normalised) -> N x num_classes logits; `fc` is the classifier layer."""
 
-    def __init__(self, block: type, layers: tuple[int, ...], num_classes: int = 1000):
+    def __init__(self, block: type, layers: tuple[int, ...], num_classes: int = 1000, device=None):
         super().__init__()
-        self._cin = 64
-        self.conv1 = nn.Conv2d(3, 64, kernel_size=7, stride=2, padding=3, bias=False)
-        self.bn1 = nn.BatchNorm2d(64)
+        self._cin, self._device = 64, device
+        self.conv1 = nn.Conv2d(3, 64, kernel_size=7, stride=2, padding=3, bias=False, device=device)
+        self.bn1 = nn.BatchNorm2d(64, device=device)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
         self.layer1 = self._stage(block, 64, layers[0], 1)
@@ -89,7 +89,9 @@ class ResNet(nn.Module):
         self.layer3 = self._stage(block, 256, layers[2], 2)
         self.layer4 = self._stage(block, 512, layers[3], 2)
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
-        self.fc = nn.Linear(512 * block.expansion, num_classes)
+        self.fc = nn.Linear(512 * block.expansion, num_classes, device=device)
+        if str(device) == "meta":  # no values to draw (and meta's normal_ would import torch._dynamo)
+            return
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -98,13 +100,13 @@ class ResNet(nn.Module):
                 nn.init.constant_(m.bias, 0)
 
     def _stage(self, block: type, planes: int, blocks: int, stride: int) -> nn.Sequential:
-        out = planes * block.expansion
+        out, dev = planes * block.expansion, self._device
         down = None
         if stride != 1 or self._cin != out:  # the shortcut changes shape: a strided 1x1 projection
-            down = nn.Sequential(_conv(self._cin, out, 1, stride), nn.BatchNorm2d(out))
-        layers = [block(self._cin, planes, stride, down)]
+            down = nn.Sequential(_conv(self._cin, out, 1, stride, dev), nn.BatchNorm2d(out, device=dev))
+        layers = [block(self._cin, planes, stride, down, dev)]
         self._cin = out
-        layers += [block(out, planes) for _ in range(1, blocks)]
+        layers += [block(out, planes, device=dev) for _ in range(1, blocks)]
         return nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -113,7 +115,9 @@ class ResNet(nn.Module):
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
 
-def resnet(arch: str, num_classes: int = 1000) -> ResNet:
-    """An ARCHS network with torchvision's random init (draws from torch's global RNG, as torchvision's do)."""
+def resnet(arch: str, num_classes: int = 1000, device=None) -> ResNet:
+    """An ARCHS network with torchvision's random init (draws from torch's global RNG, as torchvision's do).
+    device="meta": laid out without memory or init, for weights loaded with assign=True (a `with
+    torch.device("meta")` block would do the same but imports torch._dynamo, seconds)."""
     block, layers, _ = ARCHS[arch]
-    return ResNet(BasicBlock if block == "basic" else Bottleneck, layers, num_classes)
+    return ResNet(BasicBlock if block == "basic" else Bottleneck, layers, num_classes, device)

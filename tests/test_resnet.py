@@ -81,3 +81,27 @@ def test_transforms_are_torchvisions_to_the_bit():
             random_crop_box(w, h)
             flips += bool(torch.rand(1) < 0.5)
     assert 0 < flips < 30  # both branches of the flip were compared
+
+
+def test_weights_load_onto_a_layout_and_old_files_without_batchnorm_counters_load(tmp_path):
+    """With a weights file the network is laid out on the meta device (no random init to overwrite) and
+    the file's tensors become its weights: the same features as loading into a built network, torch's RNG
+    untouched, and files saved before BatchNorm had num_batches_tracked (torchvision's own) accepted."""
+    from pipeline.backbones import BackboneSpec, build_backbone
+
+    torch.manual_seed(5)
+    ref = torchvision.models.resnet18()
+    sd = ref.state_dict()
+    new, old = tmp_path / "new.pth", tmp_path / "old.pth"
+    torch.save(sd, new)
+    torch.save({k: v for k, v in sd.items() if not k.endswith("num_batches_tracked")}, old)
+    ref.fc = torch.nn.Identity()
+    x = torch.randn(2, 3, 64, 64)
+    state = torch.random.get_rng_state()
+    for path in (new, old):
+        bb = build_backbone(BackboneSpec("resnet18", str(path)))
+        assert not any(t.is_meta for t in bb.module.state_dict().values())
+        with torch.no_grad():
+            assert torch.equal(bb.module(x), ref.eval()(x))
+        assert bb.feature_dim == 512
+    assert torch.equal(torch.random.get_rng_state(), state)
