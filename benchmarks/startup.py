@@ -1,14 +1,15 @@
 """Every command at the speed of its work (issue 11): each command's process wall next to the floor and
 to the work inside it, all measured in this one run on this machine.
 
-    python benchmarks/startup.py [--data DIR] [--repeat 3] [--epochs 1] [--workers N] [--skip finetune,run]
+    python benchmarks/startup.py [--data DIR] [--repeat 3] [--epochs 1] [--workers N] [--skip run,tutorial,finetune]
 
 The floor is `python -c "import torch"`: what any command that touches torch pays before doing anything.
 Each command runs as a user runs it (a fresh `python cli.py ...` process, warm file cache, random-init
 weights, offline); light commands take the median of --repeat runs. "work" is what the command itself
 reports: the head's training seconds, extract's loop seconds, the sum of finetune's epochs. Goals:
 --help < 0.3 s; train-head <= floor + 0.8 s; run <= extract work + floor + 1.5 s; finetune - epochs <=
-floor + 3 s; predict of one image <= floor + 1 s.
+floor + 3 s; predict of one image <= floor + 1 s; the tutorial's frozen recipe as a process (1 epoch
+measured, 24 more added at its epoch time) >= 20x the wall of `run` (fp32).
 """
 from __future__ import annotations
 
@@ -61,7 +62,7 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--repeat", type=int, default=3, help="runs of the light commands (median)")
     ap.add_argument("--epochs", type=int, default=1, help="finetune epochs")
     ap.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: the CLI's)")
-    ap.add_argument("--skip", default="", help="comma-separated: run, finetune")
+    ap.add_argument("--skip", default="", help="comma-separated: run, tutorial, finetune")
     a = ap.parse_args(argv)
     skip = set(filter(None, a.skip.split(",")))
     tmp = Path(tempfile.mkdtemp(prefix="tlearn-startup-"))
@@ -109,6 +110,14 @@ def main(argv=None) -> list[dict]:
             limit = extract_work + floor + 1.5
             row(f"cli.py run ({a.data.name}: extract + train-head)", t, work + head,
                 f"<= extract work {extract_work:.2f} + floor + 1.5 = {limit:.2f} s", t <= limit)
+
+            if "tutorial" not in skip:  # the whole-process frozen speed-up: both processes' walls
+                tut, out = wall(py + [str(REPO / "benchmarks/tutorial_process.py"), str(a.data), "--frozen",
+                                      "--epochs", "1"], tmp, env)
+                epoch = float(re.search(r"\(([\d.]+) s per epoch\)", out).group(1))
+                tut25 = tut + 24 * epoch
+                row(f"tutorial frozen recipe as a process, 1 epoch (25: {tut:.1f} + 24 x {epoch:.2f} = {tut25:.1f} s)",
+                    tut, epoch, goal=f"run is {tut25 / t:.1f}x faster than its 25 epochs", ok=tut25 / t >= 20)
 
         img = next(p for p in sorted((a.data / "val").rglob("*.jpg")))
         t, _ = median_wall(py + [CLI, "predict", str(tmp / "head0"), str(img)], tmp, env, a.repeat)

@@ -2,11 +2,11 @@
 
 Used as the baseline by frozen_vs_seed.py and finetune_vs_seed.py, so both compare against one copy
 of the tutorial's loop: ImageFolder + DataLoader(batch 4, shuffle) per phase, ResNet-18 with a new
-fc, CrossEntropyLoss, SGD lr 0.001 momentum 0.9, StepLR 7/0.1, a train and a val phase per epoch.
+fc, CrossEntropyLoss, SGD lr 0.001 momentum 0.9, StepLR 7/0.1, a train and a val phase per epoch;
+torchvision's own transforms and torch.optim, as the tutorial has them.
 """
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 
@@ -15,16 +15,16 @@ import torchvision
 from torch import nn, optim
 from torch.optim import lr_scheduler
 from torchvision import datasets
+from torchvision import transforms as T
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from pipeline.data import eval_transform, train_transform  # noqa: E402
+MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
 
 def tutorial_epochs(data: Path, epochs: int, device, workers: int = 4, frozen: bool = False,
                     weights_file: Path | None = None) -> list[float]:
     """Seconds per epoch (train + val phase). frozen: the 'fixed feature extractor' scenario."""
-    tf = {"train": train_transform(), "val": eval_transform()}
+    tf = {"train": T.Compose([T.RandomResizedCrop(224), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(MEAN, STD)]),
+          "val": T.Compose([T.Resize(256), T.CenterCrop(224), T.ToTensor(), T.Normalize(MEAN, STD)])}
     image_datasets = {x: datasets.ImageFolder(data / x, tf[x]) for x in ("train", "val")}
     loaders = {x: torch.utils.data.DataLoader(image_datasets[x], batch_size=4, shuffle=True, num_workers=workers)
                for x in ("train", "val")}
