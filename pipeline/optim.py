@@ -15,8 +15,9 @@ import torch
 class SGD:
     """torch.optim.SGD(params, lr=lr, momentum=momentum): no dampening, weight decay or Nesterov."""
 
-    def __init__(self, params, lr: float, momentum: float = 0.0):
+    def __init__(self, params, lr: float, momentum: float = 0.0, foreach: bool | None = None):
         self.params = list(params)
+        self.foreach = foreach  # None: torch's default, the foreach kernels for CUDA tensors
         if not self.params:
             raise ValueError("optimizer got an empty parameter list")
         # one group, the keys torch writes (GradScaler and the scheduler read group["params"] and group["lr"])
@@ -41,9 +42,10 @@ class SGD:
             return
         params = [self.params[i] for i in live]
         grads = [p.grad for p in params]
+        foreach = params[0].device.type == "cuda" if self.foreach is None else self.foreach
         if momentum != 0:
             bufs = [self.buffers[i] for i in live]
-            if all(b is not None for b in bufs) and params[0].device.type == "cuda":
+            if all(b is not None for b in bufs) and foreach:
                 torch._foreach_mul_(bufs, momentum)  # torch's default on CUDA: the foreach kernels
                 torch._foreach_add_(bufs, grads, alpha=1)
             else:
@@ -53,7 +55,7 @@ class SGD:
                     else:
                         bufs[k].mul_(momentum).add_(g, alpha=1)
             grads = bufs
-        if params[0].device.type == "cuda":
+        if foreach:
             torch._foreach_add_(params, grads, alpha=-lr)
         else:
             for p, g in zip(params, grads):

@@ -24,11 +24,12 @@ def _steps(net, opt, sched, epochs: int, per_epoch: int = 3, seed: int = 1, lrs=
         sched.step()
 
 
-@pytest.mark.parametrize("momentum", [0.9, 0.0])
-def test_sgd_steplr_match_torch_to_the_bit(momentum):
+@pytest.mark.parametrize("momentum,foreach", [(0.9, False), (0.0, False), (0.9, True), (0.0, True)])
+def test_sgd_steplr_match_torch_to_the_bit(momentum, foreach):
+    """foreach=True: the kernels torch (and we) use for CUDA tensors, checked here on the CPU."""
     a, b = _net(0), _net(0)
-    oa = SGD(a.parameters(), lr=0.05, momentum=momentum)
-    ob = torch.optim.SGD(b.parameters(), lr=0.05, momentum=momentum)
+    oa = SGD(a.parameters(), lr=0.05, momentum=momentum, foreach=foreach)
+    ob = torch.optim.SGD(b.parameters(), lr=0.05, momentum=momentum, foreach=foreach)
     sa, sb = StepLR(oa, 3, 0.1), torch.optim.lr_scheduler.StepLR(ob, 3, 0.1)
     la, lb = [], []
     _steps(a, oa, sa, 10, lrs=la)
@@ -37,7 +38,8 @@ def test_sgd_steplr_match_torch_to_the_bit(momentum):
     for (n, p), q in zip(a.named_parameters(), b.parameters()):
         assert torch.equal(p, q), n
     da, db = oa.state_dict(), ob.state_dict()
-    assert da["param_groups"] == db["param_groups"]
+    assert {k: v for k, v in da["param_groups"][0].items() if k != "foreach"} == \
+        {k: v for k, v in db["param_groups"][0].items() if k != "foreach"}
     assert da["state"].keys() == db["state"].keys()
     for i in da["state"]:
         assert torch.equal(da["state"][i]["momentum_buffer"], db["state"][i]["momentum_buffer"])
@@ -71,3 +73,22 @@ def test_a_state_dict_of_another_model_is_refused():
     other = torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=0.01, momentum=0.9)
     with pytest.raises(ValueError, match="does not match"):
         o.load_state_dict(other.state_dict())
+
+
+def test_a_grad_scaler_steps_it_as_it_steps_torchs():
+    """fp16 runs step through torch.amp.GradScaler (unscale, skip on inf): it only needs param_groups and
+    step(). Checked with the CPU scaler, one step made infinite on purpose."""
+    a, b = _net(0), _net(0)
+    oa, ob = SGD(a.parameters(), lr=0.05, momentum=0.9), torch.optim.SGD(b.parameters(), lr=0.05, momentum=0.9)
+    sa, sb = torch.amp.GradScaler("cpu", init_scale=1024.0), torch.amp.GradScaler("cpu", init_scale=1024.0)
+    g = torch.Generator().manual_seed(3)
+    for step in range(6):
+        x, y = torch.randn(4, 3, 8, 8, generator=g), torch.randint(0, 3, (4,), generator=g)
+        for net, opt, scaler in ((a, oa, sa), (b, ob, sb)):
+            opt.zero_grad(set_to_none=True)
+            loss = nn.functional.cross_entropy(net(x), y) * (float("inf") if step == 2 else 1.0)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+    assert sa.get_scale() == sb.get_scale() < 1024.0  # the infinite step was skipped and the scale halved
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
