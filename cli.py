@@ -248,6 +248,9 @@ def finetune_options(fn):
         *(recipe_option(name, False) for name in RECIPE_FIELDS),
         *shared_data_options(),
         click.option("--resume", is_flag=True, help="Continue an interrupted run from its last finished epoch."),
+        click.option("--cache", default=None, type=click.Path(exists=True, dir_okay=False),
+                     help="A feature cache extracted from DATA_DIR (pil decoder, no --draft): files it decoded, "
+                          "unchanged since (same size and mtime), skip finetune's decode check."),
         click.option("--no-plots", is_flag=True, help="Skip curves.png, confusion.png, predictions.png."),
     ])
 

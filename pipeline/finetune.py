@@ -61,6 +61,7 @@ class FinetuneConfig:
     val_fraction: float | None = None  # flat folders only, as for extract: the same split for the same flags
     test_fraction: float | None = None
     split_seed: int = 0
+    cache: str | None = None  # a feature cache of the same folder: its decode verdicts skip the decode pass
 
 
 def build_classifier(cfg_backbone: str, weights: str, seed: int, classes: int) -> tuple[nn.Module, str, str]:
@@ -96,26 +97,64 @@ def load_verdicts(path: Path | None) -> dict[str, list]:
         return {}  # a damaged verdicts file only costs a decode pass
 
 
+def cache_verdicts(cache_path: str | os.PathLike, root: Path) -> dict[str, tuple[int, int, str]]:
+    """{absolute file: (size, mtime_ns, reason or '')} of every file a feature cache of the same folder
+    decoded. Only a cache decoded as finetune decodes (PIL, full size, EXIF applied) says anything about
+    finetune's files; any other cache is refused with the reason."""
+    from cache import read_cache
+
+    from .extract import old_files
+    from .plots import resolve_data_dir
+    from .preprocess import Preprocess
+
+    cache = read_cache(cache_path)
+    a = cache.attrs
+    spec = Preprocess.from_record(json.loads(a["transform"]) if "transform" in a else None,
+                                  bool(a.get("draft", False)), a.get("decoder", "pil"))
+    if spec.decoder != "pil" or spec.draft or not spec.exif:
+        raise PipelineError(f"cache {cache_path} was decoded differently from finetune (decoder {spec.decoder}"
+                            f"{', --draft' if spec.draft else ''}{', no EXIF' if not spec.exif else ''}); its "
+                            "verdicts do not carry over: drop --cache")
+    if cache.file_stats is None:
+        raise PipelineError(f"cache {cache_path} predates file records; extract it again to use it with --cache")
+    try:
+        recorded = json.loads(a["config"])["data_dir"]
+    except (KeyError, TypeError, ValueError):
+        raise PipelineError(f"cache {cache_path} names no data folder; it cannot vouch for {root}") from None
+    first = next(iter(cache.file_stats), None)
+    if resolve_data_dir(recorded, cache.path, first).resolve() != root.resolve():
+        raise PipelineError(f"cache {cache_path} was extracted from {recorded}, not from {root}; drop --cache "
+                            "or give the cache of this folder")
+    return {os.path.abspath(root / p): (f.size, f.mtime_ns, f.reason) for p, f in old_files(cache).items()}
+
+
 def usable_files(data, workers: int, max_skipped: float | None, d: Dist = Dist(),
-                 verdicts: Path | None = None) -> tuple[dict, list]:
+                 verdicts: Path | None = None, from_cache: dict | None = None) -> tuple[dict, list]:
     """{split: (files, labels, rel paths)} of files that decode, and (path, reason) of all the others.
 
     A full decode finds damaged files; it is skipped for files whose verdict an earlier run into the same
-    folder recorded (verdicts file) and that have not changed since (same inode, size, mtime, ctime).
-    Under torchrun each rank decodes its share of the rest and the verdicts are gathered.
+    folder recorded (verdicts file) and that have not changed since (same inode, size, mtime, ctime), and
+    for files a feature cache of the folder decoded (from_cache: cache_verdicts) that have the size and
+    mtime they had then. Under torchrun each rank decodes its share of the rest and the verdicts are
+    gathered.
     """
     skipped = [s for sp in data.splits.values() for s in sp.skipped]
     known = load_verdicts(verdicts)
+    from_cache = from_cache or {}
     files = {name: [str(data.root / p) for p in sp.paths] for name, sp in data.splits.items()}
     ids = {f: _identity(f) for fs in files.values() for f in fs}
     key = {f: os.path.abspath(f) for f in ids}  # the same file whatever folder the command runs from
     todo = [f for f in ids if ids[f] is None or known.get(key[f], [None])[0] != ids[f]]
     cached = {f: known[key[f]][1] for f in ids if f not in set(todo)}
+    vouched = {f: from_cache[key[f]][2] for f in todo
+               if ids[f] is not None and tuple(from_cache.get(key[f], ())[:2]) == (ids[f][1], ids[f][2])}
+    todo = [f for f in todo if f not in vouched]
+    cached |= vouched
     todo, cached = d.broadcast((todo, cached))  # rank 0's view decides: every rank decodes the same shard
     lo, hi = d.shard(len(todo))
     found = [r for part in d.all_gather(find_unreadable(todo[lo:hi], workers)) for r in part]
     reason = cached | dict(zip(todo, found))
-    if verdicts is not None and d.is_main and todo:
+    if verdicts is not None and d.is_main and (todo or vouched):
         atomic_write_json(verdicts, {"version": 1, "files": {key[f]: [ids[f], reason[f]] for f in ids
                                                               if ids[f] is not None}})
     out = {}
@@ -371,7 +410,8 @@ def _train(cfg: FinetuneConfig, progress: Progress, d: Dist, folder: RunFolder |
     rt = resolve_runtime(rank_device(cfg.device, d), cfg.precision)
     data = scan_dataset(cfg.data_dir, list(cfg.splits), cfg.allow_empty_class, cfg.val_fraction, cfg.test_fraction,
                         cfg.split_seed)
-    files, skipped = usable_files(data, cfg.workers, cfg.max_skipped, d, Path(cfg.out) / VERDICTS)
+    from_cache = cache_verdicts(cfg.cache, data.root) if cfg.cache else None
+    files, skipped = usable_files(data, cfg.workers, cfg.max_skipped, d, Path(cfg.out) / VERDICTS, from_cache)
     names = list(files)
     digest = _files_digest(files)
     ck = _load_checkpoint(cfg, digest)

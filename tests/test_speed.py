@@ -331,3 +331,54 @@ def test_the_quick_exit_waits_for_anything_still_running(monkeypatch):
     with h5py.File(Path(os.environ["TORCH_HOME"]) / "open.h5", "w"):
         assert not cli_module._nothing_left_running()
     assert cli_module._nothing_left_running()
+
+
+def test_a_cache_of_the_same_folder_vouches_for_its_files(tiny_data, tmp_path, monkeypatch):
+    """finetune --cache: files an extract decoded (used or skipped) and unchanged since skip the decode
+    pass with the cache's verdict; a changed file is decoded; a cache of another folder, or decoded
+    differently (--draft), is refused with one line."""
+    from pipeline import finetune as ft
+    from pipeline.data import scan_dataset
+
+    bad = tiny_data / "train" / "ants" / "img_000.jpg"
+    bad.write_bytes(bad.read_bytes()[:200])  # truncated: the cache records it as skipped
+    cache = tmp_path / "feats.h5"
+    r = CliRunner().invoke(cli, ["extract", str(tiny_data), "--cache", str(cache), "--weights", "none",
+                                 "--workers", "0"])
+    assert r.exit_code == 0, r.output
+    decoded = []
+    real = ft.find_unreadable
+
+    def counting(files, workers=0):
+        decoded.append(list(files))
+        return real(files, workers)
+
+    monkeypatch.setattr(ft, "find_unreadable", counting)
+    data = scan_dataset(tiny_data, ["train", "val"])
+    vouched = ft.usable_files(data, 0, None, verdicts=tmp_path / "run" / ft.VERDICTS,
+                              from_cache=ft.cache_verdicts(cache, data.root))
+    assert decoded == [[]] and vouched == ft.usable_files(data, 0, None)  # the same answer as decoding
+    assert [p for p, _ in vouched[1]] == ["train/ants/img_000.jpg"] and "truncated" in vouched[1][0][1]
+    assert (tmp_path / "run" / ft.VERDICTS).is_file()  # kept for the next run into that folder
+    good = tiny_data / "val" / "bees" / sorted(p.name for p in (tiny_data / "val" / "bees").iterdir())[0]
+    os.utime(good, ns=(good.stat().st_atime_ns, good.stat().st_mtime_ns + 10**9))  # touched since
+    decoded.clear()
+    ft.usable_files(data, 0, None, from_cache=ft.cache_verdicts(cache, data.root))
+    assert decoded == [[str(good)]]
+
+    other = make_dataset(tmp_path / "other", {"train": {"ants": 1, "bees": 1}, "val": {"ants": 1, "bees": 1}})
+    r = CliRunner().invoke(cli, ["finetune", str(other), "--out", str(tmp_path / "ft"), "--cache", str(cache),
+                                 "--weights", "none", "--workers", "0", "--epochs", "1"])
+    assert r.exit_code == 1 and r.output.startswith(f"Error: cache {cache} was extracted from ")
+    assert len(r.output.strip().splitlines()) == 1 and not (tmp_path / "ft" / "model.pt").exists()
+    drafted = tmp_path / "draft.h5"
+    r = CliRunner().invoke(cli, ["extract", str(tiny_data), "--cache", str(drafted), "--weights", "none",
+                                 "--workers", "0", "--draft"])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(cli, ["finetune", str(tiny_data), "--out", str(tmp_path / "ft2"), "--cache", str(drafted),
+                                 "--weights", "none", "--workers", "0", "--epochs", "1"])
+    assert r.exit_code == 1 and "decoded differently from finetune (decoder pil, --draft)" in r.output
+    r = CliRunner().invoke(cli, ["finetune", str(tiny_data), "--out", str(tmp_path / "ft3"), "--cache", str(cache),
+                                 "--weights", "none", "--workers", "0", "--epochs", "1", "--no-plots"])
+    assert r.exit_code == 0, r.output
+    assert "skipped train/ants/img_000.jpg: truncated" in r.output
