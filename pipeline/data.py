@@ -600,6 +600,19 @@ class ImageFiles(torch.utils.data.Dataset):
         return x, v, g, i, ""
 
 
+class ImageChanged(PipelineError):
+    """A file that passed the decode check could not be read when its batch came (it changed on disk since,
+    or a verdict vouched for it wrongly)."""
+
+
+def worker_error_line(e: BaseException) -> str:
+    """The error's own words: a DataLoader worker re-raises with its whole traceback as the message, whose
+    last line is '<module>.<Class>: <words>'."""
+    last = (str(e).strip().splitlines() or [""])[-1]
+    prefix = f"{type(e).__module__}.{type(e).__name__}: "
+    return last[len(prefix):] if last.startswith(prefix) else last
+
+
 class LabelledImages(torch.utils.data.Dataset):
     """files[i] -> (transform(image), label). Indexed by (epoch, i): random transforms are seeded by
     (seed, epoch, i), so augmentation is the same whatever the workers, batching or resume point."""
@@ -612,7 +625,11 @@ class LabelledImages(torch.utils.data.Dataset):
 
     def __getitem__(self, key):
         epoch, i = key
-        img = load_rgb(self.files[i])  # files were validated before training
+        try:
+            img = load_rgb(self.files[i])  # files were validated before training
+        except BadImage as e:
+            raise ImageChanged(f"{self.files[i]} passed the decode check but cannot be read now ({e}); fix or "
+                               "remove it and run again") from None
         state = torch.random.get_rng_state()
         torch.manual_seed((self.seed * 1_000_003 + epoch) * 10_000_019 + i)
         x = self.transform(img)

@@ -18,8 +18,8 @@ from torch import nn
 from . import PipelineError
 from .backbones import BackboneSpec, build_torchvision, replace_module
 from .optim import SGD, StepLR
-from .data import TRANSFORM_SPEC, EpochSampler, LabelledImages, eval_transform, find_unreadable, scan_dataset, \
-    train_transform
+from .data import TRANSFORM_SPEC, EpochSampler, ImageChanged, LabelledImages, eval_transform, find_unreadable, \
+    scan_dataset, train_transform, worker_error_line
 from .distributed import Dist, init_distributed, rank_device, shutdown
 from .head import TrainingDiverged
 from .recipe import TUTORIAL_RECIPE, check_recipe
@@ -390,7 +390,10 @@ def _finetune(cfg: FinetuneConfig, progress: Progress, d: Dist, side: Sidecar | 
                  batch_size=cfg.batch_size)
     folder = RunFolder(cfg.out, "finetune") if d.is_main else None
     with folder or contextlib.nullcontext():
-        return _train(cfg, progress, d, folder, splits, side)
+        try:
+            return _train(cfg, progress, d, folder, splits, side)
+        except ImageChanged as e:  # from a DataLoader worker the message is a whole traceback: one line
+            raise ImageChanged(worker_error_line(e)) from None
 
 
 def _cpu_copy(tree):

@@ -382,3 +382,21 @@ def test_a_cache_of_the_same_folder_vouches_for_its_files(tiny_data, tmp_path, m
                                  "--weights", "none", "--workers", "0", "--epochs", "1", "--no-plots"])
     assert r.exit_code == 0, r.output
     assert "skipped train/ants/img_000.jpg: truncated" in r.output
+
+
+@pytest.mark.parametrize("workers", ["0", "2"])
+def test_a_file_that_breaks_after_the_check_stops_finetune_with_one_line(tiny_data, tmp_path, monkeypatch, workers):
+    """A file truncated between the decode check and its batch (or vouched for wrongly): one line naming it,
+    never a DataLoader worker's traceback, and no model.pt."""
+    from pipeline import finetune as ft
+
+    bad = tiny_data / "train" / "ants" / "img_000.jpg"
+    bad.write_bytes(bad.read_bytes()[:200])
+    monkeypatch.setattr(ft, "find_unreadable", lambda files, workers=0: [""] * len(files))  # "all decoded"
+    out = tmp_path / "ft"
+    r = CliRunner().invoke(cli, ["finetune", str(tiny_data), "--out", str(out), "--weights", "none",
+                                 "--workers", workers, "--epochs", "1", "--no-plots"])
+    assert r.exit_code == 1
+    assert r.output == (f"Error: {bad} passed the decode check but cannot be read now (truncated image file "
+                        "(Truncated File Read)); fix or remove it and run again\n")
+    assert not (out / "model.pt").exists()
