@@ -170,7 +170,12 @@ def load_weights_into(model: nn.Module, sd: dict[str, torch.Tensor], source: str
         problems.append(f"{len(wrong)} wrong shapes (first: {'; '.join(wrong[:2])})")
     if problems:
         raise PipelineError(f"weights {source} do not fit {type(model).__name__}: " + "; ".join(problems))
-    model.load_state_dict(sd, strict=False, assign=assign)
+    if assign:  # the file's tensors become the weights: in the model's dtype (a half-precision file is cast, as
+        # a copying load does) and default layout (a channels_last save is copied); the digest is of sd as read
+        model.load_state_dict({k: v.to(own[k].dtype).contiguous() if v.is_floating_point() else v.contiguous()
+                               for k, v in sd.items()}, strict=False, assign=True)
+    else:
+        model.load_state_dict(sd, strict=False)
     return sd
 
 
@@ -202,24 +207,24 @@ def build_torchvision(spec: BackboneSpec) -> tuple[nn.Module, str, str]:
     model = architecture(spec.backbone, meta=True)  # laid out only: a random init would be overwritten at once
     head = last_linear_name(model)
     sd = load_weights_into(model, loaded, str(path), head, assign=True)  # the file's tensors become the weights
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]):  # the classifier: a fresh layer (every caller replaces it)
         torch.manual_seed(spec.seed)
-        _materialize_rest(model, head)
+        old = model.get_submodule(head)
+        replace_module(model, head, nn.Linear(old.in_features, old.out_features))
+    materialize_counters(model)
     return model, head, state_dict_digest(sd)
 
 
-def _materialize_rest(model: nn.Module, head: str) -> None:
-    """What a weights file loaded onto the meta device left there: the classifier (a fresh layer; every
-    caller replaces it anyway) and BatchNorm counters that old files lack (0, as torch's own load leaves
-    them)."""
-    old = model.get_submodule(head)
-    replace_module(model, head, nn.Linear(old.in_features, old.out_features))
+def materialize_counters(model: nn.Module) -> None:
+    """After weights were assigned onto a meta-device layout: BatchNorm counters that old files lack become
+    0 (as torch's own load leaves them); anything else still unset is an error, never a silent model
+    (load_weights_into refuses missing keys, so that would be a bug here)."""
     for module in model.modules():
         for name, buf in list(module.named_buffers(recurse=False)):
-            if buf is not None and buf.is_meta:
+            if buf is not None and buf.is_meta and name == "num_batches_tracked":
                 setattr(module, name, torch.zeros(buf.shape, dtype=buf.dtype))
     left = [n for n, t in itertools.chain(model.named_parameters(), model.named_buffers()) if t.is_meta]
-    if left:  # load_weights_into refuses missing keys, so this would be a bug here, never a silent model
+    if left:
         raise PipelineError(f"weights left unset in {type(model).__name__}: {', '.join(left[:3])}")
 
 

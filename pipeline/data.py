@@ -606,11 +606,13 @@ class ImageChanged(PipelineError):
 
 
 def worker_error_line(e: BaseException) -> str:
-    """The error's own words: a DataLoader worker re-raises with its whole traceback as the message, whose
-    last line is '<module>.<Class>: <words>'."""
-    last = (str(e).strip().splitlines() or [""])[-1]
+    """The error's own words: a DataLoader worker re-raises with its whole traceback as the message,
+    ending in '<module>.<Class>: <words>'; a message raised in this process is returned as it is."""
+    text = str(e).strip()
     prefix = f"{type(e).__module__}.{type(e).__name__}: "
-    return last[len(prefix):] if last.startswith(prefix) else last
+    if text.startswith("Caught ") and prefix in text:
+        return text.rpartition(prefix)[2]
+    return text
 
 
 class LabelledImages(torch.utils.data.Dataset):

@@ -17,11 +17,11 @@ from torch import nn
 
 from . import PipelineError
 from .backbones import BackboneSpec, build_torchvision, replace_module
-from .optim import SGD, StepLR
 from .data import TRANSFORM_SPEC, EpochSampler, ImageChanged, LabelledImages, eval_transform, find_unreadable, \
     scan_dataset, train_transform, worker_error_line
 from .distributed import Dist, init_distributed, rank_device, shutdown
 from .head import TrainingDiverged
+from .optim import SGD, StepLR
 from .recipe import TUTORIAL_RECIPE, check_recipe
 from .evaluate import ci_from_accuracy, report_text, split_metrics
 from .progress import Progress
@@ -97,9 +97,9 @@ def load_verdicts(path: Path | None) -> dict[str, list]:
         return {}  # a damaged verdicts file only costs a decode pass
 
 
-def cache_verdicts(cache_path: str | os.PathLike, root: Path) -> dict[str, tuple[int, int, str]]:
-    """{absolute file: (size, mtime_ns, reason or '')} of every file a feature cache of the same folder
-    decoded. Only a cache decoded as finetune decodes (PIL, full size, EXIF applied) says anything about
+def cache_verdicts(cache_path: str | os.PathLike, root: Path) -> dict[str, tuple[int, int]]:
+    """{absolute file: (size, mtime_ns)} of every file a feature cache of the same folder decoded and
+    used. Only a cache decoded as finetune decodes (PIL, full size, EXIF applied) says anything about
     finetune's files; any other cache is refused with the reason."""
     from cache import read_cache
 
@@ -107,7 +107,7 @@ def cache_verdicts(cache_path: str | os.PathLike, root: Path) -> dict[str, tuple
     from .plots import resolve_data_dir
     from .preprocess import Preprocess
 
-    cache = read_cache(cache_path)
+    cache = read_cache(cache_path, with_views=False)
     a = cache.attrs
     spec = Preprocess.from_record(json.loads(a["transform"]) if "transform" in a else None,
                                   bool(a.get("draft", False)), a.get("decoder", "pil"))
@@ -125,7 +125,9 @@ def cache_verdicts(cache_path: str | os.PathLike, root: Path) -> dict[str, tuple
     if resolve_data_dir(recorded, cache.path, first).resolve() != root.resolve():
         raise PipelineError(f"cache {cache_path} was extracted from {recorded}, not from {root}; drop --cache "
                             "or give the cache of this folder")
-    return {os.path.abspath(root / p): (f.size, f.mtime_ns, f.reason) for p, f in old_files(cache).items()}
+    # only files that decoded: a failure may have been passing (permissions, a file being copied), and
+    # the few bad files are cheap to decode again
+    return {os.path.abspath(root / p): (f.size, f.mtime_ns) for p, f in old_files(cache).items() if not f.reason}
 
 
 def usable_files(data, workers: int, max_skipped: float | None, d: Dist = Dist(),
@@ -134,8 +136,8 @@ def usable_files(data, workers: int, max_skipped: float | None, d: Dist = Dist()
 
     A full decode finds damaged files; it is skipped for files whose verdict an earlier run into the same
     folder recorded (verdicts file) and that have not changed since (same inode, size, mtime, ctime), and
-    for files a feature cache of the folder decoded (from_cache: cache_verdicts) that have the size and
-    mtime they had then. Under torchrun each rank decodes its share of the rest and the verdicts are
+    for files a feature cache of the folder decoded and used (from_cache: cache_verdicts) that have the
+    size and mtime they had then. Under torchrun each rank decodes its share of the rest and the verdicts are
     gathered.
     """
     skipped = [s for sp in data.splits.values() for s in sp.skipped]
@@ -146,8 +148,7 @@ def usable_files(data, workers: int, max_skipped: float | None, d: Dist = Dist()
     key = {f: os.path.abspath(f) for f in ids}  # the same file whatever folder the command runs from
     todo = [f for f in ids if ids[f] is None or known.get(key[f], [None])[0] != ids[f]]
     cached = {f: known[key[f]][1] for f in ids if f not in set(todo)}
-    vouched = {f: from_cache[key[f]][2] for f in todo
-               if ids[f] is not None and tuple(from_cache.get(key[f], ())[:2]) == (ids[f][1], ids[f][2])}
+    vouched = {f: "" for f in todo if ids[f] is not None and from_cache.get(key[f]) == (ids[f][1], ids[f][2])}
     todo = [f for f in todo if f not in vouched]
     cached |= vouched
     todo, cached = d.broadcast((todo, cached))  # rank 0's view decides: every rank decodes the same shard

@@ -17,12 +17,11 @@ class SGD:
 
     def __init__(self, params, lr: float, momentum: float = 0.0, foreach: bool | None = None):
         self.params = list(params)
-        self.foreach = foreach  # None: torch's default, the foreach kernels for CUDA tensors
         if not self.params:
             raise ValueError("optimizer got an empty parameter list")
         # one group, the keys torch writes (GradScaler and the scheduler read group["params"] and group["lr"])
         self.param_groups = [{"params": self.params, "lr": lr, "momentum": momentum, "dampening": 0,
-                              "weight_decay": 0, "nesterov": False, "maximize": False, "foreach": None,
+                              "weight_decay": 0, "nesterov": False, "maximize": False, "foreach": foreach,
                               "differentiable": False, "fused": None, "initial_lr": lr}]
         self.buffers: list[torch.Tensor | None] = [None] * len(self.params)
 
@@ -42,7 +41,8 @@ class SGD:
             return
         params = [self.params[i] for i in live]
         grads = [p.grad for p in params]
-        foreach = params[0].device.type == "cuda" if self.foreach is None else self.foreach
+        foreach = group["foreach"]  # None: torch's default, the foreach kernels for CUDA tensors
+        foreach = params[0].device.type == "cuda" if foreach is None else foreach
         if momentum != 0:
             bufs = [self.buffers[i] for i in live]
             if all(b is not None for b in bufs) and foreach:

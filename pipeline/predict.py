@@ -10,7 +10,7 @@ from torch import nn
 
 from . import PipelineError
 from .backbones import BackboneSpec, architecture, build_backbone, file_sha256, last_linear_name, load_weights_into, \
-    replace_module
+    materialize_counters, replace_module
 from .data import BadImage, load_rgb, scan_files
 from .progress import Progress
 from .runfolder import RunManifest, load_manifest
@@ -68,13 +68,15 @@ def load_classifier(run_dir: str | os.PathLike) -> tuple[nn.Module, list[str], R
         model = HeadClassifier(_head_backbone(m.backbone), m.state_dict["weight"], m.state_dict["bias"])
     else:
         try:
-            model = architecture(m.arch)
+            model = architecture(m.arch, meta=True)  # a layout: every weight comes from model.pt
         except ValueError:
             raise PipelineError(f"{Path(run_dir) / 'model.pt'} names the architecture {m.arch!r}, which this "
                                 "torchvision does not have") from None
         head = m.head or last_linear_name(model)
-        replace_module(model, head, nn.Linear(model.get_submodule(head).in_features, len(m.class_names)))
-        load_weights_into(model, m.state_dict, f"{Path(run_dir) / 'model.pt'}", None)
+        in_features = model.get_submodule(head).in_features
+        replace_module(model, head, nn.Linear(in_features, len(m.class_names), device="meta"))
+        load_weights_into(model, m.state_dict, f"{Path(run_dir) / 'model.pt'}", None, assign=True)
+        materialize_counters(model)
     if not isinstance(model, torch.fx.GraphModule):
         model.eval()
     return model, m.class_names, m

@@ -19,6 +19,7 @@ import io
 import json
 import os
 import shutil
+import sys
 import threading
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -237,7 +238,9 @@ class CheckpointWriter:
     """Saves checkpoints on a background thread, one at a time, so the next epoch (or the run's final
     report and pictures) goes on while the last one is written: 135 MB for resnet18 take 0.7 s per epoch
     on a 2-core CPU. A checkpoint still lands whole or not at all (atomic rename); a failed write is
-    raised by the next save() or by wait(); the thread is not a daemon, so Ctrl-C lets it finish."""
+    raised by the next save() or by wait(); the thread is not a daemon, so Ctrl-C lets it finish. The
+    price: a kill -9 in the first second of epoch k+1 can leave epoch k-1's checkpoint, so --resume
+    repeats epoch k (with the same result: everything is seeded by epoch)."""
 
     def __init__(self, path: Path):
         self.path = path
@@ -370,14 +373,18 @@ class RunFolder:
     def __exit__(self, exc_type, *exc) -> None:
         try:  # a checkpoint still being written lands (or fails) before the folder is unlocked
             self._checkpoints.wait()
-        except BaseException:
+        except BaseException as e:
             if exc_type is None:
-                self._release()
                 raise
-        staging = self.path / STAGING
-        if staging.exists() and not (staging / COMMIT).is_file():
-            shutil.rmtree(staging)  # an unfinished save of this run: the previous run stays as it was
-        self._release()
+            # the run is failing already: its own error is the one to raise; say what else went wrong
+            print(f"also, the last checkpoint was not written: {type(e).__name__}: {e}", file=sys.stderr)
+        finally:
+            try:
+                staging = self.path / STAGING
+                if staging.exists() and not (staging / COMMIT).is_file():
+                    shutil.rmtree(staging)  # an unfinished save of this run: the previous run stays as it was
+            finally:
+                self._release()
 
     def _release(self) -> None:
         if self._lock is not None:

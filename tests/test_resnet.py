@@ -105,3 +105,20 @@ def test_weights_load_onto_a_layout_and_old_files_without_batchnorm_counters_loa
             assert torch.equal(bb.module(x), ref.eval()(x))
         assert bb.feature_dim == 512
     assert torch.equal(torch.random.get_rng_state(), state)
+
+
+def test_a_half_precision_weights_file_gives_a_float32_network(tmp_path):
+    """Loading onto the layout casts as a copying load does: a file saved with .half() (or as float64)
+    gives float32 weights with the file's values, never a mixed-dtype network that fails on its input."""
+    from pipeline.backbones import BackboneSpec, build_backbone
+
+    torch.manual_seed(2)
+    sd = resnet("resnet18").state_dict()
+    for dtype in (torch.float16, torch.float64):
+        path = tmp_path / f"{dtype}.pth"
+        torch.save({k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}, path)
+        bb = build_backbone(BackboneSpec("resnet18", str(path)))
+        assert {p.dtype for p in bb.module.parameters()} == {torch.float32}
+        w = bb.module.state_dict()["net.conv1.weight"]
+        assert torch.equal(w, sd["conv1.weight"].to(dtype).float())
+        assert bb.module(torch.rand(1, 3, 64, 64)).shape == (1, 512)

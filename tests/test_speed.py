@@ -334,9 +334,9 @@ def test_the_quick_exit_waits_for_anything_still_running(monkeypatch):
 
 
 def test_a_cache_of_the_same_folder_vouches_for_its_files(tiny_data, tmp_path, monkeypatch):
-    """finetune --cache: files an extract decoded (used or skipped) and unchanged since skip the decode
-    pass with the cache's verdict; a changed file is decoded; a cache of another folder, or decoded
-    differently (--draft), is refused with one line."""
+    """finetune --cache: files an extract decoded and used, unchanged since, skip the decode pass; files it
+    skipped are decoded again (a failure may have been passing), as is a changed file; a cache of another
+    folder, or decoded differently (--draft), is refused with one line."""
     from pipeline import finetune as ft
     from pipeline.data import scan_dataset
 
@@ -357,14 +357,14 @@ def test_a_cache_of_the_same_folder_vouches_for_its_files(tiny_data, tmp_path, m
     data = scan_dataset(tiny_data, ["train", "val"])
     vouched = ft.usable_files(data, 0, None, verdicts=tmp_path / "run" / ft.VERDICTS,
                               from_cache=ft.cache_verdicts(cache, data.root))
-    assert decoded == [[]] and vouched == ft.usable_files(data, 0, None)  # the same answer as decoding
+    assert decoded == [[str(bad)]] and vouched == ft.usable_files(data, 0, None)  # the same answer as decoding
     assert [p for p, _ in vouched[1]] == ["train/ants/img_000.jpg"] and "truncated" in vouched[1][0][1]
     assert (tmp_path / "run" / ft.VERDICTS).is_file()  # kept for the next run into that folder
     good = tiny_data / "val" / "bees" / sorted(p.name for p in (tiny_data / "val" / "bees").iterdir())[0]
     os.utime(good, ns=(good.stat().st_atime_ns, good.stat().st_mtime_ns + 10**9))  # touched since
     decoded.clear()
     ft.usable_files(data, 0, None, from_cache=ft.cache_verdicts(cache, data.root))
-    assert decoded == [[str(good)]]
+    assert decoded == [[str(bad), str(good)]]
 
     other = make_dataset(tmp_path / "other", {"train": {"ants": 1, "bees": 1}, "val": {"ants": 1, "bees": 1}})
     r = CliRunner().invoke(cli, ["finetune", str(other), "--out", str(tmp_path / "ft"), "--cache", str(cache),
