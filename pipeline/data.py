@@ -473,19 +473,16 @@ class Transform:
 
 
 class _Normalized:
-    """PIL image -> float32 3 x H x W, exactly torchvision's ToTensor + Normalize(mean, std): the same ops."""
+    """PIL image -> float32 3 x H x W: torchvision's ToTensor + Normalize, by normalize_batch (the same ops)."""
 
-    def __init__(self, mean, std):
-        self.mean, self.std = tuple(mean), tuple(std)
+    def __init__(self, spec: Preprocess):
+        self.spec = spec
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
-        x = pil_to_uint8(img).to(torch.get_default_dtype()).div(255)
-        mean = torch.as_tensor(self.mean, dtype=x.dtype).view(-1, 1, 1)
-        std = torch.as_tensor(self.std, dtype=x.dtype).view(-1, 1, 1)
-        return x.sub_(mean).div_(std)
+        return normalize_batch(pil_to_uint8(img)[None], self.spec)[0]
 
     def __repr__(self) -> str:
-        return f"Normalized(mean={self.mean}, std={self.std})"
+        return f"Normalized(mean={self.spec.mean}, std={self.spec.std})"
 
 
 RRC_SCALE = (0.08, 1.0)  # torchvision's RandomResizedCrop defaults, the tutorial's augmentation
@@ -540,7 +537,7 @@ def eval_transform(spec: Preprocess | int | None = None, crop: int | None = None
     eval_transform(resize, crop) is kept for callers that pass sizes."""
     if not isinstance(spec, Preprocess):
         spec = Preprocess(**({"resize": spec} if spec else {}), **({"crop": crop} if crop else {}))
-    return Transform(_ResizeCrop(spec), _Normalized(spec.mean, spec.std))
+    return Transform(_ResizeCrop(spec), _Normalized(spec))
 
 
 def view_transform(spec: Preprocess | None = None) -> Transform:
@@ -550,7 +547,7 @@ def view_transform(spec: Preprocess | None = None) -> Transform:
 
 def train_transform(crop: int = 224) -> Transform:
     """The tutorial's train transform: RandomResizedCrop + horizontal flip, ToTensor, Normalize."""
-    return Transform(_RandomCropFlip(crop), _Normalized(IMAGENET_MEAN, IMAGENET_STD))
+    return Transform(_RandomCropFlip(crop), _Normalized(Preprocess()))
 
 
 # The default spec's record: what caches and runs made before the spec existed carry (kept for readers).
