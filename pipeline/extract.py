@@ -465,6 +465,7 @@ def plan_extraction(cfg: ExtractConfig) -> Extraction:
         "precision": rt.precision, "views": cfg.views, "seed": cfg.seed, "draft": cfg.draft,
         "decoder": spec.decoder,  # the decoder actually used (auto resolved)
         "split": json.dumps(data.split_record()),
+        "data_root": plan.root,  # absolute: which folder this is, whatever folder extract ran from
         "config": json.dumps({k: v for k, v in asdict(cfg).items() if k not in ("force",)}, default=list),
         "torch": torch.__version__,
     }

@@ -26,7 +26,7 @@ from .recipe import TUTORIAL_RECIPE, check_recipe
 from .evaluate import ci_from_accuracy, report_text, split_metrics
 from .progress import Progress
 from .fsio import atomic_write_json, sha256_json
-from .runfolder import CHECKPOINT, FinetuneCheckpoint, RunFolder, RunManifest
+from .runfolder import CHECKPOINT, VERDICTS, FinetuneCheckpoint, ModelFileError, RunFolder, RunManifest
 from .runtime import Runtime, default_workers, resolve_runtime
 from .plots import PictureJob
 from .sidecar import Sidecar, evaluate_splits, sidecar, start_pictures
@@ -74,7 +74,6 @@ def build_classifier(cfg_backbone: str, weights: str, seed: int, classes: int) -
     return model, head, digest
 
 
-VERDICTS = "verdicts.json"  # in the run folder: each file's decode verdict, keyed by its stat identity
 
 
 def _identity(path: str) -> list[int] | None:
@@ -104,7 +103,6 @@ def cache_verdicts(cache_path: str | os.PathLike, root: Path) -> dict[str, tuple
     from cache import read_cache
 
     from .extract import old_files
-    from .plots import resolve_data_dir
     from .preprocess import Preprocess
 
     cache = read_cache(cache_path, with_views=False)
@@ -117,14 +115,13 @@ def cache_verdicts(cache_path: str | os.PathLike, root: Path) -> dict[str, tuple
                             "verdicts do not carry over: drop --cache")
     if cache.file_stats is None:
         raise PipelineError(f"cache {cache_path} predates file records; extract it again to use it with --cache")
-    try:
-        recorded = json.loads(a["config"])["data_dir"]
-    except (KeyError, TypeError, ValueError):
-        raise PipelineError(f"cache {cache_path} names no data folder; it cannot vouch for {root}") from None
-    first = next(iter(cache.file_stats), None)
-    if resolve_data_dir(recorded, cache.path, first).resolve() != root.resolve():
-        raise PipelineError(f"cache {cache_path} was extracted from {recorded}, not from {root}; drop --cache "
-                            "or give the cache of this folder")
+    recorded = a.get("data_root")
+    if not isinstance(recorded, str) or not os.path.isabs(recorded):  # caches before data_root: only as typed
+        raise PipelineError(f"cache {cache_path} does not record which folder it was extracted from; extract it "
+                            "again with --force to use it with --cache")
+    if Path(recorded).resolve() != root.resolve():
+        raise PipelineError(f"cache {cache_path} was extracted from {recorded}, not from {root.resolve()}; drop "
+                            "--cache or give the cache of this folder")
     # only files that decoded: a failure may have been passing (permissions, a file being copied), and
     # the few bad files are cheap to decode again
     return {os.path.abspath(root / p): (f.size, f.mtime_ns) for p, f in old_files(cache).items() if not f.reason}
@@ -155,9 +152,9 @@ def usable_files(data, workers: int, max_skipped: float | None, d: Dist = Dist()
     lo, hi = d.shard(len(todo))
     found = [r for part in d.all_gather(find_unreadable(todo[lo:hi], workers)) for r in part]
     reason = cached | dict(zip(todo, found))
-    if verdicts is not None and d.is_main and (todo or vouched):
+    if verdicts is not None and d.is_main and todo:  # what was decoded; a cache's word is not kept
         atomic_write_json(verdicts, {"version": 1, "files": {key[f]: [ids[f], reason[f]] for f in ids
-                                                              if ids[f] is not None}})
+                                                              if ids[f] is not None and f not in vouched}})
     out = {}
     total = 0
     for name, sp in data.splits.items():
@@ -441,10 +438,15 @@ def _train(cfg: FinetuneConfig, progress: Progress, d: Dist, folder: RunFolder |
     best_state = None  # set by the first epoch (every accuracy beats -1) or by the checkpoint
     seconds = 0.0
     if ck is not None:
-        model.load_state_dict(ck.model)
-        optimizer.load_state_dict(ck.optimizer)
-        scheduler.load_state_dict(ck.scheduler)
-        scaler.load_state_dict(ck.scaler)
+        try:
+            model.load_state_dict(ck.model)
+            optimizer.load_state_dict(ck.optimizer)
+            scheduler.load_state_dict(ck.scheduler)
+            scaler.load_state_dict(ck.scaler)
+        except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as e:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise ModelFileError(f"{Path(cfg.out) / CHECKPOINT} cannot be resumed: it does not fit this model and "
+                                 f"recipe ({type(e).__name__}: {first}); choose another --out") from None
         history, best_acc, best_epoch = ck.history, ck.best_acc, ck.best_epoch
         best_state, start, seconds = ck.best_state, ck.epoch + 1, ck.seconds
         best_preds = ck.best_preds.numpy()
@@ -452,6 +454,8 @@ def _train(cfg: FinetuneConfig, progress: Progress, d: Dist, folder: RunFolder |
         # other use of torch's RNG continues as it would have
         torch.random.set_rng_state(ck.rng_torch)
         progress.log(f"resuming {cfg.out} after epoch {ck.epoch} of {cfg.epochs}")
+    if ck is None:  # dropout and any other draw in the loop: the same run for the same --seed
+        torch.manual_seed(cfg.seed)
     net = model
     if d.enabled:  # gradients averaged over ranks; the unwrapped model holds the weights we save
         net = torch.nn.parallel.DistributedDataParallel(

@@ -18,6 +18,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import shutil
 import sys
 import threading
@@ -37,6 +38,7 @@ REPORT = "report.txt"
 PICTURES = ("curves.png", "confusion.png", "predictions.png")
 RUN_FILES = (MODEL, METRICS, REPORT, *PICTURES)  # what one committed run consists of
 CHECKPOINT = "checkpoint.pt"
+VERDICTS = "verdicts.json"  # finetune's decode verdicts, keyed by each file's stat identity
 STAGING = ".tlearn-staging"
 COMMIT = "COMMIT"
 LOCK = ".tlearn-lock"
@@ -297,8 +299,23 @@ def _apply_commit(folder: Path) -> None:
     shutil.rmtree(staging)
 
 
+def _stale_temps(folder: Path) -> list[Path]:
+    """Temp files (fsio.temp_name) of run files that a killed writer left: under the folder's lock no
+    writer is running, and the name pattern is ours alone (hidden, run-file name, pid, 8 hex digits)."""
+    names = (*RUN_FILES, CHECKPOINT, VERDICTS)
+    pattern = re.compile(r"\.(?:%s)\.tmp-\d+-[0-9a-f]{8}" % "|".join(re.escape(n) for n in names))
+    try:
+        return [folder / n for n in os.listdir(folder) if pattern.fullmatch(n) and (folder / n).is_file()]
+    except OSError:
+        return []
+
+
 def _recover(folder: Path) -> None:
-    """Under the lock: finish a committed save, drop an uncommitted one (our own staging files only)."""
+    """Under the lock: finish a committed save, drop an uncommitted one and a killed writer's temp files
+    (our own files only)."""
+    for tmp in _stale_temps(folder):
+        with contextlib.suppress(OSError):
+            tmp.unlink()
     staging = folder / STAGING
     if (staging / COMMIT).is_file():
         _apply_commit(folder)

@@ -88,3 +88,24 @@ def test_test_split_is_evaluated_but_val_selects(tmp_path):
     assert m["classification_report"]["val"]["macro avg"]["support"] == 4
     assert m["classification_report"]["test"]["macro avg"]["support"] == 3
     assert m["best_val_acc"] == m["history"][0]["val_acc"] == m["accuracy"]["val"]
+
+
+def test_a_damaged_checkpoint_is_one_line_on_resume(tiny_data, tmp_path):
+    out = tmp_path / "ft"
+    finetune(ft(tiny_data, out, epochs=1, plots=False))
+    ck = torch.load(out / "checkpoint.pt", weights_only=True)
+    ck["optimizer"]["state"][0]["momentum_buffer"] = torch.zeros(3)  # crafted: fits no parameter
+    torch.save(ck, out / "checkpoint.pt")
+    r = CliRunner().invoke(cli, ["finetune", str(tiny_data), "--out", str(out), "--weights", "none", "--workers", "0",
+                                 "--epochs", "1", "--no-plots", "--resume"])
+    assert r.exit_code == 1 and len(r.output.strip().splitlines()) == 1, r.output
+    assert r.output.startswith(f"Error: {out / 'checkpoint.pt'} cannot be resumed: it does not fit this model")
+
+
+def test_dropout_draws_are_seeded_too(tiny_data, tmp_path):
+    """An architecture with dropout (mobilenet_v3_small) gives the same weights for the same --seed."""
+    sds = []
+    for k in range(2):
+        finetune(ft(tiny_data, tmp_path / f"ft{k}", epochs=1, plots=False, backbone="mobilenet_v3_small", lr=0.05))
+        sds.append(torch.load(tmp_path / f"ft{k}" / "model.pt", weights_only=True)["state_dict"])
+    assert sds[0].keys() == sds[1].keys() and all(torch.equal(sds[0][k], sds[1][k]) for k in sds[0])

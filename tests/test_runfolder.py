@@ -305,3 +305,20 @@ def test_head_run_with_an_unversioned_model_file_still_predicts(cache_and_data, 
                      "transform": m["transform"], "draft": m["draft"], "decoder": m["decoder"]}}
     torch.save(old, out / "model.pt")
     assert [p.probabilities for p in predict(str(out), files, "cpu")] == now
+
+
+def test_temp_files_of_a_killed_writer_are_removed_and_nothing_else(tmp_path):
+    """kill -9 during a checkpoint write leaves .checkpoint.pt.tmp-<pid>-<hex> (90 MB for resnet18): the next
+    run into the folder (under its lock, so no writer is alive) removes such files, never a user's."""
+    from pipeline.runfolder import RunFolder
+
+    out = tmp_path / "run"
+    out.mkdir()
+    stale = [out / ".checkpoint.pt.tmp-4242-0a1b2c3d", out / ".model.pt.tmp-77-deadbeef"]
+    kept = [out / "checkpoint.pt.tmp-1-0a1b2c3d", out / ".notes.txt.tmp-1-0a1b2c3d", out / "mine.txt",
+            out / ".checkpoint.pt.tmp-4242-0a1b2c3d.bak"]
+    for p in stale + kept:
+        p.write_bytes(b"x")
+    with RunFolder(out, "finetune"):
+        pass
+    assert not any(p.exists() for p in stale) and all(p.exists() for p in kept)

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from cli import cli
-from pipeline import plots, sidecar
+from pipeline import PipelineError, plots, sidecar
 from pipeline.evaluate import evaluate_predictions
 from tests.conftest import REPO, make_dataset, write_image
 
@@ -400,3 +400,23 @@ def test_a_file_that_breaks_after_the_check_stops_finetune_with_one_line(tiny_da
     assert r.output == (f"Error: {bad} passed the decode check but cannot be read now (truncated image file "
                         "(Truncated File Read)); fix or remove it and run again\n")
     assert not (out / "model.pt").exists()
+
+
+def test_a_cache_names_its_folder_absolutely_whatever_the_cwd(tiny_data, tmp_path, monkeypatch):
+    """A cache extracted with a relative DATA_DIR vouches for that folder from any cwd, and never for a
+    copy of it elsewhere that has the same relative name."""
+    import shutil
+
+    from pipeline import finetune as ft
+
+    (tmp_path / "a").mkdir()
+    shutil.copytree(tiny_data, tmp_path / "a" / "D")
+    shutil.copytree(tiny_data, tmp_path / "b" / "D", copy_function=shutil.copy2)  # same names, sizes, mtimes
+    monkeypatch.chdir(tmp_path / "a")
+    r = CliRunner().invoke(cli, ["extract", "D", "--cache", "../c.h5", "--weights", "none", "--workers", "0"])
+    assert r.exit_code == 0, r.output
+    monkeypatch.chdir(tmp_path)
+    assert len(ft.cache_verdicts("c.h5", Path("a/D"))) == 10
+    monkeypatch.chdir(tmp_path / "b")
+    with pytest.raises(PipelineError, match=r"was extracted from .*/a/D, not from .*/b/D; drop --cache"):
+        ft.cache_verdicts("../c.h5", Path("D"))
