@@ -165,6 +165,20 @@ def test_train_head_from_another_folder_finds_the_images(tmp_path, monkeypatch):
     assert len(paths) == 2 and all(Path(p).is_absolute() and Path(p).is_file() for p in paths)
 
 
+def _count_decodes(monkeypatch) -> list[list[str]]:
+    """finetune's decode pass, recorded: one list of files per call."""
+    from pipeline import finetune as ft
+
+    decoded, real = [], ft.find_unreadable
+
+    def counting(files, workers=0):
+        decoded.append(list(files))
+        return real(files, workers)
+
+    monkeypatch.setattr(ft, "find_unreadable", counting)
+    return decoded
+
+
 def test_verdicts_skip_the_decode_pass_for_unchanged_files(tiny_data, tmp_path, monkeypatch):
     """finetune's usable-file check decodes each file once per content: a rerun into the same folder
     (or --resume) reuses the verdicts; a changed file is decoded again."""
@@ -173,14 +187,7 @@ def test_verdicts_skip_the_decode_pass_for_unchanged_files(tiny_data, tmp_path, 
 
     bad = tiny_data / "train" / "ants" / "img_000.jpg"
     bad.write_bytes(bad.read_bytes()[:200])  # truncated
-    decoded = []
-    real = ft.find_unreadable
-
-    def counting(files, workers=0):
-        decoded.append(list(files))
-        return real(files, workers)
-
-    monkeypatch.setattr(ft, "find_unreadable", counting)
+    decoded = _count_decodes(monkeypatch)
     verdicts = tmp_path / "run" / ft.VERDICTS
     data = scan_dataset(tiny_data, ["train", "val"])
     first = ft.usable_files(data, 0, None, verdicts=verdicts)
@@ -346,14 +353,7 @@ def test_a_cache_of_the_same_folder_vouches_for_its_files(tiny_data, tmp_path, m
     r = CliRunner().invoke(cli, ["extract", str(tiny_data), "--cache", str(cache), "--weights", "none",
                                  "--workers", "0"])
     assert r.exit_code == 0, r.output
-    decoded = []
-    real = ft.find_unreadable
-
-    def counting(files, workers=0):
-        decoded.append(list(files))
-        return real(files, workers)
-
-    monkeypatch.setattr(ft, "find_unreadable", counting)
+    decoded = _count_decodes(monkeypatch)
     data = scan_dataset(tiny_data, ["train", "val"])
     vouched = ft.usable_files(data, 0, None, verdicts=tmp_path / "run" / ft.VERDICTS,
                               from_cache=ft.cache_verdicts(cache, data.root))
