@@ -92,3 +92,29 @@ def interrupt_second_batch(monkeypatch):
 
     monkeypatch.setattr(ex, "forward_features", dying)
     return lambda: monkeypatch.setattr(ex, "forward_features", real)
+
+
+SMALL = {"train": {"ants": 3, "bees": 3}, "val": {"ants": 2, "bees": 2}}  # the small two-class folder
+
+
+def small_extracted(root: Path, cache_name: str = "f.h5") -> tuple[Path, Path]:
+    """(data, cache): root/data made as SMALL and its random-init cache root/cache_name, through the CLI."""
+    from click.testing import CliRunner
+
+    from cli import cli
+
+    data = make_dataset(root / "data", SMALL)
+    cache = root / cache_name
+    r = CliRunner().invoke(cli, ["extract", str(data), "--cache", str(cache), "--weights", "none", "--workers", "0"])
+    assert r.exit_code == 0, r.output
+    return data, cache
+
+
+def finetune_config(data, out, **kw):
+    """A FinetuneConfig for tests: random init, no workers, 2 epochs unless told otherwise."""
+    from pipeline.finetune import FinetuneConfig
+
+    kw.setdefault("weights", "none")
+    kw.setdefault("workers", 0)
+    kw.setdefault("epochs", 2)
+    return FinetuneConfig(data_dir=str(data), out=str(out), **kw)

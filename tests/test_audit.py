@@ -1,10 +1,8 @@
 """audit: planted duplicates, label flips and outliers are found; clean data reports nothing; bad input is one line."""
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from click.testing import CliRunner
 from PIL import Image
 

@@ -6,17 +6,14 @@ from click.testing import CliRunner
 
 from cli import cli
 from pipeline import PipelineError
-from pipeline.finetune import FinetuneConfig, finetune
+from pipeline.finetune import finetune
+from tests.conftest import finetune_config
 
 ARTIFACTS = ("model.pt", "metrics.json", "report.txt", "curves.png", "confusion.png", "predictions.png",
              "checkpoint.pt")
 
 
-def ft(data, out, **kw):
-    kw.setdefault("weights", "none")
-    kw.setdefault("workers", 0)
-    kw.setdefault("epochs", 2)
-    return FinetuneConfig(data_dir=str(data), out=str(out), **kw)
+ft = finetune_config
 
 
 def comparable(history):

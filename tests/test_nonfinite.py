@@ -81,13 +81,9 @@ def test_nonfinite_features_are_refused():
 
 @pytest.fixture(scope="module")
 def tiny_cache(tmp_path_factory):
-    from tests.conftest import make_dataset
+    from tests.conftest import small_extracted
 
-    root = tmp_path_factory.mktemp("nf")
-    data = make_dataset(root / "data", {"train": {"ants": 3, "bees": 3}, "val": {"ants": 2, "bees": 2}})
-    r = invoke("extract", data, "--cache", root / "f.h5", "--weights", "none", "--workers", 0)
-    assert r.exit_code == 0, r.output
-    return data, root / "f.h5"
+    return small_extracted(tmp_path_factory.mktemp("nf"))
 
 
 def test_train_head_that_diverges_saves_nothing(tiny_cache, tmp_path):

@@ -10,14 +10,11 @@ from PIL import Image
 
 from cli import cli
 from pipeline.finetune import FinetuneConfig, finetune
+from tests.conftest import finetune_config
 from pipeline.predict import predict
 
 
-def ft(data, out, **kw):
-    kw.setdefault("weights", "none")
-    kw.setdefault("workers", 0)
-    kw.setdefault("epochs", 2)
-    return FinetuneConfig(data_dir=str(data), out=str(out), **kw)
+ft = finetune_config
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -15,8 +14,8 @@ from click.testing import CliRunner
 import pipeline.runfolder as rfmod
 from cli import cli
 from pipeline.runfolder import (FORMAT, FinetuneCheckpoint, ModelFileError, NotARunFolder, RunFolder, RunFolderBusy,
-                                RunKindMismatch, RunManifest, load_manifest, load_metrics, save_run)
-from tests.conftest import REPO, make_dataset
+                                RunManifest, load_manifest, load_metrics, save_run)
+from tests.conftest import REPO, small_extracted
 
 
 def invoke(*args):
@@ -184,11 +183,8 @@ with RunFolder(sys.argv[1], "head"):
 
 @pytest.fixture(scope="module")
 def cache_and_data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("rf")
-    data = make_dataset(root / "data", {"train": {"ants": 3, "bees": 3}, "val": {"ants": 2, "bees": 2}})
-    r = invoke("extract", data, "--cache", root / "f.h5", "--weights", "none", "--workers", 0)
-    assert r.exit_code == 0, r.output
-    return root / "f.h5", data
+    data, cache = small_extracted(tmp_path_factory.mktemp("rf"))
+    return cache, data
 
 
 def test_second_train_head_into_a_folder_being_written_is_refused(cache_and_data, tmp_path):

@@ -14,7 +14,7 @@ from PIL import Image
 from cli import cli
 from pipeline import PipelineError, plots, sidecar
 from pipeline.evaluate import evaluate_predictions
-from tests.conftest import REPO, make_dataset, write_image
+from tests.conftest import REPO, make_dataset, small_extracted, write_image
 
 HEAVY = ("torch", "torchvision", "numpy", "h5py", "sklearn", "matplotlib", "scipy")
 COMMANDS = ("extract", "train-head", "run", "finetune", "predict", "export", "report", "info", "download", "preview")
@@ -39,12 +39,7 @@ def test_every_command_help_imports_nothing_heavy():
 
 @pytest.fixture(scope="module")
 def small_cache(tmp_path_factory):
-    root = tmp_path_factory.mktemp("speed")
-    data = make_dataset(root / "data", {"train": {"ants": 3, "bees": 3}, "val": {"ants": 2, "bees": 2}})
-    cache = root / "feats.h5"
-    r = CliRunner().invoke(cli, ["extract", str(data), "--cache", str(cache), "--weights", "none", "--workers", "0"])
-    assert r.exit_code == 0, r.output
-    return cache
+    return small_extracted(tmp_path_factory.mktemp("speed"), "feats.h5")[1]
 
 
 def test_train_head_process_never_imports_torchvision_sklearn_or_matplotlib(small_cache, tmp_path):
