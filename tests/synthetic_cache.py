@@ -10,9 +10,14 @@ from cache.plan import ExtractionPlan, SplitPlan
 from cache.store import FORMAT, PartialWriter, fingerprint
 
 
-def write_cache(path: Path, splits: dict[str, tuple], class_names: list[str], data_dir: str = "data",
+def write_cache(path: Path, splits: dict[str, tuple], class_names: list[str], data_dir: str | None = None,
                 extra_attrs: dict | None = None) -> Path:
-    """splits = {name: (features (N,D), labels (N,), paths [N])} -> a complete cache at path."""
+    """splits = {name: (features (N,D), labels (N,), paths [N])} -> a complete cache at path.
+
+    data_dir: the image folder the cache records, absolute; by default a folder beside the cache that does
+    not exist (never one resolved against the current directory, where a quick start may have left data/)."""
+    path = Path(path).absolute()
+    data_dir = str(Path(data_dir).absolute() if data_dir is not None else path.parent / f"{path.stem}.no-images")
     dim = int(next(iter(splits.values()))[0].shape[1])
     fp = fingerprint({"test": "synthetic", "dim": dim})
     plan = ExtractionPlan(
@@ -27,7 +32,7 @@ def write_cache(path: Path, splits: dict[str, tuple], class_names: list[str], da
     attrs = {"format": FORMAT, "fingerprint": fp, "files_digest": plan.files_digest, "backbone": "synthetic",
              "weights": "none", "feature_dim": dim, "class_names": json.dumps(class_names), "transform": "{}",
              "precision": "fp32", "views": 0, "backbone_spec": json.dumps({"kind": "synthetic"}),
-             "config": json.dumps({"data_dir": str(data_dir)}), **(extra_attrs or {})}
+             "config": json.dumps({"data_dir": data_dir}), **(extra_attrs or {})}
     w.finalize(attrs, [])
     return path
 
