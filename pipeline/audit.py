@@ -320,6 +320,8 @@ def check_config(cfg: AuditConfig) -> None:
         raise PipelineError(f"--dup-threshold {cfg.dup_threshold} is not a cosine similarity (-1..1)")
     if not 0.0 <= cfg.label_threshold <= 1.0:
         raise PipelineError(f"--label-threshold {cfg.label_threshold} must be within 0..1")
+    if not math.isfinite(cfg.outlier_z):
+        raise PipelineError(f"--outlier-z {cfg.outlier_z} is not a finite number")
     if cfg.top < 0 or cfg.knn < 1 or cfg.folds < 2:
         raise PipelineError("--top must be >= 0, --knn >= 1 and --folds >= 2")
 

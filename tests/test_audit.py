@@ -158,6 +158,16 @@ def test_bad_thresholds_one_line(tmp_path):
     assert r.exit_code == 2 and "--dup-threshold" in r.output
 
 
+@pytest.mark.parametrize("flag,value", [("--outlier-z", "nan"), ("--outlier-z", "inf"), ("--outlier-z", "-inf"),
+                                        ("--dup-threshold", "nan"), ("--label-threshold", "nan")])
+def test_non_finite_thresholds_are_usage_errors_before_any_work(tmp_path, flag, value):
+    cache, _, _ = blob_cache(tmp_path)
+    r = CliRunner().invoke(cli, ["audit", str(cache), "--out", str(tmp_path / "a"), flag, value])
+    assert r.exit_code == 2, r.output
+    assert f"Invalid value for '{flag}'" in r.output and "is not a finite number" in r.output
+    assert not (tmp_path / "a").exists()  # nothing was written, not even an empty folder
+
+
 # --------------------------------------------------------------------------- real images, random-init features
 
 
