@@ -25,7 +25,7 @@ from cache import read_cache
 from . import PipelineError
 from .fsio import atomic_write_bytes, atomic_write_json, sha256_file
 from .head import HeadParams, out_of_fold_proba, stratified_folds, train_folds
-from .runfolder import load_manifest
+from .runfolder import check_output_path, load_manifest
 
 
 class AuditRunMismatch(PipelineError):
@@ -326,9 +326,20 @@ def check_config(cfg: AuditConfig) -> None:
         raise PipelineError("--top must be >= 0, --knn >= 1 and --folds >= 2")
 
 
+def check_audit_folder(out: str) -> None:
+    """--out is an audit's own folder: never a run folder or inside one (report.txt is a run's file too), and
+    never a folder whose report.txt no audit wrote (it has no audit.json beside it)."""
+    check_output_path(out)
+    folder = Path(out)
+    if (folder / "report.txt").exists() and not (folder / "audit.json").is_file():
+        raise PipelineError(f"--out {out} holds a report.txt that no audit wrote; an audit would overwrite it: "
+                            "choose another --out")
+
+
 def run_audit(cfg: AuditConfig) -> Audit:
     """Audit cfg.cache; writes report.txt, audit.json and the pictures into cfg.out; returns the findings."""
     check_config(cfg)
+    check_audit_folder(cfg.out)
     t0 = time.perf_counter()
     cache = read_cache(cfg.cache, with_views=False)
     rows = gather_rows(cache)

@@ -17,6 +17,9 @@ def preview(data_dir: str, out: str, n: int = 8, seed: int = 0, split: str = "tr
     if Path(out).suffix.lower() not in PICTURE_SUFFIXES:
         raise PipelineError(f"--out {out}: name a picture file ending in {', '.join(PICTURE_SUFFIXES)} "
                             "(e.g. preview.png)")
+    from .runfolder import check_output_path
+
+    check_output_path(out)  # a run's pictures belong to the run
     data = scan_dataset(data_dir, [split])
     sp = data.splits[split]
     order = torch.randperm(len(sp), generator=torch.Generator().manual_seed(seed)).tolist()

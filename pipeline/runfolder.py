@@ -358,6 +358,7 @@ KIND_WORDS = {"head": "a train-head run", "finetune": "a finetune run"}
 
 def check_run_folder(out: str | os.PathLike, kind: str) -> None:
     """Refuse to write a run of `kind` into a folder that holds the other kind (or foreign run files)."""
+    check_output_path(out, own_kind=kind)
     folder = Path(out)
     if not folder.is_dir():
         return
@@ -365,6 +366,68 @@ def check_run_folder(out: str | os.PathLike, kind: str) -> None:
     if found is not None and found != kind:
         raise RunKindMismatch(f"{folder} holds {KIND_WORDS[found]}; a {kind} run would mix two kinds of runs in "
                               "one folder: choose another --out")
+
+
+class InsideRunFolder(RunFolderError):
+    """An output path that is a run folder another command does not own, lies inside one, or names its file."""
+
+
+def _manifest_like(path: Path) -> bool:
+    """model.pt written by this tool: a torch zip whose pickle names a tlearn format (tensors are not read)."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            pkl = next((n for n in z.namelist() if n.endswith("/data.pkl")), None)
+            return pkl is not None and any(t in z.read(pkl) for t in (FORMAT.encode(), CHECKPOINT_FORMAT.encode()))
+    except (OSError, zipfile.BadZipFile, ValueError):
+        return False
+
+
+def is_run_folder(folder: str | os.PathLike) -> bool:
+    """A folder that holds a run of this tool, finished, unfinished (checkpoint.pt, staging) or being written
+    (lock): metrics.json of a run's kind, checkpoint.pt, the staging folder or lock, or a model.pt manifest."""
+    d = Path(folder)
+    try:
+        if not d.is_dir():
+            return False
+        if (d / STAGING).is_dir() or (d / LOCK).is_file() or (d / CHECKPOINT).is_file():
+            return True
+        if (d / METRICS).is_file():
+            with contextlib.suppress(ValueError, AttributeError, UnicodeDecodeError):
+                if json.loads((d / METRICS).read_text()).get("kind") in KINDS:
+                    return True
+        return (d / MODEL).is_file() and _manifest_like(d / MODEL)
+    except OSError:
+        return False
+
+
+def run_folder_holding(path: str | os.PathLike, include_self: bool = True) -> Path | None:
+    """The run folder that `path` is (include_self), lies inside, or names a file of; None when there is none.
+    Symlinks are followed, so a link into a run folder is found as well."""
+    p = Path(os.path.abspath(path))
+    with contextlib.suppress(OSError, RuntimeError):
+        p = p.resolve()
+    for folder in ([p] if include_self else []) + list(p.parents):
+        if is_run_folder(folder):
+            return folder
+    return None
+
+
+def check_output_path(out: str | os.PathLike, flag: str = "--out", own_kind: str | None = None) -> None:
+    """Refuse, before any work, an output path inside a run folder that this command does not own.
+    own_kind None (audit, export, preview): the path may be neither a run folder nor inside one. own_kind
+    'head'/'finetune' (train-head, run, finetune): the path may be a run folder (its own rules then apply:
+    check_run_folder), never inside another one."""
+    run = run_folder_holding(out, include_self=own_kind is None)
+    if run is None:
+        return
+    target = Path(os.path.abspath(out))
+    with contextlib.suppress(OSError, RuntimeError):
+        target = target.resolve()
+    where = "is the run folder" if target == run else "lies inside the run folder"
+    raise InsideRunFolder(f"{flag} {out} {where} {run}; a run folder's files belong to its run: "
+                          f"choose a path outside it")
 
 
 class RunFolder:
@@ -377,6 +440,7 @@ class RunFolder:
         self._checkpoints = CheckpointWriter(self.path / CHECKPOINT)
 
     def __enter__(self) -> RunFolder:
+        check_output_path(self.path, own_kind=self.kind)  # never a run folder inside another run's folder
         self.path.mkdir(parents=True, exist_ok=True)
         self._lock = _take_lock(self.path)
         try:

@@ -318,3 +318,78 @@ def test_temp_files_of_a_killed_writer_are_removed_and_nothing_else(tmp_path):
     with RunFolder(out, "finetune"):
         pass
     assert not any(p.exists() for p in stale) and all(p.exists() for p in kept)
+
+
+# --------------------------------------------------------------------------- other commands' --out
+
+
+@pytest.fixture(scope="module")
+def head_run(tmp_path_factory):
+    """A train-head run (synthetic cache, no backbone) and a small image folder beside it."""
+    import numpy as np
+
+    from tests.conftest import SMALL, make_dataset
+    from tests.synthetic_cache import blobs, write_cache
+
+    root = tmp_path_factory.mktemp("owned")
+    X, y = blobs({0: 6, 1: 6}, dim=8)
+    paths = [f"{'ab'[c]}/{i}.jpg" for i, c in enumerate(y)]
+    tr, va = np.arange(12) % 3 != 0, np.arange(12) % 3 == 0
+    cache = write_cache(root / "c.h5", {"train": (X[tr], y[tr], [p for p, t in zip(paths, tr) if t]),
+                                        "val": (X[va], y[va], [p for p, v in zip(paths, va) if v])}, ["a", "b"])
+    r = invoke("train-head", cache, "--out", root / "run", "--epochs", "1", "--no-plots")
+    assert r.exit_code == 0, r.output
+    return root, cache, root / "run", make_dataset(root / "data", SMALL)
+
+
+def _snapshot(folder):
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("args,where", [
+    (["audit", "{cache}", "--out", "{run}"], "is the run folder"),
+    (["audit", "{cache}", "--out", "{run}/audit"], "lies inside the run folder"),
+    (["export", "{run}", "--out", "{run}/model.pt"], "lies inside the run folder"),
+    (["export", "{run}", "--out", "{run}/sub/x.pt2"], "lies inside the run folder"),
+    (["preview", "{data}", "--out", "{run}/curves.png"], "lies inside the run folder"),
+    (["train-head", "{cache}", "--out", "{run}/inner", "--epochs", "1", "--no-plots"], "lies inside the run folder"),
+    (["run", "{data}", "--out", "{run}/inner", "--weights", "none", "--workers", "0"], "lies inside the run folder"),
+    (["finetune", "{data}", "--out", "{run}/inner", "--weights", "none", "--workers", "0"],
+     "lies inside the run folder"),
+])
+def test_other_commands_never_write_into_a_run_folder(head_run, args, where):
+    root, cache, run, data = head_run
+    before = _snapshot(run)
+    argv = [a.format(cache=cache, run=run, data=data) for a in args]
+    r = invoke(*argv)
+    out = argv[argv.index("--out") + 1]
+    assert r.exit_code == 1, r.output
+    assert r.output == (f"Error: --out {out} {where} {run}; a run folder's files belong to its run: "
+                        "choose a path outside it\n")
+    assert _snapshot(run) == before and not (run / "inner").exists() and not (run / "audit").exists()
+    assert invoke("report", run).exit_code == 0 and load_manifest(run).kind == "head"
+
+
+def test_a_link_into_a_run_folder_is_refused_and_plain_folders_are_not_run_folders(head_run, tmp_path):
+    root, cache, run, data = head_run
+    (tmp_path / "link").symlink_to(run)
+    r = invoke("preview", data, "--out", tmp_path / "link" / "p.png")
+    assert r.exit_code == 1 and f"lies inside the run folder {run}" in r.output
+    # a folder with files of a run's names that no run of this tool wrote is not mistaken for one
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other/metrics.json").write_text('{"accuracy": 1}')
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "other/model.pt")
+    assert not rfmod.is_run_folder(tmp_path / "other") and rfmod.is_run_folder(run)
+    r = invoke("preview", data, "--out", tmp_path / "other" / "p.png")
+    assert r.exit_code == 0, r.output
+
+
+def test_audit_never_overwrites_a_report_it_did_not_write(head_run, tmp_path):
+    root, cache, run, data = head_run
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes/report.txt").write_text("mine")
+    r = invoke("audit", cache, "--out", tmp_path / "notes", "--no-plots")
+    assert r.exit_code == 1 and "holds a report.txt that no audit wrote" in r.output
+    assert (tmp_path / "notes/report.txt").read_text() == "mine"
+    assert invoke("audit", cache, "--out", tmp_path / "a", "--no-plots").exit_code == 0
+    assert invoke("audit", cache, "--out", tmp_path / "a", "--no-plots").exit_code == 0  # its own folder again
