@@ -26,6 +26,7 @@ from . import PipelineError
 from .fsio import atomic_write_bytes, atomic_write_json, sha256_file
 from .head import HeadParams, out_of_fold_proba, stratified_folds, train_folds
 from .runfolder import check_output_path, load_manifest
+from .splits import FOLDERS, SplitSpec, cache_record
 
 
 class AuditRunMismatch(PipelineError):
@@ -285,8 +286,18 @@ def out_of_fold_issues(rows: Rows, cfg: AuditConfig, notes: list[str]) -> tuple[
         "folds": k, "out_of_fold_accuracy": round(acc, 6), "train_seconds": round(seconds, 4), "rows": int(len(idx))}
 
 
-def run_head_issues(rows: Rows, cache, run_dir: str) -> tuple[list[dict], dict]:
-    """Val/test rows scored by a train-head run's head, which must have been trained on this cache's features."""
+def _split_words(sp: SplitSpec) -> str:
+    if sp.layout == FOLDERS:
+        return "the folder's own train/ val/ split"
+    test = f", test {sp.test_fraction:g}" if sp.test_fraction > 0 else ""
+    return f"a flat-folder split (val {sp.val_fraction:g}{test}, split seed {sp.seed})"
+
+
+def usable_run(rows: Rows, cache, run_dir: str, notes: list[str]):
+    """The manifest of a train-head run whose head may score this cache's val/test rows: trained on these
+    features (fingerprint), these classes, and these rows in these splits (the split's membership digest,
+    which the run records from its cache): a head trained on another split of the same photos has seen
+    some of this cache's val images."""
     m = load_manifest(run_dir)
     if m.kind != "head":
         raise AuditRunMismatch(f"--run {run_dir} is a {m.kind} run; audit needs a train-head run folder "
@@ -296,6 +307,21 @@ def run_head_issues(rows: Rows, cache, run_dir: str) -> tuple[list[dict], dict]:
                                f"from {cache.path}); audit the cache it was trained on")
     if list(m.class_names) != list(rows.class_names):
         raise AuditRunMismatch(f"--run {run_dir} has classes {m.class_names}, the cache {rows.class_names}")
+    theirs, mine = (m.split or {}).get("digest"), cache_record(cache.attrs.get("split")).get("digest")
+    if theirs and mine and theirs != mine:
+        a, b = SplitSpec.from_record(m.split), SplitSpec.from_record(cache.attrs.get("split"))
+        why = f"the run: {_split_words(a)}; this cache: {_split_words(b)}" if a != b else "other files in its splits"
+        raise AuditRunMismatch(f"--run {run_dir} was trained on another split of the images ({why}): its val/test "
+                               f"images are not this cache's; audit the cache it was trained on, or train a head "
+                               f"on {cache.path}")
+    if not (theirs and mine):
+        notes.append(f"--run {run_dir} or this cache was made by an earlier version that does not record which "
+                     "files are in which split: not checked that the head never saw these val/test images")
+    return m
+
+
+def run_head_issues(rows: Rows, m, run_dir: str) -> tuple[list[dict], dict]:
+    """Val/test rows scored by the head of a run that usable_run accepted."""
     idx = np.flatnonzero(np.asarray(rows.splits) != "train")
     W, b = m.state_dict["weight"].float(), m.state_dict["bias"].float()
     with torch.inference_mode():
@@ -346,10 +372,12 @@ def run_audit(cfg: AuditConfig) -> Audit:
     if len(rows.labels) == 0:
         raise PipelineError(f"cache {cfg.cache} holds no images; nothing to audit")
     data_dir, why = resolve_data_dir(cache, cfg.data_dir)
+    notes: list[str] = []
+    manifest = usable_run(rows, cache, cfg.run, notes) if cfg.run else None  # before any work
     audit = Audit(cache=str(cfg.cache), data_dir=str(data_dir) if data_dir else None,
                   rows={s: int(len(sp.labels)) for s, sp in cache.splits.items()},
                   thresholds={"dup_threshold": cfg.dup_threshold, "label_threshold": cfg.label_threshold,
-                              "outlier_z": cfg.outlier_z, "knn": cfg.knn, "top": cfg.top})
+                              "outlier_z": cfg.outlier_z, "knn": cfg.knn, "top": cfg.top}, notes=notes)
     if data_dir is None:
         audit.notes.append(f"{why}: exact duplicates not checked, pictures without images; pass --data-dir")
         exact_groups: list[list[int]] = []
@@ -368,7 +396,7 @@ def run_audit(cfg: AuditConfig) -> Audit:
         audit.outliers, _ = knn_outliers(rows, sims, cfg.outlier_z)
     scored, audit.scored = out_of_fold_issues(rows, cfg, audit.notes)
     if cfg.run:
-        run_scored, info = run_head_issues(rows, cache, cfg.run)
+        run_scored, info = run_head_issues(rows, manifest, cfg.run)
         scored += run_scored
         audit.scored.update(info)
     elif any(s != "train" for s in rows.splits):

@@ -258,3 +258,29 @@ def test_data_dir_recorded_relative_resolves_against_cache_folder(planted_folder
     monkeypatch.chdir(tmp_path.parent)  # not where the data is
     a = run_audit(AuditConfig(cache=str(copy), out=str(tmp_path / "a"), pictures=False))
     assert a.data_dir == str(tmp_path / "data") and a.missing_files == []
+
+
+def test_run_trained_on_another_split_of_the_same_photos_is_refused(tmp_path):
+    """The same flat folder extracted with two --split-seed values: the same features (same fingerprint),
+    other val images. A head trained on one cache must not score the other's val images (it trained on some)."""
+    from tests.conftest import make_dataset
+
+    flat = make_dataset(tmp_path / "flat", {".": {"ants": 5, "bees": 5}})
+    for seed in ("0", "1"):
+        r = CliRunner().invoke(cli, ["extract", str(flat), "--cache", str(tmp_path / f"s{seed}.h5"), "--weights",
+                                     "none", "--workers", "0", "--split-seed", seed, "--val-fraction", "0.4"])
+        assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(cli, ["train-head", str(tmp_path / "s1.h5"), "--out", str(tmp_path / "run"), "--no-plots",
+                                 "--epochs", "1"])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(cli, ["audit", str(tmp_path / "s0.h5"), "--out", str(tmp_path / "a"), "--run",
+                                 str(tmp_path / "run"), "--no-plots"])
+    assert r.exit_code == 1, r.output
+    assert r.output == (f"Error: --run {tmp_path / 'run'} was trained on another split of the images (the run: a "
+                        "flat-folder split (val 0.4, split seed 1); this cache: a flat-folder split (val 0.4, split "
+                        "seed 0)): its val/test images are not this cache's; audit the cache it was trained on, or "
+                        f"train a head on {tmp_path / 's0.h5'}\n")
+    assert not (tmp_path / "a").exists()
+    r = CliRunner().invoke(cli, ["audit", str(tmp_path / "s1.h5"), "--out", str(tmp_path / "b"), "--run",
+                                 str(tmp_path / "run"), "--no-plots"])
+    assert r.exit_code == 0, r.output
