@@ -20,7 +20,7 @@ from . import PipelineError
 from .backbones import BackboneSpec, build_backbone
 from .distributed import init_distributed, rank_device, shutdown
 from .data import ImageFiles, normalize_batch, scan_dataset
-from .device_decode import RawBatch, RawFiles, collate_raw, decode_crops
+from .device_decode import Decoded, DeviceDecoder, RawBatch, RawFiles, collate_raw
 from .fsio import sha256_file
 from .preprocess import Preprocess, resolve_decoder
 from .progress import Progress
@@ -298,20 +298,53 @@ def plan_batches(writer: PartialWriter, splits: list[str], size: int,
     return batches
 
 
+class _Hashed(torch.utils.data.Dataset):
+    """ImageFiles' items with the sha256 of their file, computed in the worker that just read it (the page
+    cache), not on the main process's critical path."""
+
+    def __init__(self, ds):
+        self.ds = ds
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, key):
+        g, i = key
+        return (*self.ds[key], _sha256_or_empty(Path(self.ds.groups[g][0][i])))
+
+
 def _worker_batch(batch):
-    """A batch the workers cropped: (split number, first row, good uint8 crops, their views, reasons)."""
-    x, v, g, idx, reasons = batch
+    """A batch the workers cropped: (split number, first row, good uint8 crops, their views, reasons, sha256s)."""
+    x, v, g, idx, reasons, digests = batch
     good = [r == "" for r in reasons]
     if not all(good):  # the usual batch has no bad file and needs no copy
         mask = torch.tensor(good)
         x, v = x[mask], v[mask]
-    return int(g[0]), int(idx[0]), x, v, list(reasons)
+    return int(g[0]), int(idx[0]), x, v, list(reasons), list(digests)
 
 
-def _device_batch(batch: RawBatch, device, spec: Preprocess):
-    """A batch of raw JPEG bytes (and odd files' pixels): decoded, resized and cropped on the device."""
-    x, reasons = decode_crops(batch.items(), device, spec)
-    return batch.group, batch.start, x, None, reasons
+def _decoded_ahead(loader, decoder: DeviceDecoder):
+    """(RawBatch, Decoded) in order; batch n+1 is decoded on a background thread (the decode ops release
+    the GIL) while the caller queues batch n's forward: two batches in flight, no more."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1, thread_name_prefix="tlearn-decode") as pool:
+        pending = None
+        for batch in loader:
+            job = (batch, pool.submit(decoder, batch.items()))
+            if pending is not None:
+                yield pending[0], pending[1].result()
+            pending = job
+        if pending is not None:
+            yield pending[0], pending[1].result()
+
+
+def _device_batches(loader, decoder: DeviceDecoder):
+    """Device path: (split number, first row, crops on the device, no views, reasons, sha256s) per batch."""
+    for batch, dec in _decoded_ahead(loader, decoder):
+        batch: RawBatch
+        dec: Decoded
+        yield batch.group, batch.start, dec.take(), None, dec.reasons, batch.digests
 
 
 @dataclass
@@ -324,6 +357,7 @@ class _InFlight:
     feats: PendingFeatures | None
     views: PendingFeatures | None
     k: int  # views per image
+    digests: list[str] | None = None  # the files' sha256s when the workers hashed them
 
 
 def _write_batch(writer: PartialWriter, b: _InFlight, dim: int) -> int:
@@ -335,7 +369,8 @@ def _write_batch(writer: PartialWriter, b: _InFlight, dim: int) -> int:
         feats[ok] = b.feats.wait()
         if b.k:
             vfeats[ok] = b.views.wait().view(-1, b.k, dim)
-    writer.write_segment(b.split, b.start, feats.numpy(), b.reasons, vfeats.numpy() if b.k else None)
+    writer.write_segment(b.split, b.start, feats.numpy(), b.reasons, vfeats.numpy() if b.k else None,
+                         digests=b.digests)
     return len(b.reasons)
 
 
@@ -355,9 +390,9 @@ def extract_rows(writer: PartialWriter, data, model, rt: Runtime, cfg: ExtractCo
               for s in splits]
     on_device = spec.decoder == "torchvision"
     if on_device:
-        ds, collate = RawFiles(groups, spec.exif), collate_raw
+        ds, collate = RawFiles(groups, spec), collate_raw
     else:
-        ds, collate = ImageFiles(groups, spec, seed=cfg.seed), None
+        ds, collate = _Hashed(ImageFiles(groups, spec, seed=cfg.seed)), None
     loader = torch.utils.data.DataLoader(ds, batch_sampler=batches, num_workers=cfg.workers, collate_fn=collate,
                                          pin_memory=rt.pin_memory and not on_device,
                                          prefetch_factor=4 if cfg.workers else None)
@@ -371,18 +406,20 @@ def extract_rows(writer: PartialWriter, data, model, rt: Runtime, cfg: ExtractCo
         else:
             progress.update(len(b.reasons))
 
+    feed = contextlib.closing(_device_batches(loader, DeviceDecoder(rt.device, spec)) if on_device
+                              else (_worker_batch(b) for b in loader))
     try:
-        for batch in loader:
-            g, start, x, v, reasons = _device_batch(batch, rt.device, spec) if on_device else _worker_batch(batch)
-            k = writer.views_of(splits[g])
-            feats = views = None
-            if len(x):
-                feats = forward_features(model, x, rt, spec)
-                if k:
-                    views = forward_features(model, v.flatten(0, 1), rt, spec)
-            queued, in_flight = in_flight, _InFlight(splits[g], start, reasons, feats, views, k)
-            if queued is not None:
-                write(queued)
+        with feed as stream:
+            for g, start, x, v, reasons, digests in stream:
+                k = writer.views_of(splits[g])
+                feats = views = None
+                if len(x):
+                    feats = forward_features(model, x, rt, spec)
+                    if k:
+                        views = forward_features(model, v.flatten(0, 1), rt, spec)
+                queued, in_flight = in_flight, _InFlight(splits[g], start, reasons, feats, views, k, digests)
+                if queued is not None:
+                    write(queued)
     finally:  # also on an error or Ctrl-C in the next batch: a batch already computed is kept
         if in_flight is not None:
             write(in_flight)

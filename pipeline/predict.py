@@ -154,7 +154,7 @@ def _decoder(cache_meta: dict, device: torch.device):
     if spec.decoder == "torchvision":
         from .device_decode import finish_batch, read_for_device
 
-        return lambda files: finish_batch([read_for_device(str(f), spec.exif) for f in files], device, spec)
+        return lambda files: finish_batch([read_for_device(str(f), spec.exif, spec) for f in files], device, spec)
     draft = (spec.resize, spec.resize) if spec.draft else None
 
     def decode(files):

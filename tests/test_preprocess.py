@@ -187,11 +187,12 @@ def test_raw_batch_travels_as_one_tensor_and_comes_back_whole(tmp_path):
     (tmp_path / "bad.jpg").write_text("<html>")
     paths = [str(f) for f in files] + [str(tmp_path / "bad.jpg")]
     items = [read_for_device(p) for p in paths]
-    packed = collate_raw([(k, p, 0, 7 + i, r) for i, (k, p, r) in enumerate(items)])
+    packed = collate_raw([(it, 0, 7 + i) for i, it in enumerate(items)])
     assert isinstance(packed.blob, torch.Tensor) and packed.blob.dtype == torch.uint8 and packed.start == 7
-    assert [k for k, _, _ in items] == ["pixels", "jpeg", "jpeg", "pixels", ""]
-    for (k1, p1, r1), (k2, p2, r2) in zip(items, packed.items()):
-        assert (k1, r1) == (k2, r2) and (p1 is None and p2 is None or torch.equal(p1, p2))
+    assert [it.kind for it in items] == ["crop", "jpeg", "jpeg", "crop", ""]
+    for a, b in zip(items, packed.items()):
+        assert (a.kind, a.reason, a.path, a.pixels, a.sha256) == (b.kind, b.reason, b.path, b.pixels, b.sha256)
+        assert a.payload is None and b.payload is None or torch.equal(a.payload, b.payload)
     x, reasons = decode_crops(packed.items(), torch.device("cpu"))
     assert x.shape == (4, 3, 224, 224) and reasons[:4] == [""] * 4 and "PIL cannot identify" in reasons[4]
 
