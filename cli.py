@@ -17,8 +17,9 @@ import click
 from cache import CacheError
 from pipeline import PipelineError
 from pipeline.progress import Progress
-from pipeline.recipe import RECIPE_FIELDS, TUTORIAL_RECIPE
+from pipeline.recipe import MAX_SEED, RECIPE_FIELDS, TUTORIAL_RECIPE
 from pipeline.runtime import PRECISIONS, default_workers
+from pipeline.splits import LayoutFlagError
 
 
 class BarProgress(Progress):
@@ -67,8 +68,12 @@ def friendly_errors(fn):
             return fn(*args, **kwargs)
         try:
             return fn(*args, **kwargs)
+        except LayoutFlagError as e:  # a flag that does not fit DATA_DIR: bad usage, exit 2
+            raise click.UsageError(str(e)) from None
         except (PipelineError, CacheError) as e:
             raise click.ClickException(str(e)) from None
+        except BrokenPipeError:  # the reader went away (`| head`): click ends quietly, as for its own --help
+            raise
         except OSError as e:  # disk full, read-only folder, permissions: the OS's words and the path
             where = f": {e.filename}" if e.filename else ""
             raise click.ClickException(f"{e.strerror or e}{where}") from None
@@ -82,8 +87,8 @@ class Number(click.ParamType):
     """A finite number within bounds. click's FloatRange lets NaN through (NaN fails every comparison, so
     no bound rejects it) and accepts infinity; a recipe of NaN trains a model of NaN."""
 
-    def __init__(self, kind, min=None, min_open: bool = False, max=None):
-        self.kind, self.min, self.min_open, self.max = kind, min, min_open, max
+    def __init__(self, kind, min=None, min_open: bool = False, max=None, max_open: bool = False):
+        self.kind, self.min, self.min_open, self.max, self.max_open = kind, min, min_open, max, max_open
         self.name = kind.__name__
 
     def problem(self, v) -> str:
@@ -91,8 +96,8 @@ class Number(click.ParamType):
             return f"{v} is not a finite number"
         if self.min is not None and not (v > self.min if self.min_open else v >= self.min):
             return f"{v} is not {'>' if self.min_open else '>='} {self.min}"
-        if self.max is not None and not v <= self.max:
-            return f"{v} is not <= {self.max}"
+        if self.max is not None and not (v < self.max if self.max_open else v <= self.max):
+            return f"{v} is not {'<' if self.max_open else '<='} {self.max}"
         return ""
 
     def parse(self, text, param, ctx):
@@ -149,8 +154,8 @@ def parse_max_skipped(ctx, param, value):
         v = float(value)
     except ValueError:
         raise click.BadParameter("use a fraction below 1 (0.1 = 10%) or a count (5)") from None
-    if v < 0:
-        raise click.BadParameter("must be >= 0")
+    if math.isnan(v) or v < 0:  # NaN would compare False with every count: no limit, silently
+        raise click.BadParameter("must be a number >= 0 (inf: no limit)")
     return v
 
 
@@ -167,9 +172,63 @@ def _set_debug(ctx, param, value):
     return value
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def program_name() -> str:
+    """How the user ran the tool: `python cli.py` (a path to cli.py as typed), or the console script's name."""
+    argv0 = sys.argv[0] if sys.argv and sys.argv[0] else "tlearn"
+    return f"python {argv0}" if argv0.endswith(".py") else os.path.basename(argv0)
+
+
+def tool_version() -> str:
+    """The installed package's version; from a checkout that was never installed, pyproject.toml's."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("tlearn")
+    except PackageNotFoundError:
+        import tomllib
+        from pathlib import Path
+
+        try:
+            return tomllib.loads((Path(__file__).parent / "pyproject.toml").read_text())["project"]["version"]
+        except (OSError, KeyError, ValueError):
+            return "unknown"
+
+
+def _print_version(ctx, param, value):
+    if value and not ctx.resilient_parsing:
+        click.echo(f"tlearn {tool_version()}")
+        ctx.exit()
+
+
+def _examples_as_run(cmd: click.Command, ctx: click.Context, formatter) -> None:
+    """The command's help text with its examples naming the program as it was run (the docstrings say
+    `cli.py ...`; run as `tlearn` they say `tlearn ...`)."""
+    text = cmd.help
+    if text:
+        cmd.help = text.replace("cli.py ", f"{ctx.find_root().info_name} ")
+    try:
+        super(type(cmd), cmd).format_help_text(ctx, formatter)
+    finally:
+        cmd.help = text
+
+
+class ToolCommand(click.Command):
+    def format_help_text(self, ctx: click.Context, formatter) -> None:
+        _examples_as_run(self, ctx, formatter)
+
+
+class ToolGroup(click.Group):
+    command_class = ToolCommand
+
+    def format_help_text(self, ctx: click.Context, formatter) -> None:
+        _examples_as_run(self, ctx, formatter)
+
+
+@click.group(cls=ToolGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--debug", is_flag=True, expose_value=False, is_eager=True, callback=_set_debug,
               help=f"Show full tracebacks instead of one-line errors (or set {DEBUG_ENV}=1).")
+@click.option("--version", is_flag=True, expose_value=False, is_eager=True, callback=_print_version,
+              help="Print the version and exit.")
 def cli():
     """Transfer learning for image classifiers: extract features once, train heads in seconds."""
 
@@ -177,10 +236,10 @@ def cli():
 def split_option_list() -> list:
     """How a flat folder (DATA_DIR/<class>/*.jpg) is split; the same flags give the same split everywhere."""
     return [
-        click.option("--val-fraction", default=None, type=click.FloatRange(0, 1, min_open=True, max_open=True),
+        click.option("--val-fraction", default=None, type=Number(float, min=0, min_open=True, max=1, max_open=True),
                      help="Flat folders: share of each class that goes to val, file by file (default 0.2). "
                           "Not for folders with train/ and val/."),
-        click.option("--test-fraction", default=None, type=click.FloatRange(0, 1, max_open=True),
+        click.option("--test-fraction", default=None, type=Number(float, min=0, max=1, max_open=True),
                      help="Flat folders: share of each class held out as a test split (default none)."),
         click.option("--split-seed", default=0, show_default=True, type=int,
                      help="Flat folders: which files go to val/test (a file's split depends on its path and this)."),
@@ -445,7 +504,7 @@ def run(data_dir, out, cache_path, **o):
 @click.option("--knn", default=5, show_default=True, type=click.IntRange(min=1), help="Neighbours for outliers.")
 @click.option("--folds", default=5, show_default=True, type=click.IntRange(min=2),
               help="Folds of the out-of-fold heads that score the train images.")
-@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--seed", default=0, show_default=True, type=Number(int, min=0, max=MAX_SEED))
 @click.option("--no-plots", is_flag=True, help="Skip suspects.png and duplicates.png.")
 @click.option("--json", "as_json", is_flag=True, help="Print audit.json instead of the report.")
 @friendly_errors
@@ -626,7 +685,7 @@ def export(run_dir, out):
 @click.argument("data_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="PNG file to write.")
 @click.option("-n", "--count", default=8, show_default=True, type=click.IntRange(min=1, max=64))
-@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--seed", default=0, show_default=True, type=Number(int, min=0, max=MAX_SEED))
 @friendly_errors
 def preview(data_dir, out, count, seed):
     """A grid of augmented training images titled with their class.
@@ -644,7 +703,7 @@ CLEAN_EXIT_ENV = "TLEARN_CLEAN_EXIT"  # 1: end the process the usual way (full i
 
 def main():
     try:
-        cli(prog_name="tlearn")
+        cli(prog_name=program_name())
     except SystemExit as e:
         if isinstance(e.code, (int, type(None))) and _nothing_left_running():
             quick_exit(e.code or 0)

@@ -20,8 +20,8 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from . import PipelineError
 from .preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess  # noqa: F401  (re-exported)
-from .splits import FLAT, FOLDERS, SPLIT_FOLDERS, LayoutError, SplitSpec, assign, check_class_split, flat_spec, \
-    membership_digest
+from .splits import DEFAULT_SPLITS, FLAT, FOLDERS, SPLIT_FOLDERS, LayoutError, LayoutFlagError, SplitSpec, assign, \
+    check_class_split, flat_spec, membership_digest
 from .text import is_utf8, printable
 
 # torchvision's ImageFolder list; matched case-insensitively.
@@ -240,7 +240,7 @@ def detect_layout(root: Path, splits: list[str], flat_flags: bool) -> str:
             f"{'/ and '.join(split_dirs)}/ (your split), or move the split folders' class folders up into {root} "
             "(the tool splits them, see --val-fraction)")
     if flat_flags:
-        raise LayoutError(f"{root} has its own split folders ({', '.join(d + '/' for d in split_dirs)}), so "
+        raise LayoutFlagError(f"{root} has its own split folders ({', '.join(d + '/' for d in split_dirs)}), so "
                           "--val-fraction/--test-fraction/--split-seed do not apply; drop them, or point at a folder "
                           "of class folders")
     return FOLDERS
@@ -267,8 +267,7 @@ def scan_flat(root: Path, spec: SplitSpec, allow_empty_class: bool = False) -> S
         if sum(counts.values()) == 0:
             if allow_empty_class:
                 continue
-            raise PipelineError(f"class folder {root / cls} has no images; "
-                                "add images, remove the folder, or pass --allow-empty-class")
+            raise EmptyClassError(empty_class_message(root / cls))
         check_class_split(cls, counts, spec)
     return ScannedData(root, class_names, out, spec)
 
@@ -284,6 +283,10 @@ def scan_dataset(root: str | os.PathLike, splits: list[str], allow_empty_class: 
         raise PipelineError(f"dataset folder {root} does not exist")
     flat_flags = val_fraction is not None or test_fraction is not None or split_seed != 0
     if detect_layout(root, list(splits), flat_flags) == FLAT:
+        if tuple(splits) != DEFAULT_SPLITS:  # the default names exactly the train and val a flat split gives
+            raise LayoutFlagError(
+                f"{root} holds class folders only (no train/ or val/ folders), so --splits does not apply: the tool "
+                "splits it (see --val-fraction); drop --splits, or give the folder its own train/ and val/ folders")
         return scan_flat(root, flat_spec(val_fraction, test_fraction, split_seed), allow_empty_class)
     splits = list(dict.fromkeys(splits + (["test"] if (root / "test").is_dir() else [])))
     for s in splits:
@@ -302,11 +305,54 @@ def scan_dataset(root: str | os.PathLike, splits: list[str], allow_empty_class: 
     counts = np.bincount(np.asarray(first.labels, dtype=np.int64), minlength=len(class_names))
     empty = [c for c, n in zip(class_names, counts) if n == 0]
     if empty and not allow_empty_class:
-        raise PipelineError(
-            f"class folder {root / splits[0] / empty[0]} has no images; "
-            "add images, remove the folder, or pass --allow-empty-class"
-        )
+        raise EmptyClassError(empty_class_message(root / splits[0] / empty[0]))
     return ScannedData(root, class_names, scanned, SplitSpec(FOLDERS))
+
+
+class EmptyClassError(PipelineError):
+    """A class with no usable train image (none found, or none that decodes), without --allow-empty-class."""
+
+
+def empty_class_message(folder: Path, what: str = "no images") -> str:
+    return f"class folder {folder} has {what}; add images, remove the folder, or pass --allow-empty-class"
+
+
+def check_usable_classes(data: ScannedData, train_labels, skipped=(), allow_empty_class: bool = False) -> None:
+    """The scan's empty-class check again after the decode pass: a class whose train files all failed to
+    decode is as empty as a class folder without images (it would train on nothing and report support 0).
+    train_labels: labels of the first split's files that decoded; skipped: (path, reason) of those that did
+    not (one of the class's is quoted)."""
+    if allow_empty_class:
+        return
+    usable = set(int(y) for y in train_labels)
+    first = next(iter(data.splits))
+    flat = data.split.layout == FLAT
+    for ci, cls in enumerate(data.class_names):
+        if ci in usable:
+            continue
+        folder = data.root / cls if flat else data.root / first / cls
+        prefix = folder.relative_to(data.root).as_posix() + "/"
+        n = data.splits[first].labels.count(ci)  # >= 1: the scan refused a class without any
+        example = next((f", e.g. {path}: {reason}" for path, reason in skipped if str(path).startswith(prefix)), "")
+        what = f"no {'train ' if flat else ''}images that decode (all {n} failed{example})"
+        raise EmptyClassError(empty_class_message(folder, what))
+
+
+def scan_preview_images(root: str | os.PathLike, split: str = "train") -> tuple[list[str], Split]:
+    """(class names, the images a preview draws from): the train split of a folder with its own split; every
+    image of a flat folder (which of them train is a choice of flags preview does not have, and a class
+    too small to split is still worth a look)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise PipelineError(f"dataset folder {root} does not exist")
+    if detect_layout(root, [split], False) == FLAT:
+        class_names = list_classes(root)
+        if not class_names:
+            raise PipelineError(f"no class folders in {root}: expected {root}/<class>/<image> "
+                                "(or train/ and val/ folders of class folders)")
+        return class_names, scan_split(root, "", class_names)
+    data = scan_dataset(root, [split], allow_empty_class=True)
+    return data.class_names, data.splits[split]
 
 
 def scan_files(inputs: list[str]) -> tuple[list[Path], list[tuple[str, str]]]:
@@ -621,6 +667,12 @@ def worker_error_line(e: BaseException) -> str:
     return text
 
 
+def image_seed(seed: int, epoch: int, i: int) -> int:
+    """The seed of image i's augmentation in an epoch: distinct per (seed, epoch, i), reduced modulo 2**64
+    into torch's seed range (unchanged below it), so every --seed the option accepts works."""
+    return ((seed * 1_000_003 + epoch) * 10_000_019 + i) % 2**64
+
+
 class LabelledImages(torch.utils.data.Dataset):
     """files[i] -> (transform(image), label). Indexed by (epoch, i): random transforms are seeded by
     (seed, epoch, i), so augmentation is the same whatever the workers, batching or resume point."""
@@ -639,7 +691,7 @@ class LabelledImages(torch.utils.data.Dataset):
             raise ImageChanged(f"{self.files[i]} passed the decode check but cannot be read now ({e}); fix or "
                                "remove it and run again") from None
         state = torch.random.get_rng_state()
-        torch.manual_seed((self.seed * 1_000_003 + epoch) * 10_000_019 + i)
+        torch.manual_seed(image_seed(self.seed, epoch, i))
         x = self.transform(img)
         torch.random.set_rng_state(state)
         return x, self.labels[i]

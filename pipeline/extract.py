@@ -19,7 +19,7 @@ from cache.store import FORMAT, RESERVED, CacheLock, FeatureCache, PartialWriter
 from . import PipelineError
 from .backbones import BackboneSpec, build_backbone
 from .distributed import init_distributed, rank_device, shutdown
-from .data import ImageFiles, normalize_batch, scan_dataset
+from .data import ImageFiles, check_usable_classes, normalize_batch, scan_dataset
 from .device_decode import Decoded, DeviceDecoder, RawBatch, RawFiles, collate_raw
 from .fsio import sha256_file
 from .preprocess import Preprocess, resolve_decoder
@@ -589,9 +589,20 @@ def _extract(cfg: ExtractConfig, progress: Progress, d) -> dict:
             return summarize(cfg, data, [], {}, computed, time.perf_counter() - t0, resumed=already)
         n_decode_bad = sum(int((np.load(s.path)["ok"] == 0).sum()) for s in writer.segments())
         _check_skipped(cfg, len(scan_skipped) + n_decode_bad, total + len(scan_skipped))
+        _check_decoded_classes(cfg, data, writer)
         result = writer.finalize(ex.attrs, scan_skipped)
     return summarize(cfg, data, result["skipped"], result["rows"], computed, time.perf_counter() - t0,
                      resumed=already, discarded=writer.discarded, reused=reused, changed=outcome.changed)
+
+
+def _check_decoded_classes(cfg: ExtractConfig, data, writer: PartialWriter) -> None:
+    """A class whose train files all failed to decode is refused as an empty class is (finished work is kept:
+    the rerun with --allow-empty-class only assembles)."""
+    first = views_split(data)
+    sp = data.splits[first]
+    reasons = np.concatenate([np.load(s.path)["reasons"] for s in writer.segments(first)])
+    check_usable_classes(data, [y for y, r in zip(sp.labels, reasons) if not r],
+                         [(p, str(r)) for p, r in zip(sp.paths, reasons) if r], cfg.allow_empty_class)
 
 
 def summarize(cfg, data, skipped, rows, computed, seconds, up_to_date=False, resumed=0, discarded="",

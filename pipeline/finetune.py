@@ -17,8 +17,8 @@ from torch import nn
 
 from . import PipelineError
 from .backbones import BackboneSpec, build_torchvision, replace_module
-from .data import TRANSFORM_SPEC, EpochSampler, ImageChanged, LabelledImages, eval_transform, find_unreadable, \
-    scan_dataset, train_transform, worker_error_line
+from .data import TRANSFORM_SPEC, EpochSampler, ImageChanged, LabelledImages, check_usable_classes, eval_transform, \
+    find_unreadable, scan_dataset, train_transform, worker_error_line
 from .distributed import Dist, init_distributed, rank_device, shutdown
 from .head import TrainingDiverged
 from .optim import SGD, StepLR
@@ -312,7 +312,19 @@ def _files_digest(files: dict) -> str:
     return sha256_json({k: [v[2], v[1]] for k, v in files.items()})
 
 
-def _load_checkpoint(cfg: FinetuneConfig, digest: str) -> FinetuneCheckpoint | None:
+def file_stats(data, files: dict) -> dict[str, list[int]]:
+    """{relative path: [size, mtime_ns]} of the usable files, from the scan's stat of each."""
+    stat = {p: [int(size), int(mtime)] for sp in data.splits.values()
+            for p, size, mtime in zip(sp.paths, sp.sizes, sp.mtimes)}
+    return {p: stat[p] for _, _, paths in files.values() for p in paths}
+
+
+def changed_files(recorded: dict[str, list[int]], now: dict[str, list[int]]) -> list[str]:
+    """Files recorded at the checkpoint whose size or mtime differs now (same path: other content)."""
+    return sorted(p for p, st in recorded.items() if p in now and list(now[p]) != list(st))
+
+
+def _load_checkpoint(cfg: FinetuneConfig, digest: str, stats: dict | None = None) -> FinetuneCheckpoint | None:
     path = Path(cfg.out) / CHECKPOINT
     if not cfg.resume:
         if path.exists():
@@ -328,6 +340,13 @@ def _load_checkpoint(cfg: FinetuneConfig, digest: str) -> FinetuneCheckpoint | N
                             f"({', '.join(diff)}); use the same flags or another --out")
     if ck.files_digest != digest:
         raise PipelineError(f"cannot resume {cfg.out}: the usable files of {cfg.data_dir} changed since the checkpoint")
+    changed = changed_files(ck.file_stats or {}, stats or {})
+    if changed:  # the epochs so far learned (and were selected) on the old pictures
+        shown = ", ".join(changed[:5]) + (f" and {len(changed) - 5} more" if len(changed) > 5 else "")
+        raise PipelineError(f"cannot resume {cfg.out}: {len(changed)} file{'s' * (len(changed) != 1)} of "
+                            f"{cfg.data_dir} changed since the checkpoint (same path, other size or modification "
+                            f"time): {shown}; put {'them' if len(changed) != 1 else 'it'} back, or start again "
+                            "in another --out")
     return ck
 
 
@@ -413,9 +432,11 @@ def _train(cfg: FinetuneConfig, progress: Progress, d: Dist, folder: RunFolder |
                         cfg.split_seed)
     from_cache = cache_verdicts(cfg.cache, data.root) if cfg.cache else None
     files, skipped = usable_files(data, cfg.workers, cfg.max_skipped, d, Path(cfg.out) / VERDICTS, from_cache)
+    check_usable_classes(data, files[train_name][1], skipped, cfg.allow_empty_class)  # no class left without images
     names = list(files)
     digest = _files_digest(files)
-    ck = _load_checkpoint(cfg, digest)
+    stats = file_stats(data, files)
+    ck = _load_checkpoint(cfg, digest, stats)
     batch = local_batch_size(cfg.batch_size, d.world)
     if batch * d.world != cfg.batch_size:
         progress.log(f"--batch-size {cfg.batch_size} does not split over {d.world} processes: "
@@ -453,7 +474,8 @@ def _train(cfg: FinetuneConfig, progress: Progress, d: Dist, folder: RunFolder |
         # shuffling and augmentation are keyed by (seed, epoch, image) and do not need it; restored so any
         # other use of torch's RNG continues as it would have
         torch.random.set_rng_state(ck.rng_torch)
-        progress.log(f"resuming {cfg.out} after epoch {ck.epoch} of {cfg.epochs}")
+        progress.log(f"resuming {cfg.out} after epoch {ck.epoch} of {cfg.epochs}" + (
+            "" if ck.file_stats is not None else " (an older checkpoint: files changed in place are not detected)"))
     if ck is None:  # dropout and any other draw in the loop: the same run for the same --seed
         torch.manual_seed(cfg.seed)
     net = model
@@ -495,7 +517,7 @@ def _train(cfg: FinetuneConfig, progress: Progress, d: Dist, folder: RunFolder |
                 scheduler=scheduler.state_dict(), scaler=scaler.state_dict(), history=copy.deepcopy(history),
                 best_acc=best_acc, best_epoch=best_epoch, best_state=best_state,
                 best_preds=torch.as_tensor(best_preds).clone(), seconds=seconds, recipe=_recipe(cfg),
-                files_digest=digest, rng_torch=torch.random.get_rng_state()))
+                files_digest=digest, rng_torch=torch.random.get_rng_state(), file_stats=stats))
         progress.update(1)
         progress.log(f"epoch {epoch}: train loss {train_loss:.4f} acc {train_acc:.4f} | "
                      f"val loss {val_loss:.4f} acc {val_acc:.4f} | {took:.1f} s")

@@ -11,7 +11,7 @@ from torch import nn
 from . import PipelineError
 from .backbones import BackboneSpec, architecture, build_backbone, file_sha256, last_linear_name, load_weights_into, \
     materialize_counters, replace_module
-from .data import BadImage, load_rgb, scan_files
+from .data import IMG_EXTENSIONS, BadImage, load_rgb, scan_files
 from .progress import Progress
 from .runfolder import RunManifest, load_manifest
 from .text import printable
@@ -96,6 +96,10 @@ class Prediction:
         return {k: v for k, v in d.items() if v is not None}
 
 
+class NoImagesError(PipelineError):
+    """predict was given only folders without any file."""
+
+
 def input_entries(inputs: list[str]) -> list[tuple[Path | str, str]]:
     """(path, reason it cannot be used or '') of every file the inputs name, in the order given (a folder's
     files sorted in its place), usable and unusable alike."""
@@ -116,6 +120,9 @@ def predict(run_dir: str, inputs: list[str], device: str = "auto", batch_size: i
     rt = resolve_runtime(device, "fp32" if (manifest.precision == "fp16" and on_cpu) else manifest.precision)
     model = model.to(rt.device)
     entries = input_entries(inputs)
+    if not entries:  # only empty folders: a table with a header and no rows would read as success
+        raise NoImagesError(f"no images found in {', '.join(map(str, inputs))} (looked for "
+                            f"{', '.join(IMG_EXTENSIONS)}); name image files or folders that hold some")
     decode = _decoder({**manifest.decoding, "transform": manifest.transform}, rt.device)  # decode as the run's features were made
     results = [Prediction(str(p), error=reason) if reason else None for p, reason in entries]
     todo = [i for i, r in enumerate(results) if r is None]

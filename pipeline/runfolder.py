@@ -22,7 +22,7 @@ import re
 import shutil
 import sys
 import threading
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Callable
 
@@ -219,6 +219,8 @@ class FinetuneCheckpoint:
     files_digest: str
     rng_torch: object  # torch.Tensor: torch's CPU RNG state
     format: str = field(default=CHECKPOINT_FORMAT)
+    # {relative path: [size, mtime_ns]} of the files trained on; None in checkpoints made before it existed
+    file_stats: dict | None = None
 
     def save(self, path: Path) -> None:
         atomic_write_bytes(path, _torch_bytes({f.name: getattr(self, f.name) for f in fields(self)}))
@@ -229,11 +231,12 @@ class FinetuneCheckpoint:
         names = [f.name for f in fields(cls) if f.name != "format"]
         if not isinstance(obj, dict) or obj.get("format", CHECKPOINT_FORMAT) != CHECKPOINT_FORMAT:
             raise ModelFileError(f"{path} is not a finetune checkpoint this version can read; choose another --out")
-        missing = [k for k in names if k not in obj]
+        required = [f.name for f in fields(cls) if f.name != "format" and f.default is MISSING]
+        missing = [k for k in required if k not in obj]
         if missing:
             raise ModelFileError(f"{path} is not a finetune checkpoint of this tool (missing {', '.join(missing)}); "
                                  "choose another --out")
-        return cls(**{k: obj[k] for k in names})
+        return cls(**{k: obj[k] for k in names if k in obj})
 
 
 class CheckpointWriter:

@@ -40,8 +40,16 @@ SPLIT_FOLDERS = ("train", "val", "test")
 FLAT, FOLDERS = "flat", "folders"
 
 
+DEFAULT_SPLITS = ("train", "val")  # --splits when not given: also exactly what a flat folder's split gives
+
+
 class LayoutError(PipelineError):
     """DATA_DIR mixes class folders with split folders, or flags that do not fit its layout."""
+
+
+class LayoutFlagError(LayoutError):
+    """A flag that does not fit DATA_DIR's layout (--val-fraction on split folders, --splits on a flat
+    folder): a usage error, reported as one (exit 2)."""
 
 
 class TooFewImagesError(PipelineError):
@@ -120,9 +128,30 @@ def check_class_split(cls: str, counts: dict[str, int], spec: SplitSpec) -> None
         if counts.get(s, 0) == 0:
             share = {"val": spec.val_fraction, "test": spec.test_fraction}.get(
                 s, 1 - spec.val_fraction - spec.test_fraction)
+            count = share * n
+            expected = f"{share:g} of {n} = {f'{count:.1f}' if count >= 0.05 else f'{count:.2g}'} expected"
+            if share * n < 0.5:  # no seed is likely to help: the fraction itself leaves this split (nearly) empty
+                raise TooFewImagesError(f"class {cls!r} has {n} images and {_fraction_cause(s, spec)} too few of them "
+                                        f"for {s} ({expected}); {_fraction_advice(s, spec)}, or add images to it")
             raise TooFewImagesError(
                 f"class {cls!r} has {n} images and none of them falls into {s} with split seed {spec.seed} "
-                f"({share:g} of {n} = {share * n:.1f} expected); add images to it, or pick another --split-seed")
+                f"({expected}); add images to it, or pick another --split-seed")
+
+
+def _fraction_cause(split: str, spec: SplitSpec) -> str:
+    """The flags that make split's share small, with their values and a verb."""
+    if split == "val":
+        return f"--val-fraction {spec.val_fraction:g} gives"
+    if split == "test":
+        return f"--test-fraction {spec.test_fraction:g} gives"
+    if spec.test_fraction > 0:
+        return f"--val-fraction {spec.val_fraction:g} and --test-fraction {spec.test_fraction:g} leave"
+    return f"--val-fraction {spec.val_fraction:g} leaves"
+
+
+def _fraction_advice(split: str, spec: SplitSpec) -> str:
+    return {"val": "raise --val-fraction", "test": "raise --test-fraction"}.get(
+        split, "lower --val-fraction" + (" or --test-fraction" if spec.test_fraction > 0 else ""))
 
 
 def cache_record(text: str | None) -> dict:

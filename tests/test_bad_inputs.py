@@ -180,3 +180,49 @@ def test_finetune_refuses_split_names_that_are_not_sub_folders(tiny_data, tmp_pa
                                  "--splits", splits, "--workers", "0"])
     assert r.exit_code == 1 and r.output.startswith("Error: --splits: "), r.output
     assert not (tmp_path / "ft").exists()
+
+
+def test_a_class_whose_files_all_fail_to_decode_is_an_empty_class(tmp_path):
+    """Scanning finds files in train/bees, decoding keeps none: refused as an empty class folder is (it used to
+    train and report a class of support 0), by extract and finetune; --allow-empty-class keeps it."""
+    root = make_dataset(tmp_path / "d", {"train": {"ants": 2}, "val": {"ants": 1}})
+    (root / "train/bees").mkdir()
+    (root / "train/bees/zero.jpg").write_bytes(b"")
+    (root / "train/bees/page.jpg").write_text("<html></html>")
+    line = (f"Error: class folder {root / 'train/bees'} has no images that decode (all 2 failed, e.g. "
+            "train/bees/page.jpg: not a readable image (PIL cannot identify it)); add images, remove the folder, "
+            "or pass --allow-empty-class")
+    flags = ["--weights", "none", "--workers", "0"]
+    cache = tmp_path / "c.h5"
+    r = CliRunner().invoke(cli, ["extract", str(root), "--cache", str(cache), *flags])
+    assert r.exit_code == 1 and r.output.strip().splitlines()[-1] == line, r.output
+    assert not cache.exists()
+    r = CliRunner().invoke(cli, ["finetune", str(root), "--out", str(tmp_path / "ft"), "--epochs", "1", *flags])
+    assert r.exit_code == 1 and r.output.strip().splitlines()[-1] == line, r.output
+    assert not (tmp_path / "ft/model.pt").exists()
+    r = CliRunner().invoke(cli, ["extract", str(root), "--cache", str(cache), "--allow-empty-class", *flags])
+    assert r.exit_code == 0, r.output
+    c = read_cache(cache)
+    assert c.class_names == ["ants", "bees"] and c.splits["train"].labels.tolist() == [0, 0]
+
+
+def test_a_flat_class_whose_train_files_all_fail_to_decode_is_refused(tmp_path):
+    from pipeline.splits import assign, flat_spec
+    from tests.conftest import write_image
+
+    root = tmp_path / "flat"
+    for i in range(4):
+        write_image(root / "ants" / f"a{i}.jpg", 0, i)
+    spec = flat_spec(None, None, 0)
+    names = [n for n in (f"b{i}.jpg" for i in range(40)) if assign(f"bees/{n}", spec) == "train"][:2]
+    names += [n for n in (f"b{i}.jpg" for i in range(40)) if assign(f"bees/{n}", spec) == "val"][:1]
+    for n in names[:2]:
+        (root / "bees" / n).parent.mkdir(parents=True, exist_ok=True)
+        (root / "bees" / n).write_bytes(b"")
+    write_image(root / "bees" / names[2], 1, 9)  # its only image that decodes falls into val
+    r = CliRunner().invoke(cli, ["extract", str(root), "--cache", str(tmp_path / "c.h5"), "--weights", "none",
+                                 "--workers", "0"])
+    assert r.exit_code == 1, r.output
+    assert r.output.strip().splitlines()[-1] == (
+        f"Error: class folder {root / 'bees'} has no train images that decode (all 2 failed, e.g. bees/{min(names[:2])}: "
+        "empty file (0 bytes)); add images, remove the folder, or pass --allow-empty-class")

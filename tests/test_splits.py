@@ -181,3 +181,66 @@ def test_grown_flat_folder_reuses_the_cache(tmp_path):
     r = invoke("extract", root, "--cache", cache, *flags)
     assert r.exit_code == 0, r.output
     assert "12 rows reused from the existing cache, 2 new" in r.output
+
+
+def test_splits_flag_on_a_flat_folder_is_a_usage_error(tmp_path, tiny_data):
+    """A flat folder is split by the tool: --splits was ignored by extract (no test split from train,val,test;
+    foo,bar accepted) and used by finetune (val,train trained on val). Refused, as --val-fraction is refused
+    for split folders; both are usage errors (exit 2) before any work."""
+    root = make_flat(tmp_path / "d", {"ants": 4, "bees": 4})
+    line = (f"Error: {root} holds class folders only (no train/ or val/ folders), so --splits does not apply: the "
+            "tool splits it (see --val-fraction); drop --splits, or give the folder its own train/ and val/ folders")
+    flags = ["--weights", "none", "--workers", "0"]
+    for cmd in (["extract", root, "--cache", tmp_path / "c.h5"], ["finetune", root, "--out", tmp_path / "ft"],
+                ["run", root, "--out", tmp_path / "run"]):
+        for splits in ("train,val,test", "foo,bar", "val,train"):
+            r = CliRunner().invoke(cli, [str(a) for a in cmd] + ["--splits", splits, *flags])
+            assert r.exit_code == 2 and r.output.strip().splitlines()[-1] == line, (cmd, splits, r.output)
+    assert not (tmp_path / "c.h5").exists() and not (tmp_path / "ft/checkpoint.pt").exists()
+    assert not (tmp_path / "run/features.h5").exists()
+    with pytest.raises(LayoutError):
+        scan_dataset(root, ["val", "train"])
+    assert list(scan_dataset(root, ["train", "val"]).splits) == ["train", "val"]  # the default's own names
+    r = CliRunner().invoke(cli, ["extract", str(tiny_data), "--cache", str(tmp_path / "t.h5"), "--val-fraction", "0.3",
+                                 *flags])
+    assert r.exit_code == 2 and "so --val-fraction/--test-fraction/--split-seed do not apply" in r.output
+
+
+def test_a_fraction_that_leaves_a_split_empty_is_blamed_not_the_seed(tmp_path):
+    root = make_flat(tmp_path / "d", {"ants": 30, "bees": 20})
+    with pytest.raises(TooFewImagesError) as e:
+        scan_dataset(root, ["train", "val"], val_fraction=0.999)
+    assert str(e.value) == ("class 'ants' has 30 images and --val-fraction 0.999 leaves too few of them for train "
+                            "(0.001 of 30 = 0.03 expected); lower --val-fraction, or add images to it")
+    with pytest.raises(TooFewImagesError) as e:
+        scan_dataset(root, ["train", "val"], val_fraction=0.001)
+    assert str(e.value) == ("class 'ants' has 30 images and --val-fraction 0.001 gives too few of them for val "
+                            "(0.001 of 30 = 0.03 expected); raise --val-fraction, or add images to it")
+    with pytest.raises(TooFewImagesError, match="--val-fraction 0.5 and --test-fraction 0.499 leave too few of them "
+                                                "for train .*; lower --val-fraction or --test-fraction, or add"):
+        scan_dataset(root, ["train", "val"], val_fraction=0.5, test_fraction=0.499)
+    r = CliRunner().invoke(cli, ["extract", str(root), "--cache", str(tmp_path / "c.h5"), "--val-fraction", "0.999"])
+    assert r.exit_code == 1 and "split seed" not in r.output and "--val-fraction 0.999 leaves too few" in r.output
+
+
+@pytest.mark.parametrize("flag, value", [("--val-fraction", "nan"), ("--val-fraction", "inf"),
+                                         ("--test-fraction", "nan"), ("--test-fraction", "-inf"),
+                                         ("--max-skipped", "nan")])
+def test_non_finite_fractions_are_usage_errors(tmp_path, flag, value):
+    root = make_flat(tmp_path / "d", {"ants": 4, "bees": 4})
+    for cmd in (["extract", root, "--cache", tmp_path / "c.h5"], ["finetune", root, "--out", tmp_path / "ft"]):
+        r = CliRunner().invoke(cli, [str(a) for a in cmd] + [flag, value, "--weights", "none"])
+        assert r.exit_code == 2 and f"Invalid value for '{flag}'" in r.output, r.output
+    assert not (tmp_path / "c.h5").exists() and not (tmp_path / "ft").exists()
+
+
+def test_preview_of_a_flat_folder_needs_no_val_split(tmp_path):
+    """preview draws training pictures: a flat folder whose class is too small to split (or falls into val
+    with the default seed) still gets its grid, from all its images."""
+    root = make_flat(tmp_path / "d", {"ants": 5, "bees": 1}, size=(40, 32))
+    r = CliRunner().invoke(cli, ["preview", str(root), "--out", str(tmp_path / "p.png"), "-n", "6"])
+    assert r.exit_code == 0, r.output
+    assert r.output.strip() == f"wrote {tmp_path / 'p.png'} (6 images)"
+    from pipeline.preview import preview
+
+    assert sorted(preview(str(root), str(tmp_path / "q.png"), n=6)["classes"]) == ["ants"] * 5 + ["bees"]
