@@ -2,15 +2,18 @@
 
 Everything is computed from the cached features (any backbone) plus, for exact duplicates and the
 pictures, the image files named in the cache:
-- exact duplicates: the same bytes (sha256 of each file in the data folder);
+- copies: groups of rows with the same bytes (sha256 of each file in the data folder) or the same
+  features (rounded), one record per group whatever its size (linear in the rows: 20,000 copies of one
+  image are one group, never 200 million pairs);
 - near duplicates: cosine similarity of mean-centred features, every pair above a threshold, within
-  and across splits, found block by block (never an N x N matrix);
+  and across splits, among one row per group of copies, found block by block (never an N x N matrix);
 - label issues: out-of-fold class probabilities of every train image from K heads trained at once
   (head.train_folds), and, with --run, val/test images scored by that run's trained head;
 - outliers: mean cosine distance to the k nearest neighbours, flagged by a robust z-score.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import time
@@ -49,6 +52,8 @@ class AuditConfig:
     pictures: bool = True
     block_rows: int = 2048  # similarity search block: memory ~ 2 x block^2 x 4 bytes
     max_pairs: int = 100_000  # more near-duplicate pairs than this means the threshold is far too low
+    max_groups: int = 200  # groups of copies listed at most (audit.json stays bounded; all are counted)
+    max_group_files: int = 25  # files listed per group at most (every split of the group among them)
 
 
 @dataclass
@@ -73,7 +78,9 @@ class Audit:
     data_dir: str | None
     rows: dict[str, int]
     thresholds: dict
-    duplicates: list[dict] = field(default_factory=list)
+    copies: dict = field(default_factory=dict)  # groups, files, cross_split_groups, listed
+    copy_groups: list[dict] = field(default_factory=list)
+    duplicates: list[dict] = field(default_factory=list)  # near pairs (not copies of each other)
     label_issues: list[dict] = field(default_factory=list)
     outliers: list[dict] = field(default_factory=list)
     scored: dict = field(default_factory=dict)  # how the label issues were scored (folds, accuracy, run)
@@ -149,14 +156,17 @@ def _merge_topk(best_s, best_i, cand_s, cand_i, k):
     return top.values, i.gather(1, top.indices)
 
 
-def neighbour_search(F: torch.Tensor, k: int, threshold: float, block: int = 2048, max_pairs: int = 100_000):
+def neighbour_search(F: torch.Tensor, k: int, threshold: float, block: int = 2048, max_pairs: int = 100_000,
+                     pair_rows: np.ndarray | None = None):
     """Top-k most similar other rows of every row, and every pair (i < j) with similarity >= threshold.
 
     F (N,D) unit rows. Works on block x block tiles of the upper triangle, each tile updating the
     top-k of both its row and its column block: memory O(block^2 + N k), never N x N.
+    pair_rows (N,) bool: pairs only between these rows (one per group of copies); None: all rows.
     Returns (sims (N,k) float32 descending, idx (N,k) int64, pairs (P,3) float64 [i, j, sim]).
     """
     N = F.shape[0]
+    among = None if pair_rows is None else torch.from_numpy(np.asarray(pair_rows, bool))
     k = max(0, min(k, N - 1))
     best_s = torch.full((N, k), -math.inf)
     best_i = torch.full((N, k), -1, dtype=torch.long)
@@ -170,7 +180,12 @@ def neighbour_search(F: torch.Tensor, k: int, threshold: float, block: int = 204
                 if c == a:
                     S.fill_diagonal_(-math.inf)  # a row is not its own neighbour
                 # a tile's max first: scanning a mask of a tile without pairs costs 10x more
-                ii, jj = torch.nonzero(S >= threshold, as_tuple=True) if S.amax() >= threshold else (None, None)
+                ii = jj = None
+                if S.amax() >= threshold:
+                    hit = S >= threshold
+                    if among is not None:
+                        hit &= among[a:a + S.shape[0], None] & among[None, c:c + S.shape[1]]
+                    ii, jj = torch.nonzero(hit, as_tuple=True)
                 if ii is not None:
                     keep = (ii + a) < (jj + c)  # each pair once (the diagonal tile holds both orders)
                     ii, jj = ii[keep], jj[keep]
@@ -210,23 +225,94 @@ def exact_duplicate_groups(rows: Rows, data_dir: Path) -> tuple[list[list[int]],
     return [g for g in by_digest.values() if len(g) > 1], missing
 
 
-def duplicate_list(rows: Rows, F: torch.Tensor, near: np.ndarray, exact_groups: list[list[int]]) -> list[dict]:
-    """Near pairs (i, j, sim) and every pair inside an exact group, one entry per pair, most suspect first:
-    exact before near, then by similarity, leaks across splits before pairs within one."""
-    found: dict[tuple[int, int], dict] = {}
-    for i, j, s in near:
-        found[(int(i), int(j))] = {"similarity": float(s), "exact": False}
-    for g in exact_groups:
-        for x in range(len(g)):
-            for y in range(x + 1, len(g)):
-                i, j = sorted((g[x], g[y]))
-                found[(i, j)] = {"similarity": float(F[i] @ F[j]), "exact": True}
+FEATURE_GRID = 1e-4  # unit-row coordinates rounded to this: rows equal after it have cosine >= 1 - D * 1e-8 / 2
+
+
+def _root(parent: list[int], x: int) -> int:
+    while parent[x] != x:
+        parent[x] = parent[parent[x]]
+        x = parent[x]
+    return x
+
+
+def copy_components(X: np.ndarray, byte_groups: list[list[int]], block: int = 4096) -> list[list[int]]:
+    """Groups (>= 2 rows, each sorted) of copies: rows joined by the same file bytes or the same features
+    (the cached rows, L2-normalised, rounded to FEATURE_GRID, hashed block by block; copies of one image get
+    bit-identical rows from extract). Not the mean-centred rows: where copies are most of the cache, centring
+    leaves them their float rounding noise only. Linear in the rows, memory O(block x D)."""
+    n = X.shape[0]
+    parent = list(range(n))
+
+    def join(members) -> None:
+        r0 = _root(parent, members[0])
+        for m in members[1:]:
+            r = _root(parent, m)
+            if r != r0:
+                parent[r] = r0
+
+    buckets: dict[bytes, int] = {}
+    for a in range(0, n, block):
+        B = torch.from_numpy(np.asarray(X[a:a + block], np.float32))
+        B = B / B.norm(dim=1, keepdim=True).clamp(min=1e-12)
+        keys = torch.round(B / FEATURE_GRID).to(torch.int32).numpy()
+        for off, row in enumerate(keys):
+            h = hashlib.blake2b(row.tobytes(), digest_size=16).digest()
+            first = buckets.setdefault(h, a + off)
+            if first != a + off:
+                join([first, a + off])
+    for g in byte_groups:
+        join(g)
+    comps: dict[int, list[int]] = {}
+    for i in range(n):
+        comps.setdefault(_root(parent, i), []).append(i)
+    return [c for c in comps.values() if len(c) > 1]
+
+
+def _spread_over_splits(rows: Rows, members: list[int]) -> list[int]:
+    """Members in the order files are listed: round robin over the splits, so a capped list still shows
+    every split of the group (the one val copy among 20,000 train copies is never cut)."""
+    by_split: dict[str, list[int]] = {}
+    for m in members:
+        by_split.setdefault(rows.splits[m], []).append(m)
+    order = sorted(by_split.values(), key=lambda ms: rows.splits[ms[0]])
+    return [ms[i] for i in range(max(map(len, order))) for ms in order if i < len(ms)]
+
+
+def copy_group_records(rows: Rows, F: torch.Tensor, comps: list[list[int]], byte_groups: list[list[int]],
+                       max_groups: int, max_files: int) -> tuple[list[dict], dict]:
+    """One record per group of copies, leaks across splits first, then larger groups; at most max_groups
+    records of at most max_files files each. exact: every file has the same bytes (similarity 1.0);
+    else the group's features are equal (similarity: the least cosine of a member to the first)."""
+    byte_id = {}
+    for b, g in enumerate(byte_groups):
+        for m in g:
+            byte_id[m] = b
+    records = []
+    for c in comps:
+        exact = c[0] in byte_id and all(byte_id.get(m) == byte_id[c[0]] for m in c)
+        sim = 1.0 if exact else round(float((F[c] @ F[c[0]]).min()), 6)
+        splits: dict[str, int] = {}
+        for m in c:
+            splits[rows.splits[m]] = splits.get(rows.splits[m], 0) + 1
+        records.append((len(splits) > 1, len(c), c, exact, sim, splits))
+    records.sort(key=lambda r: (not r[0], -r[1], rows.paths[r[2][0]]))
     out = []
-    for (i, j), v in found.items():
-        out.append({"a": rows.paths[i], "b": rows.paths[j], "a_split": rows.splits[i], "b_split": rows.splits[j],
-                    "similarity": round(v["similarity"], 6), "exact": v["exact"],
-                    "cross_split": rows.splits[i] != rows.splits[j]})
-    out.sort(key=lambda d: (not d["exact"], -d["similarity"], not d["cross_split"], d["a"], d["b"]))
+    for cross, count, c, exact, sim, splits in records[:max_groups]:
+        listed = _spread_over_splits(rows, c)[:max_files]
+        out.append({"count": count, "exact": exact, "similarity": sim, "cross_split": cross,
+                    "splits": dict(sorted(splits.items())), "files": [rows.where(m) for m in listed],
+                    "files_not_listed": count - len(listed)})
+    summary = {"groups": len(comps), "files": sum(map(len, comps)),
+               "cross_split_groups": sum(r[0] for r in records), "listed": len(out)}
+    return out, summary
+
+
+def near_pair_list(rows: Rows, near: np.ndarray) -> list[dict]:
+    """Near pairs (i, j, sim), most suspect first: by similarity, leaks across splits first among equals."""
+    out = [{"a": rows.paths[int(i)], "b": rows.paths[int(j)], "a_split": rows.splits[int(i)],
+            "b_split": rows.splits[int(j)], "similarity": round(float(s), 6),
+            "cross_split": rows.splits[int(i)] != rows.splits[int(j)]} for i, j, s in near]
+    out.sort(key=lambda d: (-d["similarity"], not d["cross_split"], d["a"], d["b"]))
     return out
 
 
@@ -388,8 +474,14 @@ def run_audit(cfg: AuditConfig) -> Audit:
             audit.notes.append(f"{len(missing)} of {len(rows.paths)} files named in the cache are missing from "
                                f"{data_dir}: not checked for exact duplicates (listed in audit.json missing_files)")
     F = unit_rows(rows.features)
-    sims, _, near = neighbour_search(F, cfg.knn, cfg.dup_threshold, cfg.block_rows, cfg.max_pairs)
-    audit.duplicates = duplicate_list(rows, F, near, exact_groups)
+    comps = copy_components(rows.features, exact_groups)
+    firsts = np.ones(len(rows.labels), bool)  # near pairs among one row per group of copies
+    for c in comps:
+        firsts[c[1:]] = False
+    sims, _, near = neighbour_search(F, cfg.knn, cfg.dup_threshold, cfg.block_rows, cfg.max_pairs, firsts)
+    audit.copy_groups, audit.copies = copy_group_records(rows, F, comps, exact_groups, cfg.max_groups,
+                                                         cfg.max_group_files)
+    audit.duplicates = near_pair_list(rows, near)
     if len(rows.labels) <= cfg.knn:
         audit.notes.append(f"outliers skipped: {len(rows.labels)} images, need more than --knn {cfg.knn}")
     else:
@@ -436,14 +528,25 @@ def report_text(a: Audit, limit: int = 20) -> str:
     t = a.thresholds
     lines = [f"audit of {a.cache} ({_split_counts(a.rows)}; data folder {a.data_dir or 'not found'}) "
              f"in {a.seconds:.2f} s"]
-    exact = sum(d["exact"] for d in a.duplicates)
+    c = a.copies
+    lines.append(f"\ncopies: {c.get('groups', 0)} groups of {c.get('files', 0)} files "
+                 f"({c.get('cross_split_groups', 0)} across splits); exact = the same bytes, else the same features")
+    for g in a.copy_groups[:limit]:
+        kind = "exact" if g["exact"] else "same features"
+        leak = "  [across splits]" if g["cross_split"] else ""
+        shown = ", ".join(f["path"] for f in g["files"][:3])
+        more = f" and {g['count'] - 3} more" if g["count"] > 3 else ""
+        split_counts = ", ".join(f"{s} {n}" for s, n in g["splits"].items())
+        lines.append(f"  {kind} {g['similarity']:.4f}  {g['count']} files ({split_counts}): {shown}{more}{leak}")
+    if c.get("groups", 0) > min(limit, len(a.copy_groups)):
+        lines.append(f"  ... and {c['groups'] - min(limit, len(a.copy_groups))} more groups "
+                     f"(audit.json lists {c['listed']})")
     cross = sum(d["cross_split"] for d in a.duplicates)
-    lines.append(f"\nduplicates: {len(a.duplicates)} pairs ({exact} exact, {len(a.duplicates) - exact} near; "
-                 f"{cross} across splits); near = cosine of mean-centred features >= {t['dup_threshold']}")
+    lines.append(f"\nnear duplicates: {len(a.duplicates)} pairs ({cross} across splits); cosine of mean-centred "
+                 f"features >= {t['dup_threshold']}")
     for d in a.duplicates[:limit]:
-        kind = "exact" if d["exact"] else "near "
         leak = "  [across splits]" if d["cross_split"] else ""
-        lines.append(f"  {kind} {d['similarity']:.4f}  {d['a']}  <->  {d['b']}{leak}")
+        lines.append(f"  near {d['similarity']:.4f}  {d['a']}  <->  {d['b']}{leak}")
     lines += _more(a.duplicates, limit)
     s = a.scored
     how = []

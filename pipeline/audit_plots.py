@@ -1,4 +1,5 @@
-"""The audit's pictures: suspects.png (label issues and outliers) and duplicates.png (pairs side by side).
+"""The audit's pictures: suspects.png (label issues and outliers) and duplicates.png (copies and near pairs
+side by side).
 A file that cannot be read becomes a tile that says so; pictures never fail the audit."""
 from __future__ import annotations
 
@@ -81,18 +82,28 @@ def suspects_png(audit, data_dir: Path | None, path: Path, cols: int = 6) -> Non
     _save(fig, path)
 
 
+def _duplicate_rows(audit) -> list[tuple[str, str, str, bool]]:
+    """(left file, right file, what, across splits): groups of copies first (two of their files, of two
+    splits when the group spans them), then near pairs; MAX_PAIRS rows at most."""
+    out = []
+    for g in audit.copy_groups:
+        a, b = g["files"][0], g["files"][1]  # listed round robin over splits: a leak shows both sides
+        kind = "exact copies" if g["exact"] else "same features"
+        out.append((a["path"], b["path"], f"{kind}, {g['count']} files", g["cross_split"]))
+    out += [(d["a"], d["b"], f"near {d['similarity']:.4f}", d["cross_split"]) for d in audit.duplicates]
+    return out[:MAX_PAIRS]
+
+
 def duplicates_png(audit, data_dir: Path | None, path: Path) -> None:
-    pairs = audit.duplicates[:MAX_PAIRS]
+    pairs = _duplicate_rows(audit)
     if not pairs:
         _nothing(path, "no duplicates above the threshold")
         return
     fig, axes = plt.subplots(len(pairs), 2, figsize=(6, 3.1 * len(pairs)), squeeze=False)
-    for (left, right), d in zip(axes, pairs):
-        kind = "exact" if d["exact"] else f"near {d['similarity']:.4f}"
-        color = "red" if d["cross_split"] else "black"
-        _tile(left, data_dir, d["a"], f"{d['a'][-40:]}\n{kind}", color)
-        _tile(right, data_dir, d["b"], f"{d['b'][-40:]}\n{'across splits' if d['cross_split'] else 'same split'}",
-              color)
+    for (left, right), (a, b, kind, cross) in zip(axes, pairs):
+        color = "red" if cross else "black"
+        _tile(left, data_dir, a, f"{a[-40:]}\n{kind}", color)
+        _tile(right, data_dir, b, f"{b[-40:]}\n{'across splits' if cross else 'same split'}", color)
     _save(fig, path)
 
 

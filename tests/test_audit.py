@@ -91,14 +91,16 @@ def test_planted_label_flips_ranked_at_the_top(tmp_path):
 def test_clean_set_reports_nothing(tmp_path):
     cache, _, _ = blob_cache(tmp_path)
     a = audit(tmp_path, cache)
-    assert (a.duplicates, a.label_issues, a.outliers) == ([], [], [])
+    assert (a.copy_groups, a.duplicates, a.label_issues, a.outliers) == ([], [], [], [])
+    assert a.copies == {"groups": 0, "files": 0, "cross_split_groups": 0, "listed": 0}
     assert a.scored["out_of_fold_accuracy"] == 1.0
     # both pictures are still written (saying nothing was found), so an older audit's pictures never linger
     assert a.pictures == ["suspects.png", "duplicates.png"]
     assert all((tmp_path / "audit" / p).stat().st_size > 0 for p in a.pictures)
     j = json.loads((tmp_path / "audit/audit.json").read_text())
     assert (j["duplicates"], j["label_issues"], j["outliers"]) == ([], [], [])
-    assert "duplicates: 0 pairs" in (tmp_path / "audit/report.txt").read_text()
+    report = (tmp_path / "audit/report.txt").read_text()
+    assert "copies: 0 groups of 0 files" in report and "near duplicates: 0 pairs" in report
 
 
 def test_planted_outlier_found_first(tmp_path):
@@ -204,9 +206,8 @@ def planted_folder(tmp_path_factory):
     return root, cache
 
 
-PLANTED = {("train/ants/ants_000.jpg", "val/ants/copy_exact.jpg", True),
-           ("train/bees/bees_010.jpg", "val/bees/copy_q50.jpg", False),
-           ("train/ants/ants_005.jpg", "val/ants/copy_resized.jpg", False)}
+PLANTED_NEAR = {("train/bees/bees_010.jpg", "val/bees/copy_q50.jpg"),
+                ("train/ants/ants_005.jpg", "val/ants/copy_resized.jpg")}
 
 
 def test_planted_cross_split_duplicates_all_found(planted_folder, tmp_path):
@@ -214,12 +215,17 @@ def test_planted_cross_split_duplicates_all_found(planted_folder, tmp_path):
     r = CliRunner().invoke(cli, ["audit", str(cache), "--out", str(tmp_path / "a")])
     assert r.exit_code == 0, r.output
     j = json.loads((tmp_path / "a/audit.json").read_text())
-    assert {(d["a"], d["b"], d["exact"]) for d in j["duplicates"]} == PLANTED  # all three, nothing else
-    assert j["duplicates"][0]["b"] == "val/ants/copy_exact.jpg"  # exact first
+    # all three, nothing else: the exact copy as a group of two, the edited copies as near pairs
+    assert j["copy_groups"] == [{"count": 2, "exact": True, "similarity": 1.0, "cross_split": True,
+                                 "splits": {"train": 1, "val": 1}, "files_not_listed": 0,
+                                 "files": [{"path": "train/ants/ants_000.jpg", "split": "train"},
+                                           {"path": "val/ants/copy_exact.jpg", "split": "val"}]}]
+    assert {(d["a"], d["b"]) for d in j["duplicates"]} == PLANTED_NEAR
     assert all(d["cross_split"] and d["similarity"] >= 0.997 for d in j["duplicates"])
     assert j["data_dir"] == str(root) and j["missing_files"] == []
     assert set(j) >= {"duplicates", "label_issues", "outliers"}
-    assert "3 pairs (1 exact, 2 near; 3 across splits)" in r.output
+    assert "copies: 1 groups of 2 files (1 across splits)" in r.output
+    assert "near duplicates: 2 pairs (2 across splits)" in r.output
     assert (tmp_path / "a/duplicates.png").stat().st_size > 1000 and (tmp_path / "a/report.txt").is_file()
 
 
@@ -236,8 +242,7 @@ def test_missing_image_files_are_named_and_drawn_as_skipped_tiles(planted_folder
     assert j["missing_files"] == ["val/bees/copy_q50.jpg"]
     assert "1 of 27 files named in the cache are missing" in r.output
     # the near pair is still found from the cached features, and its picture has a tile for the missing file
-    assert ("train/bees/bees_010.jpg", "val/bees/copy_q50.jpg", False) in {(d["a"], d["b"], d["exact"])
-                                                                           for d in j["duplicates"]}
+    assert ("train/bees/bees_010.jpg", "val/bees/copy_q50.jpg") in {(d["a"], d["b"]) for d in j["duplicates"]}
     assert "duplicates.png" in j["pictures"]
 
 
@@ -284,3 +289,40 @@ def test_run_trained_on_another_split_of_the_same_photos_is_refused(tmp_path):
     r = CliRunner().invoke(cli, ["audit", str(tmp_path / "s1.h5"), "--out", str(tmp_path / "b"), "--run",
                                  str(tmp_path / "run"), "--no-plots"])
     assert r.exit_code == 0, r.output
+
+
+def test_thousands_of_copies_are_one_group_linear_and_bounded(tmp_path):
+    """3,000 identical rows (2,990 train, 10 val) among 200 distinct ones: one group, not 4.5 million pairs
+    (which used to end in "raise --dup-threshold"); audit.json stays small; near pairs still work."""
+    g = np.random.default_rng(0)
+    distinct = g.normal(0, 1, (200, 16)).astype(np.float32)
+    distinct[7] = distinct[3] + 0.01 * g.normal(0, 1, 16).astype(np.float32)  # one near pair
+    same = np.tile(g.normal(0, 1, (1, 16)).astype(np.float32), (3000, 1))
+    X = np.concatenate([distinct, same])
+    paths = [f"d/{i:03d}.jpg" for i in range(200)] + [f"copy/{i:04d}.jpg" for i in range(3000)]
+    val = np.zeros(len(X), bool)
+    val[-10:] = True
+    cache = write_cache(tmp_path / "c.h5", {"train": (X[~val], np.zeros((~val).sum(), np.int64),
+                                                      [p for p, v in zip(paths, val) if not v]),
+                                            "val": (X[val], np.zeros(10, np.int64), paths[-10:])}, ["ants"])
+    a = run_audit(AuditConfig(cache=str(cache), out=str(tmp_path / "a"), pictures=False, max_pairs=50,
+                              max_group_files=25))
+    assert a.copies == {"groups": 1, "files": 3000, "cross_split_groups": 1, "listed": 1}
+    (grp,) = a.copy_groups
+    assert grp["count"] == 3000 and grp["splits"] == {"train": 2990, "val": 10} and grp["cross_split"]
+    assert grp["similarity"] == 1.0 and not grp["exact"]  # same features; bytes unknown (no data folder)
+    assert len(grp["files"]) == 25 and grp["files_not_listed"] == 2975
+    assert [f["split"] for f in grp["files"][:20]] == ["train", "val"] * 10  # every val copy is listed
+    assert [(d["a"], d["b"]) for d in a.duplicates] == [("d/003.jpg", "d/007.jpg")]
+    assert (tmp_path / "a/audit.json").stat().st_size < 20_000
+    assert "same features 1.0000  3000 files (train 2990, val 10): copy/0000.jpg" in (tmp_path / "a/report.txt").read_text()
+
+
+def test_groups_listed_are_capped_and_all_counted(tmp_path):
+    X = np.repeat(np.random.default_rng(1).normal(0, 1, (40, 8)).astype(np.float32), 3, axis=0)  # 40 triples
+    cache = write_cache(tmp_path / "c.h5", {"train": (X, np.zeros(120, np.int64), [f"{i}.jpg" for i in range(120)])},
+                        ["ants"])
+    a = run_audit(AuditConfig(cache=str(cache), out=str(tmp_path / "a"), pictures=False, max_groups=5))
+    assert a.copies == {"groups": 40, "files": 120, "cross_split_groups": 0, "listed": 5}
+    assert len(a.copy_groups) == 5 and all(g["count"] == 3 for g in a.copy_groups) and a.duplicates == []
+    assert "  ... and 35 more groups (audit.json lists 5)" in (tmp_path / "a/report.txt").read_text()
