@@ -57,7 +57,9 @@ def assert_same_cache(a_path, b_path):
     a, b = read_cache(a_path), read_cache(b_path)
     assert list(a.splits) == list(b.splits)
     for s in a.splits:
-        np.testing.assert_array_equal(a.splits[s].features, b.splits[s].features)
+        # two processes batch the rows differently (a short last batch per rank) and run other thread counts:
+        # other kernel paths, equal to float rounding only
+        np.testing.assert_allclose(a.splits[s].features, b.splits[s].features, rtol=1e-5, atol=1e-6)
         np.testing.assert_array_equal(a.splits[s].labels, b.splits[s].labels)
         assert a.splits[s].paths == b.splits[s].paths
     assert a.skipped == b.skipped and a.attrs["fingerprint"] == b.attrs["fingerprint"]
