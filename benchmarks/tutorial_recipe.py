@@ -7,6 +7,7 @@ torchvision's own transforms and torch.optim, as the tutorial has them.
 """
 from __future__ import annotations
 
+import copy
 import time
 from pathlib import Path
 
@@ -41,11 +42,12 @@ def tutorial_epochs(data: Path, epochs: int, device, workers: int = 4, frozen: b
     opt = optim.SGD(model.fc.parameters() if frozen else model.parameters(), lr=0.001, momentum=0.9)
     sched = lr_scheduler.StepLR(opt, step_size=7, gamma=0.1)
     times = []
+    best_wts, best_acc = copy.deepcopy(model.state_dict()), 0.0
     for _ in range(epochs):
         t0 = time.perf_counter()
         for phase in ("train", "val"):
             model.train(phase == "train")
-            running_corrects = torch.zeros((), device=device)
+            running_loss, running_corrects = 0.0, 0
             for inputs, labels in loaders[phase]:
                 inputs, labels = inputs.to(device), labels.to(device)
                 opt.zero_grad()
@@ -56,9 +58,13 @@ def tutorial_epochs(data: Path, epochs: int, device, workers: int = 4, frozen: b
                     if phase == "train":
                         loss.backward()
                         opt.step()
+                running_loss += loss.item() * inputs.size(0)  # the tutorial's statistics: a sync per step
                 running_corrects += torch.sum(preds == labels.data)
             if phase == "train":
                 sched.step()
-            float(running_corrects)  # the tutorial reads its statistics once per phase
+            epoch_acc = float(running_corrects.double() / len(image_datasets[phase]))
+            if phase == "val" and epoch_acc > best_acc:  # the tutorial's best-model copy
+                best_acc, best_wts = epoch_acc, copy.deepcopy(model.state_dict())
         times.append(time.perf_counter() - t0)
+    model.load_state_dict(best_wts)
     return times

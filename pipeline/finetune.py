@@ -518,6 +518,7 @@ def _train(cfg: FinetuneConfig, progress: Progress, d: Dist, folder: RunFolder |
                 best_acc=best_acc, best_epoch=best_epoch, best_state=best_state,
                 best_preds=torch.as_tensor(best_preds).clone(), seconds=seconds, recipe=_recipe(cfg),
                 files_digest=digest, rng_torch=torch.random.get_rng_state(), file_stats=stats))
+            seconds += time.perf_counter() - t0 - took  # the checkpoint's copies are this epoch's work too
         progress.update(1)
         progress.log(f"epoch {epoch}: train loss {train_loss:.4f} acc {train_acc:.4f} | "
                      f"val loss {val_loss:.4f} acc {val_acc:.4f} | {took:.1f} s")

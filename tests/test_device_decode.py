@@ -142,6 +142,21 @@ def test_a_file_the_device_cannot_decode_is_tried_by_pil_before_it_is_skipped(tm
     assert torch.equal(x[0], x_ok[0]) and torch.equal(x[3], x_ok[3])
 
 
+def test_a_batch_of_only_bad_files_is_skipped_not_stopped_while_the_decoder_works(tmp_path, monkeypatch):
+    """Every file of the batch fails, but the decoder still decodes its probe: the files are bad, not the GPU."""
+    real = dd._decode
+    probe = dd.probe_jpeg()
+    monkeypatch.setattr(dd, "_decode", lambda datas, device, exif=True: real(datas, device, exif)
+                        if all(bytes(d.numpy()) == probe for d in datas) else (_ for _ in ()).throw(
+                            RuntimeError("nvjpegDecodeJpeg failed: 6")))
+    html = tmp_path / "page.jpg"
+    html.write_text("<html>")
+    items = _items(tmp_path, 1)
+    x, reasons = decode_crops([RawItem("jpeg", items[0].payload, "", str(html), 40 * 60)] + items, CPU, SPEC)
+    assert "PIL cannot identify" in reasons[0] and reasons[1] == "" and x.shape == (1, 3, 224, 224)
+    assert torch.equal(x[0], uint8_transform()(load_rgb(items[0].path)))  # PIL's crop for the one it could read
+
+
 def _batches_of_one_segment_each(tmp_path):
     return make_dataset(tmp_path / "d", {"train": {"a": 3, "b": 3}, "val": {"a": 2, "b": 2}})
 
@@ -327,3 +342,24 @@ def test_raw_item_bytes_round_trip(tmp_path):
     it = read_for_device(str(p))
     assert bytes(it.payload.numpy()) == p.read_bytes()
     assert Image.open(io.BytesIO(bytes(it.payload.numpy()))).size == (64, 48)
+
+
+def test_batch_size_defaults_by_device_when_not_given(tmp_path, monkeypatch):
+    import pipeline.extract as ex
+
+    assert ex.default_batch_size("cuda") == 256 and ex.default_batch_size(torch.device("cpu")) == 64
+    monkeypatch.setattr(ex, "default_batch_size", lambda device: 3)  # what the device's default would be
+    data = _batches_of_one_segment_each(tmp_path)
+    assert ex.ExtractConfig("d", "c").batch_size is None
+    sizes = []
+    real = ex.PartialWriter.write_segment
+    monkeypatch.setattr(ex.PartialWriter, "write_segment",
+                        lambda self, split, start, feats, reasons, *a, **k: (sizes.append(len(reasons)),
+                                                                            real(self, split, start, feats, reasons,
+                                                                                 *a, **k))[1])
+    ex.extract(ex.ExtractConfig(str(data), str(tmp_path / "d.h5"), weights="none", workers=0, splits=("train",)))
+    assert sizes == [3, 3]
+    sizes.clear()
+    ex.extract(ex.ExtractConfig(str(data), str(tmp_path / "e.h5"), weights="none", workers=0, splits=("train",),
+                                batch_size=5))
+    assert sizes == [5, 1]
