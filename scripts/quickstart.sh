@@ -54,7 +54,16 @@ if [ -z "${DATA:-}" ]; then
     else
         DATA=data/hymenoptera_data
         if [ ! -d "$DATA/train" ]; then
-            step "$PY" cli.py download data/
+            made_data=0
+            [ -e data ] || made_data=1
+            if ! step "$PY" cli.py download data/; then
+                # offline: leave no empty data/ behind (rmdir removes nothing that holds a file)
+                if [ "$made_data" -eq 1 ]; then rmdir data 2>/dev/null || true; fi
+                echo "quickstart: no dataset: point the quick start at a folder of images with" \
+                     "DATA=DIR bash scripts/quickstart.sh (DIR holds train/ and val/ folders of class folders," \
+                     "or class folders only), or unzip hymenoptera_data.zip into data/ and rerun" >&2
+                exit 1
+            fi
         fi
     fi
 fi

@@ -1,10 +1,14 @@
 import json
+import os
+import subprocess
+import sys
 
 import h5py
 import torch
 from click.testing import CliRunner
 
 from cli import cli
+from tests.conftest import REPO
 
 
 def invoke(*args):
@@ -97,3 +101,61 @@ def test_incomplete_cache_refused(tiny_data, tmp_path):
         f.attrs["complete"] = False
     r = invoke("train-head", cache, "--out", tmp_path / "o")
     assert r.exit_code == 1 and "is incomplete; rerun the extract command" in r.output
+
+
+def _run_into_closed_pipe(*args) -> subprocess.CompletedProcess:
+    """python cli.py ARGS with stdout a pipe whose reader is already gone (`... | head -0`)."""
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        return subprocess.run([sys.executable, str(REPO / "cli.py"), *map(str, args)], stdout=write,
+                              stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(write)
+
+
+def test_output_into_a_closed_pipe_ends_quietly(tmp_path):
+    """`info F.h5 | head -1` printed 'Error: Broken pipe'; now every printing command ends as click does for
+    its own help: no message, status 1."""
+    import numpy as np
+
+    from tests.synthetic_cache import write_cache
+
+    cache = write_cache(tmp_path / "c.h5", {"train": (np.ones((2, 4)), [0, 1], ["a.jpg", "b.jpg"])}, ["a", "b"])
+    for args in (["info", cache], ["--help"], ["--version"]):
+        r = _run_into_closed_pipe(*args)
+        assert r.returncode == 1 and r.stderr == "", (args, r.stderr)
+
+
+def test_version_and_examples_name_the_program_as_run(monkeypatch):
+    from cli import program_name, tool_version
+
+    version = tool_version()
+    assert version.count(".") >= 1 and version[0].isdigit()
+    r = CliRunner().invoke(cli, ["--version"], prog_name="tlearn")
+    assert r.exit_code == 0 and r.output == f"tlearn {version}\n"
+    r = CliRunner().invoke(cli, ["extract", "--help"], prog_name="tlearn")
+    assert "Usage: tlearn extract" in r.output and "Example: tlearn extract data/hymenoptera_data" in r.output
+    assert "cli.py" not in r.output
+    r = CliRunner().invoke(cli, ["run", "--help"], prog_name="python cli.py")
+    assert "Example: python cli.py run photos/" in r.output.replace("\n", " ").replace("  ", " ")
+    monkeypatch.setattr(sys, "argv", ["/usr/local/bin/tlearn", "info"])
+    assert program_name() == "tlearn"
+    monkeypatch.setattr(sys, "argv", ["cli.py", "info"])
+    assert program_name() == "python cli.py"
+    r = subprocess.run([sys.executable, "cli.py", "--version"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout == f"tlearn {version}\n"
+
+
+def test_version_falls_back_to_pyproject(monkeypatch):
+    import importlib.metadata
+    import tomllib
+
+    import cli as cli_module
+
+    def missing(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", missing)
+    want = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+    assert cli_module.tool_version() == want

@@ -106,3 +106,60 @@ def test_dropout_draws_are_seeded_too(tiny_data, tmp_path):
         finetune(ft(tiny_data, tmp_path / f"ft{k}", epochs=1, plots=False, backbone="mobilenet_v3_small", lr=0.05))
         sds.append(torch.load(tmp_path / f"ft{k}" / "model.pt", weights_only=True)["state_dict"])
     assert sds[0].keys() == sds[1].keys() and all(torch.equal(sds[0][k], sds[1][k]) for k in sds[0])
+
+
+def test_every_accepted_seed_works(tiny_data, tmp_path):
+    """--seed takes 0..2**63-1 (the recipe's bound): the largest trains (the per-image augmentation seed used
+    to overflow torch's range after the decode pass); one more is a usage error before any work."""
+    from pipeline.data import LabelledImages, image_seed, train_transform
+    from pipeline.recipe import MAX_SEED
+
+    top = str(MAX_SEED)
+    r = CliRunner().invoke(cli, ["finetune", str(tiny_data), "--out", str(tmp_path / "ft"), "--weights", "none",
+                                 "--epochs", "1", "--workers", "0", "--no-plots", "--seed", top])
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "ft/metrics.json").read_text())["recipe"]["seed"] == MAX_SEED
+    r = CliRunner().invoke(cli, ["finetune", str(tiny_data), "--out", str(tmp_path / "ft2"), "--seed", str(MAX_SEED + 1)])
+    assert r.exit_code == 2 and "Invalid value for '--seed'" in r.output and not (tmp_path / "ft2").exists()
+    # the augmentation seed: unchanged where torch took it before, in range everywhere
+    assert image_seed(5, 3, 7) == (5 * 1_000_003 + 3) * 10_000_019 + 7
+    assert 0 <= image_seed(MAX_SEED, 24, 10**6) < 2**64
+    f = sorted(str(p) for p in (tiny_data / "train/ants").iterdir())[0]
+    x, y = LabelledImages([f], [0], train_transform(), seed=MAX_SEED)[(24, 0)]
+    assert x.shape == (3, 224, 224) and y == 0
+
+
+@pytest.mark.parametrize("args", [["preview", "--out", "p.png"], ["audit", "--out", "a"], ["extract", "--cache", "c.h5"]])
+def test_seed_options_refuse_what_they_cannot_use_before_any_work(tiny_data, tmp_path, args):
+    """preview and audit --seed: 0..2**63-1 (usage error); extract: 0..2**32-1 (its views' seeds), one line."""
+    cmd, flag, name = args
+    target = str(tmp_path / "c.h5") if cmd == "audit" else str(tiny_data)
+    for seed in ("-1", str(2**64)):
+        r = CliRunner().invoke(cli, [cmd, target, flag, str(tmp_path / name), "--seed", seed])
+        assert r.exit_code == (1 if cmd == "extract" else 2), r.output
+        said = "--seed must be from 0 to 4294967295" if cmd == "extract" else "Invalid value for '--seed'"
+        assert said in r.output and "Traceback" not in r.output
+        assert not (tmp_path / name).exists()
+    if cmd == "preview":
+        r = CliRunner().invoke(cli, [cmd, target, flag, str(tmp_path / name), "--seed", str(2**63 - 1), "-n", "2"])
+        assert r.exit_code == 0 and (tmp_path / name).is_file(), r.output
+
+
+def test_resume_refuses_files_changed_in_place(tiny_data, tmp_path):
+    """Same paths and labels, other content: the epochs so far learned from the old pictures, so resuming is
+    refused with the files named (it used to continue without a word)."""
+    import os
+
+    from tests.conftest import write_image
+
+    out = tmp_path / "ft"
+    finetune(ft(tiny_data, out, epochs=1, plots=False))
+    changed = tiny_data / "train/bees/img_001.jpg"
+    st = changed.stat()
+    write_image(changed, 0, 999)  # other pixels under the same name
+    os.utime(changed, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    with pytest.raises(PipelineError) as e:
+        finetune(ft(tiny_data, out, epochs=1, plots=False, resume=True))
+    assert str(e.value) == (f"cannot resume {out}: 1 file of {tiny_data} changed since the checkpoint (same path, "
+                            "other size or modification time): train/bees/img_001.jpg; put it back, or start again "
+                            "in another --out")

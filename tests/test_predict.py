@@ -248,3 +248,16 @@ def test_export_is_atomic_and_a_write_failure_is_one_line(head_run, tmp_path, mo
     assert r.output.startswith(f"Error: cannot write {target}: RuntimeError: [enforce fail") and \
         len(r.output.strip().splitlines()) == 1
     assert target.read_bytes() == b"previous program" and sorted(os.listdir(tmp_path)) == ["m.pt2"]
+
+
+def test_predict_of_folders_without_images_is_an_error(head_run, tmp_path):
+    """An empty folder used to print a table header and exit 0, as if it had classified something."""
+    _, out = head_run
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty2").mkdir()
+    for extra in ([], ["--json"]):
+        r = CliRunner().invoke(cli, ["predict", str(out), str(tmp_path / "empty"), str(tmp_path / "empty2"), *extra])
+        assert r.exit_code == 1, r.output
+        assert r.output.strip() == (f"Error: no images found in {tmp_path / 'empty'}, {tmp_path / 'empty2'} (looked "
+                                    "for .jpg, .jpeg, .png, .ppm, .bmp, .pgm, .tif, .tiff, .webp); name image files or "
+                                    "folders that hold some")

@@ -51,3 +51,34 @@ def test_ready_venv_is_reused_and_data_found_or_downloaded(tmp_path):
 def test_unknown_argument_is_refused():
     r = subprocess.run(["bash", str(SCRIPT), "--now"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and r.stderr.strip() == "usage: bash scripts/quickstart.sh [--dry-run]"
+
+
+def test_offline_without_data_says_how_to_point_at_a_folder_and_leaves_no_data_folder(tmp_path):
+    """No ../shared copy and no network: the download fails; the quick start says how to give it a folder
+    (DATA=DIR) and removes the data/ folder it made (empty). A data/ the user had is left alone."""
+    checkout = tmp_path / "work" / "checkout"  # no ../shared beside it
+    (checkout / "scripts").mkdir(parents=True)
+    (checkout / "scripts" / "quickstart.sh").write_bytes(SCRIPT.read_bytes())
+    # stands in for `cli.py download` without a network: it makes DEST, then fails as the real one does
+    (checkout / "cli.py").write_text(
+        "import pathlib, sys\n"
+        "pathlib.Path(sys.argv[2]).mkdir(parents=True, exist_ok=True)\n"
+        "print('Error: cannot download https://x/hymenoptera_data.zip: no network; fetch it by hand and unzip '\n"
+        "      'it into the destination', file=sys.stderr)\n"
+        "sys.exit(1)\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("DATA", "OUT", "WEIGHTS", "VENV")}
+    env.update(VENV=sys.prefix, WEIGHTS="none")
+    r = subprocess.run(["bash", str(checkout / "scripts" / "quickstart.sh")], capture_output=True, text=True,
+                       env=env, timeout=120)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert f"+ {sys.prefix}/bin/python cli.py download data/" in r.stdout and "cli.py run" not in r.stdout
+    assert r.stderr.splitlines()[-1] == (
+        "quickstart: no dataset: point the quick start at a folder of images with DATA=DIR bash "
+        "scripts/quickstart.sh (DIR holds train/ and val/ folders of class folders, or class folders only), or "
+        "unzip hymenoptera_data.zip into data/ and rerun")
+    assert not (checkout / "data").exists()
+    (checkout / "data").mkdir()  # the user's own folder stays
+    (checkout / "data" / "notes.txt").write_text("mine")
+    r = subprocess.run(["bash", str(checkout / "scripts" / "quickstart.sh")], capture_output=True, text=True,
+                       env=env, timeout=120)
+    assert r.returncode == 1 and (checkout / "data" / "notes.txt").read_text() == "mine"
