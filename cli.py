@@ -17,7 +17,7 @@ import click
 from cache import CacheError
 from pipeline import PipelineError
 from pipeline.progress import Progress
-from pipeline.recipe import MAX_SEED, RECIPE_FIELDS, TUTORIAL_RECIPE
+from pipeline.recipe import MAX_SEED, RECIPE_FIELDS, RECIPE_FLAGS, RECIPES, TUTORIAL_RECIPE
 from pipeline.runtime import PRECISIONS, default_workers
 from pipeline.splits import LayoutFlagError
 
@@ -330,9 +330,16 @@ def head_options(prefix: str = ""):
             recipe_option("seed", True, f"--{prefix}seed", "head_seed", help="Seed of the head's init, shuffling and view draws."),
             click.option(f"--{prefix}device", "head_device", default="cpu", show_default=True,
                          help="cpu (fastest for a linear head), cuda or auto."),
+            click.option("--recipe", default=None, type=click.Choice(RECIPES),
+                         help="auto (default without recipe flags): chosen by cross-validation on train over a small "
+                              "grid (the tutorial's recipe and a linear probe on standardised features); val stays out "
+                              "of every choice. tutorial: SGD lr 0.001, batch 4, 25 epochs, best val epoch kept (what "
+                              "any of --epochs/--lr/--momentum/--step-size/--gamma/--batch-size also selects)."),
+            click.option("--class-weight", default=None, type=click.Choice(["balanced"]),
+                         help="balanced: each class's rows weigh n_samples / (n_classes * count), as scikit-learn."),
             click.option("--folds", default=0, show_default=True, type=click.IntRange(min=0),
-                         help="K >= 2: K-fold cross-validation on train+val features first (mean, std, per fold); "
-                              "a sweep is then ranked and chosen by CV accuracy."),
+                         help="K >= 2: K-fold cross-validation on the train split (mean, std, per fold); a sweep is "
+                              "then chosen by CV and its last epoch kept. With auto: the number of folds."),
             click.option("--no-views", is_flag=True, help="Ignore the cache's augmented views."),
             click.option("--no-plots", is_flag=True, help="Skip curves.png, confusion.png, predictions.png."),
         ]
@@ -360,7 +367,23 @@ def _head_config(cache, out, o: dict):
     return HeadConfig(cache=cache, out=out, epochs=o["epochs"], lr=o["lr"], momentum=o["momentum"],
                       step_size=o["step_size"], gamma=o["gamma"], batch_size=o["head_batch_size"],
                       seed=o["head_seed"], device=o["head_device"], use_views=not o["no_views"], plots=not o["no_plots"],
-                      folds=o["folds"])
+                      folds=o["folds"], recipe=_head_recipe(o), class_weight=o["class_weight"])
+
+
+def _head_recipe(o: dict) -> str:
+    """--recipe as given; without it, auto unless a recipe flag was given (explicit flags win: they set
+    the tutorial's family)."""
+    ctx = click.get_current_context()
+    given = [f for f in RECIPE_FLAGS if ctx.get_parameter_source({"batch_size": "head_batch_size"}.get(f, f))
+             not in (click.core.ParameterSource.DEFAULT, None)]
+    flags = ", ".join("--" + ("head-" if ctx.info_name == "run" and f == "batch_size" else "") + f.replace("_", "-")
+                      for f in given)
+    if o["recipe"] == "auto" and given:
+        raise click.UsageError(f"{flags} set the tutorial's recipe; drop them or --recipe auto")
+    recipe = o["recipe"] or ("tutorial" if given else "auto")
+    if recipe == "auto" and len(o["head_seed"]) > 1:
+        raise click.UsageError("a list of seeds sweeps the tutorial's recipe: add --recipe tutorial")
+    return recipe
 
 
 def is_rank0() -> bool:
@@ -394,40 +417,15 @@ def _do_train_head(cfg, sidecar=None):
     m = run_train_head(cfg, sidecar)
     for note in m.get("notes", []):
         click.echo(note, err=True)
-    if "sweep" in m:
-        click.echo(sweep_table(m["sweep"], m.get("chosen")))
-    click.echo(m["report_text"])
+    click.echo(m["report_text"])  # with a sweep or a chosen recipe, its table comes first
     click.echo(f"trained in {m['seconds']:.3f} s; run folder {cfg.out}")
     return m
 
 
-SWEEP_RESULTS = ("best_val_acc", "best_epoch", "best_val_ci", "diverged_epoch", "cv_mean", "cv_std")
-
-
 def sweep_table(rows: list[dict], best: int | None = None) -> str:
-    """One line per setting: the values that vary, (with cross-validation: CV mean and std, ranked by the
-    mean), best val accuracy with its 95% interval (settings whose intervals overlap are not told apart by
-    this val set), best epoch; diverged settings are marked. best: the chosen row (default: best val)."""
-    cv = "cv_mean" in rows[0]
-    keys = [k for k in rows[0] if k not in SWEEP_RESULTS and len({r[k] for r in rows}) > 1]
-    alive = [i for i, r in enumerate(rows) if "diverged_epoch" not in r]
-    if best is None and alive:
-        best = max(alive, key=lambda i: rows[i]["best_val_acc"])
-    order = sorted(range(len(rows)), key=lambda i: -rows[i].get("cv_mean", -1.0)) if cv else range(len(rows))
-    lines = ["  ".join(f"{k:>10}" for k in keys) + ("   cv_mean   cv_std" if cv else "")
-             + "  best_val_acc  95% CI       correct  best_epoch"]
-    for i in order:
-        r = rows[i]
-        if "diverged_epoch" in r:
-            lines.append("  ".join(f"{r[k]:>10g}" for k in keys) + f"  diverged in epoch {r['diverged_epoch']} (not used)")
-            continue
-        mark = "  <- best" if i == best else ""
-        cvs = f"  {r['cv_mean']:>8.4f} {r['cv_std']:>8.4f}" if cv else ""
-        ci = r.get("best_val_ci")
-        interval = f"{ci['low']:.3f}-{ci['high']:.3f}  {ci['correct']:>3}/{ci['n']:<3}" if ci else f"{'':20}"
-        lines.append("  ".join(f"{r[k]:>10g}" for k in keys) + cvs
-                     + f"  {r['best_val_acc']:>12.4f}  {interval}  {r['best_epoch']:>10d}{mark}")
-    return "\n".join(lines)
+    from pipeline.train_head import sweep_table as table  # the report's table lives with the report
+
+    return table(rows, best)
 
 
 @cli.command()

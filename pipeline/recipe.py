@@ -7,7 +7,7 @@ their bounds and help as metadata, so the checks (recipe_problems) and the CLI's
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 
 from . import PipelineError
 
@@ -72,3 +72,70 @@ def check_recipe(**recipe) -> None:
 
 
 TUTORIAL_RECIPE = HeadParams()
+
+
+# --------------------------------------------------------------------------- the default: a tuned linear probe
+
+RECIPES = ("auto", "tutorial")  # --recipe: auto = chosen by cross-validation on train; tutorial = the seed recipe
+RECIPE_FLAGS = ("epochs", "lr", "momentum", "step_size", "gamma", "batch_size")  # any of them: the tutorial's family
+
+
+@dataclass(frozen=True)
+class ProbeParams:
+    """One candidate of the automatic recipe: the seed recipe's family (cross-entropy, SGD with momentum,
+    shuffled mini-batches) on standardised features (train's mean and std, folded into the saved layer),
+    from a zero layer, with weight decay and a cosine learning-rate decay to 0 over the epochs; the last
+    epoch is kept. Batch size comes from the number of train rows (about 16 steps per epoch or more)."""
+
+    lr: float
+    epochs: int
+    batch_size: int
+    weight_decay: float = 0.0
+    momentum: float = 0.9
+    seed: int = 0
+    standardize: bool = True
+
+    def lr_at(self, step: float) -> float:
+        """Cosine decay from lr to 0; step is in epochs (fractions within an epoch)."""
+        return self.lr * 0.5 * (1 + math.cos(math.pi * min(step / self.epochs, 1.0)))
+
+    def name(self) -> str:
+        wd = f", wd {self.weight_decay:g}" if self.weight_decay else ""
+        return f"probe lr {self.lr:g}, {self.epochs} epochs, batch {self.batch_size}{wd}"
+
+
+AUTO_LRS = (0.001, 0.01, 0.1)  # on standardised features: the main knob (measured on real features: ants vs bees
+#                                 with EfficientNet-Lite0 prefers 0.003-0.01, scanned digits 0.1)
+AUTO_STEPS = (100, 300)  # optimizer steps of a short and a long run; epochs follow from the rows
+AUTO_TUTORIAL_MAX_ROWS = 2000  # the tutorial's batch-4 recipe joins the grid up to this many train rows
+AUTO_CV_MAX_ROWS = 5000  # more train rows: the CV runs on a stratified subset of about this many (its estimates
+#                          are already precise; the CV's cost stays bounded), the winner then trains on all rows
+
+
+def probe_batch(n_rows: int) -> int:
+    """Batch of the automatic recipe: about 16 steps per epoch, 16 to 256 rows."""
+    return int(min(256, max(16, n_rows // 16)))
+
+
+def auto_folds(n_rows: int) -> int:
+    return 5 if n_rows <= 2000 else 3
+
+
+def scaled_to(p: ProbeParams, cv_rows: int, n_rows: int) -> ProbeParams:
+    """The candidate chosen on a CV subset of cv_rows training rows, for n_rows: the same number of optimizer
+    steps (the same batch), so the final fit costs what one CV head did and follows the same schedule."""
+    if n_rows <= cv_rows:
+        return p
+    steps = p.epochs * math.ceil(cv_rows / p.batch_size)
+    return replace(p, epochs=max(1, round(steps / math.ceil(n_rows / p.batch_size))))
+
+
+def auto_grid(n_rows: int, seed: int = 0) -> list:
+    """The candidates of --recipe auto for n_rows train rows: the tutorial's recipe (when its batch-4 run is
+    cheap enough) first, so that it wins ties, then the probe's learning rates x run lengths."""
+    batch = probe_batch(n_rows)
+    per_epoch = max(1, math.ceil(n_rows / batch))
+    lengths = sorted({max(2, math.ceil(s / per_epoch)) for s in AUTO_STEPS})
+    grid: list = [HeadParams(seed=seed)] if n_rows <= AUTO_TUTORIAL_MAX_ROWS else []
+    grid += [ProbeParams(lr=lr, epochs=e, batch_size=batch, seed=seed) for lr in AUTO_LRS for e in lengths]
+    return grid

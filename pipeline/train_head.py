@@ -2,14 +2,16 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from . import PipelineError
-from .evaluate import ci_from_accuracy, report_text, split_metrics
-from .head import (HeadParams, HeadResult, TrainingDiverged, cpu_threads, cv_summary, expand_grid, head_logits,
-                   params_dict, stratified_folds, train_folds, train_heads)
+from .evaluate import Z95, ci_from_accuracy, format_accuracy, split_metrics, wilson_interval
+from .head import (HeadParams, HeadResult, TrainingDiverged, class_weights, cpu_threads, expand_grid, head_logits,
+                   params_dict, stratified_folds, train_folds, train_heads, train_probes)
+from .recipe import AUTO_CV_MAX_ROWS, ProbeParams, auto_folds, auto_grid, scaled_to
 from .plots import PictureJob, inside, resolve_data_dir
 from .runfolder import RunFolder, RunManifest
 from .runtime import resolve_device
@@ -40,8 +42,10 @@ class HeadConfig:
     use_views: bool = True  # draw augmented views when the cache has them
     plots: bool = True
     val_split: str = "val"
-    folds: int = 0  # > 1: K-fold cross-validation on train+val features before the final training
+    folds: int = 0  # > 1: K-fold cross-validation on the train split chooses among the settings
     folds_seed: int = 0  # fold assignment; every setting of a sweep sees the same folds
+    recipe: str = "tutorial"  # tutorial: the seed recipe (flags above); auto: chosen by CV on train (the CLI's default)
+    class_weight: str | None = None  # "balanced": each class's rows weigh n / (classes * count)
     extra: dict = field(default_factory=dict)
 
     def grid(self) -> dict[str, list]:
@@ -118,24 +122,164 @@ def head_model_payload(result: HeadResult, cache) -> RunManifest:
         split=cache_record(a.get("split")))
 
 
-def cross_validate(cfg: HeadConfig, cache, params: list[HeadParams], device=None) -> tuple[list[dict], float]:
-    """K-fold CV of every setting on the train+val features (eval transform; the val split has no
-    views, so no fold uses them). Returns one cv_summary per setting and the training seconds."""
-    X = np.concatenate([cache.splits[s].features for s in ("train", cfg.val_split)])
-    y = np.concatenate([cache.splits[s].labels for s in ("train", cfg.val_split)])
-    if cfg.folds < 2 or len(y) < cfg.folds:
-        raise PipelineError(f"--folds {cfg.folds} needs 2 <= folds <= the {len(y)} images of train+"
-                            f"{cfg.val_split}")
-    folds = stratified_folds(y, cfg.folds, cfg.folds_seed)
-    runs, seconds = train_folds(X, y, len(cache.class_names), params, folds, device=device or resolve_device(cfg.device))
-    return [{**cv_summary(r), "seed": cfg.folds_seed, "n": int(len(y)), "on": f"train+{cfg.val_split}"}
-            for r in runs], seconds
+IMBALANCE = 1.5  # train classes this uneven (largest / smallest) choose by balanced accuracy
 
 
-def cv_line(cv: dict) -> str:
-    per = " ".join(f"{a:.4f}" for a in cv["per_fold"])
-    return (f"{cv['folds']}-fold CV on {cv['on']} ({cv['n']} images): mean {cv['mean']:.4f}, std {cv['std']:.4f} "
-            f"(folds {per}; trained in {cv['seconds']:.3f} s)")
+def balanced_accuracy(confusion) -> float:
+    """scikit-learn's balanced_accuracy_score from a confusion matrix: the mean recall of the classes that
+    have rows (0 with none)."""
+    cm = np.asarray(confusion, dtype=np.float64)
+    n = cm.sum(1)
+    has = n > 0
+    return float((np.diag(cm)[has] / n[has]).mean()) if has.any() else 0.0
+
+
+def balanced_accuracy_ci(confusion) -> dict:
+    """{"value", "low", "high", "classes"}: a 95% interval of the balanced accuracy, the normal approximation
+    of a mean of independent recalls whose variances come from each class's Wilson interval (so a class
+    recalled 20/20 still carries its uncertainty)."""
+    cm = np.asarray(confusion, dtype=np.int64)
+    n = cm.sum(1)
+    has = np.flatnonzero(n > 0)
+    value = balanced_accuracy(cm)
+    if not len(has):
+        return {"value": 0.0, "low": 0.0, "high": 1.0, "classes": 0}
+    var = sum(((hi - lo) / (2 * Z95)) ** 2 for lo, hi in (wilson_interval(int(cm[c, c]), int(n[c])) for c in has))
+    half = Z95 * var ** 0.5 / len(has)
+    return {"value": value, "low": max(0.0, value - half), "high": min(1.0, value + half), "classes": int(len(has))}
+
+
+def is_imbalanced(labels, classes: int) -> bool:
+    counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=classes)
+    counts = counts[counts > 0]
+    return len(counts) > 1 and counts.max() >= IMBALANCE * counts.min()
+
+
+def fold_score(y_true, y_pred, classes: int, metric: str) -> float:
+    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
+    if metric == "accuracy":
+        return float((y_true == y_pred).mean()) if len(y_true) else 0.0
+    cm = np.zeros((classes, classes), dtype=np.int64)
+    np.add.at(cm, (y_true, y_pred), 1)
+    return balanced_accuracy(cm)
+
+
+def recipe_name(p) -> str:
+    if isinstance(p, ProbeParams):
+        return p.name()
+    return (f"tutorial SGD lr {p.lr:g}, {p.epochs} epochs, batch {p.batch_size}, momentum {p.momentum:g}, "
+            f"StepLR {p.step_size}/{p.gamma:g}")
+
+
+@dataclass
+class Selection:
+    """How the recipe was chosen: the candidates' cross-validation on train (val never seen)."""
+
+    metric: str  # accuracy or balanced_accuracy
+    folds: int
+    n: int
+    candidates: list
+    scores: list[list[float] | None]  # per candidate its per-fold scores (None: diverged)
+    chosen: int
+    seconds: float
+    total: int = 0  # train rows; more than n when the CV ran on a stratified subset
+
+    def rows(self) -> list[dict]:
+        out = []
+        for p, sc in zip(self.candidates, self.scores):
+            row = {"recipe": recipe_name(p), "params": {"kind": "probe" if isinstance(p, ProbeParams) else "tutorial",
+                                                      **params_dict(p)}}
+            if sc is None:
+                row["diverged"] = True
+            else:
+                row.update(cv_mean=float(np.mean(sc)), cv_std=float(np.std(sc)), per_fold=[float(a) for a in sc])
+            out.append(row)
+        return out
+
+    def record(self) -> dict:
+        return {"by": f"{self.folds}-fold cross-validation on train", "metric": self.metric, "folds": self.folds,
+                "n": self.n, "train_rows": max(self.total, self.n), "on": "train" if self.total <= self.n else "train subset", "chosen": self.chosen, "seconds": self.seconds,
+                "candidates": self.rows()}
+
+
+def cross_validate(X, y, classes: int, candidates: list, k: int, seed: int, metric: str, device,
+                   class_weight=None) -> Selection:
+    """K-fold CV of every candidate on the train rows X, y only (probes and tutorial recipes, each batch
+    trained at once); the last epoch of each fold's head is scored on the fold's rows."""
+    folds = stratified_folds(y, k, seed)
+    classes_ = classes
+    scores: list = [None] * len(candidates)
+    seconds = 0.0
+    tut = [i for i, p in enumerate(candidates) if isinstance(p, HeadParams)]
+    probes = [i for i, p in enumerate(candidates) if isinstance(p, ProbeParams)]
+    Xf = np.asarray(X, dtype=np.float32)
+    if tut:
+        runs, sec = train_folds(Xf, y, classes_, [candidates[i] for i in tut], folds, device=device,
+                                class_weight=class_weight)
+        seconds += sec
+        for i, rs in zip(tut, runs):
+            if all(np.isfinite(r.weight.numpy()).all() for r in rs):
+                scores[i] = [fold_score(y[folds == r.fold], head_logits(r.weight, r.bias, Xf[folds == r.fold]).argmax(1),
+                                        classes_, metric) for r in rs]
+    if probes:
+        runs, sec = train_probes(Xf, y, classes_, [candidates[i] for i in probes], folds, class_weight=class_weight)
+        seconds += sec
+        for i, rs in zip(probes, runs):
+            if not any(r.diverged for r in rs):
+                scores[i] = [fold_score(y[folds == r.fold], head_logits(r.weight, r.bias, Xf[folds == r.fold]).argmax(1),
+                                        classes_, metric) for r in rs]
+    alive = [i for i, sc in enumerate(scores) if sc is not None]
+    if not alive:
+        raise TrainingDiverged(f"every one of the {len(candidates)} candidate recipes diverged in cross-validation; "
+                               "nothing was saved")
+    chosen = max(alive, key=lambda i: float(np.mean(scores[i])))  # first of equals: the grid's order
+    return Selection(metric, k, int(len(y)), list(candidates), scores, chosen, seconds)
+
+
+def selection_table(sel: dict) -> str:
+    """The CV table of metrics.json's selection record, ranked by CV mean, the winner marked."""
+    rows = sel["candidates"]
+    order = sorted(range(len(rows)), key=lambda i: -rows[i].get("cv_mean", -1.0))
+    width = max(len(r["recipe"]) for r in rows)
+    lines = [f"{'candidate':<{width}}  {'cv_mean':>8} {'cv_std':>7}  per fold"]
+    for i in order:
+        r = rows[i]
+        mark = "  <- chosen" if i == sel["chosen"] else ""
+        if r.get("diverged"):
+            lines.append(f"{r['recipe']:<{width}}  diverged (not used)")
+        else:
+            lines.append(f"{r['recipe']:<{width}}  {r['cv_mean']:>8.4f} {r['cv_std']:>7.4f}  "
+                         + " ".join(f"{a:.3f}" for a in r["per_fold"]) + mark)
+    return "\n".join(lines)
+
+
+SWEEP_RESULTS = ("best_val_acc", "best_epoch", "best_val_ci", "diverged_epoch", "cv_mean", "cv_std")
+
+
+def sweep_table(rows: list[dict], best: int | None = None) -> str:
+    """One line per setting: the values that vary, (with cross-validation: CV mean and std, ranked by the
+    mean), best val accuracy with its 95% interval (settings whose intervals overlap are not told apart by
+    this val set), best epoch; diverged settings are marked. best: the chosen row (default: best val)."""
+    cv = "cv_mean" in rows[0]
+    keys = [k for k in rows[0] if k not in SWEEP_RESULTS and len({r[k] for r in rows}) > 1]
+    alive = [i for i, r in enumerate(rows) if "diverged_epoch" not in r]
+    if best is None and alive:
+        best = max(alive, key=lambda i: rows[i]["best_val_acc"])
+    order = sorted(range(len(rows)), key=lambda i: -rows[i].get("cv_mean", -1.0)) if cv else range(len(rows))
+    lines = ["  ".join(f"{k:>10}" for k in keys) + ("   cv_mean   cv_std" if cv else "")
+             + "  best_val_acc  95% CI       correct  best_epoch"]
+    for i in order:
+        r = rows[i]
+        if "diverged_epoch" in r:
+            lines.append("  ".join(f"{r[k]:>10g}" for k in keys) + f"  diverged in epoch {r['diverged_epoch']} (not used)")
+            continue
+        mark = "  <- best" if i == best else ""
+        cvs = f"  {r['cv_mean']:>8.4f} {r['cv_std']:>8.4f}" if cv else ""
+        ci = r.get("best_val_ci")
+        interval = f"{ci['low']:.3f}-{ci['high']:.3f}  {ci['correct']:>3}/{ci['n']:<3}" if ci else f"{'':20}"
+        lines.append("  ".join(f"{r[k]:>10g}" for k in keys) + cvs
+                     + f"  {r['best_val_acc']:>12.4f}  {interval}  {r['best_epoch']:>10d}{mark}")
+    return "\n".join(lines)
 
 
 def run_train_head(cfg: HeadConfig, sidecar: Sidecar | None = None) -> dict:
@@ -184,22 +328,54 @@ class HeadRun:
 
 def _train(cfg: HeadConfig, cache, params: list[HeadParams], side: Sidecar | None = None) -> HeadRun:
     train = cache.splits["train"]
-    views = train.views if (cfg.use_views and train.views is not None and train.views.shape[1] > 0) else None
+    classes = len(cache.class_names)
+    Xtr, ytr = _split_xy(cache, "train")
+    cw = class_weights(ytr, classes) if cfg.class_weight == "balanced" else None
+    metric = "balanced_accuracy" if is_imbalanced(ytr, classes) else "accuracy"
     device = resolve_device(cfg.device)
-    work = len(params) * train.features.size * len(cache.class_names)
-    with cpu_threads(1 if device.type == "cpu" and work <= SMALL_HEAD_WORK else None):
-        results, seconds = train_heads(_split_xy(cache, "train"), _split_xy(cache, cfg.val_split),
-                                       len(cache.class_names), params, views=views, device=device)
-    cvs = None
-    if cfg.folds:
-        cvs, cv_seconds = cross_validate(cfg, cache, params, device)
-        for cv in cvs:
-            cv["seconds"] = cv_seconds
-    # with CV the setting is chosen by CV accuracy; its epoch is still picked on val as without
-    chosen = pick_best(results, [cv["mean"] for cv in cvs] if cvs else None)
-    best = results[chosen]
+    if cfg.folds and not 2 <= cfg.folds <= len(ytr):
+        raise PipelineError(f"--folds {cfg.folds} needs 2 <= folds <= the {len(ytr)} images of train (folds never "
+                            f"draw from {cfg.val_split})")
+    views = None
+    selection: Selection | None = None
+    header: list[str] = []
+    if cfg.recipe == "auto":
+        best, selection, seconds = _train_auto(cfg, cache, metric, cw, device)
+        unbiased = True
+        on = (f"{selection.n} images" if selection.total <= selection.n
+              else f"a stratified {selection.n} of its {selection.total} images")
+        header.append(f"recipe: chosen by {selection.folds}-fold cross-validation on train ({on}, "
+                      f"{metric.replace('_', ' ')}); val took no part in any choice")
+        header.append(selection_table(selection.record()))
+        header.append(f"kept: {recipe_name(best.params)}, trained on all of train, last epoch "
+                      f"(CV {selection.seconds:.2f} s, final fit {seconds - selection.seconds:.2f} s)")
+    else:
+        views = train.views if (cfg.use_views and train.views is not None and train.views.shape[1] > 0) else None
+        work = len(params) * train.features.size * classes
+        with cpu_threads(1 if device.type == "cpu" and work <= SMALL_HEAD_WORK else None):
+            results, seconds = train_heads((Xtr, ytr), _split_xy(cache, cfg.val_split), classes, params, views=views,
+                                           device=device, class_weight=cw)
+        if cfg.folds:
+            k = cfg.folds
+            selection = cross_validate(Xtr, ytr, classes, params, k, cfg.folds_seed, metric, device, cw)
+            chosen = pick_best(results, [float(np.mean(sc)) if sc is not None else -1.0 for sc in selection.scores])
+            selection.chosen = chosen
+            r = results[chosen]  # chosen on train folds: the last epoch is kept, val picks nothing
+            best = HeadResult(r.params, r.last_weight, r.last_bias, r.history[-1]["val_acc"], len(r.history) - 1,
+                              r.history, r.last_weight, r.last_bias, r.diverged_epoch)
+            unbiased = True
+            header.append(f"recipe: chosen by {k}-fold cross-validation on train ({len(ytr)} images, "
+                          f"{metric.replace('_', ' ')}); last epoch kept; val took no part in any choice")
+        else:
+            chosen = pick_best(results)
+            best = results[chosen]
+            unbiased = False
+            which = "the setting and its epoch" if len(results) > 1 else "the epoch"
+            header.append(f"recipe: the tutorial's family ({recipe_name(best.params)}); the epoch with the best "
+                          f"val accuracy is kept, so the val figure is optimistic (val picked {which})")
     eval_splits = [cfg.val_split] + [s for s in cache.splits if s not in ("train", cfg.val_split)]
     evaluations = evaluate_head(best, cache, eval_splits, side)
+    balanced = {s: balanced_accuracy_ci(evaluations[s]["confusion_matrix"]) for s in eval_splits}
     metrics = {
         "kind": "head",
         "best_val_acc": best.best_val_acc,
@@ -207,25 +383,94 @@ def _train(cfg: HeadConfig, cache, params: list[HeadParams], side: Sidecar | Non
         "best_val_acc_ci": ci_from_accuracy(best.best_val_acc, len(cache.splits[cfg.val_split].labels)),
         "history": best.history,
         **split_metrics(evaluations),
+        "balanced_accuracy": {s: b["value"] for s, b in balanced.items()},
+        "balanced_accuracy_ci": balanced,
         "class_names": cache.class_names,
         "seconds": seconds,
-        "recipe": params_dict(best.params),
+        "recipe": {"kind": "probe" if isinstance(best.params, ProbeParams) else "tutorial", **params_dict(best.params)},
+        "recipe_mode": cfg.recipe,
+        "kept_epoch": "best val" if not unbiased else "last",
+        "val_unbiased": unbiased,
+        "class_weight": None if cw is None else {"mode": cfg.class_weight, "weights": cw.tolist()},
         "views_used": views is not None,
         "cache": str(cfg.cache),
         "n": {s: int(len(cache.splits[s].labels)) for s in cache.splits},
         "skipped": [list(s) for s in cache.skipped],
         "split": cache_record(cache.attrs.get("split")),
     }
-    if cvs is not None:
-        metrics["cv"] = cvs[chosen]
-    if len(results) > 1:
+    if selection is not None:
+        metrics["selection"] = selection.record()
+        if selection.scores[selection.chosen] is not None and cfg.recipe != "auto":
+            sc = selection.scores[selection.chosen]
+            metrics["cv"] = {"folds": selection.folds, "mean": float(np.mean(sc)), "std": float(np.std(sc)),
+                             "per_fold": [float(a) for a in sc], "seed": cfg.folds_seed, "n": selection.n,
+                             "on": "train", "metric": metric, "seconds": selection.seconds}
+    if cfg.recipe != "auto" and len(results) > 1:
         n_val = len(cache.splits[cfg.val_split].labels)
+        cvs = selection.rows() if selection is not None else [None] * len(results)
         metrics["sweep"] = [{**row, **({"best_val_ci": ci_from_accuracy(row["best_val_acc"], n_val)}
                                        if "diverged_epoch" not in row else {}),
-                             **({"cv_mean": cv["mean"], "cv_std": cv["std"]} if cv else {})}
-                            for row, cv in zip(sweep_rows(results), cvs or [None] * len(results))]
+                             **({"cv_mean": cv["cv_mean"], "cv_std": cv["cv_std"]} if cv and "cv_mean" in cv else {})}
+                            for row, cv in zip(sweep_rows(results), cvs)]
         metrics["chosen"] = chosen
-    report = report_text(evaluations, best.best_val_acc, best.best_epoch)
-    if cvs is not None:
-        report += "\n" + cv_line(cvs[chosen]) + "\n"
+        header.insert(1, sweep_table(metrics["sweep"], chosen))
+    if cfg.recipe != "auto" and cfg.folds and "cv" in metrics:
+        c = metrics["cv"]
+        header.append(f"{c['folds']}-fold CV on train ({c['n']} images): mean {c['mean']:.4f}, std {c['std']:.4f} "
+                      f"(folds {' '.join(f'{a:.4f}' for a in c['per_fold'])}; trained in {c['seconds']:.3f} s)")
+    report = head_report(header, evaluations, balanced, best, unbiased)
     return HeadRun(best, metrics, report, evaluations)
+
+
+def _train_auto(cfg: HeadConfig, cache, metric: str, cw, device) -> tuple[HeadResult, Selection, float]:
+    """--recipe auto: CV on train over the grid, then the winner trained on all of train (last epoch kept)."""
+    Xtr, ytr = _split_xy(cache, "train")
+    classes = len(cache.class_names)
+    seed = cfg.seed[0]
+    n = len(ytr)
+    rows = np.arange(n)
+    if n > AUTO_CV_MAX_ROWS:  # a stratified subset: one of ceil(n / max) stratified parts
+        rows = np.flatnonzero(stratified_folds(ytr, math.ceil(n / AUTO_CV_MAX_ROWS), cfg.folds_seed + 1) == 0)
+    k = min(cfg.folds or auto_folds(len(rows)), len(rows))
+    if k < 2:
+        raise PipelineError(f"the automatic recipe cross-validates on train, which has {n} images: too few; "
+                            "add images or use --recipe tutorial")
+    fold_rows = len(rows) - len(rows) // k  # rows a fold's head trains on
+    grid = auto_grid(fold_rows, seed)
+    sel = cross_validate(Xtr[rows], ytr[rows], classes, grid, k, cfg.folds_seed, metric, device, cw)
+    sel.total = n
+    p = grid[sel.chosen]
+    if isinstance(p, ProbeParams):
+        p = scaled_to(p, fold_rows, n)
+    val = _split_xy(cache, cfg.val_split)
+    if isinstance(p, ProbeParams):
+        (runs,), sec = train_probes(Xtr, ytr, classes, [p], None, val=val, class_weight=cw)
+        r = runs[0]
+        if r.diverged:
+            raise TrainingDiverged("the chosen recipe diverged on all of train; nothing was saved")
+        hist = r.history
+        best = HeadResult(p, r.weight, r.bias, hist[-1]["val_acc"], len(hist) - 1, hist, r.weight, r.bias, None)
+    else:
+        with cpu_threads(1 if device.type == "cpu" and Xtr.size * classes <= SMALL_HEAD_WORK else None):
+            (r,), sec = train_heads((Xtr, ytr), val, classes, [p], device=device, class_weight=cw)
+        pick_best([r])
+        best = HeadResult(p, r.last_weight, r.last_bias, r.history[-1]["val_acc"], len(r.history) - 1, r.history,
+                          r.last_weight, r.last_bias, None)
+    return best, sel, sel.seconds + sec
+
+
+def head_report(header: list[str], evaluations: dict, balanced: dict, best: HeadResult, unbiased: bool) -> str:
+    """report.txt: how the recipe was chosen, the kept head's val figure (and whether it is unbiased), then
+    one sklearn report per evaluated split (val first) with accuracy and balanced accuracy and their 95%
+    intervals."""
+    first = next(iter(evaluations.values())) if evaluations else None
+    parts = ["\n".join(header) + "\n"]
+    if first is not None:
+        word = "val acc" if unbiased else "best val acc"
+        note = ("unbiased: no choice saw val" if unbiased else "optimistic: val picked it")
+        parts.append(f"{word} {format_accuracy(first['accuracy_ci'])} at epoch {best.best_epoch} ({note})\n")
+    for split, ev in evaluations.items():
+        b = balanced[split]
+        parts.append(f"== {split}: {ev['n']} images, accuracy {format_accuracy(ev['accuracy_ci'])}, balanced accuracy "
+                     f"{b['value']:.4f} (95% CI {b['low']:.3f}-{b['high']:.3f}) ==\n{ev['report_text']}")
+    return "\n".join(parts)

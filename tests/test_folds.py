@@ -87,6 +87,7 @@ def _cache(tmp_path, n_train=30, n_val=20):
 
 
 def test_train_head_folds_reports_cv_equal_to_the_engine(tmp_path):
+    """--folds cross-validates on the train split only; the final head is trained on train, its last epoch kept."""
     from click.testing import CliRunner
 
     from cli import cli
@@ -96,16 +97,18 @@ def test_train_head_folds_reports_cv_equal_to_the_engine(tmp_path):
                                  "--epochs", "4", "--no-plots"])
     assert r.exit_code == 0, r.output
     m = json.loads((tmp_path / "run/metrics.json").read_text())
-    (runs,), _ = train_folds(X, y, 2, [HeadParams(epochs=4)], stratified_folds(y, 5, seed=0))
+    Xtr, ytr = X[:30], y[:30]
+    (runs,), _ = train_folds(Xtr, ytr, 2, [HeadParams(epochs=4)], stratified_folds(ytr, 5, seed=0))
     accs = [run.heldout_acc for run in runs]
     assert m["cv"]["per_fold"] == pytest.approx(accs)
     assert m["cv"]["mean"] == pytest.approx(np.mean(accs)) and m["cv"]["std"] == pytest.approx(np.std(accs))
-    assert (m["cv"]["folds"], m["cv"]["n"], m["cv"]["on"]) == (5, 50, "train+val")
-    assert f"5-fold CV on train+val (50 images): mean {np.mean(accs):.4f}, std {np.std(accs):.4f}" in r.output
-    assert "5-fold CV" in (tmp_path / "run/report.txt").read_text()
-    # the final model is still trained on train alone and its epoch picked on val
-    (alone,), _ = train_heads((X[:30], y[:30]), (X[30:], y[30:]), 2, [HeadParams(epochs=4)])
-    assert m["best_val_acc"] == pytest.approx(alone.best_val_acc) and m["best_epoch"] == alone.best_epoch
+    assert (m["cv"]["folds"], m["cv"]["n"], m["cv"]["on"]) == (5, 30, "train")
+    assert f"5-fold CV on train (30 images): mean {np.mean(accs):.4f}, std {np.std(accs):.4f}" in r.output
+    assert "5-fold CV on train" in (tmp_path / "run/report.txt").read_text()
+    # the final model: trained on train alone, the last epoch kept (val picks nothing)
+    (alone,), _ = train_heads((Xtr, ytr), (X[30:], y[30:]), 2, [HeadParams(epochs=4)])
+    assert m["best_epoch"] == 3 and m["val_unbiased"] is True
+    assert m["best_val_acc"] == pytest.approx(alone.history[-1]["val_acc"])
 
 
 def test_folds_sweep_is_ranked_and_chosen_by_cv(tmp_path):
@@ -121,8 +124,11 @@ def test_folds_sweep_is_ranked_and_chosen_by_cv(tmp_path):
     cv = [row["cv_mean"] for row in m["sweep"]]
     assert m["chosen"] == int(np.argmax(cv)) and m["recipe"]["lr"] == m["sweep"][m["chosen"]]["lr"]
     assert m["cv"]["mean"] == pytest.approx(max(cv))
-    table = r.output.splitlines()[1:3]  # ranked: the higher CV mean first, marked best
+    table = r.output.splitlines()[2:4]  # after the recipe line and the header: the higher CV mean first, marked
     assert float(table[0].split()[1]) >= float(table[1].split()[1]) and table[0].endswith("<- best")
+    # the sweep table and its winner are in report.txt and `report RUN` too, not only on the screen
+    assert "\n".join(table) in (tmp_path / "run/report.txt").read_text()
+    assert "\n".join(table) in CliRunner().invoke(cli, ["report", str(tmp_path / "run")]).output
 
 
 def test_bad_folds_one_line_error(tmp_path):
@@ -132,6 +138,6 @@ def test_bad_folds_one_line_error(tmp_path):
 
     path, _, _ = _cache(tmp_path, n_train=4, n_val=2)
     r = CliRunner().invoke(cli, ["train-head", str(path), "--out", str(tmp_path / "run"), "--folds", "1"])
-    assert r.exit_code == 1 and "Error: --folds 1 needs 2 <= folds <= the 6 images of train+val" in r.output
-    r = CliRunner().invoke(cli, ["train-head", str(path), "--out", str(tmp_path / "run"), "--folds", "7"])
-    assert r.exit_code == 1 and "Error: --folds 7 needs 2 <= folds <= the 6 images of train+val" in r.output
+    assert r.exit_code == 1 and "Error: --folds 1 needs 2 <= folds <= the 4 images of train" in r.output
+    r = CliRunner().invoke(cli, ["train-head", str(path), "--out", str(tmp_path / "run"), "--folds", "5"])
+    assert r.exit_code == 1 and "Error: --folds 5 needs 2 <= folds <= the 4 images of train" in r.output

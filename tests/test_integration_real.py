@@ -34,7 +34,7 @@ def test_real_extract_counts(real_cache):
 
 def test_real_train_head_25_epochs(real_cache, tmp_path):
     out = tmp_path / "run"
-    r = CliRunner().invoke(cli, ["train-head", str(real_cache), "--out", str(out)])
+    r = CliRunner().invoke(cli, ["train-head", str(real_cache), "--out", str(out), "--recipe", "tutorial"])
     assert r.exit_code == 0, r.output
     m = json.loads((out / "metrics.json").read_text())
     assert len(m["history"]) == 25 and 0 <= m["best_epoch"] < 25
