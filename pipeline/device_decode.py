@@ -1,5 +1,6 @@
-"""`extract --decoder torchvision`: JPEGs decoded by torchvision.io on the extraction device (nvJPEG on a
-GPU, libjpeg-turbo on the CPU), resized, cropped and normalised there as tensors.
+"""`extract --decoder torchvision`: JPEGs decoded by torchvision's decode ops on the extraction device
+(nvJPEG on a GPU, libjpeg-turbo on the CPU), resized, cropped and normalised there as tensors. The ops
+are loaded from torchvision's image library without importing torchvision (image_ops).
 
 Workers read each file's bytes once (hashing them for the cache's file record) and check the JPEG
 header. A baseline JPEG the device decodes the same way as PIL is shipped as bytes; every other file
@@ -113,9 +114,47 @@ def read_for_device(path: str, exif: bool = True, spec: Preprocess | None = None
 # --------------------------------------------------------------------------- the device side
 
 
+RGB_MODE = 3  # torchvision's ImageReadMode.RGB
+# the ops' signatures as torchvision 0.19-0.29 register them (argument names and types)
+_OP_ARGS = {"decode_jpeg": ["data: Tensor", "mode: int", "apply_exif_orientation: bool"],
+            "decode_jpegs_cuda": ["encoded_images: List[Tensor]", "mode: int", "device: Device"]}
+_image_ops_loaded: bool | None = None
+
+
+def image_ops() -> bool:
+    """Load torchvision's image library (its decode ops) without importing torchvision, which pulls
+    torch._dynamo (2-3 s, 10 s on a busy machine, per process). False where this torchvision lays it out
+    otherwise or registers other signatures: the caller then imports torchvision.io."""
+    global _image_ops_loaded
+    if _image_ops_loaded is None:
+        _image_ops_loaded = False
+        try:
+            import importlib.machinery
+            import importlib.util
+            from pathlib import Path
+
+            folder = Path(importlib.util.find_spec("torchvision").submodule_search_locations[0])
+            names = ("image_stable", "image")  # 0.29 ships the stable-ABI library, earlier ones image
+            libs = [folder / (n + suffix) for n in names for suffix in importlib.machinery.EXTENSION_SUFFIXES]
+            lib = next((p for p in libs if p.exists()), None)
+            if lib is not None:
+                torch.ops.load_library(str(lib))
+                _image_ops_loaded = all(
+                    [f"{a.name}: {a.type}" for a in getattr(torch.ops.image, op).default._schema.arguments] == args
+                    for op, args in _OP_ARGS.items())
+        except Exception:  # noqa: BLE001  (no torchvision, another layout: the import path decides)
+            _image_ops_loaded = False
+    return _image_ops_loaded
+
+
 def _decode(datas: list[torch.Tensor], device: torch.device, exif: bool = True) -> list[torch.Tensor]:
-    """One batched decode call (the op tests replace to simulate a device decoder)."""
-    from torchvision.io import ImageReadMode, decode_jpeg  # here: importing torchvision costs seconds
+    """One batched decode call (the op tests replace to simulate a device decoder): torchvision's ops,
+    called as torchvision.io.decode_jpeg calls them (a test holds the two equal)."""
+    if image_ops():
+        if device.type == "cuda":
+            return list(torch.ops.image.decode_jpegs_cuda(datas, RGB_MODE, device))
+        return [torch.ops.image.decode_jpeg(d, RGB_MODE, exif) for d in datas]
+    from torchvision.io import ImageReadMode, decode_jpeg  # importing torchvision costs seconds
 
     with warnings.catch_warnings():  # torchvision 0.29 deprecates its decoders in favour of torchcodec
         warnings.simplefilter("ignore", DeprecationWarning)
@@ -180,11 +219,6 @@ def resize_crop_each(images: list[torch.Tensor], spec: Preprocess) -> list[torch
     by_size: dict[tuple[int, int], list[int]] = {}
     for i, img in enumerate(images):
         by_size.setdefault(tuple(img.shape[-2:]), []).append(i)
-    if not by_size:
-        return []
-    import torchvision.transforms.v2.functional as F  # here: importing torchvision costs seconds
-
-    interp = {"bilinear": F.InterpolationMode.BILINEAR, "bicubic": F.InterpolationMode.BICUBIC}[spec.interpolation]
     for (h, w), idx in by_size.items():
         if spec.bounded(w, h):
             for i in idx:
@@ -192,12 +226,41 @@ def resize_crop_each(images: list[torch.Tensor], spec: Preprocess) -> list[torch
             continue
         for chunk in budget_chunks([h * w] * len(idx), DEVICE_PIXEL_BUDGET):
             members = [idx[c] for c in chunk]
-            group = torch.stack([images[i] for i in members])
-            group = F.center_crop(F.resize(group, [spec.resize], interpolation=interp, antialias=spec.antialias),
-                                  [spec.crop, spec.crop])
+            group = resize_crop_group(torch.stack([images[i] for i in members]), spec)
             for k, i in enumerate(members):
                 out[i] = group[k]
     return out
+
+
+def _native_uint8_resize(device: torch.device, interpolation: str) -> bool:
+    """Whether torchvision's Resize interpolates uint8 directly (else through float32 and round)."""
+    if device.type != "cpu":
+        return False
+    if interpolation == "bicubic":
+        return True
+    import platform
+
+    return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512") or platform.machine() in ("aarch64", "arm64")
+
+
+def resize_crop_group(x: torch.Tensor, spec: Preprocess) -> torch.Tensor:
+    """N x 3 x H x W uint8 (one size) -> N x 3 x crop x crop uint8: torchvision's Resize(spec.resize) +
+    CenterCrop(spec.crop) on uint8 tensors, the same ops in the same order (a test holds them equal),
+    without importing torchvision."""
+    h, w = x.shape[-2:]
+    rw, rh = spec.resized_size(w, h)
+    if (rh, rw) != (h, w):
+        native = _native_uint8_resize(x.device, spec.interpolation)
+        y = x if native else x.to(torch.float32)
+        y = torch.nn.functional.interpolate(y, size=[rh, rw], mode=spec.interpolation, align_corners=False,
+                                            antialias=spec.antialias)
+        if not native:
+            if spec.interpolation == "bicubic":
+                y = y.clamp_(min=0, max=255)
+            y = y.round_().to(torch.uint8)
+        x = y
+    left, top = spec.crop_offset(w, h)
+    return x[..., top:top + spec.crop, left:left + spec.crop]
 
 
 def resize_crop_tensors(images: list[torch.Tensor], spec: Preprocess) -> torch.Tensor:

@@ -193,8 +193,6 @@ def test_a_run_whose_decoder_breaks_stops_in_one_line_and_remembers_no_skips(tmp
 
 
 def test_decode_calls_and_resize_groups_keep_to_the_pixel_budget(tmp_path, monkeypatch):
-    import torchvision.transforms.v2.functional as F
-
     items = []
     for k in range(7):  # three of one size (a same-size group), four others
         p = tmp_path / f"b{k}.jpg"
@@ -202,17 +200,17 @@ def test_decode_calls_and_resize_groups_keep_to_the_pixel_budget(tmp_path, monke
         items.append(read_for_device(str(p)))
     unbounded, _ = decode_crops(items, CPU, SPEC)
     decoded, resized = [], []
-    real_decode, real_resize = dd._decode, F.resize
+    real_decode, real_resize = dd._decode, dd.resize_crop_group
     monkeypatch.setattr(dd, "_decode", lambda datas, device, exif=True: (
         decoded.append(sum(it.pixels for it in items if any(it.payload is d for d in datas))),
         real_decode(datas, device, exif))[1])
-    monkeypatch.setattr(F, "resize", lambda x, *a, **k: (resized.append(x.shape[0] * x.shape[-2] * x.shape[-1]),
-                                                         real_resize(x, *a, **k))[1])
+    monkeypatch.setattr(dd, "resize_crop_group", lambda x, spec: (
+        resized.append(x.shape[0] * x.shape[-2] * x.shape[-1]), real_resize(x, spec))[1])
     monkeypatch.setattr(dd, "DEVICE_PIXEL_BUDGET", 2 * 80 * 60)
     bounded, reasons = decode_crops(items, CPU, SPEC)
     assert reasons == [""] * 7 and torch.equal(bounded, unbounded)
     assert len(decoded) == 4 and max(decoded) <= 2 * 80 * 60 and sum(decoded) == sum(it.pixels for it in items)
-    assert max(resized) <= 2 * 80 * 60
+    assert max(resized) <= 2 * 80 * 60 and len(resized) == 6  # the 3 same-size images: 2 groups, not 1
     assert dd.budget_chunks([5, 5, 5, 20, 1], 10) == [[0, 1], [2], [3], [4]]
 
 
@@ -363,3 +361,51 @@ def test_batch_size_defaults_by_device_when_not_given(tmp_path, monkeypatch):
     ex.extract(ex.ExtractConfig(str(data), str(tmp_path / "e.h5"), weights="none", workers=0, splits=("train",),
                                 batch_size=5))
     assert sizes == [5, 1]
+
+
+@pytest.mark.parametrize("interpolation, antialias", [("bilinear", True), ("bilinear", False), ("bicubic", True),
+                                                      ("bicubic", False)])
+@pytest.mark.parametrize("native", [True, False])  # False: the float path a GPU takes
+def test_resize_crop_equals_torchvision_resize_and_center_crop(monkeypatch, interpolation, antialias, native):
+    import torchvision.transforms.v2.functional as F
+
+    spec = Preprocess(decoder="torchvision", interpolation=interpolation, antialias=antialias)
+    g = torch.Generator().manual_seed(1)
+    mode = {"bilinear": F.InterpolationMode.BILINEAR, "bicubic": F.InterpolationMode.BICUBIC}[interpolation]
+    for size in [(375, 500), (500, 333), (256, 300), (30, 40), (224, 224), (257, 1000)]:
+        x = torch.randint(0, 256, (3, 3) + size, dtype=torch.uint8, generator=g)
+        if native:
+            ref = F.resize(x, [256], interpolation=mode, antialias=antialias)
+            assert dd._native_uint8_resize(CPU, interpolation)
+        else:  # torchvision's path for uint8 on CUDA: float32, interpolate, (clamp), round, uint8
+            monkeypatch.setattr(dd, "_native_uint8_resize", lambda device, interp: False)
+            f = F.resize(x.float(), [256], interpolation=mode, antialias=antialias)
+            mine = torch.nn.functional.interpolate(x.float(), size=list(f.shape[-2:]), mode=interpolation,
+                                                   align_corners=False, antialias=antialias)
+            assert (mine - f).abs().max() <= 1e-5  # the float resize is the reference's, to float rounding
+            ref = (f.clamp(0, 255) if interpolation == "bicubic" else f).round().to(torch.uint8)
+        assert torch.equal(dd.resize_crop_group(x, spec), F.center_crop(ref, [224, 224])), size
+
+
+def test_decode_ops_load_without_importing_torchvision_and_equal_its_decode(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    data = _batches_of_one_segment_each(tmp_path)
+    probe = ("import sys, pipeline.device_decode as dd\n"
+             "from pipeline.extract import ExtractConfig, extract\n"
+             f"s = extract(ExtractConfig({str(data)!r}, {str(tmp_path / 'c.h5')!r}, weights='none', workers=0, "
+             "decoder='torchvision'))\n"
+             "print(dd.image_ops(), s['rows'], 'torchvision' in sys.modules, 'torch._dynamo' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert out.stdout.split() == ["True", "{'train':", "6,", "'val':", "4}", "False", "False"], out.stderr
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    files = _jpegs(tmp_path)
+    for k in ("exif6", "baseline", "gray", "progressive", "cmyk"):
+        data = torch.frombuffer(bytearray(files[k].read_bytes()), dtype=torch.uint8)
+        for exif in (True, False):
+            ref = decode_jpeg(data, mode=ImageReadMode.RGB, apply_exif_orientation=exif)
+            assert torch.equal(dd._decode([data], CPU, exif)[0], ref), (k, exif)
