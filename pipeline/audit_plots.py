@@ -79,6 +79,11 @@ def suspects_png(audit, data_dir: Path | None, path: Path, cols: int = 6) -> Non
         ax.axis("off")
     for ax, (rel, title, color) in zip(axes.flat, tiles):
         _tile(ax, data_dir, rel, f"{Path(rel).name[:28]}\n{title}", color)
+    from matplotlib.patches import Patch
+
+    fig.legend(handles=[Patch(color="red", label="red title: likely label error (given vs suggested class)"),
+                        Patch(color="darkorange", label="orange title: outlier (far from its k nearest neighbours)")],
+               loc="upper center", ncol=2, frameon=False, bbox_to_anchor=(0.5, 1.0 + 0.25 / rows))
     _save(fig, path)
 
 

@@ -1,4 +1,4 @@
-"""Evaluation results as plain dicts: scikit-learn's classification report and confusion matrix, and a
+"""Evaluation results as plain dicts: scikit-learn's classification report and a confusion matrix, and a
 95% Wilson score interval for every accuracy (with 153 val images one image is 0.65 points)."""
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import numpy as np
 
 
 def preload() -> None:
-    """Import scikit-learn's metrics now (~0.7 s), e.g. in the sidecar process while torch loads elsewhere."""
-    import sklearn.metrics  # noqa: F401
+    """Nothing left to import ahead: the report is numpy (scikit-learn's definitions, without its C x C
+    arrays). Kept as the sidecar's hook."""
 
 Z95 = 1.959963984540054  # the standard normal's 97.5% quantile: a two-sided 95% interval
 
@@ -46,22 +46,121 @@ def format_accuracy(ci: dict) -> str:
     return f"{acc:.4f} (95% CI {ci['low']:.3f}-{ci['high']:.3f}, {ci['correct']}/{ci['n']})"
 
 
-def evaluate_predictions(y_true, y_pred, class_names: list[str]) -> dict:
-    """{'n', 'accuracy', 'accuracy_ci', 'classification_report' (sklearn dict), 'report_text', 'confusion_matrix'}."""
-    from sklearn.metrics import classification_report, confusion_matrix  # here: a 0.7 s import
+DENSE_CONFUSION = 100  # classes up to this: metrics.json keeps the full C x C matrix (as before)
+REPORT_CLASSES = 50  # classes up to this: report.txt lists every class; beyond, the worst and a summary
+WORST_CLASSES = 20  # how many of the worst classes (lowest f1) a long report lists
 
+
+def class_scores(y_true, y_pred, classes: int) -> dict:
+    """Per-class counts and scores from label arrays in O(rows + classes) (np.bincount), with
+    scikit-learn's definitions and zero_division=0: precision tp/predicted, recall tp/support, f1
+    2tp/(support + predicted). Own code because sklearn's classification_report and confusion_matrix build
+    C x C arrays (800 MB at 10,000 classes); tests hold it to sklearn's numbers."""
     y_true, y_pred = np.asarray(y_true, dtype=np.int64), np.asarray(y_pred, dtype=np.int64)
-    labels = list(range(len(class_names)))
+    support = np.bincount(y_true, minlength=classes)[:classes]
+    predicted = np.bincount(y_pred, minlength=classes)[:classes]
+    tp = np.bincount(y_true[y_true == y_pred], minlength=classes)[:classes]
+
+    def divide(num, den):
+        den = np.asarray(den, dtype=np.float64)
+        return np.asarray(num, dtype=np.float64) / np.where(den == 0, 1.0, den) * (den != 0)
+
+    return {"support": support, "predicted": predicted, "tp": tp, "precision": divide(tp, predicted),
+            "recall": divide(tp, support), "f1": divide(2 * tp, support + predicted)}
+
+
+def report_dict(scores: dict, class_names: list[str]) -> dict:
+    """scikit-learn's classification_report(output_dict=True) from class_scores (every label listed, so
+    micro average = accuracy)."""
+    p, r, f, s = scores["precision"], scores["recall"], scores["f1"], scores["support"]
+    out = {name: {"precision": float(p[i]), "recall": float(r[i]), "f1-score": float(f[i]), "support": float(s[i])}
+           for i, name in enumerate(class_names)}
+    n = int(s.sum())
+    out["accuracy"] = float(scores["tp"].sum() / n) if n else 0.0
+    macro = [float(np.average(a)) if len(a) else 0.0 for a in (p, r, f)]
+    weighted = [float(np.average(a, weights=s)) if n else 0.0 for a in (p, r, f)]
+    for key, avg in (("macro avg", macro), ("weighted avg", weighted)):
+        out[key] = {"precision": avg[0], "recall": avg[1], "f1-score": avg[2], "support": float(n)}
+    return out
+
+
+def report_lines(report: dict, class_names: list[str], digits: int = 4, limit: int = REPORT_CLASSES,
+                 worst: int = WORST_CLASSES) -> str:
+    """scikit-learn's printed classification report from report_dict, in its layout. Up to limit classes
+    every class has its line; beyond, only the worst classes (lowest f1, then most images) and a line
+    saying how many are hidden (all of them are in metrics.json), so report.txt stays short at any C."""
+    shown = list(range(len(class_names)))
+    note = ""
+    if len(class_names) > limit:
+        key = [(report[c]["f1-score"], -report[c]["support"], i) for i, c in enumerate(class_names)]
+        shown = [i for _, _, i in sorted(key)[:worst]]
+        zero = sum(1 for c in class_names if report[c]["f1-score"] == 0 and report[c]["support"] > 0)
+        note = (f"{len(class_names)} classes: the {len(shown)} with the lowest f1-score are listed ({zero} classes "
+                f"with images have f1 0); every class is in metrics.json\n")
+    headers = ["precision", "recall", "f1-score", "support"]
+    width = max([len(class_names[i]) for i in shown] + [len("weighted avg"), digits])
+    text = note + ("{:>{width}s} " + " {:>9}" * 4).format("", *headers, width=width) + "\n\n"
+    row = "{:>{width}s} " + " {:>9.{digits}f}" * 3 + " {:>9}\n"
+    for i in shown:
+        c = report[class_names[i]]
+        text += row.format(class_names[i], c["precision"], c["recall"], c["f1-score"], int(c["support"]),
+                           width=width, digits=digits)
+    text += "\n"
+    n = int(report["macro avg"]["support"])
+    text += ("{:>{width}s} " + " {:>9.{digits}}" * 2 + " {:>9.{digits}f} {:>9}\n").format(
+        "accuracy", "", "", report["accuracy"], n, width=width, digits=digits)
+    for key in ("macro avg", "weighted avg"):
+        a = report[key]
+        text += row.format(key, a["precision"], a["recall"], a["f1-score"], n, width=width, digits=digits)
+    return text
+
+
+def confusion_record(y_true, y_pred, classes: int, dense_limit: int = DENSE_CONFUSION):
+    """metrics.json's confusion matrix: the full C x C list of rows up to dense_limit classes; beyond,
+    {"classes": C, "entries": [[true, predicted, count], ...]} of the nonzero cells only (at most one per
+    image, so its size grows with the rows, not with C^2). confusion_entries reads either."""
+    y_true, y_pred = np.asarray(y_true, dtype=np.int64), np.asarray(y_pred, dtype=np.int64)
+    cells, counts = np.unique(y_true * classes + y_pred, return_counts=True)
+    if classes <= dense_limit:
+        m = np.zeros(classes * classes, np.int64)
+        m[cells] = counts
+        return m.reshape(classes, classes).tolist()
+    return {"classes": int(classes),
+            "entries": np.stack([cells // classes, cells % classes, counts], 1).astype(np.int64).tolist()}
+
+
+def confusion_entries(record) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """(true, predicted, count, classes) of the nonzero cells of a confusion record, dense or sparse."""
+    if isinstance(record, dict):
+        e = np.asarray(record["entries"], dtype=np.int64).reshape(-1, 3)
+        return e[:, 0], e[:, 1], e[:, 2], int(record["classes"])
+    m = np.asarray(record, dtype=np.int64)
+    m = m.reshape(int(round(m.size ** 0.5)), -1) if m.ndim != 2 else m
+    t, p = np.nonzero(m)
+    return t, p, m[t, p], m.shape[0]
+
+
+def confusion_counts(record) -> tuple[np.ndarray, np.ndarray]:
+    """(images per true class, correct per class) of a confusion record, dense or sparse: O(cells)."""
+    t, p, c, classes = confusion_entries(record)
+    return (np.bincount(t, weights=c, minlength=classes).astype(np.int64),
+            np.bincount(t[t == p], weights=c[t == p], minlength=classes).astype(np.int64))
+
+
+def evaluate_predictions(y_true, y_pred, class_names: list[str]) -> dict:
+    """{'n', 'accuracy', 'accuracy_ci', 'classification_report' (sklearn's dict), 'report_text',
+    'confusion_matrix' (confusion_record)}; linear in rows and classes."""
+    y_true, y_pred = np.asarray(y_true, dtype=np.int64), np.asarray(y_pred, dtype=np.int64)
+    classes = len(class_names)
     correct = int((y_true == y_pred).sum())
+    report = report_dict(class_scores(y_true, y_pred, classes), class_names)
     return {
         "n": int(len(y_true)),
         "accuracy": float((y_true == y_pred).mean()) if len(y_true) else 0.0,
         "accuracy_ci": accuracy_ci(correct, len(y_true)),
-        "classification_report": classification_report(
-            y_true, y_pred, labels=labels, target_names=class_names, output_dict=True, zero_division=0),
-        "report_text": classification_report(
-            y_true, y_pred, labels=labels, target_names=class_names, digits=4, zero_division=0),
-        "confusion_matrix": confusion_matrix(y_true, y_pred, labels=labels).tolist(),
+        "classification_report": report,
+        "report_text": report_lines(report, class_names),
+        "confusion_matrix": confusion_record(y_true, y_pred, classes),
     }
 
 
@@ -75,11 +174,46 @@ def split_metrics(evaluations: dict[str, dict]) -> dict:
     }
 
 
-def report_text(evaluations: dict[str, dict], best_val_acc: float, best_epoch: int) -> str:
-    """The text of report.txt: the best val accuracy, then one sklearn report per evaluated split (the
-    first is val), every accuracy with its 95% interval."""
+TINY_VAL = 30  # fewer val images: one image moves the accuracy by more than 3 points
+
+
+def weights_line(backbone: str, weights: str) -> str:
+    """'backbone resnet18, weights imagenet' (the first line of a run's report)."""
+    word = {"none": "none (random init)", "imagenet": "imagenet (torchvision IMAGENET1K_V1)"}.get(weights, weights)
+    return f"backbone {backbone}, weights {word}"
+
+
+def run_warnings(weights: str, evaluation: dict, class_names: list[str], split: str = "val") -> list[str]:
+    """The lines a reader of a run must not miss, from the kept model's evaluation of the val split:
+    random weights (--weights none), a val split too small to say much, and a model that answers one
+    class for every val image. Each starts with 'WARNING:'."""
+    out = []
+    support, _ = confusion_counts(evaluation["confusion_matrix"])
+    t, p, c, classes = confusion_entries(evaluation["confusion_matrix"])
+    n = int(support.sum())
+    majority = float(support.max() / n) if n else 0.0
+    if weights == "none":
+        out.append(f"WARNING: random weights (--weights none): the backbone learned nothing, so these figures are "
+                   f"near chance (always answering the most frequent {split} class scores {majority:.4f}); "
+                   "use --weights imagenet or a trained --weights PATH for a real model")
+    if 0 < n < TINY_VAL:
+        counts = ", ".join(f"{class_names[i]} {int(k)}" for i, k in enumerate(support) if k)
+        out.append(f"WARNING: tiny {split} split: {n} images ({counts}); one image moves the accuracy by "
+                   f"{1 / n:.3f}, so its figures say little")
+    predicted = np.flatnonzero(np.bincount(p, weights=c, minlength=classes))
+    if classes > 1 and n > 1 and len(predicted) == 1:
+        out.append(f"WARNING: the kept model predicts one class ({class_names[int(predicted[0])]}) for every "
+                   f"{split} image ({n} images)")
+    return out
+
+
+def report_text(evaluations: dict[str, dict], best_val_acc: float, best_epoch: int,
+                preamble: list[str] | None = None) -> str:
+    """The text of report.txt: the preamble lines (what built the model, warnings), the best val accuracy,
+    then one sklearn report per evaluated split (the first is val), every accuracy with its 95% interval."""
     n_val = next(iter(evaluations.values()))["n"] if evaluations else 0
-    parts = [f"best val acc {format_accuracy(ci_from_accuracy(best_val_acc, n_val))} at epoch {best_epoch}\n"]
+    parts = ["".join(f"{line}\n" for line in preamble or [])
+             + f"best val acc {format_accuracy(ci_from_accuracy(best_val_acc, n_val))} at epoch {best_epoch}\n"]
     for split, ev in evaluations.items():
         parts.append(f"== {split}: {ev['n']} images, accuracy {format_accuracy(ev['accuracy_ci'])} ==\n"
                      f"{ev['report_text']}")

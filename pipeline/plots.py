@@ -47,13 +47,24 @@ def _save(fig, path: Path) -> None:
         fig.savefig(tmp, dpi=DPI, pil_kwargs={"compress_level": 1})  # 1: a third of level 6's time
 
 
-def curves_png(history: list[dict], path: Path) -> None:
+def curves_png(history: list[dict], path: Path, kept_epoch: int | None = None) -> None:
+    _save(curves_figure(history, kept_epoch), path)
+
+
+def curves_figure(history: list[dict], kept_epoch: int | None = None):
+    """Loss and accuracy per epoch (whole-epoch ticks); kept_epoch: the epoch whose weights the run kept,
+    marked by a dashed line."""
+    from matplotlib.ticker import MaxNLocator
+
     epochs = [h["epoch"] for h in history]
     fig = _figure(10, 4)
     a, b = fig.subplots(1, 2)
     for key, ax in (("loss", a), ("acc", b)):
         ax.plot(epochs, [h[f"train_{key}"] for h in history], "o-", label="train")
         ax.plot(epochs, [h[f"val_{key}"] for h in history], "o-", label="val")
+        if kept_epoch is not None and kept_epoch >= 0:
+            ax.axvline(kept_epoch, color="0.3", linestyle="--", linewidth=1, label=f"kept: epoch {kept_epoch}")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("epoch")
         ax.set_ylabel(key)
         ax.legend()
@@ -61,22 +72,35 @@ def curves_png(history: list[dict], path: Path) -> None:
     a.set_title("loss per epoch")
     b.set_title("accuracy per epoch")
     fig.subplots_adjust(left=0.07, right=0.98, bottom=0.13, top=0.92, wspace=0.22)
-    _save(fig, path)
+    return fig
 
 
 def matrix_view(matrix, class_names: list[str], limit: int = MATRIX_CLASSES) -> tuple[np.ndarray, list[str], str]:
-    """(matrix, names, note) to draw: all classes up to limit; beyond that the limit classes with the
-    most errors (wrong predictions from or into them), in their original order, and a note saying so."""
-    m = np.asarray(matrix, dtype=np.int64).reshape(len(class_names), len(class_names))
-    if len(class_names) <= limit:
-        return m, list(class_names), ""
-    errors = m.sum(0) + m.sum(1) - 2 * np.diag(m)
-    keep = np.sort(np.argsort(-errors, kind="stable")[:limit])
-    note = f"{limit} of {len(class_names)} classes: those with the most errors"
-    return m[np.ix_(keep, keep)], [class_names[i] for i in keep], note
+    """(matrix, names, note) to draw from a confusion record (dense rows or metrics.json's sparse entries):
+    all classes up to limit; beyond that the limit classes with the most errors (wrong predictions from or
+    into them), in their original order, and a note saying so. Linear in the record's nonzero cells."""
+    from .evaluate import confusion_entries
+
+    t, p, c, _ = confusion_entries(matrix)
+    classes = len(class_names)
+    if classes <= limit:
+        keep = np.arange(classes)
+        note = ""
+    else:
+        wrong = t != p
+        errors = (np.bincount(t[wrong], weights=c[wrong], minlength=classes)
+                  + np.bincount(p[wrong], weights=c[wrong], minlength=classes))
+        keep = np.sort(np.argsort(-errors, kind="stable")[:limit])
+        note = f"{limit} of {classes} classes: those with the most errors"
+    index = np.full(classes, -1)
+    index[keep] = np.arange(len(keep))
+    m = np.zeros((len(keep), len(keep)), np.int64)
+    inside_ = (index[t] >= 0) & (index[p] >= 0)
+    np.add.at(m, (index[t[inside_]], index[p[inside_]]), c[inside_])
+    return m, [class_names[i] for i in keep], note
 
 
-def confusion_png(matrix: list[list[int]], class_names: list[str], path: Path, title: str = "val") -> None:
+def confusion_png(matrix, class_names: list[str], path: Path, title: str = "val") -> None:
     m, names, note = matrix_view(matrix, class_names)
     n = len(names)
     side = min(1.2 * n + 3, 16)  # inches: 1.2 per class for a few classes, at most 1600 px
@@ -205,12 +229,13 @@ class PictureJob:
 
     out: str
     history: list[dict]
-    confusion_matrix: list[list[int]]
+    confusion_matrix: list | dict  # evaluate.confusion_record: dense rows, or sparse entries for many classes
     class_names: list[str]
     split: str
     image_paths: list[str | None]  # absolute, one per row of the split; None: not to be read
     y_true: list[int]
     y_pred: list[int]
+    kept_epoch: int | None = None  # marked in curves.png
 
 
 def draw_pictures(job: PictureJob) -> list[str]:
@@ -218,7 +243,7 @@ def draw_pictures(job: PictureJob) -> list[str]:
     The run's model and metrics are already saved: a picture must never fail a finished run."""
     out = Path(job.out)
     steps = {
-        "curves.png": lambda p: curves_png(job.history, p),
+        "curves.png": lambda p: curves_png(job.history, p, job.kept_epoch),
         "confusion.png": lambda p: confusion_png(job.confusion_matrix, job.class_names, p, job.split),
         "predictions.png": lambda p: predictions_png([f and Path(f) for f in job.image_paths], job.y_true,
                                                      job.y_pred, job.class_names, p),

@@ -1,6 +1,6 @@
-"""The sidecar: a second Python process for the work after training (scikit-learn's report, the pictures).
+"""The sidecar: a second Python process for the work after training (the classification report, the pictures).
 
-Why: in one process, importing scikit-learn (~0.7 s) and matplotlib (~0.3 s) and drawing three pictures
+Why: in one process, importing matplotlib (~0.3 s) and drawing three pictures
 (~0.3 s) all come after torch's import and the training, one after the other. Started before the main
 process imports torch (or before extract), the sidecar imports them on another core meanwhile, then
 computes the report (the same evaluate_predictions; its dict crosses back as JSON, which keeps floats

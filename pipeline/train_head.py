@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import PipelineError
-from .evaluate import Z95, ci_from_accuracy, format_accuracy, split_metrics, wilson_interval
+from .evaluate import (Z95, ci_from_accuracy, confusion_counts, confusion_record, format_accuracy, run_warnings,
+                       split_metrics, weights_line, wilson_interval)
 from .head import (HeadParams, HeadResult, TrainingDiverged, class_weights, cpu_threads, expand_grid, head_logits,
                    params_dict, stratified_folds, train_folds, train_heads, train_probes)
 from .recipe import AUTO_CV_MAX_ROWS, ProbeParams, auto_folds, auto_grid, scaled_to
@@ -126,25 +127,23 @@ IMBALANCE = 1.5  # train classes this uneven (largest / smallest) choose by bala
 
 
 def balanced_accuracy(confusion) -> float:
-    """scikit-learn's balanced_accuracy_score from a confusion matrix: the mean recall of the classes that
-    have rows (0 with none)."""
-    cm = np.asarray(confusion, dtype=np.float64)
-    n = cm.sum(1)
+    """scikit-learn's balanced_accuracy_score from a confusion matrix (dense, or metrics.json's sparse
+    record): the mean recall of the classes that have rows (0 with none)."""
+    n, correct = confusion_counts(confusion)
     has = n > 0
-    return float((np.diag(cm)[has] / n[has]).mean()) if has.any() else 0.0
+    return float((correct[has] / n[has]).mean()) if has.any() else 0.0
 
 
 def balanced_accuracy_ci(confusion) -> dict:
     """{"value", "low", "high", "classes"}: a 95% interval of the balanced accuracy, the normal approximation
     of a mean of independent recalls whose variances come from each class's Wilson interval (so a class
     recalled 20/20 still carries its uncertainty)."""
-    cm = np.asarray(confusion, dtype=np.int64)
-    n = cm.sum(1)
+    n, correct = confusion_counts(confusion)
     has = np.flatnonzero(n > 0)
-    value = balanced_accuracy(cm)
+    value = balanced_accuracy(confusion)
     if not len(has):
         return {"value": 0.0, "low": 0.0, "high": 1.0, "classes": 0}
-    var = sum(((hi - lo) / (2 * Z95)) ** 2 for lo, hi in (wilson_interval(int(cm[c, c]), int(n[c])) for c in has))
+    var = sum(((hi - lo) / (2 * Z95)) ** 2 for lo, hi in (wilson_interval(int(correct[c]), int(n[c])) for c in has))
     half = Z95 * var ** 0.5 / len(has)
     return {"value": value, "low": max(0.0, value - half), "high": min(1.0, value + half), "classes": int(len(has))}
 
@@ -159,9 +158,7 @@ def fold_score(y_true, y_pred, classes: int, metric: str) -> float:
     y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
     if metric == "accuracy":
         return float((y_true == y_pred).mean()) if len(y_true) else 0.0
-    cm = np.zeros((classes, classes), dtype=np.int64)
-    np.add.at(cm, (y_true, y_pred), 1)
-    return balanced_accuracy(cm)
+    return balanced_accuracy(confusion_record(y_true, y_pred, classes, dense_limit=0))  # no C x C array
 
 
 def recipe_name(p) -> str:
@@ -313,7 +310,8 @@ def _run_train_head(cfg: HeadConfig, side: Sidecar | None) -> dict:
                 return start_pictures(side, PictureJob(
                     str(into), run.metrics["history"], run.metrics["confusion_matrix"][cfg.val_split],
                     cache.class_names, cfg.val_split, picture_paths(cache, cfg.val_split),
-                    cache.splits[cfg.val_split].labels.tolist(), run.evaluations[cfg.val_split]["pred"]))
+                    cache.splits[cfg.val_split].labels.tolist(), run.evaluations[cfg.val_split]["pred"],
+                    kept_epoch=run.best.best_epoch))
         notes += folder.commit(head_model_payload(run.best, cache), run.metrics, run.report, pictures)
     return {**run.metrics, "report_text": run.report, "notes": notes}
 
@@ -418,7 +416,10 @@ def _train(cfg: HeadConfig, cache, params: list[HeadParams], side: Sidecar | Non
         c = metrics["cv"]
         header.append(f"{c['folds']}-fold CV on train ({c['n']} images): mean {c['mean']:.4f}, std {c['std']:.4f} "
                       f"(folds {' '.join(f'{a:.4f}' for a in c['per_fold'])}; trained in {c['seconds']:.3f} s)")
-    report = head_report(header, evaluations, balanced, best, unbiased)
+    backbone, weights = str(cache.attrs.get("backbone", "unknown")), str(cache.attrs.get("weights", "unknown"))
+    warnings = run_warnings(weights, evaluations[cfg.val_split], cache.class_names, cfg.val_split)
+    metrics.update(backbone=backbone, weights=weights, warnings=warnings)
+    report = head_report([weights_line(backbone, weights), *warnings, *header], evaluations, balanced, best, unbiased)
     return HeadRun(best, metrics, report, evaluations)
 
 

@@ -1,11 +1,15 @@
-"""95% Wilson score intervals on every reported accuracy."""
+"""95% Wilson score intervals on every reported accuracy; the report and confusion record at any class count;
+the warnings a run's report carries."""
+import json
 import math
 
+import numpy as np
 import pytest
 
 from cli import sweep_table
-from pipeline.evaluate import accuracy_ci, evaluate_predictions, format_accuracy, report_text, split_metrics, \
-    wilson_interval
+from pipeline.evaluate import accuracy_ci, confusion_counts, confusion_entries, confusion_record, evaluate_predictions, \
+    format_accuracy, report_text, run_warnings, split_metrics, weights_line, wilson_interval
+from pipeline.train_head import balanced_accuracy_ci
 
 
 def test_wilson_146_of_153_by_hand():
@@ -58,3 +62,77 @@ def test_sweep_table_shows_the_interval():
     assert lines[0].split() == ["lr", "best_val_acc", "95%", "CI", "correct", "best_epoch"]
     assert lines[1].split() == ["0.001", "0.9542", "0.909-0.978", "146/153", "3", "<-", "best"]
     assert lines[2].split()[:4] == ["0.01", "0.9150", "0.860-0.950", "140/153"]
+
+
+# --------------------------------------------------------------------------- many classes, sparse confusion
+
+def _labels(classes: int, n: int, seed: int = 0):
+    g = np.random.default_rng(seed)
+    y = g.integers(0, classes, n)
+    return y, np.where(g.random(n) < 0.6, y, g.integers(0, classes, n))
+
+
+def test_report_equals_sklearn_for_few_classes():
+    """The numpy report keeps scikit-learn's numbers and layout (a class with no images, one never predicted)."""
+    from sklearn.metrics import classification_report, confusion_matrix
+
+    y, p = _labels(7, 60, seed=3)
+    y[y == 3], p[p == 5] = 4, 6
+    names = [f"c{i}" for i in range(7)]
+    ev = evaluate_predictions(y, p, names)
+    ref = classification_report(y, p, labels=range(7), target_names=names, output_dict=True, zero_division=0)
+    assert ev["classification_report"].keys() == ref.keys()
+    for k, v in ref.items():
+        assert ev["classification_report"][k] == (pytest.approx(v, abs=1e-12) if isinstance(v, float)
+                                                  else {m: pytest.approx(x, abs=1e-12) for m, x in v.items()})
+    assert ev["report_text"] == classification_report(y, p, labels=range(7), target_names=names, digits=4,
+                                                      zero_division=0)
+    assert ev["confusion_matrix"] == confusion_matrix(y, p, labels=range(7)).tolist()  # dense, as before
+
+
+def test_many_classes_stay_linear_sparse_and_bounded():
+    """3,000 classes, one image each: metrics used to hold a 3,000 x 3,000 matrix (27 MB of JSON per split)
+    and report.txt 3,000 lines; now nonzero cells only and the worst classes plus a summary."""
+    classes = 3000
+    y, p = _labels(classes, classes)
+    names = [f"class_{i:05d}" for i in range(classes)]
+    ev = evaluate_predictions(y, p, names)
+    cm = ev["confusion_matrix"]
+    assert cm["classes"] == classes and len(cm["entries"]) <= classes
+    assert sum(c for _, _, c in cm["entries"]) == classes
+    assert len(json.dumps(ev)) < 1_000_000
+    text = ev["report_text"]
+    assert len(text.splitlines()) < 40
+    assert text.startswith(f"{classes} classes: the 20 with the lowest f1-score are listed")
+    assert f"accuracy                         {ev['accuracy']:.4f}      {classes}" in text
+    rep = ev["classification_report"]
+    assert len(rep) == classes + 3 and rep["macro avg"]["support"] == classes  # every class stays in metrics
+    # readers take both forms: the sparse record and an old run's dense matrix agree
+    y, p = _labels(150, 400, seed=1)
+    sparse = confusion_record(y, p, 150)
+    dense = confusion_record(y, p, 150, dense_limit=1000)
+    assert isinstance(sparse, dict) and isinstance(dense, list) and len(dense) == 150
+    for a, b in zip(confusion_counts(sparse), confusion_counts(dense)):
+        np.testing.assert_array_equal(a, b)
+    assert balanced_accuracy_ci(sparse) == balanced_accuracy_ci(dense)
+    assert sorted(map(tuple, np.stack(confusion_entries(sparse)[:3], 1).tolist())) == \
+        sorted(map(tuple, np.stack(confusion_entries(dense)[:3], 1).tolist()))
+
+
+# --------------------------------------------------------------------------- warnings a reader must see
+
+def _ev(y, p, names):
+    return evaluate_predictions(y, p, names)
+
+
+def test_warnings_random_weights_tiny_val_one_class():
+    names = ["ants", "bees"]
+    ev = _ev([0, 0, 1, 1, 1, 1], [1] * 6, names)
+    w = run_warnings("none", ev, names)
+    assert w[0].startswith("WARNING: random weights (--weights none)") and "scores 0.6667" in w[0]
+    assert w[1] == ("WARNING: tiny val split: 6 images (ants 2, bees 4); one image moves the accuracy by 0.167, "
+                    "so its figures say little")
+    assert w[2] == "WARNING: the kept model predicts one class (bees) for every val image (6 images)"
+    big = _ev([0] * 20 + [1] * 20, [0] * 15 + [1] * 25, names)
+    assert run_warnings("imagenet", big, names) == []
+    assert weights_line("resnet18", "none") == "backbone resnet18, weights none (random init)"
