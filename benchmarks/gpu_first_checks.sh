@@ -39,9 +39,9 @@ check() {  # check NAME LIMIT ARGS...: one python piece under a time limit; its 
   if [ "$rc" != 0 ]; then failed=1; echo "CHECK FAIL $name: rc=$rc (see $LOG)" >>"$LOG"; fi
 }
 
-check cases 60 cases
-check race 120 race --images "$IMAGES" --batch-size "$BS" --workers "$W"
-check syncs 60 syncs --batches "$SYNC_BATCHES" --batch-size "$BS" --workers "$W"
+check cases 45 cases
+check race 110 race --images "$IMAGES" --batch-size "$BS" --workers "$W"
+check syncs 80 syncs --batches "$SYNC_BATCHES" --batch-size "$BS" --workers "$W"
 check stages 60 stages --batches "$STAGE_BATCHES" --batch-size "$BS" --workers "$W"
 
 echo; echo "summary:"

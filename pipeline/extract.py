@@ -366,6 +366,33 @@ class _InFlight:
     digests: list[str] | None = None  # the files' sha256s when the workers hashed them
 
 
+class BackgroundWrites:
+    """Segments written on one thread, in order, while the next batches are decoded and run: waiting for
+    a batch's features (on CUDA), np.savez and the fsync leave the critical path. At most `depth`
+    batches wait; a writer's error is raised in the caller at its next submit or at close."""
+
+    def __init__(self, fn: Callable[[_InFlight], None], depth: int = 2):
+        from collections import deque
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.fn, self.depth = fn, depth
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="tlearn-write")
+        self.pending = deque()
+
+    def submit(self, b: _InFlight) -> None:
+        self.pending.append(self.pool.submit(self.fn, b))
+        while self.pending and (len(self.pending) > self.depth or self.pending[0].done()):
+            self.pending.popleft().result()
+
+    def close(self) -> None:
+        """Wait for every submitted write (all are attempted); raise the first writer error."""
+        try:
+            while self.pending:
+                self.pending.popleft().result()
+        finally:
+            self.pool.shutdown(wait=True)
+
+
 def _write_batch(writer: PartialWriter, b: _InFlight, dim: int) -> int:
     """Wait for a batch's features and write its segment (bad files: zero rows); returns its size."""
     ok = torch.tensor([r == "" for r in b.reasons])
@@ -385,8 +412,8 @@ def extract_rows(writer: PartialWriter, data, model, rt: Runtime, cfg: ExtractCo
     """Extract every unfinished row (of shard, when given) through one DataLoader; one segment per batch.
 
     Workers ship uint8 crops (PIL path) or raw bytes (device path); normalisation is one batched op on
-    the device. A batch's segment is written after the next batch's forward is queued, so on CUDA the
-    copy of its features to the CPU overlaps the next decode and forward (one sync per batch)."""
+    the device. A batch's segment is written on a writer thread (BackgroundWrites), so on CUDA the copy
+    of its features to the CPU, the wait for them and the write overlap the next decode and forward."""
     splits = list(data.splits)
     batches = plan_batches(writer, splits, cfg.batch_size or default_batch_size(rt.device), shard)
     if not batches:
@@ -402,9 +429,9 @@ def extract_rows(writer: PartialWriter, data, model, rt: Runtime, cfg: ExtractCo
     loader = torch.utils.data.DataLoader(ds, batch_sampler=batches, num_workers=cfg.workers, collate_fn=collate,
                                          pin_memory=rt.pin_memory and not on_device,
                                          prefetch_factor=4 if cfg.workers else None)
-    done, in_flight = 0, None
+    done = 0
 
-    def write(b: _InFlight) -> None:
+    def write(b: _InFlight) -> None:  # on the writer thread, one batch after the other
         nonlocal done
         done += _write_batch(writer, b, writer.plan.feature_dim)
         if whole_job is not None:
@@ -414,6 +441,7 @@ def extract_rows(writer: PartialWriter, data, model, rt: Runtime, cfg: ExtractCo
 
     feed = contextlib.closing(_device_batches(loader, DeviceDecoder(rt.device, spec)) if on_device
                               else (_worker_batch(b) for b in loader))
+    writes = BackgroundWrites(write)
     try:
         with feed as stream:
             for g, start, x, v, reasons, digests in stream:
@@ -423,12 +451,9 @@ def extract_rows(writer: PartialWriter, data, model, rt: Runtime, cfg: ExtractCo
                     feats = forward_features(model, x, rt, spec)
                     if k:
                         views = forward_features(model, v.flatten(0, 1), rt, spec)
-                queued, in_flight = in_flight, _InFlight(splits[g], start, reasons, feats, views, k, digests)
-                if queued is not None:
-                    write(queued)
-    finally:  # also on an error or Ctrl-C in the next batch: a batch already computed is kept
-        if in_flight is not None:
-            write(in_flight)
+                writes.submit(_InFlight(splits[g], start, reasons, feats, views, k, digests))
+    finally:  # also on an error or Ctrl-C in the next batch: every batch already computed is written
+        writes.close()
     return done
 
 

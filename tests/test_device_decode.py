@@ -409,3 +409,29 @@ def test_decode_ops_load_without_importing_torchvision_and_equal_its_decode(tmp_
         for exif in (True, False):
             ref = decode_jpeg(data, mode=ImageReadMode.RGB, apply_exif_orientation=exif)
             assert torch.equal(dd._decode([data], CPU, exif)[0], ref), (k, exif)
+
+
+def test_segments_are_written_on_a_writer_thread_and_its_errors_reach_the_run(tmp_path, monkeypatch):
+    import threading
+
+    import pipeline.extract as ex
+
+    data = _batches_of_one_segment_each(tmp_path)
+    threads, real = [], ex.PartialWriter.write_segment
+
+    def full_disk_on_second(self, split, start, *a, **k):
+        threads.append(threading.current_thread().name)
+        if len(threads) == 2:
+            raise OSError(28, "No space left on device", str(self.dir))
+        return real(self, split, start, *a, **k)
+
+    monkeypatch.setattr(ex.PartialWriter, "write_segment", full_disk_on_second)
+    cfg = ex.ExtractConfig(str(data), str(tmp_path / "c.h5"), weights="none", workers=0, batch_size=2)
+    with pytest.raises(OSError, match="No space left"):
+        ex.extract(cfg)
+    assert threads and all(t.startswith("tlearn-write") for t in threads)
+    kept = sorted(p.name for p in (tmp_path / "c.h5.partial").glob("*.npz"))
+    assert "train-000000000-000000002.npz" in kept and len(kept) == len(threads) - 1  # every other batch written
+    monkeypatch.setattr(ex.PartialWriter, "write_segment", real)
+    s = ex.extract(cfg)  # the rerun resumes
+    assert s["resumed"] == 2 * len(kept) and read_cache(tmp_path / "c.h5").splits["val"].features.shape == (4, 512)
