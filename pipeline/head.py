@@ -146,6 +146,8 @@ def check_finite_features(name: str, X: torch.Tensor | None) -> None:
 
     if X is None or len(X) == 0:
         return
+    if np.isfinite(float(X.sum(dtype=torch.float64))):  # float64 cannot overflow on float32 rows: all finite
+        return
     bad = int((~torch.isfinite(X.flatten(1))).any(1).sum())
     if bad:
         raise NonFiniteFeatures(f"{bad} of {len(X)} {name} feature rows hold NaN or infinity: the backbone gave "
@@ -385,10 +387,13 @@ def class_weights(labels, classes: int) -> np.ndarray:
 
 
 def standardizer(X) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and std per feature (a constant feature gets std 1: it stays 0 after centring)."""
-    X = np.asarray(X, dtype=np.float64)
-    mu, sd = X.mean(0), X.std(0)
-    return mu.astype(np.float32), np.where(sd > 1e-12, sd, 1.0).astype(np.float32)
+    """Mean and std per feature (a constant feature gets std 1: it stays 0 after centring); float64 sums of
+    float32 rows, without a float64 copy of X."""
+    X = np.asarray(X, dtype=np.float32)
+    mu = X.sum(0, dtype=np.float64) / max(len(X), 1)
+    var = np.maximum(np.einsum("nd,nd->d", X, X, dtype=np.float64) / max(len(X), 1) - mu * mu, 0.0)
+    sd = np.sqrt(var)
+    return mu.astype(np.float32), np.where(sd > 1e-6 * np.maximum(np.abs(mu), 1.0), sd, 1.0).astype(np.float32)
 
 
 def fold_standardizer(W: torch.Tensor, b: torch.Tensor, mu, sd) -> tuple[torch.Tensor, torch.Tensor]:
@@ -418,12 +423,12 @@ def _probe_group(params: list, head_fold: list[int], Z: torch.Tensor, y: torch.T
 
     p0, (N, D), H, C = params[0], Z.shape, len(params), classes
     B, E = p0.batch_size, p0.epochs
-    W = torch.zeros(D, H * C)
+    W = torch.zeros(H * C, D)  # (H*C, D): G.T @ x below is 2-4x faster than x.T @ G into (D, H*C)
     b = torch.zeros(H * C)
     mW, mb = torch.zeros_like(W), torch.zeros_like(b)
-    lr0 = torch.tensor([p.lr for p in params]).repeat_interleave(C)
-    wd = torch.tensor([p.weight_decay for p in params]).repeat_interleave(C)
-    mom = torch.tensor([p.momentum for p in params]).repeat_interleave(C)
+    lr0 = torch.tensor([p.lr for p in params]).repeat_interleave(C)[:, None]
+    wd = torch.tensor([p.weight_decay for p in params]).repeat_interleave(C)[:, None]
+    mom = torch.tensor([p.momentum for p in params]).repeat_interleave(C)[:, None]
     hf = torch.tensor(head_fold)
     eye = torch.eye(C)
     gen = torch.Generator().manual_seed(p0.seed)
@@ -435,33 +440,33 @@ def _probe_group(params: list, head_fold: list[int], Z: torch.Tensor, y: torch.T
         correct = torch.zeros(H)
         for k, s in enumerate(range(0, N, B)):
             idx = perm[s:s + B]
-            x, yb = Z[idx], y[idx]
+            x, yb = Z.index_select(0, idx), y[idx]  # index_select: 5x faster than Z[idx] here
             m = (folds[idx][:, None] != hf[None, :]).float()  # (b,H) rows each head trains on
             cnt = m.sum(0)
-            z = (x @ W + b).view(-1, H, C)
+            z = (x @ W.T + b).view(-1, H, C)
             logp = torch.log_softmax(z, -1)
             w = m * row_weight[idx][:, None]  # (b,H)
             loss_sum += -(logp.gather(2, yb[:, None, None].expand(-1, H, 1)).squeeze(2) * w).sum(0)
             correct += ((z.argmax(-1) == yb[:, None]).float() * m).sum(0)
             G = ((logp.exp() - eye[yb][:, None, :]) * (w / cnt.clamp(min=1))[..., None]).reshape(-1, H * C)
-            gW = x.T @ G + wd * W
+            gW = G.T @ x + wd * W
             gb = G.sum(0)
             step = epoch + k / per_epoch
             lr = lr0 * 0.5 * (1 + math.cos(math.pi * step / E))
-            active = (cnt > 0).float().repeat_interleave(C)  # a head with no rows here takes no step
+            active = (cnt > 0).float().repeat_interleave(C)[:, None]  # a head with no rows here takes no step
             mW = torch.where(active.bool(), mom * mW + gW, mW)
-            mb = torch.where(active.bool(), mom * mb + gb, mb)
+            mb = torch.where(active[:, 0].bool(), mom[:, 0] * mb + gb, mb)
             W = W - (lr * active) * mW
-            b = b - (lr * active) * mb
+            b = b - (lr * active)[:, 0] * mb
         if val is not None:  # the history of the final head only (nothing chooses from it)
             n_rows = max(float((folds != hf[0]).sum()), 1.0)
-            Wv, bv = W.view(D, H, C)[:, 0].T, b.view(H, C)[0]
+            Wv, bv = W[:C], b[:C]
             vz = val[0] @ Wv.T + bv
             vl = float((torch.logsumexp(vz, 1) - vz.gather(1, val[1][:, None]).squeeze(1)).mean()) if len(val[1]) else 0.0
             va = float((vz.argmax(1) == val[1]).float().mean()) if len(val[1]) else 0.0
             hist.append({"epoch": epoch, "lr": p0.lr_at(epoch), "train_loss": float(loss_sum[0]) / n_rows,
                          "train_acc": float(correct[0]) / n_rows, "val_loss": vl, "val_acc": va})
-    return W.view(D, H, C).permute(1, 2, 0), b.view(H, C), hist
+    return W.view(H, C, D), b.view(H, C), hist
 
 
 def train_probes(X, y, classes: int, params: list, folds=None, val=None, class_weight=None

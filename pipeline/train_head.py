@@ -180,77 +180,90 @@ class Selection:
     chosen: int
     seconds: float
     total: int = 0  # train rows; more than n when the CV ran on a stratified subset
+    pooled: list = field(default_factory=list)  # per candidate (metric over all out-of-fold rows, log-loss) or None
 
     def rows(self) -> list[dict]:
         out = []
-        for p, sc in zip(self.candidates, self.scores):
+        for p, sc, pooled in zip(self.candidates, self.scores, self.pooled):
             row = {"recipe": recipe_name(p), "params": {"kind": "probe" if isinstance(p, ProbeParams) else "tutorial",
                                                       **params_dict(p)}}
             if sc is None:
                 row["diverged"] = True
             else:
-                row.update(cv_mean=float(np.mean(sc)), cv_std=float(np.std(sc)), per_fold=[float(a) for a in sc])
+                row.update(cv=pooled[0], cv_logloss=pooled[1], cv_mean=float(np.mean(sc)), cv_std=float(np.std(sc)),
+                           per_fold=[float(a) for a in sc])
             out.append(row)
         return out
 
     def record(self) -> dict:
         return {"by": f"{self.folds}-fold cross-validation on train", "metric": self.metric, "folds": self.folds,
-                "n": self.n, "train_rows": max(self.total, self.n), "on": "train" if self.total <= self.n else "train subset", "chosen": self.chosen, "seconds": self.seconds,
+                "n": self.n, "train_rows": max(self.total, self.n),
+                "on": "train" if self.total <= self.n else "train subset", "chosen": self.chosen, "seconds": self.seconds,
                 "candidates": self.rows()}
 
 
 def cross_validate(X, y, classes: int, candidates: list, k: int, seed: int, metric: str, device,
                    class_weight=None) -> Selection:
     """K-fold CV of every candidate on the train rows X, y only (probes and tutorial recipes, each batch
-    trained at once); the last epoch of each fold's head is scored on the fold's rows."""
+    trained at once); the last epoch of each fold's head is scored on the fold's rows. Ranked by the metric
+    over all out-of-fold predictions together (folds differ in size by a row or so), equal scores by the
+    lower out-of-fold log-loss, then by the grid's order."""
     folds = stratified_folds(y, k, seed)
-    classes_ = classes
+    y = np.asarray(y)
+    Xf = np.asarray(X, dtype=np.float32)
     scores: list = [None] * len(candidates)
+    pooled: list = [None] * len(candidates)
     seconds = 0.0
     tut = [i for i, p in enumerate(candidates) if isinstance(p, HeadParams)]
     probes = [i for i, p in enumerate(candidates) if isinstance(p, ProbeParams)]
-    Xf = np.asarray(X, dtype=np.float32)
+    trained = []
     if tut:
-        runs, sec = train_folds(Xf, y, classes_, [candidates[i] for i in tut], folds, device=device,
+        runs, sec = train_folds(Xf, y, classes, [candidates[i] for i in tut], folds, device=device,
                                 class_weight=class_weight)
         seconds += sec
-        for i, rs in zip(tut, runs):
-            if all(np.isfinite(r.weight.numpy()).all() for r in rs):
-                scores[i] = [fold_score(y[folds == r.fold], head_logits(r.weight, r.bias, Xf[folds == r.fold]).argmax(1),
-                                        classes_, metric) for r in rs]
+        trained += zip(tut, runs)
     if probes:
-        runs, sec = train_probes(Xf, y, classes_, [candidates[i] for i in probes], folds, class_weight=class_weight)
+        runs, sec = train_probes(Xf, y, classes, [candidates[i] for i in probes], folds, class_weight=class_weight)
         seconds += sec
-        for i, rs in zip(probes, runs):
-            if not any(r.diverged for r in rs):
-                scores[i] = [fold_score(y[folds == r.fold], head_logits(r.weight, r.bias, Xf[folds == r.fold]).argmax(1),
-                                        classes_, metric) for r in rs]
-    alive = [i for i, sc in enumerate(scores) if sc is not None]
+        trained += zip(probes, runs)
+    for i, rs in trained:
+        logits = np.zeros((len(y), classes), dtype=np.float64)
+        for r in rs:
+            logits[folds == r.fold] = head_logits(r.weight, r.bias, Xf[folds == r.fold])
+        if not np.isfinite(logits).all():
+            continue  # diverged: never chosen
+        pred = logits.argmax(1)
+        z = logits - logits.max(1, keepdims=True)
+        logloss = float((np.log(np.exp(z).sum(1)) - z[np.arange(len(y)), y]).mean())
+        scores[i] = [fold_score(y[folds == f], pred[folds == f], classes, metric) for f in range(k)]
+        pooled[i] = (fold_score(y, pred, classes, metric), logloss)
+    alive = [i for i, sc in enumerate(pooled) if sc is not None]
     if not alive:
         raise TrainingDiverged(f"every one of the {len(candidates)} candidate recipes diverged in cross-validation; "
                                "nothing was saved")
-    chosen = max(alive, key=lambda i: float(np.mean(scores[i])))  # first of equals: the grid's order
-    return Selection(metric, k, int(len(y)), list(candidates), scores, chosen, seconds)
+    chosen = min(alive, key=lambda i: (-pooled[i][0], pooled[i][1], i))
+    return Selection(metric, k, int(len(y)), list(candidates), scores, chosen, seconds, pooled=pooled)
 
 
 def selection_table(sel: dict) -> str:
-    """The CV table of metrics.json's selection record, ranked by CV mean, the winner marked."""
+    """The CV table of metrics.json's selection record, best first, the winner marked: the metric over all
+    out-of-fold rows, its spread over folds, the out-of-fold log-loss (breaks ties), per fold."""
     rows = sel["candidates"]
-    order = sorted(range(len(rows)), key=lambda i: -rows[i].get("cv_mean", -1.0))
+    order = sorted(range(len(rows)), key=lambda i: (-rows[i].get("cv", -1.0), rows[i].get("cv_logloss", 0.0), i))
     width = max(len(r["recipe"]) for r in rows)
-    lines = [f"{'candidate':<{width}}  {'cv_mean':>8} {'cv_std':>7}  per fold"]
+    lines = [f"{'candidate':<{width}}  {'cv':>6} {'std':>6} {'logloss':>7}  per fold"]
     for i in order:
         r = rows[i]
         mark = "  <- chosen" if i == sel["chosen"] else ""
         if r.get("diverged"):
             lines.append(f"{r['recipe']:<{width}}  diverged (not used)")
         else:
-            lines.append(f"{r['recipe']:<{width}}  {r['cv_mean']:>8.4f} {r['cv_std']:>7.4f}  "
+            lines.append(f"{r['recipe']:<{width}}  {r['cv']:>6.4f} {r['cv_std']:>6.4f} {r['cv_logloss']:>7.4f}  "
                          + " ".join(f"{a:.3f}" for a in r["per_fold"]) + mark)
     return "\n".join(lines)
 
 
-SWEEP_RESULTS = ("best_val_acc", "best_epoch", "best_val_ci", "diverged_epoch", "cv_mean", "cv_std")
+SWEEP_RESULTS = ("best_val_acc", "best_epoch", "best_val_ci", "diverged_epoch", "cv", "cv_mean", "cv_std")
 
 
 def sweep_table(rows: list[dict], best: int | None = None) -> str:
@@ -262,7 +275,8 @@ def sweep_table(rows: list[dict], best: int | None = None) -> str:
     alive = [i for i, r in enumerate(rows) if "diverged_epoch" not in r]
     if best is None and alive:
         best = max(alive, key=lambda i: rows[i]["best_val_acc"])
-    order = sorted(range(len(rows)), key=lambda i: -rows[i].get("cv_mean", -1.0)) if cv else range(len(rows))
+    order = (sorted(range(len(rows)), key=lambda i: -rows[i].get("cv", rows[i].get("cv_mean", -1.0))) if cv
+             else range(len(rows)))
     lines = ["  ".join(f"{k:>10}" for k in keys) + ("   cv_mean   cv_std" if cv else "")
              + "  best_val_acc  95% CI       correct  best_epoch"]
     for i in order:
@@ -356,7 +370,10 @@ def _train(cfg: HeadConfig, cache, params: list[HeadParams], side: Sidecar | Non
         if cfg.folds:
             k = cfg.folds
             selection = cross_validate(Xtr, ytr, classes, params, k, cfg.folds_seed, metric, device, cw)
-            chosen = pick_best(results, [float(np.mean(sc)) if sc is not None else -1.0 for sc in selection.scores])
+            ranked = sorted((i for i, pl in enumerate(selection.pooled) if pl is not None),
+                            key=lambda i: (-selection.pooled[i][0], selection.pooled[i][1], i))
+            chosen = pick_best(results, [-float(ranked.index(i)) if i in ranked else -math.inf
+                                         for i in range(len(results))])
             selection.chosen = chosen
             r = results[chosen]  # chosen on train folds: the last epoch is kept, val picks nothing
             best = HeadResult(r.params, r.last_weight, r.last_bias, r.history[-1]["val_acc"], len(r.history) - 1,
@@ -408,7 +425,8 @@ def _train(cfg: HeadConfig, cache, params: list[HeadParams], side: Sidecar | Non
         cvs = selection.rows() if selection is not None else [None] * len(results)
         metrics["sweep"] = [{**row, **({"best_val_ci": ci_from_accuracy(row["best_val_acc"], n_val)}
                                        if "diverged_epoch" not in row else {}),
-                             **({"cv_mean": cv["cv_mean"], "cv_std": cv["cv_std"]} if cv and "cv_mean" in cv else {})}
+                             **({"cv": cv["cv"], "cv_mean": cv["cv_mean"], "cv_std": cv["cv_std"]}
+                                if cv and "cv_mean" in cv else {})}
                             for row, cv in zip(sweep_rows(results), cvs)]
         metrics["chosen"] = chosen
         header.insert(1, sweep_table(metrics["sweep"], chosen))
@@ -441,7 +459,7 @@ def _train_auto(cfg: HeadConfig, cache, metric: str, cw, device) -> tuple[HeadRe
     sel = cross_validate(Xtr[rows], ytr[rows], classes, grid, k, cfg.folds_seed, metric, device, cw)
     sel.total = n
     p = grid[sel.chosen]
-    if isinstance(p, ProbeParams):
+    if isinstance(p, ProbeParams) and len(rows) < n:  # chosen on a subset: the same steps on all rows
         p = scaled_to(p, fold_rows, n)
     val = _split_xy(cache, cfg.val_split)
     if isinstance(p, ProbeParams):

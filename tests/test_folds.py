@@ -124,7 +124,9 @@ def test_folds_sweep_is_ranked_and_chosen_by_cv(tmp_path):
     cv = [row["cv_mean"] for row in m["sweep"]]
     assert m["chosen"] == int(np.argmax(cv)) and m["recipe"]["lr"] == m["sweep"][m["chosen"]]["lr"]
     assert m["cv"]["mean"] == pytest.approx(max(cv))
-    table = r.output.splitlines()[2:4]  # after the recipe line and the header: the higher CV mean first, marked
+    lines = r.output.splitlines()
+    head = next(i for i, line in enumerate(lines) if "cv_mean" in line)
+    table = lines[head + 1:head + 3]  # the higher CV first, marked
     assert float(table[0].split()[1]) >= float(table[1].split()[1]) and table[0].endswith("<- best")
     # the sweep table and its winner are in report.txt and `report RUN` too, not only on the screen
     assert "\n".join(table) in (tmp_path / "run/report.txt").read_text()
