@@ -12,7 +12,7 @@ from .evaluate import (Z95, ci_from_accuracy, confusion_counts, confusion_record
                        split_metrics, weights_line, wilson_interval)
 from .head import (HeadParams, HeadResult, TrainingDiverged, class_weights, cpu_threads, expand_grid, head_logits,
                    params_dict, stratified_folds, train_folds, train_heads, train_probes)
-from .recipe import AUTO_CV_MAX_ROWS, ProbeParams, auto_folds, auto_grid, scaled_to
+from .recipe import AUTO_CV_MAX_ROWS, AUTO_TUTORIAL_MAX_ROWS, ProbeParams, auto_folds, auto_grid, scaled_to
 from .plots import PictureJob, inside, resolve_data_dir
 from .runfolder import RunFolder, RunManifest
 from .runtime import resolve_device
@@ -361,6 +361,11 @@ def _train(cfg: HeadConfig, cache, params: list[HeadParams], side: Sidecar | Non
         header.append(selection_table(selection.record()))
         header.append(f"kept: {recipe_name(best.params)}, trained on all of train, last epoch "
                       f"(CV {selection.seconds:.2f} s, final fit {seconds - selection.seconds:.2f} s)")
+        if not any(isinstance(p, HeadParams) for p in selection.candidates):
+            header.append(f"(the tutorial's batch-4 recipe joins the grid up to {AUTO_TUTORIAL_MAX_ROWS} rows per fold; "
+                          "--recipe tutorial runs it)")
+        if train.views is not None and train.views.shape[1] > 0:
+            header.append("(the cache's augmented views are used by --recipe tutorial only)")
     else:
         views = train.views if (cfg.use_views and train.views is not None and train.views.shape[1] > 0) else None
         work = len(params) * train.features.size * classes
