@@ -48,7 +48,13 @@ class BarProgress(Progress):
             self.bar = None
 
     def log(self, message: str) -> None:
+        """A line of its own: the bar's line is cleared, the message printed, the bar drawn again below it."""
+        if self.bar is not None:
+            sys.stderr.write("\r\033[K")
         click.echo(message, err=True)
+        if self.bar is not None:
+            self.bar._last_line = None  # click draws only a changed line: force the redraw
+            self.bar.render_progress()
 
 
 DEBUG_ENV = "TLEARN_DEBUG"
@@ -627,6 +633,13 @@ def finetune(data_dir, out, no_plots, **o):
     except KeyboardInterrupt:
         if debugging():
             raise
+        from pathlib import Path
+
+        from pipeline.runfolder import CHECKPOINT
+
+        if not (Path(out) / CHECKPOINT).is_file():  # written after each finished epoch
+            raise click.ClickException("interrupted before the first epoch finished; nothing was kept: run the "
+                                       "same command again to start over") from None
         raise click.ClickException(f"interrupted; the last finished epoch is kept: resume with "
                                    f"{resume_command(click.get_current_context())}") from None
     if not is_rank0():

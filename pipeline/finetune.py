@@ -23,7 +23,7 @@ from .distributed import Dist, init_distributed, rank_device, shutdown
 from .head import TrainingDiverged
 from .optim import SGD, StepLR
 from .recipe import TUTORIAL_RECIPE, check_recipe
-from .evaluate import ci_from_accuracy, report_text, split_metrics
+from .evaluate import ci_from_accuracy, report_text, run_warnings, split_metrics, weights_line
 from .progress import Progress
 from .fsio import atomic_write_json, sha256_json
 from .runfolder import CHECKPOINT, VERDICTS, FinetuneCheckpoint, ModelFileError, RunFolder, RunManifest
@@ -127,8 +127,11 @@ def cache_verdicts(cache_path: str | os.PathLike, root: Path) -> dict[str, tuple
     return {os.path.abspath(root / p): (f.size, f.mtime_ns) for p, f in old_files(cache).items() if not f.reason}
 
 
+DECODE_NOTE_MIN = 100  # images to decode from which the decode pass is announced (seconds or more)
+
+
 def usable_files(data, workers: int, max_skipped: float | None, d: Dist = Dist(),
-                 verdicts: Path | None = None, from_cache: dict | None = None) -> tuple[dict, list]:
+                 verdicts: Path | None = None, from_cache: dict | None = None, log=None) -> tuple[dict, list]:
     """{split: (files, labels, rel paths)} of files that decode, and (path, reason) of all the others.
 
     A full decode finds damaged files; it is skipped for files whose verdict an earlier run into the same
@@ -150,6 +153,9 @@ def usable_files(data, workers: int, max_skipped: float | None, d: Dist = Dist()
     cached |= vouched
     todo, cached = d.broadcast((todo, cached))  # rank 0's view decides: every rank decodes the same shard
     lo, hi = d.shard(len(todo))
+    if log is not None and len(todo) >= DECODE_NOTE_MIN and d.is_main:  # minutes for a big folder: say why
+        log(f"decoding {len(todo)} of {len(ids)} images once to find unreadable ones (later runs into this "
+            "folder reuse the verdicts)")
     found = [r for part in d.all_gather(find_unreadable(todo[lo:hi], workers)) for r in part]
     reason = cached | dict(zip(todo, found))
     if verdicts is not None and d.is_main and todo:  # what was decoded; a cache's word is not kept
@@ -210,10 +216,12 @@ class _PassBatches(torch.utils.data.Sampler):
 
 class SplitBatches:
     """The batches of one split within a pass of the shared loader. Iterate it once, in pass order;
-    .sampler is the split's EpochSampler (evaluate reads which images this rank saw)."""
+    .sampler is the split's EpochSampler (evaluate reads which images this rank saw); on_batch() is called
+    after each batch has been used (the progress bar moves per batch, not per epoch)."""
 
-    def __init__(self, source, sampler: EpochSampler, n_batches: int):
+    def __init__(self, source, sampler: EpochSampler, n_batches: int, on_batch=None):
         self.source, self.sampler, self.n_batches = source, sampler, n_batches
+        self.on_batch = on_batch
 
     def __len__(self) -> int:
         return self.n_batches
@@ -221,6 +229,8 @@ class SplitBatches:
     def __iter__(self):
         for _ in range(self.n_batches):
             yield next(self.source)
+            if self.on_batch is not None:
+                self.on_batch()
 
 
 class SharedLoader:
@@ -235,6 +245,7 @@ class SharedLoader:
         ds = _SplitImages([LabelledImages(f, y, tf, seed) for f, y, tf, _ in groups])
         self.loader = torch.utils.data.DataLoader(ds, batch_sampler=self.batch_sampler, num_workers=workers,
                                                   pin_memory=rt.pin_memory, persistent_workers=workers > 0)
+        self.on_batch = None  # called after each batch of every pass (progress)
 
     def close(self) -> None:
         """End the workers now, while the sidecar draws, rather than in the interpreter's exit (~1 s)."""
@@ -248,7 +259,7 @@ class SharedLoader:
             s.set_epoch(epoch)
         self.batch_sampler.plan = list(splits)
         it = iter(self.loader)
-        return [SplitBatches(it, self.samplers[g], self.batch_sampler.batches(g)) for g in splits]
+        return [SplitBatches(it, self.samplers[g], self.batch_sampler.batches(g), self.on_batch) for g in splits]
 
 
 def train_one_epoch(model, loader, optimizer, scaler, criterion, rt: Runtime) -> tuple[float, float, int]:
@@ -431,7 +442,8 @@ def _train(cfg: FinetuneConfig, progress: Progress, d: Dist, folder: RunFolder |
     data = scan_dataset(cfg.data_dir, list(cfg.splits), cfg.allow_empty_class, cfg.val_fraction, cfg.test_fraction,
                         cfg.split_seed)
     from_cache = cache_verdicts(cfg.cache, data.root) if cfg.cache else None
-    files, skipped = usable_files(data, cfg.workers, cfg.max_skipped, d, Path(cfg.out) / VERDICTS, from_cache)
+    files, skipped = usable_files(data, cfg.workers, cfg.max_skipped, d, Path(cfg.out) / VERDICTS, from_cache,
+                                  log=progress.log)
     check_usable_classes(data, files[train_name][1], skipped, cfg.allow_empty_class)  # no class left without images
     names = list(files)
     digest = _files_digest(files)
@@ -487,8 +499,10 @@ def _train(cfg: FinetuneConfig, progress: Progress, d: Dist, folder: RunFolder |
     loaders = SharedLoader([(files[s][0], files[s][1], train_transform() if s == train_name else eval_transform(),
                              s == train_name) for s in names], cfg.seed, batch, cfg.workers, rt, d)
     train_g, val_g = names.index(train_name), names.index(val_name)
-    progress.start(cfg.epochs, "finetune")
-    progress.update(start)
+    per_epoch = loaders.batch_sampler.batches(train_g) + loaders.batch_sampler.batches(val_g)
+    progress.start(cfg.epochs * per_epoch, f"finetune ({cfg.epochs} epochs of {per_epoch} batches)")
+    progress.update(start * per_epoch)
+    loaders.on_batch = lambda: progress.update(1)
     for epoch in range(start, cfg.epochs):
         t0 = time.perf_counter()
         train_part, val_part = loaders.pass_(epoch, [train_g, val_g])
@@ -519,10 +533,10 @@ def _train(cfg: FinetuneConfig, progress: Progress, d: Dist, folder: RunFolder |
                 best_preds=torch.as_tensor(best_preds).clone(), seconds=seconds, recipe=_recipe(cfg),
                 files_digest=digest, rng_torch=torch.random.get_rng_state(), file_stats=stats))
             seconds += time.perf_counter() - t0 - took  # the checkpoint's copies are this epoch's work too
-        progress.update(1)
         progress.log(f"epoch {epoch}: train loss {train_loss:.4f} acc {train_acc:.4f} | "
                      f"val loss {val_loss:.4f} acc {val_acc:.4f} | {took:.1f} s")
     progress.close()
+    loaders.on_batch = None
 
     if best_epoch != cfg.epochs - 1:  # otherwise the model holds the best epoch's weights already
         model.load_state_dict(best_state)
@@ -541,7 +555,9 @@ def _train(cfg: FinetuneConfig, progress: Progress, d: Dist, folder: RunFolder |
         "n": {s: len(f[0]) for s, f in files.items()}, "skipped": [list(s) for s in skipped],
         "split": data.split_record(),
     }
-    report = report_text(evaluations, best_acc, best_epoch)
+    warnings = run_warnings(cfg.weights, evaluations[val_name], data.class_names, val_name)
+    metrics.update(backbone=cfg.backbone, weights=cfg.weights, warnings=warnings)
+    report = report_text(evaluations, best_acc, best_epoch, [weights_line(cfg.backbone, cfg.weights), *warnings])
     metrics["report_text"] = report
     if not d.is_main:
         return metrics
@@ -558,7 +574,7 @@ def _train(cfg: FinetuneConfig, progress: Progress, d: Dist, folder: RunFolder |
             return start_pictures(side, PictureJob(
                 str(into), history, metrics["confusion_matrix"][val_name], data.class_names, val_name,
                 [str(Path(f).absolute()) for f in files[val_name][0]], list(files[val_name][1]),
-                np.asarray(preds[val_name]).tolist()))
+                np.asarray(preds[val_name]).tolist(), kept_epoch=best_epoch))
     notes += folder.commit(manifest, {k: v for k, v in metrics.items() if k != "report_text"}, report, pictures)
     loaders.close()
     metrics["notes"] = notes
