@@ -38,7 +38,8 @@ EXIF_ORIENTATION = 0x0112
 # 1.6 GB as float32 inside the resize; a batch of 256 12-megapixel photos would be 9 GB and 37 GB.
 DEVICE_PIXEL_BUDGET = 1 << 27
 # Benchmarks only (gpu_first_checks.sh, the race check): synchronise the whole device before each
-# decode instead of decoding on the dedicated stream; the features must be the same either way.
+# decode, decoding in the main thread, instead of on the dedicated stream and a background thread; the
+# features must be the same either way.
 SYNC_EACH_DECODE = False
 
 

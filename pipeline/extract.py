@@ -334,6 +334,12 @@ def _decoded_ahead(loader, decoder: DeviceDecoder):
     the GIL) while the caller queues batch n's forward: two batches in flight, no more."""
     from concurrent.futures import ThreadPoolExecutor
 
+    from . import device_decode
+
+    if device_decode.SYNC_EACH_DECODE:  # the race check's reference: nothing queued while a decode allocates
+        for batch in loader:
+            yield batch, decoder(batch.items())
+        return
     with ThreadPoolExecutor(1, thread_name_prefix="tlearn-decode") as pool:
         pending = None
         for batch in loader:

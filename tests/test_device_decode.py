@@ -435,3 +435,24 @@ def test_segments_are_written_on_a_writer_thread_and_its_errors_reach_the_run(tm
     monkeypatch.setattr(ex.PartialWriter, "write_segment", real)
     s = ex.extract(cfg)  # the rerun resumes
     assert s["resumed"] == 2 * len(kept) and read_cache(tmp_path / "c.h5").splits["val"].features.shape == (4, 512)
+
+
+def test_decode_runs_ahead_on_its_thread_except_in_the_race_checks_reference_mode(tmp_path, monkeypatch):
+    import threading
+
+    from pipeline.extract import ExtractConfig, extract
+
+    data = _batches_of_one_segment_each(tmp_path)
+    names, real = [], dd._decode
+    monkeypatch.setattr(dd, "_decode", lambda d, dev, exif=True: (names.append(threading.current_thread().name),
+                                                                  real(d, dev, exif))[1])
+    for sync_each in (False, True):
+        monkeypatch.setattr(dd, "SYNC_EACH_DECODE", sync_each)
+        names.clear()
+        extract(ExtractConfig(str(data), str(tmp_path / f"{sync_each}.h5"), weights="none", workers=0, batch_size=4,
+                              decoder="torchvision"))
+        expected = threading.main_thread().name if sync_each else "tlearn-decode"
+        assert names and all(n.startswith(expected) for n in names), names
+    a, b = (read_cache(tmp_path / f"{m}.h5") for m in (False, True))
+    for split in a.splits:
+        np.testing.assert_array_equal(a.splits[split].features, b.splits[split].features)
