@@ -103,9 +103,11 @@ class Preprocess:
 
     def fingerprint_fields(self) -> dict:
         """What of the spec changes a feature, as fields of the cache fingerprint (draft and decoder were
-        separate fields before; decoder is absent for pil so that older caches keep their fingerprint)."""
+        separate fields before; decoder is absent for pil so that older caches keep their fingerprint).
+        The torchvision decoder's value carries a revision: since its odd JPEGs (EXIF-rotated, CMYK,
+        progressive) and PNGs take PIL's resize, an older cache of it is rebuilt rather than mixed."""
         return {"transform": self.describe(), "draft": self.draft,
-                **({"decoder": self.decoder} if self.decoder != "pil" else {})}
+                **({"decoder": f"{self.decoder}/2"} if self.decoder != "pil" else {})}
 
     def to_json(self) -> dict:
         d = asdict(self)
