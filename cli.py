@@ -659,21 +659,49 @@ def finetune(data_dir, out, no_plots, **o):
 @click.argument("inputs", metavar="IMAGE_OR_DIR...", nargs=-1, required=True)
 @click.option("--json", "as_json", is_flag=True, help="One JSON list instead of a table.")
 @click.option("--device", default="auto", show_default=True)
+@click.option("--min-confidence", default=0.0, show_default=True, type=Number(float, min=0, max=1),
+              help="Label a photo 'unsure' when its probability is below this (its best guess is kept beside).")
+@click.option("--sort-into", "sort_out", default=None, type=click.Path(file_okay=False),
+              help="New or empty folder to fill with OUT/<class>/ and OUT/unsure/ (symbolic links to the photos) "
+                   "and OUT/predictions.csv; the photos themselves are never moved or changed.")
+@click.option("--copy", is_flag=True, help="With --sort-into: copies instead of links.")
 @friendly_errors
-def predict(run_dir, inputs, as_json, device):
+def predict(run_dir, inputs, as_json, device, min_confidence, sort_out, copy):
     """Class and probability for each image (files or folders); bad files are reported, not fatal.
 
     Example: cli.py predict runs/ants photo1.jpg more_photos/ --json
     """
-    from pipeline.predict import format_table, predict as run_predict
+    from pipeline.predict import format_table, input_entries, predict as run_predict
 
-    preds = run_predict(run_dir, list(inputs), device, progress=BarProgress())
+    if copy and sort_out is None:
+        raise click.UsageError("--copy goes with --sort-into OUT")
+    entries = None
+    if sort_out is not None:
+        from pipeline.sorting import check_sort_output, drop_sort_outputs
+
+        check_sort_output(sort_out)  # before any work
+        entries, left_out = drop_sort_outputs(input_entries(list(inputs)), sort_out)
+    preds = run_predict(run_dir, list(inputs), device, progress=BarProgress(), min_confidence=min_confidence,
+                        entries=entries)
     if as_json:
         click.echo(json.dumps([p.as_dict() for p in preds], indent=2, allow_nan=False))
-    else:
+    elif sort_out is None:
         click.echo(format_table(preds))
     if preds and all(p.error for p in preds):
-        raise click.ClickException("no input could be classified")
+        raise click.ClickException("no input could be classified" + (f"; {sort_out} was not written" if sort_out else ""))
+    if sort_out is not None:
+        from pipeline.sorting import sort_into, summary_lines
+        from pipeline.text import printable
+
+        classes = list(next(p for p in preds if not p.error).probabilities)
+        r = sort_into(preds, classes, sort_out, run_dir, copy, min_confidence)
+        r.left_out = left_out
+        for path, reason in r.unreadable[:20]:
+            click.echo(f"not sorted {printable(path)}: {printable(reason)}", err=True)
+        if len(r.unreadable) > 20:
+            click.echo(f"... and {len(r.unreadable) - 20} more not sorted (listed in predictions.csv)", err=True)
+        for line in summary_lines(r):
+            click.echo(line, err=as_json)
 
 
 @cli.command()

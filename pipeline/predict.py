@@ -82,17 +82,28 @@ def load_classifier(run_dir: str | os.PathLike) -> tuple[nn.Module, list[str], R
     return model, m.class_names, m
 
 
+UNSURE = "unsure"  # what a prediction below --min-confidence is labelled (table, JSON, sort folder)
+
+
 @dataclass
 class Prediction:
     path: str
-    label: str | None = None
+    label: str | None = None  # the most probable class (also when unsure)
     probability: float | None = None
     probabilities: dict | None = None
     error: str | None = None
+    unsure: bool = False  # probability below the asked minimum confidence: left to a person
+
+    @property
+    def shown_class(self) -> str | None:
+        """The class to act on: `unsure` when below the minimum confidence (label keeps the best guess)."""
+        return UNSURE if self.unsure else self.label
 
     def as_dict(self) -> dict:
-        d = {"path": self.path, "class": self.label, "probability": self.probability,
+        d = {"path": self.path, "class": self.shown_class, "probability": self.probability,
              "probabilities": self.probabilities, "error": self.error}
+        if self.unsure:  # a class really named "unsure" stays told apart by the flag
+            d.update(unsure=True, best_guess=self.label)
         return {k: v for k, v in d.items() if v is not None}
 
 
@@ -111,15 +122,18 @@ def input_entries(inputs: list[str]) -> list[tuple[Path | str, str]]:
 
 
 def predict(run_dir: str, inputs: list[str], device: str = "auto", batch_size: int = 32,
-            progress: Progress | None = None) -> list[Prediction]:
-    """One Prediction per input image, in the order given (folders sorted in place); bad files carry an error."""
+            progress: Progress | None = None, min_confidence: float = 0.0,
+            entries: list[tuple[Path | str, str]] | None = None) -> list[Prediction]:
+    """One Prediction per input image, in the order given (folders sorted in place); bad files carry an error.
+    A prediction whose probability is below min_confidence is marked unsure. entries: the files already
+    listed by input_entries (by default the inputs are scanned here)."""
     progress = progress or Progress()
     model, classes, manifest = load_classifier(run_dir)
     # predict under the precision the run's features were made with (fp16 exists on CUDA only)
     on_cpu = resolve_device(device).type == "cpu"
     rt = resolve_runtime(device, "fp32" if (manifest.precision == "fp16" and on_cpu) else manifest.precision)
     model = model.to(rt.device)
-    entries = input_entries(inputs)
+    entries = input_entries(inputs) if entries is None else entries
     if not entries:  # only empty folders: a table with a header and no rows would read as success
         raise NoImagesError(f"no images found in {', '.join(map(str, inputs))} (looked for "
                             f"{', '.join(IMG_EXTENSIONS)}); name image files or folders that hold some")
@@ -136,6 +150,7 @@ def predict(run_dir: str, inputs: list[str], device: str = "auto", batch_size: i
                 probs = iter(torch.softmax(model(x.to(rt.device)).float(), 1).cpu())
         for i, reason in zip(chunk, reasons):
             results[i] = _prediction(str(entries[i][0]), reason, None if reason else next(probs), classes)
+            results[i].unsure = results[i].error is None and results[i].probability < min_confidence
         progress.update(len(chunk))
     progress.close()
     return results
@@ -187,6 +202,8 @@ def format_table(preds: list[Prediction]) -> str:
     for p, path in zip(preds, paths):
         if p.error:
             lines.append(f"{path:<{width}}  ERROR: {printable(p.error)}")
+        elif p.unsure:
+            lines.append(f"{path:<{width}}  {UNSURE:<12}  {p.probability:.4f}  (best guess: {printable(p.label)})")
         else:
             lines.append(f"{path:<{width}}  {printable(p.label):<12}  {p.probability:.4f}")
     return "\n".join(lines)
