@@ -66,6 +66,7 @@ def assert_same_cache(a_path, b_path):
     assert a.attrs["files_digest"] == b.attrs["files_digest"]
 
 
+@pytest.mark.slow
 def test_torchrun_extract_equals_single_process(data, tmp_path):
     r = subprocess.run(torchrun(*extract_args(data, tmp_path / "two.h5")), env=ENV, capture_output=True, text=True,
                        timeout=180)
@@ -81,6 +82,7 @@ def test_torchrun_extract_equals_single_process(data, tmp_path):
     assert json.loads((tmp_path / "run/metrics.json").read_text())["n"] == {"train": 17, "val": 7}
 
 
+@pytest.mark.slow
 def test_rank_dying_mid_extract_leaves_nothing_complete_and_rerun_finishes(tmp_path):
     big = make_dataset(tmp_path / "big", {"train": {"ants": 40, "bees": 40}, "val": {"ants": 4, "bees": 4}})
     cache = tmp_path / "f.h5"
@@ -104,6 +106,7 @@ def test_rank_dying_mid_extract_leaves_nothing_complete_and_rerun_finishes(tmp_p
     assert_same_cache(cache, tmp_path / "one.h5")
 
 
+@pytest.mark.slow
 def test_ddp_finetune_writes_the_run_folder_once_and_resumes(data, tmp_path):
     out = tmp_path / "ft"
     args = ["finetune", data, "--out", out, "--weights", "none", "--workers", "0", "--epochs", 2, "--no-plots"]

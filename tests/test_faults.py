@@ -42,6 +42,7 @@ def data72(tmp_path):
     return make_dataset(tmp_path / "d", {"train": {"ants": 32, "bees": 32}, "val": {"ants": 4, "bees": 4}})
 
 
+@pytest.mark.slow
 def test_sigkill_mid_extract_then_resume_equals_clean_run(data72, tmp_path):
     cache = tmp_path / "f.h5"
     partial = tmp_path / "f.h5.partial"
@@ -133,6 +134,7 @@ def _finetune_cmd(data, out, *extra):
             "--epochs", "3", "--workers", "0", "--no-plots", *extra]
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_matches_uninterrupted(tiny_data, tmp_path):
     env = {**os.environ, "TLEARN_OFFLINE": "1"}
     whole = tmp_path / "whole"

@@ -20,6 +20,7 @@ def comparable(history):
     return [{k: v for k, v in h.items() if k != "seconds"} for h in history]
 
 
+@pytest.mark.slow
 def test_finetune_writes_run_folder(tiny_data, tmp_path):
     out = tmp_path / "ft"
     r = CliRunner().invoke(cli, ["finetune", str(tiny_data), "--out", str(out), "--weights", "none", "--epochs", "2",
@@ -49,6 +50,7 @@ def test_freeze_backbone_trains_only_the_head(tiny_data, tmp_path):
     assert not torch.equal(sd["bn1.running_mean"], init.state_dict()["bn1.running_mean"])
 
 
+@pytest.mark.slow
 def test_checkpoint_needs_resume_and_same_recipe(tiny_data, tmp_path):
     out = tmp_path / "ft"
     finetune(ft(tiny_data, out, epochs=1, plots=False))
@@ -99,6 +101,7 @@ def test_a_damaged_checkpoint_is_one_line_on_resume(tiny_data, tmp_path):
     assert r.output.startswith(f"Error: {out / 'checkpoint.pt'} cannot be resumed: it does not fit this model")
 
 
+@pytest.mark.slow
 def test_dropout_draws_are_seeded_too(tiny_data, tmp_path):
     """An architecture with dropout (mobilenet_v3_small) gives the same weights for the same --seed."""
     sds = []

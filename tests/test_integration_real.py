@@ -44,6 +44,7 @@ def test_real_train_head_25_epochs(real_cache, tmp_path):
         assert (out / name).stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_real_finetune_one_epoch(tmp_path):
     out = tmp_path / "ft"
     r = CliRunner().invoke(cli, ["finetune", str(real_data_dir()), "--out", str(out), "--weights", "none",

@@ -272,6 +272,7 @@ def test_a_small_head_trains_on_one_thread_with_the_same_result(small_cache, tmp
     assert m["history"] == ref.history and m["best_epoch"] == ref.best_epoch
 
 
+@pytest.mark.slow
 def test_extract_predict_and_finetune_never_import_torchvision_or_dynamo(tiny_data, tmp_path):
     """torchvision pulls torch._dynamo in (seconds); so does any use of torch.optim. The default backbone,
     its transforms and finetune's optimizer do without both."""
@@ -294,6 +295,7 @@ def _cli_process(*args, env=None) -> subprocess.CompletedProcess:
                           timeout=300, env={**os.environ, **(env or {})})
 
 
+@pytest.mark.slow
 def test_the_quick_exit_loses_no_output_and_keeps_the_exit_code(small_cache, tmp_path):
     """After a command the process ends without torch's teardown; what it printed and wrote is all there,
     and a failing command still exits 1 with its one line."""

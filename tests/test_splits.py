@@ -132,6 +132,7 @@ def invoke(*args):
     return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
 
 
+@pytest.mark.slow
 def test_extract_train_head_and_finetune_use_the_same_recorded_split(tmp_path):
     root = make_flat(tmp_path / "d", {"ants": 4, "bees": 4}, size=(40, 32))
     flags = ["--val-fraction", "0.3", "--split-seed", "2", "--weights", "none", "--workers", "0"]

@@ -53,6 +53,7 @@ def test_model_pt_with_payload_is_refused_by_predict_and_export(tiny_data, tmp_p
     assert not marker.exists() and not (tmp_path / "m.pt2").exists()
 
 
+@pytest.mark.slow
 def test_checkpoint_with_payload_is_refused_on_resume(tiny_data, tmp_path):
     marker = tmp_path / "PWNED"
     out = tmp_path / "ft"
