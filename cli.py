@@ -499,8 +499,9 @@ def run(data_dir, out, cache_path, **o):
 @click.option("--data-dir", default=None, type=click.Path(file_okay=False),
               help="The image folder, when the one recorded in the cache has moved.")
 @click.option("--top", default=20, show_default=True, type=click.IntRange(min=0), help="Label issues listed at most.")
-@click.option("--dup-threshold", default=0.997, show_default=True, type=Number(float, min=-1, max=1),
-              help="Near duplicates: cosine similarity of mean-centred features at least this.")
+@click.option("--dup-threshold", default=None, type=Number(float, min=-1, max=1),
+              help="Near duplicates by an absolute cosine of mean-centred features (at least this) instead of "
+                   "the default rule relative to each image's neighbours; depends on the backbone.")
 @click.option("--label-threshold", default=0.5, show_default=True, type=Number(float, min=0, max=1),
               help="Label issues: 1 - p(given label) at least this, another class likelier.")
 @click.option("--outlier-z", default=5.0, show_default=True, type=Number(float),

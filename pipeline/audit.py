@@ -5,8 +5,10 @@ pictures, the image files named in the cache:
 - copies: groups of rows with the same bytes (sha256 of each file in the data folder) or the same
   features (rounded), one record per group whatever its size (linear in the rows: 20,000 copies of one
   image are one group, never 200 million pairs);
-- near duplicates: cosine similarity of mean-centred features, every pair above a threshold, within
-  and across splits, among one row per group of copies, found block by block (never an N x N matrix);
+- near duplicates: pairs of images much closer to each other than to the rest of their neighbourhood
+  (cosine distance of mean-centred features, relative to each image's own neighbour distances: a rule
+  that holds for any backbone), within and across splits, among one row per group of copies, found block
+  by block (never an N x N matrix); --dup-threshold replaces it by an absolute cosine;
 - label issues: out-of-fold class probabilities of every train image from K heads trained at once
   (head.train_folds), and, with --run, val/test images scored by that run's trained head;
 - outliers: mean cosine distance to the k nearest neighbours, flagged by a robust z-score.
@@ -32,6 +34,16 @@ from .runfolder import check_output_path, load_manifest
 from .splits import FOLDERS, SplitSpec, cache_record
 
 
+# A near pair (i, j): cosine distance d(i, j) <= NEAR_RATIO x the median distance of i to its neighbours ranked
+# 2..6, and the same for j. Calibrated on the tutorial's photos with 30 edited val copies of train photos (90%
+# crop, brighter, mirrored, down-up scaled, resized + JPEG q70): EfficientNet-Lite0 features put 29 of the 30
+# below 0.45 and every pair of distinct photos above 0.52; random-init ResNet-18 features (where every photo
+# looks alike) put 6 distinct pairs of 78,000 below it. An absolute cosine does not carry over: the same
+# edited copies score 0.82-0.91 with the real backbone and >= 0.99 with the random one.
+NEAR_RATIO = 0.45
+NEAR_REF_RANKS = (1, 6)  # the neighbours (0-based ranks, end excluded) whose median is an image's reference
+
+
 class AuditRunMismatch(PipelineError):
     """--run names a run folder whose head cannot score this cache's features."""
 
@@ -43,7 +55,8 @@ class AuditConfig:
     run: str | None = None  # a train-head run folder: its head scores the val/test images
     data_dir: str | None = None  # overrides the data folder recorded in the cache
     top: int = 20  # label issues listed at most
-    dup_threshold: float = 0.997  # cosine similarity of mean-centred features (README: how it was chosen)
+    dup_threshold: float | None = None  # set: near pairs are those with cosine >= this (absolute, backbone-bound)
+    dup_ratio: float = NEAR_RATIO  # near pair: distance <= this x each image's typical neighbour distance
     label_threshold: float = 0.5  # flag when 1 - p(given label) >= this and another class is the argmax
     outlier_z: float = 5.0  # robust z-score of the k-NN distance
     knn: int = 5
@@ -162,7 +175,8 @@ def neighbour_search(F: torch.Tensor, k: int, threshold: float, block: int = 204
 
     F (N,D) unit rows. Works on block x block tiles of the upper triangle, each tile updating the
     top-k of both its row and its column block: memory O(block^2 + N k), never N x N.
-    pair_rows (N,) bool: pairs only between these rows (one per group of copies); None: all rows.
+    pair_rows (N,) bool: pairs and neighbours only among these rows (one per group of copies; the other
+    rows' top-k is left at -inf); None: all rows. threshold inf: no pairs, only the top-k.
     Returns (sims (N,k) float32 descending, idx (N,k) int64, pairs (P,3) float64 [i, j, sim]).
     """
     N = F.shape[0]
@@ -179,13 +193,13 @@ def neighbour_search(F: torch.Tensor, k: int, threshold: float, block: int = 204
                 S = Fa @ F[c:c + block].T  # (ba, bc)
                 if c == a:
                     S.fill_diagonal_(-math.inf)  # a row is not its own neighbour
+                if among is not None:  # copies of a group's first row are neither pairs nor neighbours
+                    S[~among[a:a + S.shape[0]]] = -math.inf
+                    S[:, ~among[c:c + S.shape[1]]] = -math.inf
                 # a tile's max first: scanning a mask of a tile without pairs costs 10x more
                 ii = jj = None
                 if S.amax() >= threshold:
-                    hit = S >= threshold
-                    if among is not None:
-                        hit &= among[a:a + S.shape[0], None] & among[None, c:c + S.shape[1]]
-                    ii, jj = torch.nonzero(hit, as_tuple=True)
+                    ii, jj = torch.nonzero(S >= threshold, as_tuple=True)
                 if ii is not None:
                     keep = (ii + a) < (jj + c)  # each pair once (the diagonal tile holds both orders)
                     ii, jj = ii[keep], jj[keep]
@@ -307,26 +321,68 @@ def copy_group_records(rows: Rows, F: torch.Tensor, comps: list[list[int]], byte
     return out, summary
 
 
-def near_pair_list(rows: Rows, near: np.ndarray) -> list[dict]:
-    """Near pairs (i, j, sim), most suspect first: by similarity, leaks across splits first among equals."""
-    out = [{"a": rows.paths[int(i)], "b": rows.paths[int(j)], "a_split": rows.splits[int(i)],
-            "b_split": rows.splits[int(j)], "similarity": round(float(s), 6),
-            "cross_split": rows.splits[int(i)] != rows.splits[int(j)]} for i, j, s in near]
-    out.sort(key=lambda d: (-d["similarity"], not d["cross_split"], d["a"], d["b"]))
+def neighbour_reference(sims: np.ndarray, rows: np.ndarray) -> np.ndarray | None:
+    """Each row's typical distance to its neighbourhood: the median cosine distance to its neighbours ranked
+    NEAR_REF_RANKS (the nearest one is left out: it may be the copy). NaN for rows outside `rows`; None
+    when too few rows have neighbours (fewer than 3 rows)."""
+    lo, hi = NEAR_REF_RANKS
+    hi = min(hi, int(rows.sum()) - 1, sims.shape[1])
+    if hi - lo < 1:
+        return None
+    ref = np.full(len(sims), np.nan)
+    ref[rows] = np.median(1.0 - sims[rows, lo:hi].astype(np.float64), 1)
+    return ref
+
+
+def relative_near_pairs(sims: np.ndarray, idx: np.ndarray, ref: np.ndarray, ratio: float) -> np.ndarray:
+    """Pairs (i < j) whose distance is <= ratio x the reference of both i and j, from the top-k lists alone:
+    such a j is nearer to i than i's median neighbour, so it is in i's top-k. Returns (P, 3) [i, j, sim]."""
+    d = 1.0 - sims.astype(np.float64)
+    with np.errstate(invalid="ignore"):
+        ii, cc = np.nonzero(d <= ratio * ref[:, None])
+    jj = idx[ii, cc]
+    keep = jj >= 0
+    ii, cc, jj = ii[keep], cc[keep], jj[keep]
+    keep = d[ii, cc] <= ratio * ref[jj]
+    found = {}
+    for i, j, s in zip(ii[keep], jj[keep], sims[ii[keep], cc[keep]]):
+        found[(min(i, j), max(i, j))] = float(s)
+    return np.array([[i, j, s] for (i, j), s in sorted(found.items())], dtype=np.float64).reshape(-1, 3)
+
+
+def near_pair_list(rows: Rows, near: np.ndarray, ref: np.ndarray | None = None) -> list[dict]:
+    """Near pairs (i, j, sim), most suspect first: by distance relative to the two images' neighbourhoods
+    (ratio; by similarity without a reference), leaks across splits first among equals."""
+    out = []
+    for i, j, s in near:
+        i, j = int(i), int(j)
+        d = {"a": rows.paths[i], "b": rows.paths[j], "a_split": rows.splits[i], "b_split": rows.splits[j],
+             "similarity": round(float(s), 6), "cross_split": rows.splits[i] != rows.splits[j]}
+        if ref is not None:
+            d["ratio"] = round(float((1.0 - s) / max(min(ref[i], ref[j]), 1e-12)), 4)
+        out.append(d)
+    out.sort(key=lambda d: (d.get("ratio", 0.0), -d["similarity"], not d["cross_split"], d["a"], d["b"]))
     return out
 
 
-def knn_outliers(rows: Rows, sims: np.ndarray, z_threshold: float) -> tuple[list[dict], np.ndarray]:
+def knn_outliers(rows: Rows, sims: np.ndarray, z_threshold: float,
+                 among: np.ndarray | None = None) -> tuple[list[dict], np.ndarray]:
     """Mean cosine distance to the k nearest other images; flagged where its robust z-score
-    (median / 1.4826 MAD, Iglewicz-Hoaglin) is >= z_threshold. Returns (flagged, most distant first), z."""
+    (median / 1.4826 MAD, Iglewicz-Hoaglin) is >= z_threshold. among: the rows scored (all by default).
+    Returns (flagged, most distant first), z (0 outside among)."""
     if sims.shape[1] == 0:
         return [], np.zeros(len(sims))
-    score = (1.0 - sims).mean(1)
-    med = np.median(score)
-    scale = 1.4826 * np.median(np.abs(score - med))
+    among = np.ones(len(sims), bool) if among is None else np.asarray(among, bool)
+    keep = np.flatnonzero(among)
+    score = np.zeros(len(sims))
+    score[keep] = (1.0 - sims[keep].astype(np.float64)).mean(1)
+    med = np.median(score[keep])
+    scale = 1.4826 * np.median(np.abs(score[keep] - med))
     if scale <= 0:
-        scale = score.std()
-    z = (score - med) / scale if scale > 0 else np.zeros_like(score)
+        scale = score[keep].std()
+    z = np.zeros(len(sims))
+    if scale > 0:
+        z[keep] = (score[keep] - med) / scale
     flagged = np.flatnonzero(z >= z_threshold)
     flagged = flagged[np.argsort(-z[flagged], kind="stable")]
     return [{**rows.where(int(i)), "score": round(float(score[i]), 6), "z": round(float(z[i]), 3)}
@@ -428,10 +484,12 @@ def flagged_label_issues(scored: list[dict], threshold: float, top: int) -> list
 
 
 def check_config(cfg: AuditConfig) -> None:
-    if not -1.0 <= cfg.dup_threshold <= 1.0:
+    if cfg.dup_threshold is not None and not -1.0 <= cfg.dup_threshold <= 1.0:
         raise PipelineError(f"--dup-threshold {cfg.dup_threshold} is not a cosine similarity (-1..1)")
     if not 0.0 <= cfg.label_threshold <= 1.0:
         raise PipelineError(f"--label-threshold {cfg.label_threshold} must be within 0..1")
+    if not (math.isfinite(cfg.dup_ratio) and cfg.dup_ratio > 0):
+        raise PipelineError(f"the near-duplicate ratio {cfg.dup_ratio} must be a positive number")
     if not math.isfinite(cfg.outlier_z):
         raise PipelineError(f"--outlier-z {cfg.outlier_z} is not a finite number")
     if cfg.top < 0 or cfg.knn < 1 or cfg.folds < 2:
@@ -462,7 +520,8 @@ def run_audit(cfg: AuditConfig) -> Audit:
     manifest = usable_run(rows, cache, cfg.run, notes) if cfg.run else None  # before any work
     audit = Audit(cache=str(cfg.cache), data_dir=str(data_dir) if data_dir else None,
                   rows={s: int(len(sp.labels)) for s, sp in cache.splits.items()},
-                  thresholds={"dup_threshold": cfg.dup_threshold, "label_threshold": cfg.label_threshold,
+                  thresholds={"dup_threshold": cfg.dup_threshold, "dup_ratio": cfg.dup_ratio,
+                              "label_threshold": cfg.label_threshold,
                               "outlier_z": cfg.outlier_z, "knn": cfg.knn, "top": cfg.top}, notes=notes)
     if data_dir is None:
         audit.notes.append(f"{why}: exact duplicates not checked, pictures without images; pass --data-dir")
@@ -478,14 +537,22 @@ def run_audit(cfg: AuditConfig) -> Audit:
     firsts = np.ones(len(rows.labels), bool)  # near pairs among one row per group of copies
     for c in comps:
         firsts[c[1:]] = False
-    sims, _, near = neighbour_search(F, cfg.knn, cfg.dup_threshold, cfg.block_rows, cfg.max_pairs, firsts)
+    absolute = cfg.dup_threshold is not None
+    sims, idx, near = neighbour_search(F, max(cfg.knn, NEAR_REF_RANKS[1]), cfg.dup_threshold if absolute else math.inf,
+                                       cfg.block_rows, cfg.max_pairs, None if firsts.all() else firsts)
     audit.copy_groups, audit.copies = copy_group_records(rows, F, comps, exact_groups, cfg.max_groups,
                                                          cfg.max_group_files)
-    audit.duplicates = near_pair_list(rows, near)
-    if len(rows.labels) <= cfg.knn:
-        audit.notes.append(f"outliers skipped: {len(rows.labels)} images, need more than --knn {cfg.knn}")
-    else:
-        audit.outliers, _ = knn_outliers(rows, sims, cfg.outlier_z)
+    ref = neighbour_reference(sims, firsts)
+    if not absolute and ref is not None:
+        near = relative_near_pairs(sims, idx, ref, cfg.dup_ratio)
+    elif not absolute:
+        audit.notes.append("near duplicates skipped: they need at least 3 distinct images")
+    audit.duplicates = near_pair_list(rows, near, ref)
+    n_firsts = int(firsts.sum())
+    if n_firsts <= cfg.knn:
+        audit.notes.append(f"outliers skipped: {n_firsts} images, need more than --knn {cfg.knn}")
+    else:  # one row per group of copies: copies neither hide an outlier nor count twice
+        audit.outliers, _ = knn_outliers(rows, sims[:, :cfg.knn], cfg.outlier_z, firsts)
     scored, audit.scored = out_of_fold_issues(rows, cfg, audit.notes)
     if cfg.run:
         run_scored, info = run_head_issues(rows, manifest, cfg.run)
@@ -542,11 +609,14 @@ def report_text(a: Audit, limit: int = 20) -> str:
         lines.append(f"  ... and {c['groups'] - min(limit, len(a.copy_groups))} more groups "
                      f"(audit.json lists {c['listed']})")
     cross = sum(d["cross_split"] for d in a.duplicates)
-    lines.append(f"\nnear duplicates: {len(a.duplicates)} pairs ({cross} across splits); cosine of mean-centred "
-                 f"features >= {t['dup_threshold']}")
+    rule = (f"cosine of mean-centred features >= {t['dup_threshold']} (--dup-threshold)"
+            if t.get("dup_threshold") is not None else
+            f"cosine distance <= {t['dup_ratio']} x each image's median distance to its 2nd-6th nearest images")
+    lines.append(f"\nnear duplicates: {len(a.duplicates)} pairs ({cross} across splits); {rule}")
     for d in a.duplicates[:limit]:
         leak = "  [across splits]" if d["cross_split"] else ""
-        lines.append(f"  near {d['similarity']:.4f}  {d['a']}  <->  {d['b']}{leak}")
+        rel = f" ratio {d['ratio']:.2f}" if "ratio" in d else ""
+        lines.append(f"  near {d['similarity']:.4f}{rel}  {d['a']}  <->  {d['b']}{leak}")
     lines += _more(a.duplicates, limit)
     s = a.scored
     how = []

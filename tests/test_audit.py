@@ -295,9 +295,10 @@ def test_thousands_of_copies_are_one_group_linear_and_bounded(tmp_path):
     """3,000 identical rows (2,990 train, 10 val) among 200 distinct ones: one group, not 4.5 million pairs
     (which used to end in "raise --dup-threshold"); audit.json stays small; near pairs still work."""
     g = np.random.default_rng(0)
-    distinct = g.normal(0, 1, (200, 16)).astype(np.float32)
-    distinct[7] = distinct[3] + 0.01 * g.normal(0, 1, 16).astype(np.float32)  # one near pair
-    same = np.tile(g.normal(0, 1, (1, 16)).astype(np.float32), (3000, 1))
+    # 64-D: in 16-D, 200 random points already hold pairs twice as close as their neighbourhoods by chance
+    distinct = g.normal(0, 1, (200, 64)).astype(np.float32)
+    distinct[7] = distinct[3] + 0.01 * g.normal(0, 1, 64).astype(np.float32)  # one near pair
+    same = np.tile(g.normal(0, 1, (1, 64)).astype(np.float32), (3000, 1))
     X = np.concatenate([distinct, same])
     paths = [f"d/{i:03d}.jpg" for i in range(200)] + [f"copy/{i:04d}.jpg" for i in range(3000)]
     val = np.zeros(len(X), bool)
@@ -319,10 +320,61 @@ def test_thousands_of_copies_are_one_group_linear_and_bounded(tmp_path):
 
 
 def test_groups_listed_are_capped_and_all_counted(tmp_path):
-    X = np.repeat(np.random.default_rng(1).normal(0, 1, (40, 8)).astype(np.float32), 3, axis=0)  # 40 triples
+    # 40 triples of 64-D rows (in 8-D, 40 random points hold pairs far closer than their neighbourhoods by chance)
+    X = np.repeat(np.random.default_rng(1).normal(0, 1, (40, 64)).astype(np.float32), 3, axis=0)
     cache = write_cache(tmp_path / "c.h5", {"train": (X, np.zeros(120, np.int64), [f"{i}.jpg" for i in range(120)])},
                         ["ants"])
     a = run_audit(AuditConfig(cache=str(cache), out=str(tmp_path / "a"), pictures=False, max_groups=5))
     assert a.copies == {"groups": 40, "files": 120, "cross_split_groups": 0, "listed": 5}
     assert len(a.copy_groups) == 5 and all(g["count"] == 3 for g in a.copy_groups) and a.duplicates == []
     assert "  ... and 35 more groups (audit.json lists 5)" in (tmp_path / "a/report.txt").read_text()
+
+
+# --------------------------------------------------------------------------- near duplicates relative to the data
+
+
+def near_copy_cache(tmp_path, spread: float, name: str):
+    """300 rows of 10 class blobs (64-D, centres ~3 apart per coordinate, rows `spread` around them) and 6 val
+    copies of train rows, each moved by a quarter of the distance to its nearest other row."""
+    X, y = blobs({c: 30 for c in range(10)}, dim=64, spread=spread, seed=5)
+    g = np.random.default_rng(6)
+    src = [3, 50, 101, 170, 222, 290]
+    D = np.linalg.norm(X[:, None] - X[None], axis=2)
+    np.fill_diagonal(D, np.inf)
+    copies = []
+    for i in src:
+        step = g.normal(0, 1, 64)
+        copies.append(X[i] + step / np.linalg.norm(step) * 0.25 * D[i].min())
+    Xv, yv = np.array(copies, np.float32), y[src]
+    ptr = [f"train/c{c}/{i:03d}.jpg" for i, c in enumerate(y)]
+    pva = [f"val/c{c}/copy_{i:03d}.jpg" for i, c in zip(src, yv)]
+    cache = write_cache(tmp_path / name, {"train": (X, y, ptr), "val": (Xv, yv, pva)},
+                        [f"c{c}" for c in range(10)])
+    return cache, {(ptr[i], p) for i, p in zip(src, pva)}
+
+
+@pytest.mark.parametrize("spread,old_rule_pairs", [(1.0, 0), (0.1, 1000)])
+def test_near_copies_found_relative_to_the_data_whatever_the_spread(tmp_path, spread, old_rule_pairs):
+    """Loose classes (the copies at cosine 0.993-0.997: the old absolute 0.997 finds none) and tight ones
+    (distinct rows of a class at cosine > 0.997, as with random-init features: the old rule lists thousands
+    of pairs): the rule relative to each image's neighbours lists exactly the planted copies in both."""
+    cache, planted = near_copy_cache(tmp_path, spread, "c.h5")
+    old = audit(tmp_path, cache, pictures=False, dup_threshold=0.997, max_pairs=10_000)
+    assert len(old.duplicates) >= old_rule_pairs and (old_rule_pairs or not planted & {(d["a"], d["b"]) for d in old.duplicates})
+    a = audit(tmp_path, cache, pictures=False)
+    assert {(d["a"], d["b"]) for d in a.duplicates} == planted
+    assert all(d["cross_split"] and d["ratio"] <= 0.45 for d in a.duplicates)
+    assert a.thresholds["dup_threshold"] is None and a.thresholds["dup_ratio"] == 0.45
+    assert "x each image's median distance to its 2nd-6th nearest images" in (tmp_path / "audit/report.txt").read_text()
+
+
+def test_dup_threshold_is_an_absolute_cosine_override(tmp_path):
+    cache, planted = near_copy_cache(tmp_path, 1.0, "c.h5")
+    a = audit(tmp_path, cache, pictures=False, dup_threshold=0.999)  # the copies are at 0.993-0.997
+    assert a.duplicates == []
+    r = CliRunner().invoke(cli, ["audit", str(cache), "--out", str(tmp_path / "b"), "--dup-threshold", "0.5",
+                                 "--no-plots", "--json"])
+    assert r.exit_code == 0, r.output
+    j = json.loads(r.output)
+    assert planted <= {(d["a"], d["b"]) for d in j["duplicates"]}
+    assert all(d["similarity"] >= 0.5 for d in j["duplicates"]) and j["thresholds"]["dup_threshold"] == 0.5
