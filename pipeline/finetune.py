@@ -21,7 +21,6 @@ from .data import TRANSFORM_SPEC, EpochSampler, ImageChanged, LabelledImages, ch
     find_unreadable, scan_dataset, train_transform, worker_error_line
 from .distributed import Dist, init_distributed, rank_device, shutdown
 from .head import TrainingDiverged
-from .optim import SGD, StepLR
 from .recipe import TUTORIAL_RECIPE, check_recipe
 from .evaluate import ci_from_accuracy, report_text, run_warnings, split_metrics, weights_line
 from .progress import Progress
@@ -262,6 +261,19 @@ class SharedLoader:
         return [SplitBatches(it, self.samplers[g], self.batch_sampler.batches(g), self.on_batch) for g in splits]
 
 
+def check_optimizer_state(sd: dict, params: list) -> None:
+    """torch.optim loads momentum buffers of any shape and fails only at the first step, mid-run: check
+    them against the parameters first (ValueError, reported as a checkpoint that does not fit)."""
+    groups = sd.get("param_groups") or []
+    if len(groups) != 1 or len(groups[0].get("params", [])) != len(params):
+        raise ValueError("the optimizer state does not match this model's parameters")
+    for i, st in (sd.get("state") or {}).items():
+        buf = st.get("momentum_buffer") if isinstance(st, dict) else None
+        if not (isinstance(i, int) and 0 <= i < len(params)) or (
+                buf is not None and (not isinstance(buf, torch.Tensor) or buf.shape != params[i].shape)):
+            raise ValueError(f"momentum buffer {i} does not fit parameter {i}")
+
+
 def train_one_epoch(model, loader, optimizer, scaler, criterion, rt: Runtime) -> tuple[float, float, int]:
     """One pass over this process's train batches; returns (loss sum, correct, images). Statistics stay on
     the device until the end of the epoch (no sync per step)."""
@@ -462,8 +474,8 @@ def _train(cfg: FinetuneConfig, progress: Progress, d: Dist, folder: RunFolder |
             p.requires_grad_(True)
     model = model.to(rt.device).to(memory_format=rt.memory_format)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = SGD(params, lr=cfg.lr, momentum=cfg.momentum)  # torch.optim's, without its dynamo import
-    scheduler = StepLR(optimizer, step_size=cfg.step_size, gamma=cfg.gamma)
+    optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.step_size, gamma=cfg.gamma)
     scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.precision == "fp16")
     criterion = nn.CrossEntropyLoss()
 
@@ -473,6 +485,7 @@ def _train(cfg: FinetuneConfig, progress: Progress, d: Dist, folder: RunFolder |
     if ck is not None:
         try:
             model.load_state_dict(ck.model)
+            check_optimizer_state(ck.optimizer, params)
             optimizer.load_state_dict(ck.optimizer)
             scheduler.load_state_dict(ck.scheduler)
             scaler.load_state_dict(ck.scaler)
