@@ -150,3 +150,20 @@ def test_probe_folds_equal_each_fold_alone_and_fold_standardisation():
     assert full[0].fold == -1 and full[0].weight.shape == (3, 12)
     acc = ((torch.tensor(X) @ full[0].weight.T + full[0].bias).argmax(1).numpy() == y).mean()
     assert acc > 0.9
+
+
+def test_run_defaults_to_auto_and_its_head_flags_select_the_tutorial(tiny_data, tmp_path):
+    r = CliRunner().invoke(cli, ["run", str(tiny_data), "--out", str(tmp_path / "a"), "--weights", "none",
+                                 "--workers", "0", "--no-plots"])
+    assert r.exit_code == 0, r.output
+    m = json.loads((tmp_path / "a/metrics.json").read_text())
+    assert m["recipe_mode"] == "auto" and m["selection"]["n"] == 6 and m["selection"]["on"] == "train"
+    # extract's --batch-size and --seed are not recipe flags; --head-batch-size is
+    r = CliRunner().invoke(cli, ["run", str(tiny_data), "--out", str(tmp_path / "b"), "--weights", "none",
+                                 "--workers", "0", "--no-plots", "--batch-size", "2", "--head-batch-size", "2"])
+    assert r.exit_code == 0, r.output
+    m = json.loads((tmp_path / "b/metrics.json").read_text())
+    assert m["recipe_mode"] == "tutorial" and m["recipe"]["batch_size"] == 2
+    r = CliRunner().invoke(cli, ["run", str(tiny_data), "--out", str(tmp_path / "c"), "--recipe", "auto",
+                                 "--head-batch-size", "2"])
+    assert r.exit_code == 2 and "--head-batch-size set the tutorial's recipe" in r.output
