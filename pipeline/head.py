@@ -462,7 +462,8 @@ def _probe_group(params: list, head_fold: list[int], Z: torch.Tensor, y: torch.T
             n_rows = max(float((folds != hf[0]).sum()), 1.0)
             Wv, bv = W[:C], b[:C]
             vz = val[0] @ Wv.T + bv
-            vl = float((torch.logsumexp(vz, 1) - vz.gather(1, val[1][:, None]).squeeze(1)).mean()) if len(val[1]) else 0.0
+            nll = torch.logsumexp(vz, 1) - vz.gather(1, val[1][:, None]).squeeze(1)
+            vl = float(nll.mean()) if len(val[1]) else 0.0
             va = float((vz.argmax(1) == val[1]).float().mean()) if len(val[1]) else 0.0
             hist.append({"epoch": epoch, "lr": p0.lr_at(epoch), "train_loss": float(loss_sum[0]) / n_rows,
                          "train_acc": float(correct[0]) / n_rows, "val_loss": vl, "val_acc": va})
