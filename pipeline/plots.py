@@ -236,6 +236,7 @@ class PictureJob:
     y_true: list[int]
     y_pred: list[int]
     kept_epoch: int | None = None  # marked in curves.png
+    calibration: dict | None = None  # metrics.json's calibration record: reliability.png, coverage.png
 
 
 def draw_pictures(job: PictureJob) -> list[str]:
@@ -248,6 +249,9 @@ def draw_pictures(job: PictureJob) -> list[str]:
         "predictions.png": lambda p: predictions_png([f and Path(f) for f in job.image_paths], job.y_true,
                                                      job.y_pred, job.class_names, p),
     }
+    if job.calibration:
+        steps["reliability.png"] = lambda p: reliability_png(job.calibration, p)
+        steps["coverage.png"] = lambda p: coverage_png(job.calibration, p)
     notes = []
     for name, draw in steps.items():
         try:
@@ -281,3 +285,61 @@ def inside(data_dir: Path, rel: str) -> Path | None:
     if pure.is_absolute() or ".." in pure.parts or not rel:
         return None
     return data_dir / pure
+
+
+def reliability_png(cal: dict, path: Path) -> None:
+    _save(reliability_figure(cal), path)
+
+
+def reliability_figure(cal: dict):
+    """Per evaluated split: accuracy against mean confidence per bin, calibrated and before, the diagonal
+    being perfect calibration; the count of photos in each bin is written above it."""
+    splits = list(cal["reliability"])
+    fig = _figure(5 * max(1, len(splits)), 4.6)
+    for i, split in enumerate(splits):
+        ax = fig.add_subplot(1, max(1, len(splits)), i + 1)
+        ax.plot([0, 1], [0, 1], color="0.6", lw=1, ls="--", label="perfect")
+        for key, style, label in (("reliability_before", dict(color="tab:orange", alpha=0.6), "before"),
+                                  ("reliability", dict(color="tab:blue"), "calibrated")):
+            rows = [r for r in cal[key].get(split, []) if r["n"]]
+            ax.plot([r["confidence"] for r in rows], [r["accuracy"] for r in rows], "o-", ms=4, label=label, **style)
+        for r in cal["reliability"].get(split, []):
+            if r["n"]:
+                ax.annotate(str(r["n"]), (r["confidence"], r["accuracy"]), textcoords="offset points",
+                            xytext=(0, 6), ha="center", fontsize=7, color="tab:blue")
+        e = cal["ece"].get(split, {})
+        ax.set_title(f"{split}: ECE {e.get('before', 0):.3f} -> {e.get('after', 0):.3f} (T {cal['temperature']:.2f})",
+                     fontsize=10)
+        ax.set_xlabel("confidence (mean per bin)")
+        ax.set_ylabel("accuracy")
+        ax.set_xlim(0, 1.02)
+        ax.set_ylim(0, 1.05)
+        ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def coverage_png(cal: dict, path: Path) -> None:
+    _save(coverage_figure(cal), path)
+
+
+def coverage_figure(cal: dict):
+    """Accuracy on the photos kept against the share kept, one point per --min-confidence P (labelled)."""
+    fig = _figure(6.5, 4.6)
+    ax = fig.add_subplot(1, 1, 1)
+    for split, rows in cal["coverage"].items():
+        rows = [r for r in rows if r["accuracy"] is not None]
+        line = ax.plot([r["kept"] for r in rows], [r["accuracy"] for r in rows], "o-", ms=4, label=split)[0]
+        if split == next(iter(cal["coverage"])):
+            for r in rows:
+                if r["min_confidence"] in (0.5, 0.8, 0.9, 0.95, 0.99):
+                    ax.annotate(f"P {r['min_confidence']:g}", (r["kept"], r["accuracy"]), textcoords="offset points",
+                                xytext=(4, -10), fontsize=7, color=line.get_color())
+    ax.set_xlabel("share of photos kept (probability >= P); the rest are 'unsure'")
+    ax.set_ylabel("accuracy on the photos kept")
+    ax.set_xlim(-0.02, 1.02)
+    ax.set_title("--min-confidence P: accuracy vs coverage (calibrated)", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower left", fontsize=8)
+    fig.tight_layout()
+    return fig

@@ -64,8 +64,9 @@ def _head_backbone(spec: dict) -> nn.Module:
 def load_classifier(run_dir: str | os.PathLike) -> tuple[nn.Module, list[str], RunManifest]:
     """(model mapping normalised N x 3 x 224 x 224 to logits, class names, the run's manifest)."""
     m = load_manifest(run_dir)
-    if m.kind == "head":
-        model = HeadClassifier(_head_backbone(m.backbone), m.state_dict["weight"], m.state_dict["bias"])
+    if m.kind == "head":  # a calibrated run's temperature divides the logits: folded into the layer
+        t = m.temperature or 1.0
+        model = HeadClassifier(_head_backbone(m.backbone), m.state_dict["weight"] / t, m.state_dict["bias"] / t)
     else:
         try:
             model = architecture(m.arch, meta=True)  # a layout: every weight comes from model.pt

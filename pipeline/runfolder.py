@@ -35,7 +35,7 @@ KINDS = ("head", "finetune")
 MODEL = "model.pt"
 METRICS = "metrics.json"
 REPORT = "report.txt"
-PICTURES = ("curves.png", "confusion.png", "predictions.png")
+PICTURES = ("curves.png", "confusion.png", "predictions.png", "reliability.png", "coverage.png")
 RUN_FILES = (MODEL, METRICS, REPORT, *PICTURES)  # what one committed run consists of
 CHECKPOINT = "checkpoint.pt"
 VERDICTS = "verdicts.json"  # finetune's decode verdicts, keyed by each file's stat identity
@@ -91,6 +91,8 @@ class RunManifest:
     head: str | None = None  # finetune runs
     weights_digest: str | None = None  # finetune runs: the initial backbone weights' content hash
     split: dict | None = None  # how train/val/test were made (flat folders: the tool's own split)
+    # head runs: the calibration temperature (logits / T before softmax); None in runs made before it or not calibrated
+    temperature: float | None = None
     format: str = field(default=FORMAT)
 
     @property
@@ -135,6 +137,9 @@ class RunManifest:
         if not (isinstance(self.class_names, list) and self.class_names
                 and all(isinstance(c, str) for c in self.class_names)):
             return "class_names is not a list of names"
+        if self.temperature is not None and not (isinstance(self.temperature, float)
+                                                 and 0 < self.temperature < float("inf")):
+            return "its temperature is not a positive number"
         if self.kind == "head":
             w, b = self.state_dict.get("weight"), self.state_dict.get("bias")
             if getattr(w, "ndim", 0) != 2 or getattr(b, "shape", None) != (w.shape[0],):

@@ -19,6 +19,7 @@ from .runtime import resolve_device
 from .sidecar import Sidecar, evaluate_splits, start_pictures
 from .sidecar import sidecar as start_sidecar
 from .splits import cache_record
+from .calibration import calibrate_head
 
 # torch (inside head's functions), h5py (cache.read_cache), scikit-learn and matplotlib (the sidecar) are
 # imported only once run_train_head runs: the sidecar starts first and imports its part meanwhile.
@@ -181,6 +182,7 @@ class Selection:
     seconds: float
     total: int = 0  # train rows; more than n when the CV ran on a stratified subset
     pooled: list = field(default_factory=list)  # per candidate (metric over all out-of-fold rows, log-loss) or None
+    oof: tuple | None = None  # (candidate, its out-of-fold logits (n, C), labels (n,)): what calibration fits on
 
     def rows(self) -> list[dict]:
         out = []
@@ -227,9 +229,7 @@ def cross_validate(X, y, classes: int, candidates: list, k: int, seed: int, metr
         seconds += sec
         trained += zip(probes, runs)
     for i, rs in trained:
-        logits = np.zeros((len(y), classes), dtype=np.float64)
-        for r in rs:
-            logits[folds == r.fold] = head_logits(r.weight, r.bias, Xf[folds == r.fold])
+        logits = _oof_logits(rs, folds, Xf, classes)
         if not np.isfinite(logits).all():
             continue  # diverged: never chosen
         pred = logits.argmax(1)
@@ -242,7 +242,16 @@ def cross_validate(X, y, classes: int, candidates: list, k: int, seed: int, metr
         raise TrainingDiverged(f"every one of the {len(candidates)} candidate recipes diverged in cross-validation; "
                                "nothing was saved")
     chosen = min(alive, key=lambda i: (-pooled[i][0], pooled[i][1], i))
-    return Selection(metric, k, int(len(y)), list(candidates), scores, chosen, seconds, pooled=pooled)
+    oof = (chosen, _oof_logits(dict(trained)[chosen], folds, Xf, classes), y)  # the winner's, for calibration
+    return Selection(metric, k, int(len(y)), list(candidates), scores, chosen, seconds, pooled=pooled, oof=oof)
+
+
+def _oof_logits(runs, folds, Xf, classes: int) -> np.ndarray:
+    """Each train row's logits from the fold head that did not train on it."""
+    logits = np.zeros((len(folds), classes), dtype=np.float64)
+    for r in runs:
+        logits[folds == r.fold] = head_logits(r.weight, r.bias, Xf[folds == r.fold])
+    return logits
 
 
 def selection_table(sel: dict) -> str:
@@ -325,8 +334,10 @@ def _run_train_head(cfg: HeadConfig, side: Sidecar | None) -> dict:
                     str(into), run.metrics["history"], run.metrics["confusion_matrix"][cfg.val_split],
                     cache.class_names, cfg.val_split, picture_paths(cache, cfg.val_split),
                     cache.splits[cfg.val_split].labels.tolist(), run.evaluations[cfg.val_split]["pred"],
-                    kept_epoch=run.best.best_epoch))
-        notes += folder.commit(head_model_payload(run.best, cache), run.metrics, run.report, pictures)
+                    kept_epoch=run.best.best_epoch, calibration=run.metrics["calibration"]))
+        manifest = head_model_payload(run.best, cache)
+        manifest.temperature = run.temperature
+        notes += folder.commit(manifest, run.metrics, run.report, pictures)
     return {**run.metrics, "report_text": run.report, "notes": notes}
 
 
@@ -336,6 +347,7 @@ class HeadRun:
     metrics: dict
     report: str
     evaluations: dict
+    temperature: float | None = None  # calibration (None: not fitted)
 
 
 def _train(cfg: HeadConfig, cache, params: list[HeadParams], side: Sidecar | None = None) -> HeadRun:
@@ -395,6 +407,7 @@ def _train(cfg: HeadConfig, cache, params: list[HeadParams], side: Sidecar | Non
                           f"val accuracy is kept, so the val figure is optimistic (val picked {which})")
     eval_splits = [cfg.val_split] + [s for s in cache.splits if s not in ("train", cfg.val_split)]
     evaluations = evaluate_head(best, cache, eval_splits, side)
+    cal = calibrate_head(best.weight, best.bias, selection, cache, eval_splits)  # val and test untouched by it
     balanced = {s: balanced_accuracy_ci(evaluations[s]["confusion_matrix"]) for s in eval_splits}
     metrics = {
         "kind": "head",
@@ -417,6 +430,7 @@ def _train(cfg: HeadConfig, cache, params: list[HeadParams], side: Sidecar | Non
         "n": {s: int(len(cache.splits[s].labels)) for s in cache.splits},
         "skipped": [list(s) for s in cache.skipped],
         "split": cache_record(cache.attrs.get("split")),
+        "calibration": cal.record,
     }
     if selection is not None:
         metrics["selection"] = selection.record()
@@ -442,8 +456,9 @@ def _train(cfg: HeadConfig, cache, params: list[HeadParams], side: Sidecar | Non
     backbone, weights = str(cache.attrs.get("backbone", "unknown")), str(cache.attrs.get("weights", "unknown"))
     warnings = run_warnings(weights, evaluations[cfg.val_split], cache.class_names, cfg.val_split)
     metrics.update(backbone=backbone, weights=weights, warnings=warnings)
-    report = head_report([weights_line(backbone, weights), *warnings, *header], evaluations, balanced, best, unbiased)
-    return HeadRun(best, metrics, report, evaluations)
+    report = head_report([weights_line(backbone, weights), *warnings, *header, *cal.lines], evaluations, balanced,
+                         best, unbiased)
+    return HeadRun(best, metrics, report, evaluations, cal.temperature)
 
 
 def _train_auto(cfg: HeadConfig, cache, metric: str, cw, device) -> tuple[HeadResult, Selection, float]:
