@@ -200,8 +200,8 @@ class Selection:
     def record(self) -> dict:
         return {"by": f"{self.folds}-fold cross-validation on train", "metric": self.metric, "folds": self.folds,
                 "n": self.n, "train_rows": max(self.total, self.n),
-                "on": "train" if self.total <= self.n else "train subset", "chosen": self.chosen, "seconds": self.seconds,
-                "candidates": self.rows()}
+                "on": "train" if self.total <= self.n else "train subset", "chosen": self.chosen,
+                "seconds": self.seconds, "candidates": self.rows()}
 
 
 def cross_validate(X, y, classes: int, candidates: list, k: int, seed: int, metric: str, device,
@@ -374,8 +374,8 @@ def _train(cfg: HeadConfig, cache, params: list[HeadParams], side: Sidecar | Non
         header.append(f"kept: {recipe_name(best.params)}, trained on all of train, last epoch "
                       f"(CV {selection.seconds:.2f} s, final fit {seconds - selection.seconds:.2f} s)")
         if not any(isinstance(p, HeadParams) for p in selection.candidates):
-            header.append(f"(the tutorial's batch-4 recipe joins the grid up to {AUTO_TUTORIAL_MAX_ROWS} rows per fold; "
-                          "--recipe tutorial runs it)")
+            header.append(f"(the tutorial's batch-4 recipe joins the grid up to {AUTO_TUTORIAL_MAX_ROWS} rows per "
+                          "fold; --recipe tutorial runs it)")
         if train.views is not None and train.views.shape[1] > 0:
             header.append("(the cache's augmented views are used by --recipe tutorial only)")
     else:
