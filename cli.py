@@ -494,7 +494,7 @@ def run(data_dir, out, cache_path, **o):
 @cli.command()
 @click.argument("cache_path", metavar="FILE.h5", type=click.Path(exists=True, dir_okay=False))
 @click.option("--out", required=True, type=click.Path(file_okay=False),
-              help="Folder for report.txt, audit.json, suspects.png, duplicates.png.")
+              help="Folder for report.txt, audit.json, suspects.png, duplicates.png, image_issues.png.")
 @click.option("--run", "run_dir", default=None, type=click.Path(exists=True, file_okay=False),
               help="A train-head run on this cache: its head scores the val/test images for label issues.")
 @click.option("--data-dir", default=None, type=click.Path(file_okay=False),
@@ -511,7 +511,7 @@ def run(data_dir, out, cache_path, **o):
 @click.option("--folds", default=5, show_default=True, type=click.IntRange(min=2),
               help="Folds of the out-of-fold heads that score the train images.")
 @click.option("--seed", default=0, show_default=True, type=Number(int, min=0, max=MAX_SEED))
-@click.option("--no-plots", is_flag=True, help="Skip suspects.png and duplicates.png.")
+@click.option("--no-plots", is_flag=True, help="Skip the pictures (suspects.png, duplicates.png, image_issues.png).")
 @click.option("--json", "as_json", is_flag=True, help="Print audit.json instead of the report.")
 @friendly_errors
 def audit(cache_path, out, run_dir, data_dir, top, dup_threshold, label_threshold, outlier_z, knn, folds, seed,

@@ -8,6 +8,9 @@ Final file (read-only once written):
     /<split>/views     float32 (N, K, D)   train split only, K > 0
     /<split>/labels    int64   (N,)
     /<split>/paths     utf-8   (N,)        relative to DATA_DIR
+    /<split>/image_stats  compound (N,) of float32 pipeline.image_stats.FIELDS: each image's size, brightness,
+                       blur, entropy, colour as the decode workers measured them (NaN: not measured); absent in
+                       caches made before it
     /skipped           compound (path, reason), every file that was not usable
     /file_stats        compound (path, size, mtime_ns, sha256) of every file the extract decoded (used
                        or skipped): a later extract reuses a row only while its file is unchanged
@@ -34,6 +37,10 @@ import h5py
 import numpy as np
 
 from pipeline.fsio import LockBusy, ProcessLock, atomic_output, atomic_write_bytes, fsync_dir, sha256_file
+
+from pipeline.image_stats import DTYPE as STAT_DTYPE
+from pipeline.image_stats import FIELDS as STAT_FIELDS
+from pipeline.image_stats import as_records, unmeasured
 
 from .errors import CacheError, CacheInvalid, CacheLocked, CacheMissing
 from .plan import ExtractionPlan, files_digest  # noqa: F401  (files_digest: part of the cache API)
@@ -185,9 +192,11 @@ class PartialWriter:
             return list(pool.map(one, paths))
 
     def write_segment(self, split: str, start: int, features: np.ndarray, reasons: list[str],
-                      views: np.ndarray | None = None, digests: list[str] | None = None) -> None:
+                      views: np.ndarray | None = None, digests: list[str] | None = None,
+                      stats: np.ndarray | None = None) -> None:
         """Rows start..start+len(reasons) of split: features/views of the good ones, reasons of the bad ones.
-        digests: the rows' file sha256s when known (rows reused from a cache); else read from the files."""
+        digests: the rows' file sha256s when known (rows reused from a cache); else read from the files.
+        stats: (rows, image_stats.FIELDS) measures of the images; None: not measured (NaN)."""
         ok = np.array([r == "" for r in reasons], dtype=bool)
         stop = start + len(reasons)
         dim, k = self.plan.feature_dim, self.plan.views_of(split)
@@ -199,6 +208,8 @@ class PartialWriter:
             "views": (np.zeros((int(ok.sum()), k, dim), np.float32) if views is None
                       else np.ascontiguousarray(views[ok], dtype=np.float32).reshape(-1, k, dim)),
             "sha256": np.array(digests, dtype="S64").reshape(len(reasons)),
+            "image_stats": (np.full((int(ok.sum()), len(STAT_FIELDS)), np.nan, np.float32) if stats is None
+                            else np.asarray(stats, np.float32).reshape(len(reasons), len(STAT_FIELDS))[ok]),
         }
         final = self.dir / f"{split}-{start:09d}-{stop:09d}.npz"
         tmp = self.dir / f".{final.name}.tmp-{os.getpid()}"
@@ -275,6 +286,8 @@ class PartialWriter:
                              maxshape=(None,), fletcher32=True)
             g.create_dataset("paths", data=paths[ok_all].astype(STR) if n_ok else np.zeros(0, STR), dtype=STR,
                              chunks=(max(1, min(4096, n_ok)),), maxshape=(None,))
+            sds = g.create_dataset("image_stats", (n_ok,), STAT_DTYPE, chunks=(max(1, min(4096, n_ok)),),
+                                   maxshape=(None,), fletcher32=True)
             row = 0
             for s in segs[split]:
                 with np.load(s.path, allow_pickle=False) as z:
@@ -282,6 +295,9 @@ class PartialWriter:
                     feats[row:row + m] = z["features"]
                     if vds is not None:
                         vds[row:row + m] = z["views"]
+                    if m:  # segments of an extract started before the measures: not measured
+                        sds[row:row + m] = (as_records(z["image_stats"]) if "image_stats" in z.files
+                                            else unmeasured(m))
                     reasons = z["reasons"]
                     digests = z["sha256"] if "sha256" in z.files else np.zeros(len(reasons), "S64")
                     for i, r in enumerate(reasons):
@@ -386,6 +402,7 @@ class SplitData:
     labels: np.ndarray  # (N,) int64
     paths: list[str]
     views: np.ndarray | None = None  # (N, K, D) float32
+    image_stats: np.ndarray | None = None  # (N,) records of image_stats.DTYPE; None: made before the measures
 
 
 @dataclass
@@ -489,7 +506,8 @@ def _read_cache(path: Path, with_views: bool) -> FeatureCache:
                 views = g["views"][...] if (with_views and "views" in g) else None
                 out.splits[name] = SplitData(
                     features=g["features"][...], labels=g["labels"][...].astype(np.int64),
-                    paths=[_decode(p) for p in g["paths"][...]], views=views)
+                    paths=[_decode(p) for p in g["paths"][...]], views=views,
+                    image_stats=g["image_stats"][...] if "image_stats" in g else None)
             out.skipped = [(_decode(r["path"]), _decode(r["reason"])) for r in f["skipped"][...]]
             if "file_stats" in f:
                 out.file_stats = {_decode(r["path"]): FileStat(int(r["size"]), int(r["mtime_ns"]), _decode(r["sha256"]))

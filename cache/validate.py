@@ -12,6 +12,8 @@ from pathlib import Path, PurePosixPath
 import h5py
 import numpy as np
 
+from pipeline.image_stats import FIELDS as STAT_FIELDS
+
 from .errors import CacheError, CacheInvalid
 
 MAX_FEATURE_DIM = 1 << 20
@@ -115,6 +117,12 @@ def check_layout(path: Path, f: h5py.File, attrs: dict) -> list[str]:
         paths = _dataset(path, g, "paths", f"/{s}")
         if paths.shape != (n,) or paths.dtype.kind not in "OSU":
             raise _invalid(path, f"/{s}/paths has shape {paths.shape} for {n} feature rows")
+        if "image_stats" in g:
+            st = _dataset(path, g, "image_stats", f"/{s}")
+            if st.shape != (n,) or st.dtype.names != STAT_FIELDS or \
+                    any(st.dtype.fields[f][0] != np.float32 for f in STAT_FIELDS):
+                raise _invalid(path, f"/{s}/image_stats has shape {st.shape} {st.dtype}, expected ({n},) records of "
+                                     f"float32 {', '.join(STAT_FIELDS)}")
         if "views" in g:
             v = _dataset(path, g, "views", f"/{s}")
             if v.ndim != 3 or v.shape[0] != n or v.shape[2] != dim or v.shape[1] != views or v.dtype.kind != "f":
@@ -127,6 +135,30 @@ def check_layout(path: Path, f: h5py.File, attrs: dict) -> list[str]:
                            or not {"path", "size", "mtime_ns", "sha256"} <= set(st.dtype.names)):
         raise _invalid(path, "/file_stats is not a (path, size, mtime_ns, sha256) table")
     return splits
+
+
+# what each measure can be (image_stats.measure): sizes are whole pixels, fractions within 0..1, entropy in bits
+MAX_SIDE = 1 << 24
+STAT_RANGES = {"width": (1, MAX_SIDE), "height": (1, MAX_SIDE), "bright_p05": (0, 1),
+               "bright_p50": (0, 1), "bright_p95": (0, 1), "clipped": (0, 1), "blur": (0, 1e6), "entropy": (0, 8),
+               "colour": (0, 1)}
+
+
+def bad_image_stats(rec: np.ndarray) -> str:
+    """Why the records of image_stats cannot be measures ('' when they can): a row is either measured in full
+    (every value finite and in range) or not at all (every value NaN)."""
+    vals = np.stack([np.asarray(rec[f], np.float64) for f in STAT_FIELDS], 1) if len(rec) else np.zeros((0, 1))
+    nan = np.isnan(vals)
+    if (nan.any(1) & ~nan.all(1)).any():
+        return "holds a row that is partly measured (some values NaN)"
+    for k, f in enumerate(STAT_FIELDS):
+        v = vals[~nan[:, k], k]
+        lo, hi = STAT_RANGES[f]
+        if len(v) and not (np.isfinite(v).all() and v.min() >= lo and v.max() <= hi):
+            return f"holds {f} values outside {lo}..{hi}"
+        if f in ("width", "height") and len(v) and (v != np.round(v)).any():
+            return f"holds a {f} that is not a whole number of pixels"
+    return ""
 
 
 def bad_relative_path(p: str) -> bool:
@@ -151,6 +183,10 @@ def check_values(path: Path, cache) -> None:
             raise _invalid(path, f"/{s}/features holds non-finite values (NaN or infinity)")
         if sp.views is not None and not np.isfinite(sp.views).all():
             raise _invalid(path, f"/{s}/views holds non-finite values (NaN or infinity)")
+        if sp.image_stats is not None:
+            why = bad_image_stats(sp.image_stats)
+            if why:
+                raise _invalid(path, f"/{s}/image_stats {why}")
     bad = next((p for p, _ in cache.skipped if not isinstance(p, str)), None)
     if bad is not None:
         raise _invalid(path, "/skipped holds a path that is not text")

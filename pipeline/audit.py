@@ -67,6 +67,7 @@ class AuditConfig:
     max_pairs: int = 100_000  # more near-duplicate pairs than this means the threshold is far too low
     max_groups: int = 200  # groups of copies listed at most (audit.json stays bounded; all are counted)
     max_group_files: int = 25  # files listed per group at most (every split of the group among them)
+    max_image_issues: int = 200  # photos listed per kind at most (all are counted)
 
 
 @dataclass
@@ -96,6 +97,8 @@ class Audit:
     duplicates: list[dict] = field(default_factory=list)  # near pairs (not copies of each other)
     label_issues: list[dict] = field(default_factory=list)
     outliers: list[dict] = field(default_factory=list)
+    image_issues: list[dict] = field(default_factory=list)  # photos not worth training on: path, split, kind, score
+    image_checks: dict = field(default_factory=dict)  # rows measured, count per kind, set-wide kinds
     scored: dict = field(default_factory=dict)  # how the label issues were scored (folds, accuracy, run)
     missing_files: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
@@ -480,6 +483,89 @@ def flagged_label_issues(scored: list[dict], threshold: float, top: int) -> list
     return [{k: v for k, v in r.items() if k != "_flip"} for r in hits[:top]]
 
 
+# --------------------------------------------------------------------------- photos not worth training on
+
+# Absolute where a person judges absolutely (measured on the tutorial's 397 photos: none passes any of these,
+# but two real grayscale photos): a photo whose brightest 5% is still dark is dark in any set.
+IMAGE_KINDS = ("dark", "light", "blurry", "low_information", "odd_aspect_ratio", "odd_size", "grayscale")
+DARK_P95 = 0.25  # dark: 95th percentile of the luminance below this (tutorial photos: >= 0.40)
+LIGHT_P50, LIGHT_P05 = 0.9, 0.4  # light: half the photo near white and even its darkest 5% light grey (<= 0.32)
+BLURRY = 0.05  # blurry: Laplacian variance / luminance variance on the 224 crop (tutorial photos: >= 0.097)
+LOW_ENTROPY = 2.0  # low_information: bits of the luminance histogram (tutorial photos: >= 2.65, median 7.4)
+GRAYSCALE = 0.01  # grayscale: mean max-min channel spread (JPEG chroma noise of a gray photo: < 0.003)
+# Relative to the set: a size or a shape is odd only beside the others
+ODD_SMALL, ODD_LARGE = 0.25, 8.0  # odd_size: sqrt(width x height) below/above these x the set's median
+ODD_ELONGATION = 3.0  # odd_aspect_ratio: long side / short side >= this x the set's median (and >= 3)
+SET_WIDE = 0.5  # a kind that hits more than this share of the measured images is a property of the set
+
+
+def gather_image_stats(cache) -> np.ndarray | None:
+    """(N, FIELDS) float32 of every row (NaN: not measured), rows in gather_rows' order; None when a split
+    has no record (a cache made before the measures)."""
+    from .image_stats import as_rows
+
+    if any(sp.image_stats is None for sp in cache.splits.values()):
+        return None
+    parts = [as_rows(sp.image_stats) for sp in cache.splits.values()]
+    return np.concatenate(parts) if parts else None
+
+
+def image_flags(stats: np.ndarray) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """kind -> (rows flagged (bool, N), score (N,)) for measured rows; the score is the measure that decided."""
+    from .image_stats import FIELDS
+
+    m = {f: stats[:, k].astype(np.float64) for k, f in enumerate(FIELDS)}
+    measured = ~np.isnan(stats).any(1)
+    side = np.sqrt(m["width"] * m["height"])
+    elong = np.maximum(m["width"], m["height"]) / np.maximum(np.minimum(m["width"], m["height"]), 1)
+    med_side = np.median(side[measured]) if measured.any() else np.nan
+    med_elong = np.median(elong[measured]) if measured.any() else np.nan
+    rel_side = side / med_side
+    with np.errstate(invalid="ignore"):
+        flags = {
+            "dark": (m["bright_p95"] < DARK_P95, m["bright_p95"]),
+            "light": ((m["bright_p50"] >= LIGHT_P50) & (m["bright_p05"] >= LIGHT_P05), m["bright_p05"]),
+            "blurry": (m["blur"] < BLURRY, m["blur"]),
+            "low_information": (m["entropy"] < LOW_ENTROPY, m["entropy"]),
+            "odd_aspect_ratio": (elong >= max(3.0, ODD_ELONGATION * med_elong), elong),
+            "odd_size": ((rel_side < ODD_SMALL) | (rel_side > ODD_LARGE), rel_side),
+            "grayscale": (m["colour"] < GRAYSCALE, m["colour"]),
+        }
+    return {k: (f & measured, s) for k, (f, s) in flags.items()}
+
+
+def image_issue_list(rows: Rows, stats: np.ndarray | None, limit: int, notes: list[str]) -> tuple[list[dict], dict]:
+    """Photos not worth training on, by kind (IMAGE_KINDS order), worst first within a kind, `limit` per kind."""
+    if stats is None:
+        notes.append("photos not checked (dark, light, blurry, low information, odd size or shape, grayscale): the "
+                     "cache was made before extract measured them; re-extract with --force (or into a new --cache)")
+        return [], {"measured": 0, "rows": len(rows.paths)}
+    measured = ~np.isnan(stats).any(1)
+    n = int(measured.sum())
+    info = {"measured": n, "rows": len(rows.paths), "counts": {}, "set_wide": {}}
+    if n < len(rows.paths):
+        notes.append(f"{len(rows.paths) - n} of {len(rows.paths)} images were not measured for the photo checks "
+                     "(decoded on the device, or rows reused from a cache made before the measures); "
+                     "extract --force --decoder pil measures every one")
+    if n == 0:
+        return [], info
+    out = []
+    for kind, (flag, score) in image_flags(stats).items():
+        hit = np.flatnonzero(flag)
+        info["counts"][kind] = int(len(hit))
+        if len(hit) > SET_WIDE * n and n >= 4:  # e.g. a set of grayscale scans: not a problem of single photos
+            info["set_wide"][kind] = int(len(hit))
+            notes.append(f"{kind}: {len(hit)} of {n} images, most of the set: a property of the data set, not "
+                         "listed per image")
+            continue
+        worst_high = kind == "odd_aspect_ratio"
+        order = hit[np.argsort(-score[hit] if worst_high else score[hit], kind="stable")]
+        if kind == "odd_size":  # the farthest from the median first, small or large
+            order = hit[np.argsort(-np.abs(np.log(score[hit])), kind="stable")]
+        out += [{**rows.where(int(i)), "kind": kind, "score": round(float(score[i]), 4)} for i in order[:limit]]
+    return out, info
+
+
 # --------------------------------------------------------------------------- the stage
 
 
@@ -553,6 +639,8 @@ def run_audit(cfg: AuditConfig) -> Audit:
         audit.notes.append(f"outliers skipped: {n_firsts} images, need more than --knn {cfg.knn}")
     else:  # one row per group of copies: copies neither hide an outlier nor count twice
         audit.outliers, _ = knn_outliers(rows, sims[:, :cfg.knn], cfg.outlier_z, firsts)
+    audit.image_issues, audit.image_checks = image_issue_list(rows, gather_image_stats(cache), cfg.max_image_issues,
+                                                              audit.notes)
     scored, audit.scored = out_of_fold_issues(rows, cfg, audit.notes)
     if cfg.run:
         run_scored, info = run_head_issues(rows, manifest, cfg.run)
@@ -634,6 +722,13 @@ def report_text(a: Audit, limit: int = 20) -> str:
     for r in a.outliers[:limit]:
         lines.append(f"  z {r['z']:.1f}  distance {r['score']:.4f}  {r['path']}")
     lines += _more(a.outliers, limit)
+    ic = a.image_checks
+    counts = ", ".join(f"{k} {v}" for k, v in ic.get("counts", {}).items() if v)
+    lines.append(f"\nphotos not worth training on: {len(a.image_issues)} listed of {ic.get('measured', 0)} measured"
+                 + (f" ({counts})" if counts else ""))
+    for r in a.image_issues[:limit]:
+        lines.append(f"  {r['kind']:16s} {r['score']:.4f}  {r['path']}")
+    lines += _more(a.image_issues, limit)
     if a.notes:
         lines.append("\nnotes:")
         lines += [f"  {n}" for n in a.notes]

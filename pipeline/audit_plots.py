@@ -1,5 +1,5 @@
-"""The audit's pictures: suspects.png (label issues and outliers) and duplicates.png (copies and near pairs
-side by side).
+"""The audit's pictures: suspects.png (label issues and outliers), duplicates.png (copies and near pairs
+side by side) and image_issues.png (photos not worth training on).
 A file that cannot be read becomes a tile that says so; pictures never fail the audit."""
 from __future__ import annotations
 
@@ -112,8 +112,29 @@ def duplicates_png(audit, data_dir: Path | None, path: Path) -> None:
     _save(fig, path)
 
 
+def image_issues_png(audit, data_dir: Path | None, path: Path, cols: int = 6) -> None:
+    """Photos not worth training on: the first few of each kind, titled by kind and score."""
+    by_kind: dict[str, list[dict]] = {}
+    for r in audit.image_issues:
+        by_kind.setdefault(r["kind"], []).append(r)
+    per = max(1, MAX_SUSPECTS // max(1, len(by_kind)))
+    tiles = [r for rs in by_kind.values() for r in rs[:per]][:MAX_SUSPECTS]
+    if not tiles:
+        _nothing(path, "no photos found dark, light, blurry, low in information,\nodd in size or shape, or grayscale")
+        return
+    rows = -(-len(tiles) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.4 * cols, 2.7 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, r in zip(axes.flat, tiles):
+        _tile(ax, data_dir, r["path"], f"{Path(r['path']).name[:28]}\n{r['split']}: {r['kind']}\nscore {r['score']:.3f}",
+              "navy")
+    _save(fig, path)
+
+
 def audit_pictures(audit, data_dir: Path | None, out: Path) -> list[str]:
-    """Writes both pictures (a line saying so when one has nothing to show); returns their file names."""
+    """Writes the pictures (a line saying so when one has nothing to show); returns their file names."""
     suspects_png(audit, data_dir, out / "suspects.png")
     duplicates_png(audit, data_dir, out / "duplicates.png")
-    return ["suspects.png", "duplicates.png"]
+    image_issues_png(audit, data_dir, out / "image_issues.png")
+    return ["suspects.png", "duplicates.png", "image_issues.png"]

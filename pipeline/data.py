@@ -19,6 +19,8 @@ import torch
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from . import PipelineError
+from .image_stats import measure as measure_image
+from .image_stats import unmeasured_row as _unmeasured_row
 from .preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess  # noqa: F401  (re-exported)
 from .splits import DEFAULT_SPLITS, FLAT, FOLDERS, SPLIT_FOLDERS, LayoutError, LayoutFlagError, SplitSpec, assign, \
     check_class_split, flat_spec, membership_digest
@@ -27,6 +29,7 @@ from .text import is_utf8, printable
 # torchvision's ImageFolder list; matched case-insensitively.
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated JPEG must fail its full decode
+UNMEASURED = _unmeasured_row()
 
 
 @dataclass
@@ -615,7 +618,7 @@ class ImageFiles(torch.utils.data.Dataset):
     extraction device, batched (normalize_batch).
 
     groups: one (files, names, views) per split. A bad file yields zeros and its reason instead of
-    raising. With views > 0 an item also carries that many augmented crops drawn from a generator
+    raising. The last element is the image's measures (image_stats.measure; NaN for a bad file). With views > 0 an item also carries that many augmented crops drawn from a generator
     seeded by (seed, name), so the views of an image do not depend on batching, workers, resume
     points or on which other files the folder holds.
     """
@@ -640,16 +643,17 @@ class ImageFiles(torch.utils.data.Dataset):
             img = load_rgb(files[i], draft=self.draft, exif=self.spec.exif)
         except BadImage as e:
             no_views = torch.zeros(views, 3, c, c, dtype=torch.uint8) if views else torch.zeros(0, dtype=torch.uint8)
-            return torch.zeros(3, c, c, dtype=torch.uint8), no_views, g, i, str(e)
+            return torch.zeros(3, c, c, dtype=torch.uint8), no_views, g, i, str(e), torch.from_numpy(UNMEASURED)
         x = self.transform(img)
+        stats = torch.from_numpy(measure_image(img, x.numpy()))  # the audit's photo checks (image_stats)
         if not views:
-            return x, torch.zeros(0, dtype=torch.uint8), g, i, ""
+            return x, torch.zeros(0, dtype=torch.uint8), g, i, "", stats
         # torchvision's random transforms draw from torch's global RNG: seed it per image.
         state = torch.random.get_rng_state()
         torch.manual_seed(self.seed * 1_000_003 + zlib.crc32(names[i].encode()))
         v = torch.stack([self.view_transform(img) for _ in range(views)])
         torch.random.set_rng_state(state)
-        return x, v, g, i, ""
+        return x, v, g, i, "", stats
 
 
 class ImageChanged(PipelineError):

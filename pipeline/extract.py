@@ -22,6 +22,8 @@ from .distributed import init_distributed, rank_device, shutdown
 from .data import ImageFiles, check_usable_classes, normalize_batch, scan_dataset
 from .device_decode import Decoded, DeviceDecoder, RawBatch, RawFiles, collate_raw
 from .fsio import sha256_file
+from .image_stats import FIELDS as STAT_FIELDS
+from .image_stats import as_rows
 from .preprocess import Preprocess, resolve_decoder
 from .progress import Progress
 from .splits import SplitSpec
@@ -228,8 +230,12 @@ def seed_from_cache(writer: PartialWriter, old: FeatureCache, reuse: Reuse) -> i
             if k:
                 views = np.stack([sp.views[o.row] if o.row >= 0 and sp.views is not None
                                   else np.zeros((k, dim), np.float32) for o in run])
+            stats = None  # rows of a cache made before the measures stay unmeasured
+            if sp.image_stats is not None:
+                stats = np.stack([as_rows(sp.image_stats[o.row:o.row + 1])[0] if o.row >= 0
+                                  else np.full(len(STAT_FIELDS), np.nan, np.float32) for o in run])
             writer.write_segment(split, j, feats, [o.reason if o.row < 0 else "" for o in run], views,
-                                 digests=[o.sha256 for o in run])
+                                 digests=[o.sha256 for o in run], stats=stats)
             reused += e - j
             j = e
     return reused
@@ -320,13 +326,14 @@ class _Hashed(torch.utils.data.Dataset):
 
 
 def _worker_batch(batch):
-    """A batch the workers cropped: (split number, first row, good uint8 crops, their views, reasons, sha256s)."""
-    x, v, g, idx, reasons, digests = batch
+    """A batch the workers cropped: (split number, first row, good uint8 crops, their views, reasons, sha256s,
+    the images' measures (N, image_stats.FIELDS))."""
+    x, v, g, idx, reasons, stats, digests = batch
     good = [r == "" for r in reasons]
     if not all(good):  # the usual batch has no bad file and needs no copy
         mask = torch.tensor(good)
         x, v = x[mask], v[mask]
-    return int(g[0]), int(idx[0]), x, v, list(reasons), list(digests)
+    return int(g[0]), int(idx[0]), x, v, list(reasons), list(digests), stats.numpy()
 
 
 def _decoded_ahead(loader, decoder: DeviceDecoder):
@@ -356,7 +363,7 @@ def _device_batches(loader, decoder: DeviceDecoder):
     for batch, dec in _decoded_ahead(loader, decoder):
         batch: RawBatch
         dec: Decoded
-        yield batch.group, batch.start, dec.take(), None, dec.reasons, batch.digests
+        yield batch.group, batch.start, dec.take(), None, dec.reasons, batch.digests, None  # not measured
 
 
 @dataclass
@@ -370,6 +377,7 @@ class _InFlight:
     views: PendingFeatures | None
     k: int  # views per image
     digests: list[str] | None = None  # the files' sha256s when the workers hashed them
+    stats: np.ndarray | None = None  # (N, image_stats.FIELDS) measures when the workers took them
 
 
 class BackgroundWrites:
@@ -409,7 +417,7 @@ def _write_batch(writer: PartialWriter, b: _InFlight, dim: int) -> int:
         if b.k:
             vfeats[ok] = b.views.wait().view(-1, b.k, dim)
     writer.write_segment(b.split, b.start, feats.numpy(), b.reasons, vfeats.numpy() if b.k else None,
-                         digests=b.digests)
+                         digests=b.digests, stats=b.stats)
     return len(b.reasons)
 
 
@@ -450,14 +458,14 @@ def extract_rows(writer: PartialWriter, data, model, rt: Runtime, cfg: ExtractCo
     writes = BackgroundWrites(write)
     try:
         with feed as stream:
-            for g, start, x, v, reasons, digests in stream:
+            for g, start, x, v, reasons, digests, stats in stream:
                 k = writer.views_of(splits[g])
                 feats = views = None
                 if len(x):
                     feats = forward_features(model, x, rt, spec)
                     if k:
                         views = forward_features(model, v.flatten(0, 1), rt, spec)
-                writes.submit(_InFlight(splits[g], start, reasons, feats, views, k, digests))
+                writes.submit(_InFlight(splits[g], start, reasons, feats, views, k, digests, stats))
     finally:  # also on an error or Ctrl-C in the next batch: every batch already computed is written
         writes.close()
     return done

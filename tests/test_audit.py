@@ -95,7 +95,7 @@ def test_clean_set_reports_nothing(tmp_path):
     assert a.copies == {"groups": 0, "files": 0, "cross_split_groups": 0, "listed": 0}
     assert a.scored["out_of_fold_accuracy"] == 1.0
     # both pictures are still written (saying nothing was found), so an older audit's pictures never linger
-    assert a.pictures == ["suspects.png", "duplicates.png"]
+    assert a.pictures == ["suspects.png", "duplicates.png", "image_issues.png"]
     assert all((tmp_path / "audit" / p).stat().st_size > 0 for p in a.pictures)
     j = json.loads((tmp_path / "audit/audit.json").read_text())
     assert (j["duplicates"], j["label_issues"], j["outliers"]) == ([], [], [])
@@ -378,3 +378,118 @@ def test_dup_threshold_is_an_absolute_cosine_override(tmp_path):
     j = json.loads(r.output)
     assert planted <= {(d["a"], d["b"]) for d in j["duplicates"]}
     assert all(d["similarity"] >= 0.5 for d in j["duplicates"]) and j["thresholds"]["dup_threshold"] == 0.5
+
+
+# --------------------------------------------------------------------------- photos not worth training on
+
+
+def small_photo(seed: int, size=(120, 90)) -> Image.Image:
+    """A smooth colour picture with fine grain: measured as an ordinary photo (not dark, blurry, ...)."""
+    g = np.random.default_rng(seed)
+    small = Image.fromarray(g.uniform(0, 255, (8, 8, 3)).astype(np.uint8)).resize(size, Image.BICUBIC)
+    arr = np.asarray(small).astype(float) * 0.8 + 25 + g.normal(0, 12, (size[1], size[0], 3))
+    return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
+
+
+def problem_photos() -> dict[str, Image.Image]:
+    from PIL import ImageFilter
+
+    base = small_photo(100)
+    g = np.random.default_rng(0)
+    return {
+        "dark": Image.fromarray((np.asarray(base) * 0.1).astype(np.uint8)),
+        "light": Image.fromarray(np.clip(np.asarray(base) * 0.3 + 200, 0, 255).astype(np.uint8)),
+        "blurry": base.filter(ImageFilter.GaussianBlur(6)),
+        "low_information": Image.fromarray(np.clip(200 + g.normal(0, 1, (90, 120, 3)), 0, 255).astype(np.uint8)),
+        "odd_aspect_ratio": small_photo(101, (240, 40)),
+        "odd_size": small_photo(102, (16, 12)),
+        "grayscale": base.convert("L").convert("RGB"),
+    }
+
+
+@pytest.fixture(scope="module")
+def photo_folder(tmp_path_factory):
+    """24 ordinary train photos, 6 val, and one problem photo of each kind in train; random-init extract."""
+    from pipeline.extract import ExtractConfig, extract
+
+    root = tmp_path_factory.mktemp("photos") / "data"
+    for split, n in (("train", 12), ("val", 3)):
+        for c, cls in enumerate(["ants", "bees"]):
+            (root / split / cls).mkdir(parents=True)
+            for k in range(n):
+                small_photo(1000 * c + 100 * (split == "val") + k).save(root / split / cls / f"{k:02d}.png")
+    for kind, img in problem_photos().items():
+        img.save(root / "train/ants" / f"problem_{kind}.png")
+    cache = root.parent / "p.h5"
+    extract(ExtractConfig(data_dir=str(root), cache=str(cache), weights="none", workers=0))
+    return root, cache
+
+
+def test_each_problem_photo_named_by_its_kind_and_no_ordinary_one(photo_folder, tmp_path):
+    root, cache = photo_folder
+    r = CliRunner().invoke(cli, ["audit", str(cache), "--out", str(tmp_path / "a")])
+    assert r.exit_code == 0, r.output
+    j = json.loads((tmp_path / "a/audit.json").read_text())
+    kinds: dict[str, set] = {}
+    for x in j["image_issues"]:
+        assert set(x) == {"path", "split", "kind", "score"}
+        kinds.setdefault(x["path"], set()).add(x["kind"])
+    for kind in problem_photos():
+        assert kind in kinds.pop(f"train/ants/problem_{kind}.png"), kind
+    assert kinds == {}  # no ordinary photo listed
+    assert j["image_checks"]["measured"] == 37 and j["image_checks"]["rows"] == 37
+    assert "photos not worth training on: " in r.output and "odd_aspect_ratio" in r.output
+    assert "image_issues.png" in j["pictures"] and (tmp_path / "a/image_issues.png").stat().st_size > 1000
+
+
+def test_cache_without_the_record_gets_a_note(photo_folder, tmp_path):
+    import shutil
+
+    import h5py
+
+    root, cache = photo_folder
+    old = tmp_path / "old.h5"
+    shutil.copy(cache, old)
+    with h5py.File(old, "r+") as f:
+        for s in ("train", "val"):
+            del f[s]["image_stats"]  # as a cache made before extract measured photos
+    a = run_audit(AuditConfig(cache=str(old), out=str(tmp_path / "a"), pictures=False))
+    assert a.image_issues == [] and a.image_checks == {"measured": 0, "rows": 37}
+    assert any(n.startswith("photos not checked") and "re-extract with --force" in n for n in a.notes)
+
+
+@pytest.mark.parametrize("field,value,why", [("width", -3.0, "width values outside"),
+                                             ("entropy", 9.5, "entropy values outside"),
+                                             ("height", 10.5, "height that is not a whole number"),
+                                             ("blur", np.nan, "partly measured")])
+def test_crafted_image_record_is_refused(photo_folder, tmp_path, field, value, why):
+    import shutil
+
+    import h5py
+
+    root, cache = photo_folder
+    bad = tmp_path / "bad.h5"
+    shutil.copy(cache, bad)
+    with h5py.File(bad, "r+") as f:
+        rec = f["train/image_stats"][...]
+        rec[field][2] = value
+        f["train/image_stats"][...] = rec
+    r = CliRunner().invoke(cli, ["audit", str(bad), "--out", str(tmp_path / "a")])
+    assert r.exit_code == 1 and r.output.count("\n") == 1, r.output
+    assert f"/train/image_stats {'holds a row that is ' if why == 'partly measured' else 'holds '}" in r.output
+    assert why in r.output and "rebuild it with: extract ... --force" in r.output
+
+
+def test_image_record_layout_checked_before_reading(photo_folder, tmp_path):
+    import shutil
+
+    import h5py
+
+    root, cache = photo_folder
+    bad = tmp_path / "bad.h5"
+    shutil.copy(cache, bad)
+    with h5py.File(bad, "r+") as f:
+        del f["val/image_stats"]
+        f["val/image_stats"] = np.zeros((6, 9), np.float32)  # a plain matrix, not the record
+    r = CliRunner().invoke(cli, ["audit", str(bad), "--out", str(tmp_path / "a")])
+    assert r.exit_code == 1 and "/val/image_stats has shape (6, 9) float32, expected (6,) records" in r.output

@@ -45,7 +45,7 @@ class FakeWriter:
     def views_of(self, split):
         return self.k if split == "train" else 0
 
-    def write_segment(self, split, start, features, reasons, views=None, digests=None):
+    def write_segment(self, split, start, features, reasons, views=None, digests=None, stats=None):
         self.segments.append((split, start, features.copy(), list(reasons), views, list(digests)))
 
 
