@@ -147,7 +147,9 @@ STAT_RANGES = {"width": (1, MAX_SIDE), "height": (1, MAX_SIDE), "bright_p05": (0
 def bad_image_stats(rec: np.ndarray) -> str:
     """Why the records of image_stats cannot be measures ('' when they can): a row is either measured in full
     (every value finite and in range) or not at all (every value NaN)."""
-    vals = np.stack([np.asarray(rec[f], np.float64) for f in STAT_FIELDS], 1) if len(rec) else np.zeros((0, 1))
+    if not len(rec):
+        return ""
+    vals = np.stack([np.asarray(rec[f], np.float64) for f in STAT_FIELDS], 1)
     nan = np.isnan(vals)
     if (nan.any(1) & ~nan.all(1)).any():
         return "holds a row that is partly measured (some values NaN)"
