@@ -77,9 +77,9 @@ def test_train_head_fits_the_temperature_on_train_only_and_reports_ece(tmp_path)
     assert set(cal["ece"]) == {"val", "test"} and cal["bins"] == 15
     for s, n in (("val", 60), ("test", 60)):
         assert sum(b["n"] for b in cal["reliability"][s]) == n and len(cal["reliability"][s]) == 15
+        assert cal["accuracy"][s] == pytest.approx(m["accuracy"][s])  # the run's own accuracy: T changes no class
         assert cal["coverage"][s][0] == {"min_confidence": 0.0, "kept": 1.0, "n_kept": n,
-                                         "accuracy": pytest.approx(m["accuracy"][s] if isinstance(m.get("accuracy"), dict)
-                                                                   else cal["accuracy"][s])}
+                                         "accuracy": pytest.approx(m["accuracy"][s])}
     manifest = torch.load(out / "model.pt", weights_only=True)
     assert manifest["temperature"] == pytest.approx(cal["temperature"]) and manifest["temperature"] != 1.0
     report = (out / "report.txt").read_text()
