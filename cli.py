@@ -679,10 +679,11 @@ def predict(run_dir, inputs, as_json, device, min_confidence, sort_out, copy):
         raise click.UsageError("--copy goes with --sort-into OUT")
     entries = None
     if sort_out is not None:
-        from pipeline.sorting import check_sort_output, drop_sort_outputs
+        from pipeline.sorting import check_sort_output, drop_sort_outputs, unique_entries
 
         check_sort_output(sort_out)  # before any work
         entries, left_out = drop_sort_outputs(input_entries(list(inputs)), sort_out)
+        entries, repeats = unique_entries(entries)
     preds = run_predict(run_dir, list(inputs), device, progress=BarProgress(), min_confidence=min_confidence,
                         entries=entries)
     if as_json:
@@ -697,7 +698,7 @@ def predict(run_dir, inputs, as_json, device, min_confidence, sort_out, copy):
 
         classes = list(next(p for p in preds if not p.error).probabilities)
         r = sort_into(preds, classes, sort_out, run_dir, copy, min_confidence)
-        r.left_out = left_out
+        r.left_out, r.repeats = left_out, repeats
         for path, reason in r.unreadable[:20]:
             click.echo(f"not sorted {printable(path)}: {printable(reason)}", err=True)
         if len(r.unreadable) > 20:

@@ -100,6 +100,20 @@ def drop_sort_outputs(entries: list[tuple[Path | str, str]], out: str | os.PathL
     return kept, list(left_out)
 
 
+def unique_entries(entries: list[tuple[Path | str, str]]) -> tuple[list, int]:
+    """The entries with each file once (by real path: a folder and a file in it, or a link to a file also
+    named, list one photo twice); returns (kept, how many repeats were dropped)."""
+    seen: set[str] = set()
+    kept = []
+    for path, reason in entries:
+        key = os.path.realpath(path)
+        if key in seen:
+            continue
+        seen.add(key)
+        kept.append((path, reason))
+    return kept, len(entries) - len(kept)
+
+
 def safe_folder_name(name: str) -> str:
     """A class name as one folder name on any common file system: separators, NUL and control characters
     become _, leading dots (hidden) and trailing dots or spaces (dropped by Windows) are replaced or cut,
@@ -141,6 +155,7 @@ class SortResult:
     renamed: int = 0  # photos placed under another name (a name taken in their folder)
     folders: dict[str, str] = field(default_factory=dict)  # class -> folder, where they differ
     left_out: list[str] = field(default_factory=list)  # earlier sorts inside the sources, not sorted again
+    repeats: int = 0  # inputs naming a photo already listed (placed once)
     copied: bool = False
 
 
@@ -236,6 +251,8 @@ def summary_lines(r: SortResult) -> list[str]:
                      "already); predictions.csv says where each went")
     for c, f in r.folders.items():
         lines.append(f"class {printable(c)!s} -> folder {printable(f)}")
+    if r.repeats:
+        lines.append(f"{r.repeats} inputs named a photo already listed; each photo is placed once")
     for d in r.left_out:
         lines.append(f"left out {printable(d)}: an earlier sort's folder, not sorted again")
     lines.append(f"table: {printable(str(Path(r.out) / CSV))}")

@@ -109,10 +109,11 @@ def test_sort_into_places_every_photo_once_and_never_changes_the_sources(head_ru
 def test_sort_into_copy_makes_files_equal_to_the_photos(head_run, tmp_path):
     src = photos(tmp_path / "src")
     out = tmp_path / "copies"
-    r = sort_cmd(head_run, [src / "c", src / "top.jpg"], out, "--copy")
+    r = sort_cmd(head_run, [src / "c", src / "top.jpg", src / "c/1.jpg", src / "c"], out, "--copy")
     assert r.exit_code == 0, r.output
     files = [p for ps in placed(out).values() for p in ps]
-    assert len(files) == 5 and not any(p.is_symlink() for p in files)
+    assert len(files) == 5 and not any(p.is_symlink() for p in files)  # photos named twice: placed once
+    assert "5 inputs named a photo already listed" in r.output
     assert sorted(p.read_bytes() for p in files) == sorted(p.read_bytes() for p in [*(src / "c").iterdir(),
                                                                                        src / "top.jpg"])
     r = CliRunner().invoke(cli, ["predict", str(head_run), str(src), "--copy"])
