@@ -64,21 +64,27 @@ def _save(fig, path: Path) -> None:
         plt.close(fig)
 
 
+def _mosaic(tiles: list[tuple[str, str, str]], data_dir: Path | None, cols: int, tile_height: float):
+    """A figure of (path, title, title colour) tiles, cols wide; returns it and its number of rows."""
+    rows = -(-len(tiles) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.4 * cols, tile_height * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, (rel, title, color) in zip(axes.flat, tiles):
+        _tile(ax, data_dir, rel, title, color)
+    return fig, rows
+
+
 def suspects_png(audit, data_dir: Path | None, path: Path, cols: int = 6) -> None:
     tiles = [(r["path"], f"{r['split']}: given {r['label']}\nsuggested {r['suggested']}\nscore {r['score']:.3f}", "red")
              for r in audit.label_issues]
     tiles += [(r["path"], f"{r['split']}: outlier\nz {r['z']:.1f}, distance {r['score']:.3f}", "darkorange")
               for r in audit.outliers]
-    tiles = tiles[:MAX_SUSPECTS]
+    tiles = [(rel, f"{Path(rel).name[:28]}\n{title}", color) for rel, title, color in tiles[:MAX_SUSPECTS]]
     if not tiles:
         _nothing(path, "no label issues or outliers\nabove the thresholds")
         return
-    rows = -(-len(tiles) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(2.4 * cols, 2.9 * rows), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, (rel, title, color) in zip(axes.flat, tiles):
-        _tile(ax, data_dir, rel, f"{Path(rel).name[:28]}\n{title}", color)
+    fig, rows = _mosaic(tiles, data_dir, cols, tile_height=2.9)
     from matplotlib.patches import Patch
 
     fig.legend(handles=[Patch(color="red", label="red title: likely label error (given vs suggested class)"),
@@ -122,13 +128,8 @@ def image_issues_png(audit, data_dir: Path | None, path: Path, cols: int = 6) ->
     if not tiles:
         _nothing(path, "no photos found dark, light, blurry, low in information,\nodd in size or shape, or grayscale")
         return
-    rows = -(-len(tiles) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(2.4 * cols, 2.7 * rows), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, r in zip(axes.flat, tiles):
-        _tile(ax, data_dir, r["path"], f"{Path(r['path']).name[:28]}\n{r['split']}: {r['kind']}\nscore {r['score']:.3f}",
-              "navy")
+    fig, _ = _mosaic([(r["path"], f"{Path(r['path']).name[:28]}\n{r['split']}: {r['kind']}\nscore {r['score']:.3f}",
+                       "navy") for r in tiles], data_dir, cols, tile_height=2.7)
     _save(fig, path)
 
 
