@@ -1,6 +1,7 @@
 """predict, export and preview: a run folder's model rebuilt from model.pt alone, used on image files."""
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -210,8 +211,10 @@ def test_ctrl_c_in_finetune_names_the_command_that_resumes(tiny_data, tmp_path, 
 
     seen = []
 
-    def interrupted(cfg, progress=None):
+    def interrupted(cfg, progress=None):  # after a finished epoch: its checkpoint is there
         seen.append(cfg)
+        Path(cfg.out).mkdir(parents=True, exist_ok=True)
+        (Path(cfg.out) / "checkpoint.pt").write_bytes(b"")
         raise KeyboardInterrupt
 
     monkeypatch.setattr(ftmod, "finetune", interrupted)
