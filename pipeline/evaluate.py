@@ -174,6 +174,60 @@ def split_metrics(evaluations: dict[str, dict]) -> dict:
     }
 
 
+def balanced_accuracy(confusion) -> float:
+    """scikit-learn's balanced_accuracy_score from a confusion matrix (dense, or metrics.json's sparse
+    record): the mean recall of the classes that have rows (0 with none)."""
+    n, correct = confusion_counts(confusion)
+    has = n > 0
+    return float((correct[has] / n[has]).mean()) if has.any() else 0.0
+
+
+def balanced_accuracy_ci(confusion) -> dict:
+    """{"value", "low", "high", "classes"}: a 95% interval of the balanced accuracy, the normal approximation
+    of a mean of independent recalls whose variances come from each class's Wilson interval (so a class
+    recalled 20/20 still carries its uncertainty)."""
+    n, correct = confusion_counts(confusion)
+    has = np.flatnonzero(n > 0)
+    value = balanced_accuracy(confusion)
+    if not len(has):
+        return {"value": 0.0, "low": 0.0, "high": 1.0, "classes": 0}
+    var = sum(((hi - lo) / (2 * Z95)) ** 2 for lo, hi in (wilson_interval(int(correct[c]), int(n[c])) for c in has))
+    half = Z95 * var ** 0.5 / len(has)
+    return {"value": value, "low": max(0.0, value - half), "high": min(1.0, value + half), "classes": int(len(has))}
+
+
+def run_metrics(kind: str, evaluations: dict[str, dict], *, val_split: str, best_val_acc: float, best_epoch: int,
+                history: list[dict], class_names: list[str], seconds: float, recipe: dict, n: dict[str, int],
+                skipped: list, split: dict | None, backbone: str, weights: str) -> dict:
+    """The part of metrics.json that every run has (train-head and finetune alike); each stage adds only
+    its own keys to it. evaluations: {split: evaluate_predictions(...)}, val_split's first.
+
+    kind, best_val_acc (+ _ci on n[val_split] images), best_epoch, history; accuracy, accuracy_ci,
+    balanced_accuracy, balanced_accuracy_ci, classification_report, confusion_matrix keyed by split;
+    class_names, seconds (training wall time), recipe, n and skipped (images per split, files left out),
+    split (which file is in which split), backbone, weights, warnings (the report's WARNING lines)."""
+    balanced = {s: balanced_accuracy_ci(ev["confusion_matrix"]) for s, ev in evaluations.items()}
+    return {
+        "kind": kind,
+        "best_val_acc": best_val_acc,
+        "best_epoch": best_epoch,
+        "best_val_acc_ci": ci_from_accuracy(best_val_acc, n[val_split]),
+        "history": history,
+        **split_metrics(evaluations),
+        "balanced_accuracy": {s: b["value"] for s, b in balanced.items()},
+        "balanced_accuracy_ci": balanced,
+        "class_names": class_names,
+        "seconds": seconds,
+        "recipe": recipe,
+        "n": n,
+        "skipped": [list(s) for s in skipped],
+        "split": split,
+        "backbone": backbone,
+        "weights": weights,
+        "warnings": run_warnings(weights, evaluations[val_split], class_names, val_split),
+    }
+
+
 TINY_VAL = 30  # fewer val images: one image moves the accuracy by more than 3 points
 
 

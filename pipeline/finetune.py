@@ -22,7 +22,7 @@ from .data import TRANSFORM_SPEC, EpochSampler, ImageChanged, LabelledImages, ch
 from .distributed import Dist, init_distributed, rank_device, shutdown
 from .head import TrainingDiverged
 from .recipe import TUTORIAL_RECIPE, check_recipe
-from .evaluate import ci_from_accuracy, report_text, run_warnings, split_metrics, weights_line
+from .evaluate import report_text, run_metrics, weights_line
 from .progress import Progress
 from .fsio import atomic_write_json, sha256_json
 from .runfolder import CHECKPOINT, VERDICTS, FinetuneCheckpoint, ModelFileError, RunFolder, RunManifest
@@ -560,17 +560,13 @@ def _train(cfg: FinetuneConfig, progress: Progress, d: Dist, folder: RunFolder |
     evaluations = evaluate_splits(side if d.is_main else None,
                                   {s: (list(files[s][1]), np.asarray(p).tolist()) for s, p in preds.items()},
                                   data.class_names)
-    metrics = {
-        "kind": "finetune", "best_val_acc": best_acc, "best_epoch": best_epoch,
-        "best_val_acc_ci": ci_from_accuracy(best_acc, len(files[val_name][0])), "history": history,
-        **split_metrics(evaluations), "class_names": data.class_names, "seconds": seconds,
-        "recipe": _recipe(cfg), "precision": rt.precision, "device": str(rt.device), "processes": d.world,
-        "n": {s: len(f[0]) for s, f in files.items()}, "skipped": [list(s) for s in skipped],
-        "split": data.split_record(),
-    }
-    warnings = run_warnings(cfg.weights, evaluations[val_name], data.class_names, val_name)
-    metrics.update(backbone=cfg.backbone, weights=cfg.weights, warnings=warnings)
-    report = report_text(evaluations, best_acc, best_epoch, [weights_line(cfg.backbone, cfg.weights), *warnings])
+    metrics = run_metrics(
+        "finetune", evaluations, val_split=val_name, best_val_acc=best_acc, best_epoch=best_epoch, history=history,
+        class_names=data.class_names, seconds=seconds, recipe=_recipe(cfg), n={s: len(f[0]) for s, f in files.items()},
+        skipped=skipped, split=data.split_record(), backbone=cfg.backbone, weights=cfg.weights)
+    metrics.update(precision=rt.precision, device=str(rt.device), processes=d.world)  # finetune's own
+    report = report_text(evaluations, best_acc, best_epoch,
+                         [weights_line(cfg.backbone, cfg.weights), *metrics["warnings"]])
     metrics["report_text"] = report
     if not d.is_main:
         return metrics

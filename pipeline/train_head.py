@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import PipelineError
-from .evaluate import (Z95, ci_from_accuracy, confusion_counts, confusion_record, format_accuracy, run_warnings,
-                       split_metrics, weights_line, wilson_interval)
+from .evaluate import (balanced_accuracy, ci_from_accuracy, confusion_record, format_accuracy,
+                       run_metrics, weights_line)
 from .head import (HeadParams, HeadResult, TrainingDiverged, class_weights, cpu_threads, expand_grid, head_logits,
                    params_dict, stratified_folds, train_folds, train_heads, train_probes)
 from .recipe import AUTO_CV_MAX_ROWS, AUTO_TUTORIAL_MAX_ROWS, ProbeParams, auto_folds, auto_grid, scaled_to
@@ -125,28 +125,6 @@ def head_model_payload(result: HeadResult, cache) -> RunManifest:
 
 
 IMBALANCE = 1.5  # train classes this uneven (largest / smallest) choose by balanced accuracy
-
-
-def balanced_accuracy(confusion) -> float:
-    """scikit-learn's balanced_accuracy_score from a confusion matrix (dense, or metrics.json's sparse
-    record): the mean recall of the classes that have rows (0 with none)."""
-    n, correct = confusion_counts(confusion)
-    has = n > 0
-    return float((correct[has] / n[has]).mean()) if has.any() else 0.0
-
-
-def balanced_accuracy_ci(confusion) -> dict:
-    """{"value", "low", "high", "classes"}: a 95% interval of the balanced accuracy, the normal approximation
-    of a mean of independent recalls whose variances come from each class's Wilson interval (so a class
-    recalled 20/20 still carries its uncertainty)."""
-    n, correct = confusion_counts(confusion)
-    has = np.flatnonzero(n > 0)
-    value = balanced_accuracy(confusion)
-    if not len(has):
-        return {"value": 0.0, "low": 0.0, "high": 1.0, "classes": 0}
-    var = sum(((hi - lo) / (2 * Z95)) ** 2 for lo, hi in (wilson_interval(int(correct[c]), int(n[c])) for c in has))
-    half = Z95 * var ** 0.5 / len(has)
-    return {"value": value, "low": max(0.0, value - half), "high": min(1.0, value + half), "classes": int(len(has))}
 
 
 def is_imbalanced(labels, classes: int) -> bool:
@@ -408,30 +386,22 @@ def _train(cfg: HeadConfig, cache, params: list[HeadParams], side: Sidecar | Non
     eval_splits = [cfg.val_split] + [s for s in cache.splits if s not in ("train", cfg.val_split)]
     evaluations = evaluate_head(best, cache, eval_splits, side)
     cal = calibrate_head(best.weight, best.bias, selection, cache, eval_splits)  # val and test untouched by it
-    balanced = {s: balanced_accuracy_ci(evaluations[s]["confusion_matrix"]) for s in eval_splits}
-    metrics = {
-        "kind": "head",
-        "best_val_acc": best.best_val_acc,
-        "best_epoch": best.best_epoch,
-        "best_val_acc_ci": ci_from_accuracy(best.best_val_acc, len(cache.splits[cfg.val_split].labels)),
-        "history": best.history,
-        **split_metrics(evaluations),
-        "balanced_accuracy": {s: b["value"] for s, b in balanced.items()},
-        "balanced_accuracy_ci": balanced,
-        "class_names": cache.class_names,
-        "seconds": seconds,
-        "recipe": {"kind": "probe" if isinstance(best.params, ProbeParams) else "tutorial", **params_dict(best.params)},
+    metrics = run_metrics(
+        "head", evaluations, val_split=cfg.val_split, best_val_acc=best.best_val_acc, best_epoch=best.best_epoch,
+        history=best.history, class_names=cache.class_names, seconds=seconds,
+        recipe={"kind": "probe" if isinstance(best.params, ProbeParams) else "tutorial", **params_dict(best.params)},
+        n={s: int(len(cache.splits[s].labels)) for s in cache.splits}, skipped=cache.skipped,
+        split=cache_record(cache.attrs.get("split")), backbone=str(cache.attrs.get("backbone", "unknown")),
+        weights=str(cache.attrs.get("weights", "unknown")))
+    metrics.update({  # train-head's own
         "recipe_mode": cfg.recipe,
         "kept_epoch": "best val" if not unbiased else "last",
         "val_unbiased": unbiased,
         "class_weight": None if cw is None else {"mode": cfg.class_weight, "weights": cw.tolist()},
         "views_used": views is not None,
         "cache": str(cfg.cache),
-        "n": {s: int(len(cache.splits[s].labels)) for s in cache.splits},
-        "skipped": [list(s) for s in cache.skipped],
-        "split": cache_record(cache.attrs.get("split")),
         "calibration": cal.record,
-    }
+    })
     if selection is not None:
         metrics["selection"] = selection.record()
         if selection.scores[selection.chosen] is not None and cfg.recipe != "auto":
@@ -453,11 +423,8 @@ def _train(cfg: HeadConfig, cache, params: list[HeadParams], side: Sidecar | Non
         c = metrics["cv"]
         header.append(f"{c['folds']}-fold CV on train ({c['n']} images): mean {c['mean']:.4f}, std {c['std']:.4f} "
                       f"(folds {' '.join(f'{a:.4f}' for a in c['per_fold'])}; trained in {c['seconds']:.3f} s)")
-    backbone, weights = str(cache.attrs.get("backbone", "unknown")), str(cache.attrs.get("weights", "unknown"))
-    warnings = run_warnings(weights, evaluations[cfg.val_split], cache.class_names, cfg.val_split)
-    metrics.update(backbone=backbone, weights=weights, warnings=warnings)
-    report = head_report([weights_line(backbone, weights), *warnings, *header, *cal.lines], evaluations, balanced,
-                         best, unbiased)
+    report = head_report([weights_line(metrics["backbone"], metrics["weights"]), *metrics["warnings"], *header,
+                          *cal.lines], evaluations, metrics["balanced_accuracy_ci"], best, unbiased)
     return HeadRun(best, metrics, report, evaluations, cal.temperature)
 
 

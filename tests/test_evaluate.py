@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from cli import sweep_table
-from pipeline.evaluate import accuracy_ci, confusion_counts, confusion_entries, confusion_record, evaluate_predictions, \
-    format_accuracy, report_text, run_warnings, split_metrics, weights_line, wilson_interval
-from pipeline.train_head import balanced_accuracy_ci
+from pipeline.evaluate import accuracy_ci, balanced_accuracy_ci, confusion_counts, confusion_entries, confusion_record, \
+    evaluate_predictions, format_accuracy, report_text, run_metrics, run_warnings, split_metrics, weights_line, \
+    wilson_interval
 
 
 def test_wilson_146_of_153_by_hand():
@@ -136,3 +136,28 @@ def test_warnings_random_weights_tiny_val_one_class():
     big = _ev([0] * 20 + [1] * 20, [0] * 15 + [1] * 25, names)
     assert run_warnings("imagenet", big, names) == []
     assert weights_line("resnet18", "none") == "backbone resnet18, weights none (random init)"
+
+
+# --------------------------------------------------------------------------- metrics.json's shared part
+
+SHARED_KEYS = {"kind", "best_val_acc", "best_val_acc_ci", "best_epoch", "history", "accuracy", "accuracy_ci",
+               "balanced_accuracy", "balanced_accuracy_ci", "classification_report", "confusion_matrix",
+               "class_names", "seconds", "recipe", "n", "skipped", "split", "backbone", "weights", "warnings"}
+
+
+def test_run_metrics_is_the_shared_part_of_every_run():
+    names = ["ants", "bees", "wasps"]
+    evs = {"val": _ev([0, 0, 0, 0, 1, 1, 2, 2], [0, 0, 0, 1, 1, 1, 2, 0], names),
+           "test": _ev([0, 1, 2], [0, 1, 1], names)}
+    m = run_metrics("finetune", evs, val_split="val", best_val_acc=0.75, best_epoch=3, history=[{"val_acc": 0.75}],
+                    class_names=names, seconds=1.5, recipe={"lr": 0.001}, n={"train": 12, "val": 8, "test": 3},
+                    skipped=[("a.jpg", "not an image")], split=None, backbone="resnet18", weights="none")
+    assert set(m) == SHARED_KEYS
+    assert m["kind"] == "finetune" and m["best_epoch"] == 3 and m["skipped"] == [["a.jpg", "not an image"]]
+    assert m["best_val_acc_ci"]["correct"] == 6 and m["best_val_acc_ci"]["n"] == 8
+    assert m["accuracy"] == {"val": 0.75, "test": pytest.approx(2 / 3)}
+    # balanced accuracy = mean recall: val (3/4 + 2/2 + 1/2) / 3, test (1 + 1 + 0) / 3
+    assert m["balanced_accuracy"] == {"val": pytest.approx(0.75), "test": pytest.approx(2 / 3)}
+    assert m["balanced_accuracy_ci"]["val"]["classes"] == 3
+    assert m["warnings"][0].startswith("WARNING: random weights") and "tiny val split: 8 images" in m["warnings"][1]
+    json.dumps(m)  # plain JSON

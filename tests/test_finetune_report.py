@@ -11,6 +11,7 @@ from cli import BarProgress, cli
 from pipeline.finetune import finetune
 from pipeline.progress import Progress
 from tests.conftest import finetune_config, make_dataset
+from tests.test_evaluate import SHARED_KEYS
 
 
 class Recorder(Progress):
@@ -43,7 +44,11 @@ def test_bar_moves_per_batch_and_the_report_names_random_weights(tmp_path, monke
     report = (tmp_path / "ft" / "report.txt").read_text()
     assert report.startswith("backbone resnet18, weights none (random init)\nWARNING: random weights (--weights none)")
     assert "WARNING: tiny val split: 6 images (ants 2, bees 4)" in report
-    assert json.loads((tmp_path / "ft" / "metrics.json").read_text())["warnings"] == m["warnings"]
+    saved = json.loads((tmp_path / "ft" / "metrics.json").read_text())
+    assert saved["warnings"] == m["warnings"]
+    assert SHARED_KEYS <= set(saved) and saved["kind"] == "finetune"  # train-head's keys for the shared part
+    recall = [r[i] / sum(r) for i, r in enumerate(saved["confusion_matrix"]["val"])]
+    assert saved["balanced_accuracy"]["val"] == pytest.approx(sum(recall) / 2)
 
 
 def test_epoch_lines_do_not_land_on_the_bar(monkeypatch):

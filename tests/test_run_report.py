@@ -7,6 +7,7 @@ from click.testing import CliRunner
 
 from cli import cli
 from tests.synthetic_cache import blobs, write_cache
+from tests.test_evaluate import SHARED_KEYS
 
 
 def _train_head(cache, out, *extra):
@@ -25,6 +26,7 @@ def test_random_weights_tiny_val_and_one_class_are_said(tmp_path):
     r = _train_head(cache, out, "--epochs", "3", "--no-plots")
     m = json.loads((out / "metrics.json").read_text())
     assert (m["backbone"], m["weights"]) == ("synthetic", "none")
+    assert SHARED_KEYS <= set(m) and m["kind"] == "head"  # finetune's keys for the shared part
     assert [w.split(":")[1].strip() for w in m["warnings"]] == [
         "random weights (--weights none)", "tiny val split", "the kept model predicts one class (bees) for every val image (6 images)"]
     report = (out / "report.txt").read_text()
