@@ -100,30 +100,27 @@ def cache_verdicts(cache_path: str | os.PathLike, root: Path) -> dict[str, tuple
     used. Only a cache decoded as finetune decodes (PIL, full size, EXIF applied) says anything about
     finetune's files; any other cache is refused with the reason."""
     from cache import read_cache
+    from cache.reuse import vouched_files
 
-    from .extract import old_files
     from .preprocess import Preprocess
 
     cache = read_cache(cache_path, with_views=False)
-    a = cache.attrs
-    spec = Preprocess.from_record(json.loads(a["transform"]) if "transform" in a else None,
-                                  bool(a.get("draft", False)), a.get("decoder", "pil"))
+    a = cache.meta
+    spec = Preprocess.from_record(a.transform, a.draft, a.decoder)
     if spec.decoder != "pil" or spec.draft or not spec.exif:
         raise PipelineError(f"cache {cache_path} was decoded differently from finetune (decoder {spec.decoder}"
                             f"{', --draft' if spec.draft else ''}{', no EXIF' if not spec.exif else ''}); its "
                             "verdicts do not carry over: drop --cache")
     if cache.file_stats is None:
         raise PipelineError(f"cache {cache_path} predates file records; extract it again to use it with --cache")
-    recorded = a.get("data_root")
-    if not isinstance(recorded, str) or not os.path.isabs(recorded):  # caches before data_root: only as typed
+    recorded = a.data_root
+    if recorded is None or not os.path.isabs(recorded):  # caches before data_root: only as typed
         raise PipelineError(f"cache {cache_path} does not record which folder it was extracted from; extract it "
                             "again with --force to use it with --cache")
     if Path(recorded).resolve() != root.resolve():
         raise PipelineError(f"cache {cache_path} was extracted from {recorded}, not from {root.resolve()}; drop "
                             "--cache or give the cache of this folder")
-    # only files that decoded: a failure may have been passing (permissions, a file being copied), and
-    # the few bad files are cheap to decode again
-    return {os.path.abspath(root / p): (f.size, f.mtime_ns) for p, f in old_files(cache).items() if not f.reason}
+    return vouched_files(cache, root)
 
 
 DECODE_NOTE_MIN = 100  # images to decode from which the decode pass is announced (seconds or more)
@@ -215,8 +212,8 @@ class _PassBatches(torch.utils.data.Sampler):
 
 class SplitBatches:
     """The batches of one split within a pass of the shared loader. Iterate it once, in pass order;
-    .sampler is the split's EpochSampler (evaluate reads which images this rank saw); on_batch() is called
-    after each batch has been used (the progress bar moves per batch, not per epoch)."""
+    .sampler is the split's EpochSampler (loss_accuracy_predictions reads which images this rank saw);
+    on_batch() is called after each batch has been used (the progress bar moves per batch, not per epoch)."""
 
     def __init__(self, source, sampler: EpochSampler, n_batches: int, on_batch=None):
         self.source, self.sampler, self.n_batches = source, sampler, n_batches
@@ -298,7 +295,8 @@ def train_one_epoch(model, loader, optimizer, scaler, criterion, rt: Runtime) ->
 
 
 @torch.inference_mode()
-def evaluate(model, loader, criterion, rt: Runtime, d: Dist = Dist()) -> tuple[float, float, np.ndarray]:
+def loss_accuracy_predictions(model, loader, criterion, rt: Runtime,
+                              d: Dist = Dist()) -> tuple[float, float, np.ndarray]:
     """(mean loss, accuracy, predictions in dataset order) in eval mode; under torchrun each rank
     evaluates its stride of the images and the predictions are gathered, so every rank gets all."""
     model.eval()
@@ -523,7 +521,7 @@ def _train(cfg: FinetuneConfig, progress: Progress, d: Dist, folder: RunFolder |
         loss_sum, correct, n = d.all_sum(list(train_one_epoch(net, train_part, optimizer, scaler, criterion, rt)))
         train_loss, train_acc = loss_sum / n, correct / n
         scheduler.step()
-        val_loss, val_acc, val_preds = evaluate(net, val_part, criterion, rt, d)
+        val_loss, val_acc, val_preds = loss_accuracy_predictions(net, val_part, criterion, rt, d)
         if bad := nonfinite_part(train_loss, val_loss, model, rt.precision):
             kept = f"the checkpoint keeps epoch {epoch - 1}" if epoch else "no checkpoint was written"
             raise TrainingDiverged(f"finetune diverged in epoch {epoch}: {bad} became NaN or infinite; nothing was "
@@ -556,7 +554,7 @@ def _train(cfg: FinetuneConfig, progress: Progress, d: Dist, folder: RunFolder |
     preds = {val_name: best_preds}  # val predictions of the best epoch; other splits (test) evaluated now
     rest = [g for g, s in enumerate(names) if s not in (train_name, val_name)]
     for g, part in zip(rest, loaders.pass_(cfg.epochs, rest) if rest else []):
-        preds[names[g]] = evaluate(net, part, criterion, rt, d)[2]
+        preds[names[g]] = loss_accuracy_predictions(net, part, criterion, rt, d)[2]
     evaluations = evaluate_splits(side if d.is_main else None,
                                   {s: (list(files[s][1]), np.asarray(p).tolist()) for s, p in preds.items()},
                                   data.class_names)

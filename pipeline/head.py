@@ -69,7 +69,7 @@ def init_linear(in_dim: int, classes: int, seed: int) -> tuple[torch.Tensor, tor
     return layer.weight.detach().clone(), layer.bias.detach().clone()
 
 
-def _evaluate(W: torch.Tensor, b: torch.Tensor, X: torch.Tensor, y: torch.Tensor):
+def _loss_and_accuracy(W: torch.Tensor, b: torch.Tensor, X: torch.Tensor, y: torch.Tensor):
     """Mean loss and accuracy per head. W (H,C,D), b (H,C), X (N,D) -> (H,), (H,)."""
     import torch
 
@@ -126,7 +126,7 @@ def _train_group(params: list[HeadParams], Xtr, ytr, Vtr, Xva, yva, classes: int
             b.sub_(lr[:, None] * bufb)
         finite = torch.isfinite(loss_sum) & torch.isfinite(W).flatten(1).all(1) & torch.isfinite(b).all(1)
         diverged = torch.where(~finite & (diverged < 0), torch.full_like(diverged, epoch), diverged)
-        val_loss, val_acc = _evaluate(W, b, Xva, yva)
+        val_loss, val_acc = _loss_and_accuracy(W, b, Xva, yva)
         # strict, as the tutorial: the first best epoch wins ties; a diverged head never becomes "best"
         better = (val_acc > best_acc) & (diverged < 0)
         best_W[better], best_b[better] = W[better], b[better]

@@ -63,7 +63,8 @@ def _split_xy(cache, name: str):
 SMALL_HEAD_WORK = 1 << 22  # heads x rows x dim x classes; at or below it one CPU thread is fastest
 
 
-def evaluate_head(result: HeadResult, cache, splits: list[str], side: Sidecar | None = None) -> dict[str, dict]:
+def head_split_reports(result: HeadResult, cache, splits: list[str], side: Sidecar | None = None) -> dict[str, dict]:
+    """{split: evaluate_predictions(...) of the head's predictions, plus 'pred'}: the kept head on each split."""
     preds = {}
     for s in splits:
         X, y = _split_xy(cache, s)
@@ -384,7 +385,7 @@ def _train(cfg: HeadConfig, cache, params: list[HeadParams], side: Sidecar | Non
             header.append(f"recipe: the tutorial's family ({recipe_name(best.params)}); the epoch with the best "
                           f"val accuracy is kept, so the val figure is optimistic (val picked {which})")
     eval_splits = [cfg.val_split] + [s for s in cache.splits if s not in ("train", cfg.val_split)]
-    evaluations = evaluate_head(best, cache, eval_splits, side)
+    evaluations = head_split_reports(best, cache, eval_splits, side)
     cal = calibrate_head(best.weight, best.bias, selection, cache, eval_splits)  # val and test untouched by it
     metrics = run_metrics(
         "head", evaluations, val_split=cfg.val_split, best_val_acc=best.best_val_acc, best_epoch=best.best_epoch,
