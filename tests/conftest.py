@@ -118,3 +118,9 @@ def finetune_config(data, out, **kw):
     kw.setdefault("workers", 0)
     kw.setdefault("epochs", 2)
     return FinetuneConfig(data_dir=str(data), out=str(out), **kw)
+
+
+@pytest.fixture(scope="session")
+def small_cache(tmp_path_factory) -> Path:
+    """SMALL's random-init cache, extracted once (its images in small_cache.parent / "data"); read only."""
+    return small_extracted(tmp_path_factory.mktemp("small"), "feats.h5")[1]

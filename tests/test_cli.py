@@ -159,3 +159,12 @@ def test_version_falls_back_to_pyproject(monkeypatch):
     monkeypatch.setattr(importlib.metadata, "version", missing)
     want = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
     assert cli_module.tool_version() == want
+
+
+def test_bad_head_device_is_one_line_and_run_checks_it_before_extracting(small_cache, tiny_data, tmp_path):
+    r = CliRunner().invoke(cli, ["train-head", str(small_cache), "--out", str(tmp_path / "h"), "--device", "tpu"])
+    assert r.exit_code == 1 and "Error: unknown device 'tpu': use auto, cpu or cuda" in r.output
+    r = CliRunner().invoke(cli, ["run", str(tiny_data), "--out", str(tmp_path / "r"), "--weights", "none",
+                                 "--head-device", "tpu"])
+    assert r.exit_code == 1 and "unknown device 'tpu'" in r.output and not (tmp_path / "r" / "features.h5").exists()
+

@@ -1,4 +1,6 @@
 import json
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -7,7 +9,7 @@ from click.testing import CliRunner
 from cli import cli
 from pipeline import PipelineError
 from pipeline.finetune import finetune
-from tests.conftest import finetune_config
+from tests.conftest import finetune_config, make_dataset, write_image
 
 ARTIFACTS = ("model.pt", "metrics.json", "report.txt", "curves.png", "confusion.png", "predictions.png",
              "checkpoint.pt")
@@ -166,3 +168,162 @@ def test_resume_refuses_files_changed_in_place(tiny_data, tmp_path):
     assert str(e.value) == (f"cannot resume {out}: 1 file of {tiny_data} changed since the checkpoint (same path, "
                             "other size or modification time): train/bees/img_001.jpg; put it back, or start again "
                             "in another --out")
+
+
+def _count_decodes(monkeypatch) -> list[list[str]]:
+    """finetune's decode pass, recorded: one list of files per call."""
+    from pipeline import finetune as ft
+
+    decoded, real = [], ft.find_unreadable
+
+    def counting(files, workers=0):
+        decoded.append(list(files))
+        return real(files, workers)
+
+    monkeypatch.setattr(ft, "find_unreadable", counting)
+    return decoded
+
+
+def test_verdicts_skip_the_decode_pass_for_unchanged_files(tiny_data, tmp_path, monkeypatch):
+    """finetune's usable-file check decodes each file once per content: a rerun into the same folder
+    (or --resume) reuses the verdicts; a changed file is decoded again."""
+    from pipeline import finetune as ft
+    from pipeline.data import scan_dataset
+
+    bad = tiny_data / "train" / "ants" / "img_000.jpg"
+    bad.write_bytes(bad.read_bytes()[:200])  # truncated
+    decoded = _count_decodes(monkeypatch)
+    verdicts = tmp_path / "run" / ft.VERDICTS
+    data = scan_dataset(tiny_data, ["train", "val"])
+    first = ft.usable_files(data, 0, None, verdicts=verdicts)
+    assert len(decoded[0]) == 10 and verdicts.is_file()
+    assert first[1] == [("train/ants/img_000.jpg", first[1][0][1])] and "truncated" in first[1][0][1]
+    again = ft.usable_files(data, 0, None, verdicts=verdicts)
+    assert decoded[1] == [] and again == first
+    write_image(bad, 0, 99)  # repaired
+    repaired = ft.usable_files(data, 0, None, verdicts=verdicts)
+    assert decoded[2] == [str(bad)] and repaired[1] == [] and len(repaired[0]["train"][0]) == 6
+    assert repaired == ft.usable_files(data, 0, None)  # the same answer as a full decode pass
+
+
+def test_one_set_of_workers_serves_every_split_with_the_same_batches(tiny_data, monkeypatch):
+    import torch
+
+    from pipeline import finetune as ft
+    from pipeline.data import EpochSampler, LabelledImages, eval_transform, scan_dataset, train_transform
+    from pipeline.runtime import resolve_runtime
+
+    data = scan_dataset(tiny_data, ["train", "val"])
+    files, _ = ft.usable_files(data, 0, None)
+    rt = resolve_runtime("cpu")
+    groups = [(files["train"][0], files["train"][1], train_transform(), True),
+              (files["val"][0], files["val"][1], eval_transform(), False)]
+
+    def reference(g, epoch):  # what one DataLoader per split gave before
+        f, y, tf, shuffle = groups[g]
+        sampler = EpochSampler(len(f), 3, shuffle)
+        sampler.set_epoch(epoch)
+        return list(torch.utils.data.DataLoader(LabelledImages(f, y, tf, 3), batch_size=4, sampler=sampler))
+
+    shared = ft.SharedLoader(groups, 3, 4, 0, rt)
+    for epoch in (0, 1):
+        parts = shared.pass_(epoch, [0, 1])
+        for g, part in enumerate(parts):
+            got, want = list(part), reference(g, epoch)
+            assert len(got) == len(want) == len(part)
+            for (x, y), (x2, y2) in zip(got, want):
+                assert torch.equal(x, x2) and torch.equal(y, y2)
+
+    monkeypatch.setattr(LabelledImages, "__getitem__", lambda self, key: (torch.zeros(1), os.getpid()))
+    shared = ft.SharedLoader(groups, 3, 4, 2, rt)
+    pids = set()
+    for epoch in (0, 1):
+        for part in shared.pass_(epoch, [0, 1]):
+            pids |= {int(p) for _, y in part for p in y}
+    assert len(pids) == 2 and os.getpid() not in pids  # two workers for both splits and both epochs
+    shared.close()  # ends them now, not at the interpreter's exit
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+
+
+def test_a_cache_of_the_same_folder_vouches_for_its_files(tiny_data, tmp_path, monkeypatch):
+    """finetune --cache: files an extract decoded and used, unchanged since, skip the decode pass; files it
+    skipped are decoded again (a failure may have been passing), as is a changed file; a cache of another
+    folder, or decoded differently (--draft), is refused with one line."""
+    from pipeline import finetune as ft
+    from pipeline.data import scan_dataset
+
+    bad = tiny_data / "train" / "ants" / "img_000.jpg"
+    bad.write_bytes(bad.read_bytes()[:200])  # truncated: the cache records it as skipped
+    cache = tmp_path / "feats.h5"
+    r = CliRunner().invoke(cli, ["extract", str(tiny_data), "--cache", str(cache), "--weights", "none",
+                                 "--workers", "0"])
+    assert r.exit_code == 0, r.output
+    decoded = _count_decodes(monkeypatch)
+    data = scan_dataset(tiny_data, ["train", "val"])
+    vouched = ft.usable_files(data, 0, None, verdicts=tmp_path / "run" / ft.VERDICTS,
+                              from_cache=ft.cache_verdicts(cache, data.root))
+    assert decoded == [[str(bad)]] and vouched == ft.usable_files(data, 0, None)  # the same answer as decoding
+    assert [p for p, _ in vouched[1]] == ["train/ants/img_000.jpg"] and "truncated" in vouched[1][0][1]
+    assert (tmp_path / "run" / ft.VERDICTS).is_file()  # kept for the next run into that folder
+    good = tiny_data / "val" / "bees" / sorted(p.name for p in (tiny_data / "val" / "bees").iterdir())[0]
+    os.utime(good, ns=(good.stat().st_atime_ns, good.stat().st_mtime_ns + 10**9))  # touched since
+    decoded.clear()
+    ft.usable_files(data, 0, None, from_cache=ft.cache_verdicts(cache, data.root))
+    assert decoded == [[str(bad), str(good)]]
+
+    other = make_dataset(tmp_path / "other", {"train": {"ants": 1, "bees": 1}, "val": {"ants": 1, "bees": 1}})
+    r = CliRunner().invoke(cli, ["finetune", str(other), "--out", str(tmp_path / "ft"), "--cache", str(cache),
+                                 "--weights", "none", "--workers", "0", "--epochs", "1"])
+    assert r.exit_code == 1 and r.output.startswith(f"Error: cache {cache} was extracted from ")
+    assert len(r.output.strip().splitlines()) == 1 and not (tmp_path / "ft" / "model.pt").exists()
+    drafted = tmp_path / "draft.h5"
+    r = CliRunner().invoke(cli, ["extract", str(tiny_data), "--cache", str(drafted), "--weights", "none",
+                                 "--workers", "0", "--draft"])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(cli, ["finetune", str(tiny_data), "--out", str(tmp_path / "ft2"), "--cache", str(drafted),
+                                 "--weights", "none", "--workers", "0", "--epochs", "1"])
+    assert r.exit_code == 1 and "decoded differently from finetune (decoder pil, --draft)" in r.output
+    r = CliRunner().invoke(cli, ["finetune", str(tiny_data), "--out", str(tmp_path / "ft3"), "--cache", str(cache),
+                                 "--weights", "none", "--workers", "0", "--epochs", "1", "--no-plots"])
+    assert r.exit_code == 0, r.output
+    assert "skipped train/ants/img_000.jpg: truncated" in r.output
+
+
+@pytest.mark.parametrize("workers", ["0", "2"])
+def test_a_file_that_breaks_after_the_check_stops_finetune_with_one_line(tiny_data, tmp_path, monkeypatch, workers):
+    """A file truncated between the decode check and its batch (or vouched for wrongly): one line naming it,
+    never a DataLoader worker's traceback, and no model.pt."""
+    from pipeline import finetune as ft
+
+    bad = tiny_data / "train" / "ants" / "img_000.jpg"
+    bad.write_bytes(bad.read_bytes()[:200])
+    monkeypatch.setattr(ft, "find_unreadable", lambda files, workers=0: [""] * len(files))  # "all decoded"
+    out = tmp_path / "ft"
+    r = CliRunner().invoke(cli, ["finetune", str(tiny_data), "--out", str(out), "--weights", "none",
+                                 "--workers", workers, "--epochs", "1", "--no-plots"])
+    assert r.exit_code == 1
+    assert r.output == (f"Error: {bad} passed the decode check but cannot be read now (truncated image file "
+                        "(Truncated File Read)); fix or remove it and run again\n")
+    assert not (out / "model.pt").exists()
+
+
+def test_a_cache_names_its_folder_absolutely_whatever_the_cwd(tiny_data, tmp_path, monkeypatch):
+    """A cache extracted with a relative DATA_DIR vouches for that folder from any cwd, and never for a
+    copy of it elsewhere that has the same relative name."""
+    import shutil
+
+    from pipeline import finetune as ft
+
+    (tmp_path / "a").mkdir()
+    shutil.copytree(tiny_data, tmp_path / "a" / "D")
+    shutil.copytree(tiny_data, tmp_path / "b" / "D", copy_function=shutil.copy2)  # same names, sizes, mtimes
+    monkeypatch.chdir(tmp_path / "a")
+    r = CliRunner().invoke(cli, ["extract", "D", "--cache", "../c.h5", "--weights", "none", "--workers", "0"])
+    assert r.exit_code == 0, r.output
+    monkeypatch.chdir(tmp_path)
+    assert len(ft.cache_verdicts("c.h5", Path("a/D"))) == 10
+    monkeypatch.chdir(tmp_path / "b")
+    with pytest.raises(PipelineError, match=r"was extracted from .*/a/D, not from .*/b/D; drop --cache"):
+        ft.cache_verdicts("../c.h5", Path("D"))

@@ -91,3 +91,24 @@ def test_bad_grid_and_empty_train():
     X, y = toy()
     with pytest.raises(PipelineError, match="no usable images"):
         train_heads((X[:0], y[:0]), (X, y), 3, [HeadParams()])
+
+
+def test_a_small_head_trains_on_one_thread_with_the_same_result(small_cache, tmp_path):
+    import torch
+
+    from pipeline.head import expand_grid, train_heads
+    from pipeline.head import cpu_threads
+    from pipeline.train_head import HeadConfig, run_train_head
+    from cache import read_cache
+
+    before = torch.get_num_threads()
+    with cpu_threads(1):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+    m = run_train_head(HeadConfig(cache=str(small_cache), out=str(tmp_path / "h"), epochs=(3,), plots=False))
+    assert torch.get_num_threads() == before
+    c = read_cache(small_cache)
+    tr, va = c.splits["train"], c.splits["val"]
+    (ref,), _ = train_heads((tr.features, tr.labels), (va.features, va.labels), 2, expand_grid({"epochs": [3]}))
+    assert m["history"] == ref.history and m["best_epoch"] == ref.best_epoch
+

@@ -1,7 +1,13 @@
+from pathlib import Path
+
+import numpy as np
+from click.testing import CliRunner
 from PIL import Image
 
+from cli import cli
+from pipeline import plots, sidecar
 from pipeline.plots import confusion_png, curves_png, pick_examples, predictions_png
-from tests.conftest import write_image
+from tests.conftest import make_dataset, write_image
 
 
 def test_pick_examples_shows_wrong_ones_and_every_class():
@@ -73,3 +79,73 @@ def test_suspects_picture_has_a_legend_for_its_colours(tmp_path, monkeypatch):
     texts = [t.get_text() for leg in drawn[0].legends for t in leg.get_texts()]
     assert any("label error" in t and t.startswith("red") for t in texts)
     assert any("outlier" in t and t.startswith("orange") for t in texts)
+
+
+def test_many_classes_give_a_bounded_confusion_picture(tmp_path):
+    """300 classes: the confusion picture stays at most 1600 px, shows the 25 classes with the most errors,
+    and says so."""
+    classes = [f"class_{i:03d}" for i in range(300)]
+    y = list(range(300)) * 2
+    p = list(y)
+    for k in range(0, 60, 2):  # 30 errors: class k predicted as k + 1
+        p[k] = k + 1
+    m = np.zeros((300, 300), np.int64)
+    np.add.at(m, (y, p), 1)
+    sub, names, note = plots.matrix_view(m.tolist(), classes)
+    assert sub.shape == (25, 25) and note == "25 of 300 classes: those with the most errors"
+    assert names == sorted(names) and "class_000" in names and "class_299" not in names
+    assert sub.sum() >= 25  # the errors among the shown classes are kept
+    job = plots.PictureJob(str(tmp_path), [{"epoch": 0, "train_loss": 1.0, "val_loss": 1.0, "train_acc": 0.5,
+                                            "val_acc": 0.5}], m.tolist(), classes, "val",
+                           [str(tmp_path / "gone.jpg")] * 600, y, p)
+    assert plots.draw_pictures(job) == []
+    with Image.open(tmp_path / "confusion.png") as im:
+        assert max(im.size) <= 1600
+    assert plots.matrix_view([[1, 2], [3, 4]], ["a", "b"])[2] == ""
+
+
+def test_a_failing_picture_never_fails_a_finished_run(small_cache, tmp_path, monkeypatch, capsys):
+    def boom(*a, **k):
+        raise MemoryError("std::bad_alloc")
+
+    monkeypatch.setattr(sidecar.Sidecar, "start", classmethod(lambda cls, *a, **k: None))  # draw in-process
+    monkeypatch.setattr(plots, "confusion_png", boom)
+    out = tmp_path / "run"
+    r = CliRunner().invoke(cli, ["train-head", str(small_cache), "--out", str(out), "--epochs", "2"])
+    assert r.exit_code == 0, r.output
+    assert "confusion.png not drawn: MemoryError: std::bad_alloc" in r.output
+    assert (out / "model.pt").is_file() and (out / "curves.png").is_file() and (out / "predictions.png").is_file()
+    assert not (out / "confusion.png").exists()
+
+
+def test_data_folder_of_a_relative_cache_resolves_from_anywhere(tmp_path, monkeypatch):
+    """A cache that recorded DATA_DIR as typed ('data') still finds its images when train-head runs
+    elsewhere: next to the cache file, or under the current folder."""
+    work = tmp_path / "work"
+    img = write_image(work / "data" / "val" / "ants" / "a.jpg", 0, 0)
+    monkeypatch.chdir(tmp_path)
+    assert plots.resolve_data_dir("data", work / "feats.h5", "val/ants/a.jpg") == work / "data"
+    monkeypatch.chdir(work)
+    assert plots.resolve_data_dir("data", tmp_path / "elsewhere" / "feats.h5", "val/ants/a.jpg") == work / "data"
+    assert plots.resolve_data_dir(str(work / "data"), "x.h5") == work / "data"
+    assert isinstance(plots.thumbnail(img), np.ndarray)
+    assert plots.thumbnail(work / "nope.jpg") == plots.MISSING
+    (work / "bad.jpg").write_bytes(b"not an image")
+    assert plots.thumbnail(work / "bad.jpg").startswith("cannot read image")
+    assert plots.inside(work, "../etc/passwd") is None and plots.inside(work, "/etc/passwd") is None
+    assert plots.inside(work, "val/ants/a.jpg") == work / "val/ants/a.jpg"
+
+
+def test_train_head_from_another_folder_finds_the_images(tmp_path, monkeypatch):
+    from cache import read_cache
+    from pipeline.train_head import picture_paths
+
+    make_dataset(tmp_path / "data", {"train": {"ants": 2, "bees": 2}, "val": {"ants": 1, "bees": 1}})
+    monkeypatch.chdir(tmp_path)
+    r = CliRunner().invoke(cli, ["extract", "data", "--cache", "feats.h5", "--weights", "none", "--workers", "0"])
+    assert r.exit_code == 0, r.output
+    (tmp_path / "other").mkdir()
+    monkeypatch.chdir(tmp_path / "other")
+    paths = picture_paths(read_cache(tmp_path / "feats.h5"), "val")
+    assert len(paths) == 2 and all(Path(p).is_absolute() and Path(p).is_file() for p in paths)
+

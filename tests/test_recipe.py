@@ -31,23 +31,45 @@ def test_head_params_refuse_a_bad_recipe():
         HeadParams(lr=math.nan)
 
 
-def test_cli_defaults_and_help_are_the_recipe_fields():
+def _parsed(command: str, *args) -> dict:
+    """The values click gives the command for these arguments (its types and defaults applied)."""
+    return cli.commands[command].make_context(command, [str(a) for a in args]).params
+
+
+SEED_RECIPE = {"epochs": 25, "lr": 0.001, "momentum": 0.9, "step_size": 7, "gamma": 0.1, "batch_size": 4, "seed": 0}
+
+
+def test_cli_defaults_and_help_are_the_recipe_fields(tmp_path):
     head, ft = _params("train-head"), _params("finetune")
     names = {"batch_size": "head_batch_size", "seed": "head_seed"}
     for field in RECIPE_FIELDS:
-        default = getattr(TUTORIAL_RECIPE, field)
-        assert ft[field].default == default and ft[field].help == RECIPE_FIELDS[field].metadata["help"]
-        assert head[names.get(field, field)].default == str(default)
+        assert ft[field].help == RECIPE_FIELDS[field].metadata["help"]
+    # the values click parses when no flag is given are the tutorial's numbers (typed here by hand)
+    (tmp_path / "f.h5").touch()
+    got_ft = _parsed("finetune", tmp_path, "--out", tmp_path / "o")
+    got_head = _parsed("train-head", tmp_path / "f.h5", "--out", tmp_path / "o")
+    assert {f: (got_ft[f], type(got_ft[f])) for f in SEED_RECIPE} == {f: (v, type(v)) for f, v in SEED_RECIPE.items()}
+    assert {f: got_head[names.get(f, f)] for f in SEED_RECIPE} == {f: (v,) for f, v in SEED_RECIPE.items()}
+    assert sorted(RECIPE_FIELDS) == sorted(SEED_RECIPE)
     # a bound is checked by the option itself, from the field's metadata
     r = __import__("click.testing").testing.CliRunner().invoke(cli, ["finetune", ".", "--out", "x", "--lr", "nan"])
     assert r.exit_code == 2 and "nan is not a finite number" in r.output
 
 
-def test_extract_and_finetune_share_their_data_options():
+def test_extract_and_finetune_share_their_data_options(tmp_path):
     ex, ft = _params("extract"), _params("finetune")
-    shared = ["weights", "splits", "val_fraction", "test_fraction", "split_seed", "workers", "device", "precision",
-              "allow_empty_class", "max_skipped"]
-    for name in shared:
+    defaults = {"weights": "imagenet", "splits": ("train", "val"), "val_fraction": None, "test_fraction": None,
+                "split_seed": 0, "workers": 2, "device": "auto", "precision": "auto", "allow_empty_class": False,
+                "max_skipped": None}
+    for name in defaults:
         assert ex[name].help and ex[name].help == ft[name].help, name
-        assert ex[name].default == ft[name].default, name
+    flags = ["--weights", "none", "--splits", "train,holdout", "--val-fraction", "0.25", "--split-seed", "3",
+             "--workers", "0", "--device", "cpu", "--precision", "fp32", "--allow-empty-class", "--max-skipped", "5"]
+    given = {"weights": "none", "splits": ("train", "holdout"), "val_fraction": 0.25, "test_fraction": None,
+             "split_seed": 3, "workers": 0, "device": "cpu", "precision": "fp32", "allow_empty_class": True,
+             "max_skipped": 5.0}
+    for args, want in (([], defaults), (flags, given)):
+        got_ex = _parsed("extract", tmp_path, "--cache", tmp_path / "x.h5", *args)
+        got_ft = _parsed("finetune", tmp_path, "--out", tmp_path / "o", *args)
+        assert {n: got_ex[n] for n in want} == want == {n: got_ft[n] for n in want}
     assert all(p.help for p in ft.values() if p.param_type_name == "option"), "every finetune option has help"
