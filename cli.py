@@ -321,8 +321,8 @@ def finetune_options(fn):
 
 
 def head_options(prefix: str = ""):
-    """Head recipe options. train-head names them as DESIGN.md does (--batch-size, --seed, --device);
-    `run`, which also has extract's options, prefixes the three that clash with --head-."""
+    """Head recipe options. train-head's --batch-size, --seed and --device are part of its documented
+    command line (kept as named); `run`, which also has extract's options, prefixes those three with --head-."""
 
     def decorate(fn):
         opts = [

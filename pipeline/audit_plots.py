@@ -23,7 +23,7 @@ def _thumb(data_dir: Path | None, rel: str, size: int = 224):
     """(image array or None, why not)."""
     if data_dir is None:
         return None, "data folder not found"
-    # PIL directly, not data.load_rgb: that module imports torchvision (seconds) and a thumbnail needs
+    # PIL directly, not data.load_rgb: that module imports torch (seconds) and a thumbnail needs
     # no bomb checks on files the cache already decoded once
     try:
         with Image.open(data_dir / rel) as im:
