@@ -571,12 +571,12 @@ def info(cache_path):
     from pipeline.text import printable as p
 
     c = read_cache(cache_path, with_views=True)
-    a = c.attrs
-    click.echo(f"{p(cache_path)}: {a['format']}, complete, created {p(str(a.get('created', '?')))}")
-    click.echo(f"backbone {p(a['backbone'])}  weights {p(a['weights'])}  precision {p(a['precision'])}  "
-               f"feature_dim {a['feature_dim']}  views {a.get('views', 0)}  draft {bool(a.get('draft'))}")
+    a = c.meta
+    click.echo(f"{p(cache_path)}: {a.format}, complete, created {p(a.created or '?')}")
+    click.echo(f"backbone {p(a.backbone)}  weights {p(a.weights)}  precision {p(a.precision)}  "
+               f"feature_dim {a.feature_dim}  views {a.views}  draft {a.draft}")
     click.echo(f"classes {', '.join(map(p, c.class_names))}")
-    click.echo(SplitSpec.from_record(a.get("split")).describe())
+    click.echo(SplitSpec.from_record(a.split).describe())
     for name, sp in c.splits.items():
         counts = ", ".join(f"{p(cls)} {int((sp.labels == i).sum())}" for i, cls in enumerate(c.class_names))
         extra = f", views {tuple(sp.views.shape)}" if sp.views is not None else ""
@@ -585,7 +585,7 @@ def info(cache_path):
     stats = ("recorded (changed files are re-extracted)" if c.file_stats is not None
              else "not recorded (an earlier version made it; extract --force rebuilds it)")
     click.echo(f"file sizes, times and hashes {stats}")
-    click.echo(f"fingerprint {a['fingerprint']}")
+    click.echo(f"fingerprint {a.fingerprint}")
 
 
 def _default_value(ctx: click.Context, p: click.Parameter):

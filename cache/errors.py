@@ -19,3 +19,11 @@ class CacheMismatch(CacheError):
 
 class CacheInvalid(CacheError):
     """A file that is not a sound feature cache: damaged, crafted or of an unknown layout; never read as one."""
+
+
+REBUILD = "rebuild it with: extract ... --force"
+
+
+def invalid(path, what: str) -> CacheInvalid:
+    """The one message of a file that is not a sound cache: the file, what is wrong, the fix."""
+    return CacheInvalid(f"cache {path} is invalid: {what}; {REBUILD}")

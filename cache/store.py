@@ -2,8 +2,7 @@
 
 Final file (read-only once written):
 
-    / attrs          format, fingerprint, files_digest, complete, backbone, weights, feature_dim,
-                     class_names (JSON), transform (JSON), precision, views, config (JSON)
+    / attrs          the root attributes: cache.attrs.CacheAttrs names each one, its type and meaning
     /<split>/features  float32 (N, D)      chunked by rows, fletcher32
     /<split>/views     float32 (N, K, D)   train split only, K > 0
     /<split>/labels    int64   (N,)
@@ -29,7 +28,6 @@ import json
 import os
 import shutil
 import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,15 +40,15 @@ from pipeline.image_stats import DTYPE as STAT_DTYPE
 from pipeline.image_stats import FIELDS as STAT_FIELDS
 from pipeline.image_stats import as_records, unmeasured
 
+from .attrs import FORMAT, CacheAttrs, decode
 from .errors import CacheError, CacheInvalid, CacheLocked, CacheMissing
 from .plan import ExtractionPlan, files_digest  # noqa: F401  (files_digest: part of the cache API)
+from .validate import RESERVED, check_layout, check_values
 
-FORMAT = "feature-cache/1"
 ROW_CHUNK = 256
 STR = h5py.string_dtype("utf-8")
 SKIPPED_DTYPE = np.dtype([("path", STR), ("reason", STR)])
 STATS_DTYPE = np.dtype([("path", STR), ("size", np.int64), ("mtime_ns", np.int64), ("sha256", "S64")])
-RESERVED = ("skipped", "file_stats")  # root names that are not splits
 
 
 def fingerprint(fields: dict) -> str:
@@ -246,7 +244,7 @@ class PartialWriter:
             raise CacheError(f"not enough free space for cache {self.cache_path}: it needs about {need / 1e6:.0f} MB, "
                              f"{free / 1e6:.0f} MB are free; free some space and rerun (finished work is kept)")
 
-    def finalize(self, attrs: dict, scan_skipped: list[tuple[str, str]]) -> dict:
+    def finalize(self, attrs: CacheAttrs, scan_skipped: list[tuple[str, str]]) -> dict:
         """Assemble the HDF5 file (streaming, one segment at a time) into a temp file, fsync, rename over CACHE.
 
         On any failure (a full disk) the temp file is closed and removed, and CACHE.partial/ is kept, so
@@ -259,11 +257,11 @@ class PartialWriter:
         shutil.rmtree(self.dir)
         return result
 
-    def _assemble(self, tmp: Path, segs, attrs: dict, scan_skipped) -> dict:
+    def _assemble(self, tmp: Path, segs, attrs: CacheAttrs, scan_skipped) -> dict:
         with h5py.File(tmp, "w") as f:
             return self._write(f, segs, attrs, scan_skipped)
 
-    def _write(self, f: h5py.File, segs: dict[str, list[Segment]], attrs: dict,
+    def _write(self, f: h5py.File, segs: dict[str, list[Segment]], attrs: CacheAttrs,
                scan_skipped: list[tuple[str, str]]) -> dict:
         dim = self.plan.feature_dim
         skipped = list(scan_skipped)
@@ -314,10 +312,8 @@ class PartialWriter:
         st = np.array(stats, dtype=STATS_DTYPE) if stats else np.zeros(0, STATS_DTYPE)
         f.create_dataset("file_stats", data=st, maxshape=(None,), chunks=(max(1, min(4096, len(st))),),
                          fletcher32=True)
-        for key, value in attrs.items():
-            f.attrs[key] = str(value) if isinstance(value, str) else value
-        f.attrs["complete"] = True
-        f.attrs["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        for key, value in attrs.assembled().to_h5().items():
+            f.attrs[key] = value
         return {"rows": counts, "skipped": skipped}
 
 
@@ -408,18 +404,23 @@ class SplitData:
 @dataclass
 class FeatureCache:
     path: Path
-    attrs: dict
+    meta: CacheAttrs  # the root attributes, parsed and checked
     splits: dict[str, SplitData] = field(default_factory=dict)
     skipped: list[tuple[str, str]] = field(default_factory=list)
     file_stats: dict[str, FileStat] | None = None  # None: made before file stats were recorded
 
     @property
+    def attrs(self) -> dict:
+        """The root attributes as stored (JSON ones as text); meta has them typed."""
+        return self.meta.to_h5()
+
+    @property
     def class_names(self) -> list[str]:
-        return json.loads(self.attrs["class_names"])
+        return list(self.meta.class_names)
 
     @property
     def feature_dim(self) -> int:
-        return int(self.attrs["feature_dim"])
+        return self.meta.feature_dim
 
 
 def _open(path: Path) -> h5py.File:
@@ -437,22 +438,11 @@ def _open(path: Path) -> h5py.File:
                            "rebuild it with: extract ... --force") from None
 
 
-def _decode(v):
-    if isinstance(v, bytes):
-        return v.decode(errors="replace")
-    if isinstance(v, np.generic):
-        return v.item()
-    return v
-
-
-def read_attrs(path: str | os.PathLike) -> dict:
-    from .validate import check_attrs
-
+def read_attrs(path: str | os.PathLike) -> CacheAttrs:
+    """The root attributes of the cache at path, parsed and checked (no dataset is read)."""
     path = Path(path)
     with _open(path) as f:
-        attrs = {k: _decode(v) for k, v in f.attrs.items()}
-    check_attrs(path, attrs)
-    return attrs
+        return CacheAttrs.from_h5(path, f.attrs)
 
 
 READ_SECONDS_ENV = "TLEARN_CACHE_READ_TIMEOUT"
@@ -494,23 +484,20 @@ def read_cache(path: str | os.PathLike, with_views: bool = True) -> FeatureCache
 
 
 def _read_cache(path: Path, with_views: bool) -> FeatureCache:
-    from .validate import check_layout, check_values
-
     with _open(path) as f:
-        attrs = {k: _decode(v) for k, v in f.attrs.items()}
-        splits = check_layout(path, f, attrs)  # attrs, storage, shapes: before any data is read
-        out = FeatureCache(path, attrs)
+        meta, splits = check_layout(path, f)  # attrs, storage, shapes: before any data is read
+        out = FeatureCache(path, meta)
         try:
             for name in splits:
                 g = f[name]
                 views = g["views"][...] if (with_views and "views" in g) else None
                 out.splits[name] = SplitData(
                     features=g["features"][...], labels=g["labels"][...].astype(np.int64),
-                    paths=[_decode(p) for p in g["paths"][...]], views=views,
+                    paths=[decode(p) for p in g["paths"][...]], views=views,
                     image_stats=g["image_stats"][...] if "image_stats" in g else None)
-            out.skipped = [(_decode(r["path"]), _decode(r["reason"])) for r in f["skipped"][...]]
+            out.skipped = [(decode(r["path"]), decode(r["reason"])) for r in f["skipped"][...]]
             if "file_stats" in f:
-                out.file_stats = {_decode(r["path"]): FileStat(int(r["size"]), int(r["mtime_ns"]), _decode(r["sha256"]))
+                out.file_stats = {decode(r["path"]): FileStat(int(r["size"]), int(r["mtime_ns"]), decode(r["sha256"]))
                                   for r in f["file_stats"][...]}
         except (OSError, KeyError, ValueError, TypeError) as e:
             raise CacheInvalid(f"cache {path} is damaged ({str(e).splitlines()[0][:120]}); "

@@ -6,7 +6,6 @@ data folder, labels in range, finite features). Each failure names the file and 
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path, PurePosixPath
 
 import h5py
@@ -14,55 +13,10 @@ import numpy as np
 
 from pipeline.image_stats import FIELDS as STAT_FIELDS
 
-from .errors import CacheError, CacheInvalid
+from .attrs import CacheAttrs
+from .errors import invalid as _invalid
 
-MAX_FEATURE_DIM = 1 << 20
-REBUILD = "rebuild it with: extract ... --force"
-
-
-def _invalid(path: Path, what: str) -> CacheInvalid:
-    return CacheInvalid(f"cache {path} is invalid: {what}; {REBUILD}")
-
-
-def _json(path: Path, attrs: dict, key: str, kind: type):
-    if key not in attrs:
-        raise _invalid(path, f"attribute {key} is missing")
-    try:
-        value = json.loads(attrs[key])
-    except (TypeError, ValueError):
-        raise _invalid(path, f"attribute {key} is not JSON") from None
-    if not isinstance(value, kind):
-        raise _invalid(path, f"attribute {key} is not a JSON {kind.__name__}")
-    return value
-
-
-def check_attrs(path: Path, attrs: dict) -> None:
-    """The root attributes every reader relies on; raises CacheInvalid (or CacheError for a foreign file)."""
-    from .store import FORMAT
-
-    if attrs.get("format") != FORMAT:
-        raise CacheError(f"{path} is not a feature cache of this tool (format {attrs.get('format')!r}, "
-                         f"expected {FORMAT!r}); extract into a new file")
-    if not attrs.get("complete"):
-        raise CacheError(f"cache {path} is incomplete; rerun the extract command to finish it")
-    fp = attrs.get("fingerprint")
-    if not isinstance(fp, str) or len(fp) != 64 or any(c not in "0123456789abcdef" for c in fp):
-        raise _invalid(path, "attribute fingerprint is missing or not a sha256")
-    names = _json(path, attrs, "class_names", list)
-    if not names or not all(isinstance(n, str) and n for n in names) or len(set(names)) != len(names):
-        raise _invalid(path, "attribute class_names is not a list of distinct names")
-    _json(path, attrs, "backbone_spec", dict)
-    _json(path, attrs, "config", dict)
-    _json(path, attrs, "transform", dict)
-    for key in ("backbone", "weights", "precision"):
-        if not isinstance(attrs.get(key), str):
-            raise _invalid(path, f"attribute {key} is missing")
-    dim = attrs.get("feature_dim")
-    if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or not 1 <= int(dim) <= MAX_FEATURE_DIM:
-        raise _invalid(path, f"attribute feature_dim is {dim!r}, not a number from 1 to {MAX_FEATURE_DIM}")
-    views = attrs.get("views", 0)
-    if isinstance(views, bool) or not isinstance(views, (int, np.integer)) or int(views) < 0:
-        raise _invalid(path, f"attribute views is {views!r}, not a count")
+RESERVED = ("skipped", "file_stats")  # root names that are not splits (the /skipped and /file_stats tables)
 
 
 def _check_storage(path: Path, f: h5py.File) -> None:
@@ -95,12 +49,13 @@ def _dataset(path: Path, g: h5py.Group, name: str, where: str) -> h5py.Dataset:
     return obj
 
 
-def check_layout(path: Path, f: h5py.File, attrs: dict) -> list[str]:
-    """Attributes, storage and every dataset's shape and dtype, before any data is read. Returns the splits."""
-    check_attrs(path, attrs)
+def check_layout(path: Path, f: h5py.File) -> tuple[CacheAttrs, list[str]]:
+    """Attributes, storage and every dataset's shape and dtype, before any data is read. Returns the
+    parsed attributes and the splits."""
+    meta = CacheAttrs.from_h5(path, f.attrs)
     _check_storage(path, f)
-    dim, views = int(attrs["feature_dim"]), int(attrs.get("views", 0))
-    splits = [k for k in f if k not in ("skipped", "file_stats")]
+    dim, views = meta.feature_dim, meta.views
+    splits = [k for k in f if k not in RESERVED]
     if not splits:
         raise _invalid(path, "it has no splits")
     for s in splits:
@@ -134,7 +89,7 @@ def check_layout(path: Path, f: h5py.File, attrs: dict) -> list[str]:
     if st is not None and (not isinstance(st, h5py.Dataset) or st.dtype.names is None
                            or not {"path", "size", "mtime_ns", "sha256"} <= set(st.dtype.names)):
         raise _invalid(path, "/file_stats is not a (path, size, mtime_ns, sha256) table")
-    return splits
+    return meta, splits
 
 
 # what each measure can be (image_stats.measure): sizes are whole pixels, fractions within 0..1, entropy in bits

@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import contextlib
-import enum
-import json
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -12,16 +10,17 @@ from typing import Callable
 import numpy as np
 import torch
 
-from cache import CacheError, CacheMismatch, CacheMissing
+from cache import CacheError
+from cache.attrs import CacheAttrs
 from cache.plan import ExtractionPlan, SplitPlan
-from cache.store import FORMAT, RESERVED, CacheLock, FeatureCache, PartialWriter, fingerprint, read_attrs, read_cache
+from cache.reuse import Decision, Reuse, decide, sha256_or_empty
+from cache.store import RESERVED, CacheLock, FeatureCache, PartialWriter, fingerprint
 
 from . import PipelineError
 from .backbones import BackboneSpec, build_backbone
 from .distributed import init_distributed, rank_device, shutdown
 from .data import ImageFiles, check_usable_classes, normalize_batch, scan_dataset
 from .device_decode import Decoded, DeviceDecoder, RawBatch, RawFiles, collate_raw
-from .fsio import sha256_file
 from .image_stats import FIELDS as STAT_FIELDS
 from .image_stats import as_rows
 from .preprocess import Preprocess, resolve_decoder
@@ -80,132 +79,6 @@ def feature_fields(backbone_desc: dict, precision: str, views: int, seed: int, d
         "views_seed": seed if views else None,
         **spec.fingerprint_fields(),  # transform, draft, decoder (absent for pil: older caches stay valid)
     }
-
-
-class Decision(enum.Enum):
-    """What rank 0 decided about the file at the cache path."""
-
-    BUILD = "build"  # no usable cache there (or --force): extract every row
-    DONE = "done"  # complete for these settings and these unchanged files
-    UPDATE = "update"  # same settings; files were added or changed: reuse the rows of unchanged files
-
-
-@dataclass(frozen=True)
-class OldFile:
-    """A file an older cache of the same settings holds, as it was when extracted."""
-
-    split: str  # of its row ('' for a skipped file)
-    size: int
-    mtime_ns: int
-    sha256: str
-    row: int = -1  # its row in the old split's features; -1: it was skipped (reason)
-    label: int = -1
-    reason: str = ""
-
-
-@dataclass
-class Reuse:
-    """Which rows of a plan an older cache already has. rows[split][i] is the OldFile to copy for the
-    plan's row i, or None to extract it."""
-
-    rows: dict[str, list[OldFile | None]]
-    changed: int = 0  # files whose content differs from what the cache was made from
-    new: int = 0  # files the cache does not know
-    lost: list[str] = field(default_factory=list)  # cache rows whose file is gone, moved or relabelled
-
-    @property
-    def reused(self) -> int:
-        return sum(r is not None for rows in self.rows.values() for r in rows)
-
-
-def old_files(cache: FeatureCache) -> dict[str, OldFile]:
-    """path -> OldFile for every file the cache's extract decoded (used or skipped)."""
-    stats = cache.file_stats or {}
-    reasons = dict(cache.skipped)
-    out = {}
-    for split, sp in cache.splits.items():
-        for i, (p, lab) in enumerate(zip(sp.paths, sp.labels)):
-            st = stats.get(p)
-            if st is not None:
-                out[p] = OldFile(split, st.size, st.mtime_ns, st.sha256, row=i, label=int(lab))
-    for p, st in stats.items():
-        if p not in out and p in reasons:  # decoded and found unusable
-            out[p] = OldFile("", st.size, st.mtime_ns, st.sha256, reason=reasons[p])  # no row: no split
-    return out
-
-
-def compare_files(plan: ExtractionPlan, old: dict[str, OldFile], content_sha256: Callable[[str], str]) -> Reuse:
-    """Match the plan's rows with an older cache's files (pure but for content_sha256, called only for
-    a file whose size is the same and mtime is not). A row is reused only while its file is unchanged:
-    same split, size and (mtime or content); a skipped file that changed is tried again."""
-    out = Reuse({})
-    labels = {}
-    for split, sp in plan.splits.items():
-        rows = []
-        for p, lab, size, mtime in zip(sp.paths, sp.labels, sp.sizes, sp.mtimes):
-            labels[p] = (split, lab)
-            o = old.get(p)
-            if o is None or (o.row >= 0 and o.split != split):
-                out.new += 1
-                rows.append(None)
-            elif o.size != size or (o.mtime_ns != mtime and (not o.sha256 or content_sha256(p) != o.sha256)):
-                out.changed += 1
-                rows.append(None)
-            else:
-                rows.append(o)
-        out.rows[split] = rows
-    out.lost = sorted(p for p, o in old.items() if o.row >= 0 and labels.get(p) != (o.split, o.label))
-    return out
-
-
-def _check_existing(cfg: ExtractConfig, plan: ExtractionPlan,
-                    split: SplitSpec = SplitSpec()) -> tuple[Decision, FeatureCache | None, Reuse | None]:
-    """What to do about a file already at cfg.cache. Raises CacheMismatch when it was made with other
-    settings, or from files that were since removed, moved or relabelled, and --force was not given."""
-    try:
-        old = read_attrs(cfg.cache)
-    except CacheMissing:
-        return Decision.BUILD, None, None
-    except CacheError as e:
-        if cfg.force:
-            return Decision.BUILD, None, None
-        raise type(e)(f"{e}; or pass --force to replace it") from None
-    if cfg.force:
-        return Decision.BUILD, None, None
-    old_split = SplitSpec.from_record(old.get("split"))
-    if old.get("complete") and old_split != split:
-        raise CacheMismatch(f"cache {cfg.cache} was made with another split ({old_split.describe()}; now "
-                            f"{split.describe()}); use the same --val-fraction/--test-fraction/--split-seed, pass "
-                            "--force to rebuild it, or choose another --cache")
-    if old["fingerprint"] != plan.fingerprint:
-        was = f"{old.get('backbone')}/{old.get('weights')}/{old.get('precision')}/views={old.get('views')}"
-        raise CacheMismatch(f"cache {cfg.cache} was made with other settings ({was}: backbone, weights, transforms, "
-                            "precision or views differ); pass --force to rebuild it or choose another --cache")
-    if old.get("files_digest") == plan.files_digest:
-        return Decision.DONE, None, None
-    cache = read_cache(cfg.cache)
-    if cache.file_stats is None:
-        raise CacheMismatch(f"cache {cfg.cache} was made by an earlier version that did not record file sizes, times "
-                            "and hashes, so files changed since cannot be told apart; pass --force to rebuild it "
-                            "(train-head still reads it as it is)")
-    if cache.class_names != plan.class_names or set(cache.splits) != set(plan.splits):
-        was, now = (f"classes {', '.join(map(printable, c))}" for c in (cache.class_names, plan.class_names)) \
-            if cache.class_names != plan.class_names else (f"splits {', '.join(sorted(c))}" for c in (cache.splits, plan.splits))
-        raise CacheMismatch(f"cache {cfg.cache} was made for {was}, {cfg.data_dir} now has {now}; "
-                            "pass --force to rebuild it or choose another --cache")
-    reuse = compare_files(plan, old_files(cache), lambda p: _sha256_or_empty(Path(plan.root) / p))
-    if reuse.lost:
-        raise CacheMismatch(f"cache {cfg.cache} was made from other files of {cfg.data_dir} (some were removed, "
-                            f"moved or relabelled (first: {printable(reuse.lost[0])})); pass --force to rebuild it "
-                            "or choose another --cache")
-    return Decision.UPDATE, cache, reuse
-
-
-def _sha256_or_empty(path: Path) -> str:
-    try:
-        return sha256_file(path)
-    except OSError:
-        return ""
 
 
 def seed_from_cache(writer: PartialWriter, old: FeatureCache, reuse: Reuse) -> int:
@@ -322,7 +195,7 @@ class _Hashed(torch.utils.data.Dataset):
 
     def __getitem__(self, key):
         g, i = key
-        return (*self.ds[key], _sha256_or_empty(Path(self.ds.groups[g][0][i])))
+        return (*self.ds[key], sha256_or_empty(Path(self.ds.groups[g][0][i])))
 
 
 def _worker_batch(batch):
@@ -507,7 +380,7 @@ class Extraction:
     rt: Runtime
     model: torch.nn.Module
     plan: ExtractionPlan
-    attrs: dict  # the cache's root attributes
+    attrs: CacheAttrs  # the cache's root attributes
 
 
 def _tool_files(cfg: ExtractConfig, root: Path) -> set[str]:
@@ -539,18 +412,16 @@ def plan_extraction(cfg: ExtractConfig) -> Extraction:
         class_names=list(data.class_names), root=str(Path(data.root).resolve()),
         splits={s: SplitPlan(list(sp.paths), list(sp.labels), list(sp.sizes), list(sp.mtimes))
                 for s, sp in data.splits.items()})
-    attrs = {
-        "format": FORMAT, "fingerprint": plan.fingerprint, "files_digest": plan.files_digest,
-        "backbone": bb.description["backbone"], "weights": bb.description["weights"],
-        "backbone_spec": json.dumps(bb.description), "feature_dim": bb.feature_dim,
-        "class_names": json.dumps(data.class_names), "transform": json.dumps(spec.record()),
-        "precision": rt.precision, "views": cfg.views, "seed": cfg.seed, "draft": cfg.draft,
-        "decoder": spec.decoder,  # the decoder actually used (auto resolved)
-        "split": json.dumps(data.split_record()),
-        "data_root": plan.root,  # absolute: which folder this is, whatever folder extract ran from
-        "config": json.dumps({k: v for k, v in asdict(cfg).items() if k not in ("force",)}, default=list),
-        "torch": torch.__version__,
-    }
+    attrs = CacheAttrs(
+        fingerprint=plan.fingerprint, files_digest=plan.files_digest,
+        backbone=bb.description["backbone"], weights=bb.description["weights"],
+        backbone_spec=bb.description, feature_dim=bb.feature_dim, class_names=tuple(data.class_names),
+        transform=spec.record(), precision=rt.precision, views=cfg.views, seed=cfg.seed, draft=cfg.draft,
+        decoder=spec.decoder,  # the decoder actually used (auto resolved)
+        split=data.split_record(),
+        data_root=plan.root,  # absolute: which folder this is, whatever folder extract ran from
+        config={k: v for k, v in asdict(cfg).items() if k not in ("force",)},
+        torch=torch.__version__)
     return Extraction(data, rt, model, plan, attrs)
 
 
@@ -572,14 +443,14 @@ def _prepare_on_main(cfg: ExtractConfig, plan: ExtractionPlan, stack: contextlib
                      split: SplitSpec = SplitSpec()):
     """Rank 0 (or the only process): lock, decide, open the partial folder. Returns (outcome, writer)."""
     stack.enter_context(CacheLock(cfg.cache))
-    decision, old, reuse = _check_existing(cfg, plan, split)
-    if decision is Decision.DONE:
-        return MainOutcome(decision), None
+    d = decide(cfg.cache, plan, split, cfg.data_dir, cfg.force)
+    if d.decision is Decision.DONE:
+        return MainOutcome(d.decision), None
     writer = PartialWriter(cfg.cache, plan).open()
     reused = 0
-    if decision is Decision.UPDATE and not writer.segments():
-        reused = seed_from_cache(writer, old, reuse)
-    return MainOutcome(decision, reused, reuse.changed if reuse else 0), writer
+    if d.decision is Decision.UPDATE and not writer.segments():
+        reused = seed_from_cache(writer, d.cache, d.reuse)
+    return MainOutcome(d.decision, reused, d.reuse.changed if d.reuse else 0), writer
 
 
 def extract(cfg: ExtractConfig, progress: Progress | None = None) -> dict:

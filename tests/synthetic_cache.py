@@ -1,21 +1,23 @@
 """A feature cache written straight from arrays (no backbone): for tests that need chosen features."""
 from __future__ import annotations
 
-import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
+from cache.attrs import CacheAttrs
 from cache.plan import ExtractionPlan, SplitPlan
-from cache.store import FORMAT, PartialWriter, fingerprint
+from cache.store import PartialWriter, fingerprint
 
 
 def write_cache(path: Path, splits: dict[str, tuple], class_names: list[str], data_dir: str | None = None,
-                extra_attrs: dict | None = None) -> Path:
+                **attrs) -> Path:
     """splits = {name: (features (N,D), labels (N,), paths [N])} -> a complete cache at path.
 
     data_dir: the image folder the cache records, absolute; by default a folder beside the cache that does
-    not exist (never one resolved against the current directory, where a quick start may have left data/)."""
+    not exist (never one resolved against the current directory, where a quick start may have left data/).
+    attrs: CacheAttrs fields to set other than the synthetic ones."""
     path = Path(path).absolute()
     data_dir = str(Path(data_dir).absolute() if data_dir is not None else path.parent / f"{path.stem}.no-images")
     dim = int(next(iter(splits.values()))[0].shape[1])
@@ -29,11 +31,10 @@ def write_cache(path: Path, splits: dict[str, tuple], class_names: list[str], da
     for name, (X, y, paths) in splits.items():
         if len(y):  # no files behind these rows: no content digests to read
             w.write_segment(name, 0, np.asarray(X, np.float32), [""] * len(y), digests=[""] * len(y))
-    attrs = {"format": FORMAT, "fingerprint": fp, "files_digest": plan.files_digest, "backbone": "synthetic",
-             "weights": "none", "feature_dim": dim, "class_names": json.dumps(class_names), "transform": "{}",
-             "precision": "fp32", "views": 0, "backbone_spec": json.dumps({"kind": "synthetic"}),
-             "config": json.dumps({"data_dir": data_dir}), **(extra_attrs or {})}
-    w.finalize(attrs, [])
+    record = CacheAttrs(fingerprint=fp, files_digest=plan.files_digest, backbone="synthetic", weights="none",
+                        backbone_spec={"kind": "synthetic"}, feature_dim=dim, class_names=tuple(class_names),
+                        transform={}, precision="fp32", config={"data_dir": data_dir})
+    w.finalize(replace(record, **attrs), [])
     return path
 
 

@@ -77,7 +77,7 @@ def test_sigkill_mid_extract_then_resume_equals_clean_run(data72, tmp_path):
 def test_readers_get_the_last_complete_cache_during_a_rebuild(data72, tmp_path):
     cache = tmp_path / "f.h5"
     subprocess.run(extract_cmd(data72, cache), env=ENV, check=True, capture_output=True)
-    old_fp = read_attrs(cache)["fingerprint"]
+    old_fp = read_attrs(cache).fingerprint
     proc = subprocess.Popen(extract_cmd(data72, cache, "--seed", "1", "--force"), env=ENV,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_for(lambda: len(list((tmp_path / "f.h5.partial").glob("*.npz"))) >= 2, proc)
@@ -85,7 +85,7 @@ def test_readers_get_the_last_complete_cache_during_a_rebuild(data72, tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert during.attrs["fingerprint"] == old_fp and len(during.splits["train"].paths) == 64
-    assert read_attrs(cache)["fingerprint"] == old_fp
+    assert read_attrs(cache).fingerprint == old_fp
 
 
 def test_flipped_byte_is_reported_not_read(tiny_data, tmp_path):

@@ -4,11 +4,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from cache.attrs import CacheAttrs
 from cache.plan import ExtractionPlan, SplitPlan
+from cache.reuse import OldFile, Reuse, compare_files, old_files
 from cache.store import FeatureCache, FileStat, Segment, SplitData, gaps
 from pipeline import PipelineError
 from pipeline.data import link_refusal
-from pipeline.extract import OldFile, Reuse, check_split_names, compare_files, old_files, plan_batches, seed_from_cache
+from pipeline.extract import check_split_names, plan_batches, seed_from_cache
 
 
 def plan(**splits) -> ExtractionPlan:
@@ -58,7 +60,9 @@ def test_plan_batches_first_small_then_full_never_across_splits():
 
 
 def old_cache(stats: dict, skipped=()) -> FeatureCache:
-    c = FeatureCache(Path("old.h5"), {"class_names": '["a", "b"]', "feature_dim": 3})
+    meta = CacheAttrs(fingerprint="f" * 64, backbone="x", weights="none", backbone_spec={}, feature_dim=3,
+                      class_names=("a", "b"), transform={}, precision="fp32")
+    c = FeatureCache(Path("old.h5"), meta)
     c.splits["train"] = SplitData(features=np.arange(9, dtype=np.float32).reshape(3, 3), labels=np.array([0, 0, 1]),
                                   paths=["train/a/1.jpg", "train/a/2.jpg", "train/b/3.jpg"])
     c.skipped = list(skipped)
