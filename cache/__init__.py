@@ -1,4 +1,6 @@
-"""The HDF5 feature store: schema, fingerprint, resumable writes, locking, reading.
+"""The HDF5 feature store: attrs (the root attributes, one typed record), plan (what an extract will
+write), store (fingerprint, resumable writes, locking, reading), validate (every read is checked),
+reuse (what an existing cache is still good for).
 
 The error types import without h5py; everything else loads cache.store on first use."""
 from .errors import CacheError, CacheInvalid, CacheLocked, CacheMismatch, CacheMissing  # noqa: F401
