@@ -110,6 +110,21 @@ def small_extracted(root: Path, cache_name: str = "f.h5") -> tuple[Path, Path]:
     return data, cache
 
 
+def head_run_folder(root: Path, layout: dict, *flags: str) -> tuple[Path, Path]:
+    """(data, run): root/data made from layout and a head run of it through `cli.py run` (random init, no
+    workers, no pictures, offline) with flags added."""
+    from click.testing import CliRunner
+
+    from cli import cli
+
+    data = make_dataset(root / "data", layout)
+    out = root / "run"
+    r = CliRunner().invoke(cli, ["run", str(data), "--out", str(out), "--weights", "none", "--workers", "0",
+                                 "--no-plots", *flags], env={"TLEARN_OFFLINE": "1"})
+    assert r.exit_code == 0, r.output
+    return data, out
+
+
 def finetune_config(data, out, **kw):
     """A FinetuneConfig for tests: random init, no workers, 2 epochs unless told otherwise."""
     from pipeline.finetune import FinetuneConfig

@@ -108,15 +108,10 @@ def test_tutorial_recipe_is_not_calibrated_and_says_why(tmp_path):
 
 @pytest.fixture(scope="module")
 def image_run(tmp_path_factory):
-    from tests.conftest import make_dataset
+    from tests.conftest import head_run_folder
 
-    root = tmp_path_factory.mktemp("cal")
-    data = make_dataset(root / "data", {"train": {"ants": 5, "bees": 5}, "val": {"ants": 2, "bees": 2}})
-    out = root / "run"
-    r = CliRunner().invoke(cli, ["run", str(data), "--out", str(out), "--weights", "none", "--workers", "0",
-                                 "--no-plots"], env={"TLEARN_OFFLINE": "1"})
-    assert r.exit_code == 0, r.output
-    return data, out
+    return head_run_folder(tmp_path_factory.mktemp("cal"), {"train": {"ants": 5, "bees": 5},
+                                                            "val": {"ants": 2, "bees": 2}})
 
 
 def test_predict_and_export_use_the_temperature_and_old_runs_predict_as_before(image_run, tmp_path):

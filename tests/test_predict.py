@@ -20,15 +20,9 @@ ft = finetune_config
 
 @pytest.fixture(scope="module")
 def head_run(tmp_path_factory):
-    from tests.conftest import make_dataset
+    from tests.conftest import SMALL, head_run_folder
 
-    root = tmp_path_factory.mktemp("hr")
-    data = make_dataset(root / "data", {"train": {"ants": 3, "bees": 3}, "val": {"ants": 2, "bees": 2}})
-    out = root / "run"
-    r = CliRunner().invoke(cli, ["run", str(data), "--out", str(out), "--weights", "none", "--workers", "0",
-                                 "--epochs", "3", "--no-plots"], env={"TLEARN_OFFLINE": "1"})
-    assert r.exit_code == 0, r.output
-    return data, out
+    return head_run_folder(tmp_path_factory.mktemp("hr"), SMALL, "--epochs", "3")
 
 
 def test_predict_head_run_table_json_and_bad_files(head_run, tmp_path):

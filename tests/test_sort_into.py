@@ -10,18 +10,12 @@ from click.testing import CliRunner
 
 from cli import cli
 from pipeline.sorting import MARKER, class_folders, safe_folder_name
-from tests.conftest import make_dataset, write_image
+from tests.conftest import SMALL, head_run_folder, write_image
 
 
 @pytest.fixture(scope="module")
 def head_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("sort")
-    data = make_dataset(root / "data", {"train": {"ants": 3, "bees": 3}, "val": {"ants": 2, "bees": 2}})
-    out = root / "run"
-    r = CliRunner().invoke(cli, ["run", str(data), "--out", str(out), "--weights", "none", "--workers", "0",
-                                 "--recipe", "tutorial", "--epochs", "2", "--no-plots"], env={"TLEARN_OFFLINE": "1"})
-    assert r.exit_code == 0, r.output
-    return out
+    return head_run_folder(tmp_path_factory.mktemp("sort"), SMALL, "--recipe", "tutorial", "--epochs", "2")[1]
 
 
 def photos(root: Path) -> Path:
