@@ -484,7 +484,7 @@ def run(data_dir, out, cache_path, **o):
     check_run_folder(out, "head")  # before extract puts features.h5 into a folder train-head would refuse
     cache_path = cache_path or str(Path(out) / "features.h5")
     head = _head_config(cache_path, out, o)  # a recipe flag that --recipe refuses fails now, not after the extract
-    # the report/picture process loads scikit-learn and matplotlib during extract, at low priority
+    # the picture process loads matplotlib during extract, at low priority
     with sidecar(plots=not o["no_plots"], nice=10, enabled=is_rank0()) as side:
         resolve_device(o["head_device"])  # a bad --head-device fails now, not after the extract
         _do_extract(_extract_config(data_dir, cache_path, o))

@@ -22,13 +22,12 @@ from .data import TRANSFORM_SPEC, EpochSampler, ImageChanged, LabelledImages, ch
 from .distributed import Dist, init_distributed, rank_device, shutdown
 from .head import TrainingDiverged
 from .recipe import TUTORIAL_RECIPE, check_recipe
-from .evaluate import report_text, run_metrics, weights_line
+from .evaluate import evaluate_predictions, report_text, run_metrics, weights_line
 from .progress import Progress
 from .fsio import atomic_write_json, sha256_json
 from .runfolder import CHECKPOINT, VERDICTS, FinetuneCheckpoint, ModelFileError, RunFolder, RunManifest
 from .runtime import Runtime, default_workers, resolve_runtime
-from .plots import PictureJob
-from .sidecar import Sidecar, evaluate_splits, sidecar, start_pictures
+from .plots import PictureJob, draw_pictures
 
 # fields that must match for --resume to continue a run (the rest, like workers, may change)
 RECIPE_FIELDS = ("backbone", "weights", "freeze_backbone", "epochs", "lr", "momentum", "step_size", "gamma",
@@ -244,7 +243,7 @@ class SharedLoader:
         self.on_batch = None  # called after each batch of every pass (progress)
 
     def close(self) -> None:
-        """End the workers now, while the sidecar draws, rather than in the interpreter's exit (~1 s)."""
+        """End the workers now, before the pictures are drawn, rather than in the interpreter's exit (~1 s)."""
         it = getattr(self.loader, "_iterator", None)
         if it is not None and hasattr(it, "_shutdown_workers"):
             it._shutdown_workers()
@@ -410,15 +409,13 @@ def finetune(cfg: FinetuneConfig, progress: Progress | None = None) -> dict:
     order), metrics summed over ranks, and only rank 0 writes checkpoints and the run folder.
     """
     d = init_distributed(cfg.device)
-    try:
-        # the report/picture process loads scikit-learn and matplotlib during training, at low priority
-        with sidecar(plots=cfg.plots, nice=10, enabled=d.is_main) as side:
-            return _finetune(cfg, progress or Progress(), d, side)
+    try:  # report and pictures in this process: a second one did not pay here (it competes with training)
+        return _finetune(cfg, progress or Progress(), d)
     finally:
         shutdown(d)  # a process group left to the interpreter's exit can abort (SIGABRT) under gloo
 
 
-def _finetune(cfg: FinetuneConfig, progress: Progress, d: Dist, side: Sidecar | None = None) -> dict:
+def _finetune(cfg: FinetuneConfig, progress: Progress, d: Dist) -> dict:
     """Rank 0 holds the run folder (locked, one kind of run, committed at the end) for the whole run."""
     from .extract import check_split_names
 
@@ -429,7 +426,7 @@ def _finetune(cfg: FinetuneConfig, progress: Progress, d: Dist, side: Sidecar | 
     folder = RunFolder(cfg.out, "finetune") if d.is_main else None
     with folder or contextlib.nullcontext():
         try:
-            return _train(cfg, progress, d, folder, splits, side)
+            return _train(cfg, progress, d, folder, splits)
         except ImageChanged as e:  # from a DataLoader worker the message is a whole traceback: one line
             raise ImageChanged(worker_error_line(e)) from None
 
@@ -446,7 +443,7 @@ def _cpu_copy(tree):
 
 
 def _train(cfg: FinetuneConfig, progress: Progress, d: Dist, folder: RunFolder | None,
-           splits: tuple[str, str], side: Sidecar | None = None) -> dict:
+           splits: tuple[str, str]) -> dict:
     train_name, val_name = splits
     rt = resolve_runtime(rank_device(cfg.device, d), cfg.precision)
     data = scan_dataset(cfg.data_dir, list(cfg.splits), cfg.allow_empty_class, cfg.val_fraction, cfg.test_fraction,
@@ -555,9 +552,8 @@ def _train(cfg: FinetuneConfig, progress: Progress, d: Dist, folder: RunFolder |
     rest = [g for g, s in enumerate(names) if s not in (train_name, val_name)]
     for g, part in zip(rest, loaders.pass_(cfg.epochs, rest) if rest else []):
         preds[names[g]] = loss_accuracy_predictions(net, part, criterion, rt, d)[2]
-    evaluations = evaluate_splits(side if d.is_main else None,
-                                  {s: (list(files[s][1]), np.asarray(p).tolist()) for s, p in preds.items()},
-                                  data.class_names)
+    evaluations = {s: evaluate_predictions(list(files[s][1]), np.asarray(p).tolist(), data.class_names)
+                   for s, p in preds.items()}
     metrics = run_metrics(
         "finetune", evaluations, val_split=val_name, best_val_acc=best_acc, best_epoch=best_epoch, history=history,
         class_names=data.class_names, seconds=seconds, recipe=_recipe(cfg), n={s: len(f[0]) for s, f in files.items()},
@@ -576,12 +572,13 @@ def _train(cfg: FinetuneConfig, progress: Progress, d: Dist, folder: RunFolder |
     notes: list[str] = []
     pictures = None
     if cfg.plots:
-        def pictures(into):  # drawn into the run's staging folder (the sidecar draws when there is one)
-            loaders.close()  # the workers end while the pictures are drawn
-            return start_pictures(side, PictureJob(
+        def pictures(into):  # drawn into the run's staging folder once model.pt is written there
+            loaders.close()  # the workers end before the pictures are drawn
+            job = PictureJob(
                 str(into), history, metrics["confusion_matrix"][val_name], data.class_names, val_name,
                 [str(Path(f).absolute()) for f in files[val_name][0]], list(files[val_name][1]),
-                np.asarray(preds[val_name]).tolist(), kept_epoch=best_epoch))
+                np.asarray(preds[val_name]).tolist(), kept_epoch=best_epoch)
+            return lambda: draw_pictures(job)
     notes += folder.commit(manifest, {k: v for k, v in metrics.items() if k != "report_text"}, report, pictures)
     loaders.close()
     metrics["notes"] = notes

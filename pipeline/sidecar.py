@@ -8,6 +8,8 @@ exact) and draws the pictures while the main process saves the model.
 
 It never fails a run: when it cannot start, answers an error or dies, the report is computed in the main
 process and a picture that was not drawn becomes a note. Torch-free; talks JSON lines on stdin/stdout.
+Used by train-head and run; finetune draws in its own process (there a second process competes with
+training for the cores and did not pay). TLEARN_NO_SIDECAR=1 turns it off everywhere.
 """
 from __future__ import annotations
 
@@ -120,7 +122,9 @@ class Sidecar:
 
 @contextlib.contextmanager
 def sidecar(plots: bool = True, nice: int = 0, enabled: bool = True):
-    """with sidecar(...) as side: a started Sidecar, or None (disabled, or the OS refused); ended on exit."""
+    """with sidecar(...) as side: a started Sidecar, or None (disabled, TLEARN_NO_SIDECAR=1, or the OS
+    refused); ended on exit. Without one, the report and the pictures are made in this process."""
+    enabled = enabled and os.environ.get("TLEARN_NO_SIDECAR", "") in ("", "0")
     side = Sidecar.start(plots, nice) if enabled else None
     if side is None:
         yield None

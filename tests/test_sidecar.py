@@ -1,7 +1,9 @@
-"""The sidecar (pipeline/sidecar.py): its report equals the in-process one, and a dead sidecar costs
-only the pictures."""
+"""The sidecar (pipeline/sidecar.py): its report equals the in-process one, a dead sidecar costs only the
+pictures, and TLEARN_NO_SIDECAR=1 makes everything in the command's own process."""
 import numpy as np
+from click.testing import CliRunner
 
+from cli import cli
 from pipeline import plots, sidecar
 from pipeline.evaluate import evaluate_predictions
 
@@ -35,3 +37,17 @@ def test_a_dead_sidecar_costs_nothing_but_the_pictures(tmp_path):
     assert len(notes) == 1 and notes[0].startswith("pictures not drawn:")
     side.close()
 
+
+def test_no_sidecar_env_makes_train_head_draw_in_its_own_process(small_cache, tmp_path, monkeypatch):
+    started = []
+    start = sidecar.Sidecar.start.__func__
+    monkeypatch.setattr(sidecar.Sidecar, "start", classmethod(lambda cls, *a, **k: started.append(a)
+                                                              or start(cls, *a, **k)))
+    for env, runs in (("1", 0), ("0", 1)):
+        monkeypatch.setenv("TLEARN_NO_SIDECAR", env)
+        out = tmp_path / f"run{env}"
+        r = CliRunner().invoke(cli, ["train-head", str(small_cache), "--out", str(out), "--epochs", "2"])
+        assert r.exit_code == 0, r.output
+        assert len(started) == runs and "precision    recall  f1-score   support" in r.output
+        for name in ("report.txt", "curves.png", "confusion.png", "predictions.png"):
+            assert (out / name).stat().st_size > 0, name
