@@ -21,8 +21,8 @@ from .sidecar import sidecar as start_sidecar
 from .splits import cache_record
 from .calibration import calibrate_head
 
-# torch (inside head's functions), h5py (cache.read_cache), scikit-learn and matplotlib (the sidecar) are
-# imported only once run_train_head runs: the sidecar starts first and imports its part meanwhile.
+# torch (inside head's functions), h5py (cache.read_cache) and matplotlib (the sidecar) are imported only
+# once run_train_head runs: the sidecar starts first and imports its part meanwhile.
 
 _DEFAULTS = HeadParams()
 
