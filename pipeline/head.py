@@ -414,11 +414,13 @@ class ProbeRun:
     diverged: bool = False
 
 
-def _probe_group(params: list, head_fold: list[int], Z: torch.Tensor, y: torch.Tensor, folds: torch.Tensor,
-                 classes: int, row_weight: torch.Tensor, val=None):
-    """Heads that share epochs, batch and seed, trained in lockstep on one shared row order: head h uses the
-    rows whose fold differs from head_fold[h] (-1: all rows). The heads are stacked along the output axis, so
-    every step is two plain matrix products of batch x D x (H*C). Returns W (H,C,D), b (H,C), history."""
+def _probe_group(params: list, member: torch.Tensor, Z: torch.Tensor, y: torch.Tensor, classes: int,
+                 row_weight: torch.Tensor, val=None):
+    """Heads that share epochs, batch and seed, trained in lockstep on one shared row order: head h trains on
+    the rows where member[:, h] (N,H bool) holds: the rows outside its fold, or a learning curve's share. In a
+    batch a head sees only its rows (its gradient is their mean), and takes no step when it has none. The heads
+    are stacked along the output axis, so every step is two plain matrix products of batch x D x (H*C).
+    Returns W (H,C,D), b (H,C), history."""
     import torch
 
     p0, (N, D), H, C = params[0], Z.shape, len(params), classes
@@ -429,7 +431,6 @@ def _probe_group(params: list, head_fold: list[int], Z: torch.Tensor, y: torch.T
     lr0 = torch.tensor([p.lr for p in params]).repeat_interleave(C)[:, None]
     wd = torch.tensor([p.weight_decay for p in params]).repeat_interleave(C)[:, None]
     mom = torch.tensor([p.momentum for p in params]).repeat_interleave(C)[:, None]
-    hf = torch.tensor(head_fold)
     eye = torch.eye(C)
     gen = torch.Generator().manual_seed(p0.seed)
     per_epoch = math.ceil(N / B)
@@ -441,7 +442,7 @@ def _probe_group(params: list, head_fold: list[int], Z: torch.Tensor, y: torch.T
         for k, s in enumerate(range(0, N, B)):
             idx = perm[s:s + B]
             x, yb = Z.index_select(0, idx), y[idx]  # index_select: 5x faster than Z[idx] here
-            m = (folds[idx][:, None] != hf[None, :]).float()  # (b,H) rows each head trains on
+            m = member.index_select(0, idx).float()  # (b,H) rows each head trains on
             cnt = m.sum(0)
             z = (x @ W.T + b).view(-1, H, C)
             logp = torch.log_softmax(z, -1)
@@ -459,7 +460,7 @@ def _probe_group(params: list, head_fold: list[int], Z: torch.Tensor, y: torch.T
             W = W - (lr * active) * mW
             b = b - (lr * active)[:, 0] * mb
         if val is not None:  # the history of the final head only (nothing chooses from it)
-            n_rows = max(float((folds != hf[0]).sum()), 1.0)
+            n_rows = max(float(member[:, 0].sum()), 1.0)
             Wv, bv = W[:C], b[:C]
             vz = val[0] @ Wv.T + bv
             nll = torch.logsumexp(vz, 1) - vz.gather(1, val[1][:, None]).squeeze(1)
@@ -505,10 +506,48 @@ def train_probes(X, y, classes: int, params: list, folds=None, val=None, class_w
             groups.setdefault((p.epochs, p.batch_size, p.seed), []).append(i)
         for idx in groups.values():
             heads = [(i, f) for i in idx for f in head_folds]
-            W, b, hist = _probe_group([params[i] for i, _ in heads], [f for _, f in heads], Z, yt, ft, classes, rw,
+            member = ft[:, None] != torch.tensor([f for _, f in heads])[None, :]  # (N,H); fold -1: every row
+            W, b, hist = _probe_group([params[i] for i, _ in heads], member, Z, yt, classes, rw,
                                       V if len(heads) == 1 else None)
             for h, (i, f) in enumerate(heads):
                 Wr, br = fold_standardizer(W[h], b[h], mu, sd)
                 bad = not (torch.isfinite(Wr).all() and torch.isfinite(br).all())
                 out[(i, f)] = ProbeRun(params[i], f, Wr, br, hist, bad)
     return [[out[(i, f)] for f in head_folds] for i in range(len(params))], time.perf_counter() - t0
+
+
+# --------------------------------------------------------------------------- one recipe on several row subsets
+
+
+def train_probe_subsets(X, y, classes: int, p, member, class_weight=None) -> tuple[list, list]:
+    """The probe recipe p trained on several row subsets at once (member (N,H) bool: head h's rows), in one
+    shared row order; standardisation from all rows of X, as train_probes. Returns per head W (C,D) and b (C,)
+    on raw features, as numpy arrays."""
+    import torch
+
+    X = np.asarray(X, dtype=np.float32)
+    mu, sd = standardizer(X)
+    yt = torch.as_tensor(np.asarray(y), dtype=torch.long)
+    check_finite_features("train", torch.as_tensor(X))
+    rw = torch.ones(len(yt)) if class_weight is None else torch.as_tensor(class_weight)[yt]
+    member = torch.as_tensor(np.asarray(member, dtype=bool))
+    H = member.shape[1]
+    with torch.inference_mode(), cpu_threads(1 if H * len(X) * X.shape[1] * classes <= 1 << 26 else None):
+        W, b, _ = _probe_group([p] * H, member, torch.as_tensor((X - mu) / sd), yt, classes, rw)
+        out = [fold_standardizer(W[h], b[h], mu, sd) for h in range(H)]
+    return [w.numpy() for w, _ in out], [b_.numpy() for _, b_ in out]
+
+
+def train_subsets(X, y, classes: int, p: HeadParams, rows: list, class_weight=None) -> tuple[list, list]:
+    """The tutorial-family recipe p trained on each row subset alone (its own shuffle, batches and epochs), all
+    at once; the last epoch is kept. Returns per subset W (C,D) and b (C,) as numpy arrays."""
+    import torch
+
+    Xt = torch.as_tensor(np.asarray(X), dtype=torch.float32)
+    yt = torch.as_tensor(np.asarray(y), dtype=torch.long)
+    check_finite_features("train", Xt)
+    idx = [torch.as_tensor(np.asarray(r), dtype=torch.long) for r in rows]
+    cw = None if class_weight is None else torch.as_tensor(class_weight)
+    with torch.inference_mode(), cpu_threads(1):
+        trained = _train_rows_group([p] * len(idx), idx, idx, Xt, yt, classes, cw=cw)
+    return [W.numpy() for W, _, _ in trained], [b.numpy() for _, b, _ in trained]

@@ -1,0 +1,123 @@
+"""Would more labels help? The kept recipe trained again on growing shares of train, scored on val.
+
+Each share takes, per class, the first round(share x its rows) of a per-repeat shuffle of that class's
+train rows (at least one), so a repeat's 10% lies inside its 20%, as if a team had labelled more photos of
+the same kind; each share is drawn `repeats` times (all of train once). Every head is trained at once:
+- the linear probe (the automatic recipe) in one shared row order, each head seeing only its share's rows of
+  each batch (head.train_probe_subsets): the same number of optimizer steps as the kept head, and a batch of
+  the share's rows, which is what the recipe's batch rule (probe_batch) gives a smaller train split;
+- the tutorial's recipe on each share alone (head.train_subsets: its own shuffle, batch and epochs).
+The last epoch is scored (val chooses nothing here either), so the all-of-train point is the kept head's
+own val figure for the probe and the tutorial recipe's last epoch otherwise. Pure: arrays in, a record out.
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from . import PipelineError
+
+SHARES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+REPEATS = 3
+
+
+def share_rows(labels, shares=SHARES, repeats: int = REPEATS, seed: int = 0) -> list[tuple[float, int, np.ndarray]]:
+    """(share, repeat, train row indices) of every head: nested per repeat, stratified, >= 1 row per class."""
+    y = np.asarray(labels)
+    classes = np.unique(y)
+    heads = []
+    for r in range(repeats):
+        rng = np.random.default_rng([seed, r])
+        order = {c: np.flatnonzero(y == c)[rng.permutation(int((y == c).sum()))] for c in classes}
+        for s in shares:
+            if s >= 1.0 and r > 0:
+                continue  # all of train: every repeat would draw the same rows
+            take = [order[c][:max(1, int(round(s * len(order[c]))))] for c in classes]
+            heads.append((float(s), r, np.sort(np.concatenate(take))))
+    return heads
+
+
+def _score(pred: np.ndarray, y: np.ndarray, classes: int, metric: str) -> tuple[float, float, float]:
+    """metric of pred against y with its 95% interval (accuracy: Wilson; balanced accuracy: per-class Wilson
+    intervals averaged)."""
+    from .evaluate import balanced_accuracy_ci, confusion_record, wilson_interval
+
+    if metric == "balanced_accuracy":
+        ci = balanced_accuracy_ci(confusion_record(y, pred, classes))
+        return ci["value"], ci["low"], ci["high"]
+    k = int((pred == y).sum())
+    lo, hi = wilson_interval(k, len(y))
+    return k / max(len(y), 1), lo, hi
+
+
+def learning_curve(Xtr, ytr, Xva, yva, classes: int, params, metric: str = "accuracy", class_weight=None,
+                   shares=SHARES, repeats: int = REPEATS, seed: int = 0) -> dict:
+    """Train params (a ProbeParams or HeadParams) on every share x repeat of train and score each on val.
+    Returns the record metrics.json keeps (see reading() for its sentence)."""
+    from .head import train_probe_subsets, train_subsets
+    from .recipe import ProbeParams
+
+    ytr = np.asarray(ytr)
+    yva = np.asarray(yva)
+    if len(yva) == 0:
+        raise PipelineError("the learning curve is scored on val, which has no images")
+    heads = share_rows(ytr, shares, repeats, seed)
+    t0 = time.perf_counter()
+    if isinstance(params, ProbeParams):
+        member = np.zeros((len(ytr), len(heads)), dtype=bool)
+        for h, (_, _, rows) in enumerate(heads):
+            member[rows, h] = True
+        W, b = train_probe_subsets(Xtr, ytr, classes, params, member, class_weight=class_weight)
+    else:
+        W, b = train_subsets(Xtr, ytr, classes, params, [rows for _, _, rows in heads], class_weight=class_weight)
+    seconds = time.perf_counter() - t0
+    Xv = np.asarray(Xva, dtype=np.float32)
+    points = []
+    for s in sorted({s for s, _, _ in heads}):
+        idx = [h for h, (s2, _, _) in enumerate(heads) if s2 == s]
+        runs = []
+        for h in idx:
+            logits = Xv @ W[h].T + b[h]
+            pred = logits.argmax(1) if np.isfinite(logits).all() else np.full(len(yva), -1)
+            value, low, high = _score(pred, yva, classes, metric)
+            runs.append({"value": value, "low": low, "high": high})
+        n_rows = [len(heads[h][2]) for h in idx]
+        points.append({"share": s, "rows": int(round(np.mean(n_rows))), "per_class": float(np.mean(n_rows)) / classes,
+                       "values": [r["value"] for r in runs], "mean": float(np.mean([r["value"] for r in runs])),
+                       "low": float(np.mean([r["low"] for r in runs])), "high": float(np.mean([r["high"] for r in runs]))})
+    record = {"metric": metric, "split": "val", "n_val": int(len(yva)), "repeats": repeats, "seed": seed,
+              "recipe": "probe" if isinstance(params, ProbeParams) else "tutorial", "points": points,
+              "seconds": seconds}
+    record["reading"] = reading(record)
+    return record
+
+
+def reading(record: dict) -> str:
+    """One line: what the last doubling of labelled photos added, against val's own noise."""
+    pts = record["points"]
+    full = pts[-1]
+    half = min(pts[:-1], key=lambda p: abs(p["share"] - full["share"] / 2), default=None)
+    name = record["metric"].replace("_", " ")
+    if half is None:
+        return f"val {name} {full['mean']:.1%} with all of train (one share only)"
+    gain = 100 * (full["mean"] - half["mean"])
+    noise = 100 * (full["high"] - full["low"]) / 2
+    verdict = ("within val's noise: more photos of the same kind are unlikely to change much" if abs(gain) <= noise
+               else "more labelled photos would likely help" if gain > 0 else "the smaller share scored higher")
+    return (f"the last doubling ({half['per_class']:.0f} -> {full['per_class']:.0f} labelled photos per class) "
+            f"changed val {name} by {gain:+.1f} points ({half['mean']:.1%} -> {full['mean']:.1%}); val's 95% "
+            f"interval is +-{noise:.1f} points: {verdict}")
+
+
+def table(record: dict) -> str:
+    """report.txt's lines: share, photos per class, the metric's mean over repeats and its interval."""
+    name = record["metric"].replace("_", " ")
+    lines = [f"learning curve ({record['recipe']} recipe, {record['repeats']} draws per share, val {name}, "
+             f"{record['seconds']:.2f} s):", f"  {'share':>5}  {'per class':>9}  {'mean':>7}  95% interval   draws"]
+    for p in record["points"]:
+        lines.append(f"  {p['share']:>5.0%}  {p['per_class']:>9.1f}  {p['mean']:>7.4f}  {p['low']:.3f}-{p['high']:.3f}"
+                     f"    {' '.join(f'{v:.3f}' for v in p['values'])}")
+    lines.append(record["reading"])
+    return "\n".join(lines)
+
