@@ -346,6 +346,9 @@ def head_options(prefix: str = ""):
             click.option("--folds", default=0, show_default=True, type=click.IntRange(min=0),
                          help="K >= 2: K-fold cross-validation on the train split (mean, std, per fold); a sweep is "
                               "then chosen by CV and its last epoch kept. With auto: the number of folds."),
+            click.option("--learning-curve", is_flag=True,
+                         help="Also train the kept recipe on 10%, 20%, ... 100% of train (3 draws each) and plot val "
+                              "against labelled photos per class (learning_curve.png): would more labels help?"),
             click.option("--no-views", is_flag=True, help="Ignore the cache's augmented views."),
             click.option("--no-plots", is_flag=True, help="Skip curves.png, confusion.png, predictions.png."),
         ]
@@ -373,7 +376,8 @@ def _head_config(cache, out, o: dict):
     return HeadConfig(cache=cache, out=out, epochs=o["epochs"], lr=o["lr"], momentum=o["momentum"],
                       step_size=o["step_size"], gamma=o["gamma"], batch_size=o["head_batch_size"],
                       seed=o["head_seed"], device=o["head_device"], use_views=not o["no_views"], plots=not o["no_plots"],
-                      folds=o["folds"], recipe=_head_recipe(o), class_weight=o["class_weight"])
+                      folds=o["folds"], recipe=_head_recipe(o), class_weight=o["class_weight"],
+                      learning_curve=o["learning_curve"])
 
 
 def _head_recipe(o: dict) -> str:
@@ -454,9 +458,10 @@ def extract(data_dir, cache_path, **o):
 @head_options()
 @friendly_errors
 def train_head(cache_path, out, **o):
-    """Train the new linear layer on cached features (the tutorial's recipe; lists sweep).
+    """Train the new linear layer on cached features (recipe chosen by cross-validation on train; recipe flags
+    select the tutorial's, lists sweep).
 
-    Example: cli.py train-head feats.h5 --out runs/head --lr 0.0003,0.001,0.003
+    Example: cli.py train-head feats.h5 --out runs/head --learning-curve
     """
     _do_train_head(_head_config(cache_path, out, o))
 

@@ -73,15 +73,16 @@ def learning_curve(Xtr, ytr, Xva, yva, classes: int, params, metric: str = "accu
         W, b = train_subsets(Xtr, ytr, classes, params, [rows for _, _, rows in heads], class_weight=class_weight)
     seconds = time.perf_counter() - t0
     Xv = np.asarray(Xva, dtype=np.float32)
-    points = []
+    points, right = [], {}
     for s in sorted({s for s, _, _ in heads}):
         idx = [h for h, (s2, _, _) in enumerate(heads) if s2 == s]
         runs = []
         for h in idx:
             logits = Xv @ W[h].T + b[h]
-            pred = logits.argmax(1) if np.isfinite(logits).all() else np.full(len(yva), -1)
+            pred = logits.argmax(1) if np.isfinite(logits).all() else np.full(len(yva), -1)  # diverged: all wrong
             value, low, high = _score(pred, yva, classes, metric)
             runs.append({"value": value, "low": low, "high": high})
+            right.setdefault(s, []).append(pred == yva)
         n_rows = [len(heads[h][2]) for h in idx]
         points.append({"share": s, "rows": int(round(np.mean(n_rows))), "per_class": float(np.mean(n_rows)) / classes,
                        "values": [r["value"] for r in runs], "mean": float(np.mean([r["value"] for r in runs])),
@@ -89,25 +90,44 @@ def learning_curve(Xtr, ytr, Xva, yva, classes: int, params, metric: str = "accu
     record = {"metric": metric, "split": "val", "n_val": int(len(yva)), "repeats": repeats, "seed": seed,
               "recipe": "probe" if isinstance(params, ProbeParams) else "tutorial", "points": points,
               "seconds": seconds}
+    if len(points) > 1:
+        half = min(points[:-1], key=lambda p: abs(p["share"] - points[-1]["share"] / 2))
+        record["doubling"] = {"from_share": half["share"], "to_share": points[-1]["share"],
+                              "gain": points[-1]["mean"] - half["mean"],
+                              "se": paired_se(right[points[-1]["share"]][0], right[half["share"]])}
     record["reading"] = reading(record)
     return record
 
 
+def paired_se(full_right: np.ndarray, half_right: list[np.ndarray]) -> float:
+    """Standard error of the accuracy difference between the all-of-train head and a smaller share's heads,
+    scored on the same val photos (paired, as McNemar's test: only the photos one gets right and the other
+    wrong carry it), averaged over the share's draws. Far smaller than each point's own interval, which
+    mostly reflects which photos val happens to hold."""
+    n = max(len(full_right), 1)
+    ses = []
+    for h in half_right:
+        b = float((full_right & ~h).sum())
+        c = float((~full_right & h).sum())
+        ses.append(np.sqrt(max(b + c - (b - c) ** 2 / n, 0.0)) / n)
+    return float(np.mean(ses))
+
+
 def reading(record: dict) -> str:
-    """One line: what the last doubling of labelled photos added, against val's own noise."""
+    """One line: what the last doubling of labelled photos added, against the paired noise of that difference."""
     pts = record["points"]
     full = pts[-1]
-    half = min(pts[:-1], key=lambda p: abs(p["share"] - full["share"] / 2), default=None)
     name = record["metric"].replace("_", " ")
-    if half is None:
+    if "doubling" not in record:
         return f"val {name} {full['mean']:.1%} with all of train (one share only)"
-    gain = 100 * (full["mean"] - half["mean"])
-    noise = 100 * (full["high"] - full["low"]) / 2
-    verdict = ("within val's noise: more photos of the same kind are unlikely to change much" if abs(gain) <= noise
+    d = record["doubling"]
+    half = next(p for p in pts if p["share"] == d["from_share"])
+    gain, noise = 100 * d["gain"], 200 * d["se"]
+    verdict = ("within noise: more photos of the same kind are unlikely to change much" if abs(gain) <= noise
                else "more labelled photos would likely help" if gain > 0 else "the smaller share scored higher")
     return (f"the last doubling ({half['per_class']:.0f} -> {full['per_class']:.0f} labelled photos per class) "
-            f"changed val {name} by {gain:+.1f} points ({half['mean']:.1%} -> {full['mean']:.1%}); val's 95% "
-            f"interval is +-{noise:.1f} points: {verdict}")
+            f"changed val {name} by {gain:+.1f} points ({half['mean']:.1%} -> {full['mean']:.1%}; paired noise "
+            f"+-{noise:.1f} points on the same val photos): {verdict}")
 
 
 def table(record: dict) -> str:

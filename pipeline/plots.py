@@ -237,6 +237,7 @@ class PictureJob:
     y_pred: list[int]
     kept_epoch: int | None = None  # marked in curves.png
     calibration: dict | None = None  # metrics.json's calibration record: reliability.png, coverage.png
+    learning_curve: dict | None = None  # metrics.json's learning_curve record: learning_curve.png
 
 
 def draw_pictures(job: PictureJob) -> list[str]:
@@ -252,6 +253,8 @@ def draw_pictures(job: PictureJob) -> list[str]:
     if job.calibration:
         steps["reliability.png"] = lambda p: reliability_png(job.calibration, p)
         steps["coverage.png"] = lambda p: coverage_png(job.calibration, p)
+    if job.learning_curve:
+        steps["learning_curve.png"] = lambda p: learning_curve_png(job.learning_curve, p)
     notes = []
     for name, draw in steps.items():
         try:
@@ -343,3 +346,45 @@ def coverage_figure(cal: dict):
     ax.legend(loc="lower left", fontsize=8)
     fig.tight_layout()
     return fig
+
+
+def learning_curve_png(record: dict, path: Path) -> None:
+    _save(learning_curve_figure(record), path)
+
+
+def learning_curve_figure(record: dict):
+    """Val score against labelled photos per class: the mean of each share's draws with its 95% interval
+    (shaded), each draw a dot; the one-line reading as the title."""
+    pts = record["points"]
+    fig = _figure(6.5, 4.6)
+    ax = fig.add_subplot(1, 1, 1)
+    x = [p["per_class"] for p in pts]
+    ax.fill_between(x, [p["low"] for p in pts], [p["high"] for p in pts], color="tab:blue", alpha=0.15,
+                    label="95% interval (val)")
+    ax.plot(x, [p["mean"] for p in pts], "o-", color="tab:blue", ms=4, label="mean of draws")
+    for p in pts:
+        ax.plot([p["per_class"]] * len(p["values"]), p["values"], ".", color="0.3", ms=4)
+    ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(_plain_ticks())
+    ax.xaxis.set_minor_formatter(_plain_ticks(minor=True))
+    ax.set_xlabel("labelled photos per class (train, log scale)")
+    ax.set_ylabel(f"val {record['metric'].replace('_', ' ')}")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    d = record.get("doubling")
+    if d:
+        ax.set_title(f"last doubling of labelled photos: {100 * d['gain']:+.1f} points "
+                     f"(paired noise +-{200 * d['se']:.1f})", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def _plain_ticks(minor: bool = False):
+    """Log-axis tick labels as plain numbers (12, 25, 50, 100), not powers of ten; minor ticks at 2 and 5."""
+    from matplotlib.ticker import FuncFormatter
+
+    def fmt(v, _):
+        lead = round(v / 10 ** np.floor(np.log10(v))) if v > 0 else 0
+        return f"{v:g}" if not minor or lead in (2, 5) else ""
+
+    return FuncFormatter(fmt)

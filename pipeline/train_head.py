@@ -20,6 +20,7 @@ from .sidecar import Sidecar, evaluate_splits, start_pictures
 from .sidecar import sidecar as start_sidecar
 from .splits import cache_record
 from .calibration import calibrate_head
+from .learning_curve import learning_curve, table as learning_curve_table
 
 # torch (inside head's functions), h5py (cache.read_cache) and matplotlib (the sidecar) are imported only
 # once run_train_head runs: the sidecar starts first and imports its part meanwhile.
@@ -48,6 +49,7 @@ class HeadConfig:
     folds_seed: int = 0  # fold assignment; every setting of a sweep sees the same folds
     recipe: str = "tutorial"  # tutorial: the seed recipe (flags above); auto: chosen by CV on train (the CLI's default)
     class_weight: str | None = None  # "balanced": each class's rows weigh n / (classes * count)
+    learning_curve: bool = False  # also train the kept recipe on growing shares of train (learning_curve.py)
     extra: dict = field(default_factory=dict)
 
     def grid(self) -> dict[str, list]:
@@ -313,7 +315,8 @@ def _run_train_head(cfg: HeadConfig, side: Sidecar | None) -> dict:
                     str(into), run.metrics["history"], run.metrics["confusion_matrix"][cfg.val_split],
                     cache.class_names, cfg.val_split, picture_paths(cache, cfg.val_split),
                     cache.splits[cfg.val_split].labels.tolist(), run.evaluations[cfg.val_split]["pred"],
-                    kept_epoch=run.best.best_epoch, calibration=run.metrics["calibration"]))
+                    kept_epoch=run.best.best_epoch, calibration=run.metrics["calibration"],
+                    learning_curve=run.metrics.get("learning_curve")))
         manifest = head_model_payload(run.best, cache)
         manifest.temperature = run.temperature
         notes += folder.commit(manifest, run.metrics, run.report, pictures)
@@ -384,6 +387,11 @@ def _train(cfg: HeadConfig, cache, params: list[HeadParams], side: Sidecar | Non
             which = "the setting and its epoch" if len(results) > 1 else "the epoch"
             header.append(f"recipe: the tutorial's family ({recipe_name(best.params)}); the epoch with the best "
                           f"val accuracy is kept, so the val figure is optimistic (val picked {which})")
+    curve = None
+    if cfg.learning_curve:
+        curve = learning_curve(Xtr, ytr, *_split_xy(cache, cfg.val_split), classes, best.params, metric, cw,
+                               seed=cfg.folds_seed)
+        header.append(learning_curve_table(curve))
     eval_splits = [cfg.val_split] + [s for s in cache.splits if s not in ("train", cfg.val_split)]
     evaluations = head_split_reports(best, cache, eval_splits, side)
     cal = calibrate_head(best.weight, best.bias, selection, cache, eval_splits)  # val and test untouched by it
@@ -403,6 +411,8 @@ def _train(cfg: HeadConfig, cache, params: list[HeadParams], side: Sidecar | Non
         "cache": str(cfg.cache),
         "calibration": cal.record,
     })
+    if curve is not None:
+        metrics["learning_curve"] = curve
     if selection is not None:
         metrics["selection"] = selection.record()
         if selection.scores[selection.chosen] is not None and cfg.recipe != "auto":

@@ -1,0 +1,106 @@
+"""train-head --learning-curve: nested stratified shares of train, the kept recipe on each, scored on val."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from cli import cli
+from pipeline.head import train_heads, train_probes, train_subsets
+from pipeline.learning_curve import learning_curve, paired_se, share_rows
+from pipeline.recipe import HeadParams, ProbeParams
+from synthetic_cache import write_cache
+
+
+def blobs(n: int, classes: int = 3, dim: int = 16, spread: float = 1.0, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    centres = np.random.default_rng(99).normal(size=(classes, dim)).astype(np.float32) * 2
+    y = np.arange(n) % classes
+    return (centres[y] + spread * rng.normal(size=(n, dim))).astype(np.float32), y.astype(np.int64)
+
+
+def test_shares_are_nested_stratified_and_all_of_train_once():
+    y = np.array([0] * 50 + [1] * 20 + [2] * 3)
+    heads = share_rows(y, shares=(0.1, 0.5, 1.0), repeats=3, seed=4)
+    assert [(s, r) for s, r, _ in heads] == [(0.1, 0), (0.5, 0), (1.0, 0), (0.1, 1), (0.5, 1), (0.1, 2), (0.5, 2)]
+    for s, r, rows in heads:
+        counts = np.bincount(y[rows], minlength=3)
+        assert counts.tolist() == [round(s * 50), round(s * 20), max(1, round(s * 3))]  # every class, >= 1 row
+    by = {(s, r): set(rows.tolist()) for s, r, rows in heads}
+    for r in range(3):
+        assert by[(0.1, r)] < by[(0.5, r)] <= set(range(len(y)))  # a repeat's 10% lies inside its 50%
+    assert by[(0.5, 0)] != by[(0.5, 1)]  # repeats draw differently
+    again = share_rows(y, shares=(0.1, 0.5, 1.0), repeats=3, seed=4)
+    assert all(np.array_equal(a[2], b[2]) for a, b in zip(heads, again))
+
+
+def test_paired_se_by_hand():
+    full = np.array([1, 1, 1, 1, 0, 0, 1, 1, 1, 1], dtype=bool)
+    half = np.array([1, 0, 0, 1, 1, 0, 1, 1, 1, 1], dtype=bool)
+    # b = 2 (full right, half wrong), c = 1: sqrt(3 - 1/10) / 10
+    assert paired_se(full, [half]) == pytest.approx(np.sqrt(2.9) / 10)
+    assert paired_se(full, [full]) == 0.0
+
+
+def test_probe_curve_ends_at_the_kept_head_and_rises_with_labels():
+    Xtr, ytr = blobs(600, spread=3.0)
+    Xva, yva = blobs(300, spread=3.0, seed=1)
+    p = ProbeParams(lr=0.01, epochs=20, batch_size=37, weight_decay=0.01)
+    rec = learning_curve(Xtr, ytr, Xva, yva, 3, p, shares=(0.05, 0.5, 1.0), repeats=2)
+    assert [pt["share"] for pt in rec["points"]] == [0.05, 0.5, 1.0]
+    assert [len(pt["values"]) for pt in rec["points"]] == [2, 2, 1]
+    assert rec["points"][-1]["rows"] == 600 and rec["points"][0]["per_class"] == pytest.approx(10.0)
+    (runs,), _ = train_probes(Xtr, ytr, 3, [p])  # the kept head: the same recipe on all of train
+    kept = float(((Xva @ runs[0].weight.numpy().T + runs[0].bias.numpy()).argmax(1) == yva).mean())
+    assert rec["points"][-1]["values"][0] == pytest.approx(kept, abs=1.5 / len(yva))
+    assert rec["points"][0]["mean"] < rec["points"][-1]["mean"] - 0.03  # 30 rows vs 600 on noisy blobs (0.81 vs 0.86)
+    for pt in rec["points"]:
+        assert pt["low"] <= pt["mean"] <= pt["high"]
+    d = rec["doubling"]
+    assert d["from_share"] == 0.5 and d["gain"] == pytest.approx(rec["points"][2]["mean"] - rec["points"][1]["mean"])
+    assert "labelled photos per class" in rec["reading"]
+
+
+def test_tutorial_subsets_equal_training_each_subset_alone():
+    X, y = blobs(40)
+    p = HeadParams(epochs=3)
+    rows = [np.arange(0, 40, 2), np.arange(40)]
+    W, b = train_subsets(X, y, 3, p, rows)
+    for r, w_, b_ in zip(rows, W, b):
+        (alone,), _ = train_heads((X[r], y[r]), (X[:3], y[:3]), 3, [p])
+        np.testing.assert_allclose(w_, alone.last_weight.numpy(), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(b_, alone.last_bias.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_saturated_curve_reads_within_noise():
+    Xtr, ytr = blobs(300, spread=0.05)
+    Xva, yva = blobs(90, spread=0.05, seed=1)
+    rec = learning_curve(Xtr, ytr, Xva, yva, 3, HeadParams(epochs=2), shares=(0.5, 1.0), repeats=1)
+    assert rec["points"][-1]["mean"] == 1.0 and rec["doubling"]["gain"] == 0.0
+    assert rec["reading"].endswith("within noise: more photos of the same kind are unlikely to change much")
+
+
+def test_cli_learning_curve_writes_picture_metrics_and_report(tmp_path):
+    Xtr, ytr = blobs(60, classes=2, spread=2.0)
+    Xva, yva = blobs(20, classes=2, spread=2.0, seed=1)
+    cache = write_cache(tmp_path / "c.h5", {"train": (Xtr, ytr, [f"train/{i}.jpg" for i in range(60)]),
+                                             "val": (Xva, yva, [f"val/{i}.jpg" for i in range(20)])}, ["a", "b"])
+    out = tmp_path / "run"
+    r = CliRunner().invoke(cli, ["train-head", str(cache), "--out", str(out), "--learning-curve"],
+                           env={"TLEARN_NO_SIDECAR": "1"})
+    assert r.exit_code == 0, r.output
+    m = json.loads((out / "metrics.json").read_text())
+    curve = m["learning_curve"]
+    assert [p["share"] for p in curve["points"]] == [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]
+    assert [len(p["values"]) for p in curve["points"]] == [3] * 9 + [1]
+    assert curve["n_val"] == 20 and curve["split"] == "val"
+    assert (out / "learning_curve.png").stat().st_size > 1000
+    report = (out / "report.txt").read_text()
+    assert "learning curve (" in report and "the last doubling (" in report
+    plain = tmp_path / "plain"
+    r = CliRunner().invoke(cli, ["train-head", str(cache), "--out", str(plain)], env={"TLEARN_NO_SIDECAR": "1"})
+    assert r.exit_code == 0, r.output
+    assert "learning_curve" not in json.loads((plain / "metrics.json").read_text())
+    assert not (plain / "learning_curve.png").exists()
