@@ -145,3 +145,32 @@ def test_predict_and_export_use_the_temperature_and_old_runs_predict_as_before(i
     save_manifest(tmp_path / "run_3.0" / "model.pt", m)
     r = CliRunner().invoke(cli, ["predict", str(tmp_path / "run_3.0"), files[0]])
     assert r.exit_code == 1 and "temperature is not a positive number" in r.output
+
+
+def test_ece_floor_is_the_ece_of_a_perfectly_calibrated_model():
+    from pipeline.calibration import ece, ece_floor
+
+    rng = np.random.default_rng(3)
+    conf = rng.uniform(0.5, 1.0, 300)
+    floor = ece_floor(conf)
+    # independent check: the reliability-table ECE of predictions drawn right with probability = confidence
+    direct = [ece(conf, rng.random(len(conf)) < conf) for _ in range(400)]
+    assert floor["median"] == pytest.approx(np.median(direct), rel=0.1)
+    assert floor["p95"] == pytest.approx(np.percentile(direct, 95), rel=0.15)
+    assert ece_floor(conf) == floor  # seeded
+    big = ece_floor(rng.uniform(0.5, 1.0, 3000))
+    assert big["median"] < floor["median"] / 2  # about 1/sqrt(n)
+    assert ece_floor(np.ones(50))["p95"] == 0.0  # certain and always right: no noise
+    assert ece_floor(np.array([]))["draws"] == 0
+
+
+def test_report_gives_the_noise_floor_beside_the_ece():
+    from pipeline.calibration import calibrate
+
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(200, 3)) * 3
+    labels = rng.integers(0, 3, 200)
+    cal = calibrate(logits, labels, "oof", {"val": (logits[:120], labels[:120])})
+    assert set(cal.record["ece_floor"]) == {"val"}
+    line = next(x for x in cal.lines if x.startswith("ECE of a perfectly calibrated model"))
+    assert f"val {cal.record['ece_floor']['val']['median']:.4f}" in line

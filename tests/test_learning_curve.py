@@ -11,14 +11,16 @@ from cli import cli
 from pipeline.head import train_heads, train_probes, train_subsets
 from pipeline.learning_curve import learning_curve, paired_se, share_rows
 from pipeline.recipe import HeadParams, ProbeParams
-from synthetic_cache import write_cache
+from tests.synthetic_cache import blobs, write_cache
 
 
-def blobs(n: int, classes: int = 3, dim: int = 16, spread: float = 1.0, seed: int = 0):
-    rng = np.random.default_rng(seed)
-    centres = np.random.default_rng(99).normal(size=(classes, dim)).astype(np.float32) * 2
-    y = np.arange(n) % classes
-    return (centres[y] + spread * rng.normal(size=(n, dim))).astype(np.float32), y.astype(np.int64)
+def train_val(n_train: int, n_val: int, classes: int = 3, spread: float = 1.0):
+    """Blobs of one set of centres, split into train and val rows."""
+    per = -(-(n_train + n_val) // classes)
+    X, y = blobs({c: per for c in range(classes)}, dim=16, spread=spread)
+    order = np.random.default_rng(7).permutation(len(y))
+    tr, va = order[:n_train], order[n_train:n_train + n_val]
+    return X[tr], y[tr], X[va], y[va]
 
 
 def test_shares_are_nested_stratified_and_all_of_train_once():
@@ -45,8 +47,7 @@ def test_paired_se_by_hand():
 
 
 def test_probe_curve_ends_at_the_kept_head_and_rises_with_labels():
-    Xtr, ytr = blobs(600, spread=3.0)
-    Xva, yva = blobs(300, spread=3.0, seed=1)
+    Xtr, ytr, Xva, yva = train_val(600, 300, spread=8.0)
     p = ProbeParams(lr=0.01, epochs=20, batch_size=37, weight_decay=0.01)
     rec = learning_curve(Xtr, ytr, Xva, yva, 3, p, shares=(0.05, 0.5, 1.0), repeats=2)
     assert [pt["share"] for pt in rec["points"]] == [0.05, 0.5, 1.0]
@@ -64,7 +65,7 @@ def test_probe_curve_ends_at_the_kept_head_and_rises_with_labels():
 
 
 def test_tutorial_subsets_equal_training_each_subset_alone():
-    X, y = blobs(40)
+    X, y, _, _ = train_val(40, 0)
     p = HeadParams(epochs=3)
     rows = [np.arange(0, 40, 2), np.arange(40)]
     W, b = train_subsets(X, y, 3, p, rows)
@@ -75,16 +76,14 @@ def test_tutorial_subsets_equal_training_each_subset_alone():
 
 
 def test_saturated_curve_reads_within_noise():
-    Xtr, ytr = blobs(300, spread=0.05)
-    Xva, yva = blobs(90, spread=0.05, seed=1)
+    Xtr, ytr, Xva, yva = train_val(300, 90, spread=0.05)
     rec = learning_curve(Xtr, ytr, Xva, yva, 3, HeadParams(epochs=2), shares=(0.5, 1.0), repeats=1)
     assert rec["points"][-1]["mean"] == 1.0 and rec["doubling"]["gain"] == 0.0
     assert rec["reading"].endswith("within noise: more photos of the same kind are unlikely to change much")
 
 
 def test_cli_learning_curve_writes_picture_metrics_and_report(tmp_path):
-    Xtr, ytr = blobs(60, classes=2, spread=2.0)
-    Xva, yva = blobs(20, classes=2, spread=2.0, seed=1)
+    Xtr, ytr, Xva, yva = train_val(60, 20, classes=2, spread=4.0)
     cache = write_cache(tmp_path / "c.h5", {"train": (Xtr, ytr, [f"train/{i}.jpg" for i in range(60)]),
                                              "val": (Xva, yva, [f"val/{i}.jpg" for i in range(20)])}, ["a", "b"])
     out = tmp_path / "run"
