@@ -38,8 +38,18 @@ class HeadParams:
         check_recipe(**{f.name: getattr(self, f.name) for f in fields(self)})
 
     def lr_at(self, epoch: int) -> float:
-        """StepLR: lr * gamma ** (epoch // step_size)."""
-        return self.lr * self.gamma ** (epoch // self.step_size)
+        """The learning rate of epoch (0-based), as torch.optim.lr_scheduler.StepLR gives it."""
+        return self.lrs(epoch + 1)[-1]
+
+    def lrs(self, epochs: int) -> list[float]:
+        """StepLR's learning rate of each epoch: lr, times gamma at every step_size-th epoch. One multiplication per
+        boundary, as torch's scheduler does: the closed form lr * gamma ** k differs by an ulp from some k on."""
+        out, lr = [], self.lr
+        for epoch in range(epochs):
+            if epoch and epoch % self.step_size == 0:
+                lr *= self.gamma
+            out.append(lr)
+        return out
 
 
 RECIPE_FIELDS = {f.name: f for f in fields(HeadParams)}

@@ -73,3 +73,22 @@ def test_extract_and_finetune_share_their_data_options(tmp_path):
         got_ft = _parsed("finetune", tmp_path, "--out", tmp_path / "o", *args)
         assert {n: got_ex[n] for n in want} == want == {n: got_ft[n] for n in want}
     assert all(p.help for p in ft.values() if p.param_type_name == "option"), "every finetune option has help"
+
+
+@pytest.mark.parametrize("lr,step_size,gamma", [(0.001, 7, 0.1), (0.01, 1, 0.1), (0.3, 1, 0.9), (0.05, 3, 0.5),
+                                                (1e-4, 13, 0.37)])
+def test_lr_at_is_torch_steplr(lr, step_size, gamma):
+    """The same float multiplications as torch's StepLR, so equal to the bit (the closed form is not, from an
+    epoch on)."""
+    import torch
+
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=lr, momentum=0.9)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size, gamma)
+    torch_lrs = []
+    for _ in range(61):
+        torch_lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    p = HeadParams(lr=lr, step_size=step_size, gamma=gamma)
+    assert p.lrs(61) == torch_lrs
+    assert [p.lr_at(e) for e in range(61)] == torch_lrs
