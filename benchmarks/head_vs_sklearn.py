@@ -31,7 +31,7 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks.real_backbone import available, make_feature_program  # noqa: E402
 from benchmarks.real_sets import write_digits  # noqa: E402
-from pipeline.evaluate import wilson_interval  # noqa: E402
+from pipeline.metrics import wilson_interval  # noqa: E402
 
 ANTS = REPO.parent / "shared/datasets/hymenoptera_data"
 TUTORIAL_FLAGS = ["--lr", "0.001", "--epochs", "25", "--batch-size", "4", "--momentum", "0.9",

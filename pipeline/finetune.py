@@ -22,7 +22,7 @@ from .data import TRANSFORM_SPEC, EpochSampler, ImageChanged, LabelledImages, ch
 from .distributed import Dist, init_distributed, rank_device, shutdown
 from .head import TrainingDiverged
 from .recipe import TUTORIAL_RECIPE, check_recipe
-from .evaluate import evaluate_predictions, report_text, run_metrics, weights_line
+from .metrics import classification_metrics, report_text, run_metrics, weights_line
 from .progress import Progress
 from .fsio import atomic_write_json, sha256_json
 from .runfolder import CHECKPOINT, VERDICTS, FinetuneCheckpoint, ModelFileError, RunFolder, RunManifest
@@ -552,7 +552,7 @@ def _train(cfg: FinetuneConfig, progress: Progress, d: Dist, folder: RunFolder |
     rest = [g for g, s in enumerate(names) if s not in (train_name, val_name)]
     for g, part in zip(rest, loaders.pass_(cfg.epochs, rest) if rest else []):
         preds[names[g]] = loss_accuracy_predictions(net, part, criterion, rt, d)[2]
-    evaluations = {s: evaluate_predictions(list(files[s][1]), np.asarray(p).tolist(), data.class_names)
+    evaluations = {s: classification_metrics(list(files[s][1]), np.asarray(p).tolist(), data.class_names)
                    for s, p in preds.items()}
     metrics = run_metrics(
         "finetune", evaluations, val_split=val_name, best_val_acc=best_acc, best_epoch=best_epoch, history=history,

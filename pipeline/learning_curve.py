@@ -41,7 +41,7 @@ def share_rows(labels, shares=SHARES, repeats: int = REPEATS, seed: int = 0) -> 
 def _score(pred: np.ndarray, y: np.ndarray, classes: int, metric: str) -> tuple[float, float, float]:
     """metric of pred against y with its 95% interval (accuracy: Wilson; balanced accuracy: per-class Wilson
     intervals averaged)."""
-    from .evaluate import balanced_accuracy_ci, confusion_record, wilson_interval
+    from .metrics import balanced_accuracy_ci, confusion_record, wilson_interval
 
     if metric == "balanced_accuracy":
         ci = balanced_accuracy_ci(confusion_record(y, pred, classes))

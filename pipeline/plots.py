@@ -79,7 +79,7 @@ def matrix_view(matrix, class_names: list[str], limit: int = MATRIX_CLASSES) -> 
     """(matrix, names, note) to draw from a confusion record (dense rows or metrics.json's sparse entries):
     all classes up to limit; beyond that the limit classes with the most errors (wrong predictions from or
     into them), in their original order, and a note saying so. Linear in the record's nonzero cells."""
-    from .evaluate import confusion_entries
+    from .metrics import confusion_entries
 
     t, p, c, _ = confusion_entries(matrix)
     classes = len(class_names)
@@ -229,7 +229,7 @@ class PictureJob:
 
     out: str
     history: list[dict]
-    confusion_matrix: list | dict  # evaluate.confusion_record: dense rows, or sparse entries for many classes
+    confusion_matrix: list | dict  # metrics.confusion_record: dense rows, or sparse entries for many classes
     class_names: list[str]
     split: str
     image_paths: list[str | None]  # absolute, one per row of the split; None: not to be read

@@ -3,7 +3,7 @@
 Why: in one process, importing matplotlib (~0.3 s) and drawing three pictures
 (~0.3 s) all come after torch's import and the training, one after the other. Started before the main
 process imports torch (or before extract), the sidecar imports them on another core meanwhile, then
-computes the report (the same evaluate_predictions; its dict crosses back as JSON, which keeps floats
+computes the report (the same classification_metrics; its dict crosses back as JSON, which keeps floats
 exact) and draws the pictures while the main process saves the model.
 
 It never fails a run: when it cannot start, answers an error or dies, the report is computed in the main
@@ -133,18 +133,18 @@ def sidecar(plots: bool = True, nice: int = 0, enabled: bool = True):
         yield side
 
 
-def evaluate_splits(side: Sidecar | None, preds: dict[str, tuple[list[int], list[int]]],
-                    class_names: list[str]) -> dict[str, dict]:
-    """{split: evaluate_predictions(y_true, y_pred, class_names)}: in the sidecar when there is one,
+def split_classification_metrics(side: Sidecar | None, preds: dict[str, tuple[list[int], list[int]]],
+                                 class_names: list[str]) -> dict[str, dict]:
+    """{split: classification_metrics(y_true, y_pred, class_names)}: in the sidecar when there is one,
     else (or when it fails) here. Labels must be plain ints (lists), as they cross as JSON."""
     if side is not None:
         try:
             return side.call("evaluate", {"splits": preds, "class_names": class_names}, EVALUATE_TIMEOUT_S)
         except SidecarError:
             pass
-    from .evaluate import evaluate_predictions
+    from .metrics import classification_metrics
 
-    return {s: evaluate_predictions(yt, yp, class_names) for s, (yt, yp) in preds.items()}
+    return {s: classification_metrics(yt, yp, class_names) for s, (yt, yp) in preds.items()}
 
 
 def start_pictures(side: Sidecar | None, job) -> Callable[[], list[str]]:
@@ -180,10 +180,10 @@ def start_pictures(side: Sidecar | None, job) -> Callable[[], list[str]]:
 
 
 def _evaluate(payload: dict) -> dict:
-    from .evaluate import evaluate_predictions
+    from .metrics import classification_metrics
 
     names = payload["class_names"]
-    return {s: evaluate_predictions(yt, yp, names) for s, (yt, yp) in payload["splits"].items()}
+    return {s: classification_metrics(yt, yp, names) for s, (yt, yp) in payload["splits"].items()}
 
 
 def _draw(payload: dict) -> list[str]:
@@ -205,9 +205,9 @@ def serve(argv: list[str]) -> None:
     if int(opts.get("nice", 0)) > 0:
         os.nice(int(opts["nice"]))
     try:
-        from . import evaluate
+        from . import metrics
 
-        evaluate.preload()
+        metrics.preload()
         if "plots" in argv:
             from . import plots
 

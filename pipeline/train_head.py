@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import PipelineError
-from .evaluate import (balanced_accuracy, ci_from_accuracy, confusion_record, format_accuracy,
+from .metrics import (balanced_accuracy, ci_from_accuracy, confusion_record, format_accuracy,
                        run_metrics, weights_line)
 from .head import (HeadParams, HeadResult, TrainingDiverged, class_weights, cpu_threads, expand_grid, head_logits,
                    params_dict, stratified_folds, train_folds, train_heads, train_probes)
@@ -16,7 +16,7 @@ from .recipe import AUTO_CV_MAX_ROWS, AUTO_TUTORIAL_MAX_ROWS, ProbeParams, auto_
 from .plots import PictureJob, inside, resolve_data_dir
 from .runfolder import RunFolder, RunManifest
 from .runtime import resolve_device
-from .sidecar import Sidecar, evaluate_splits, start_pictures
+from .sidecar import Sidecar, split_classification_metrics, start_pictures
 from .sidecar import sidecar as start_sidecar
 from .splits import cache_record
 from .calibration import calibrate_head
@@ -65,14 +65,15 @@ def _split_xy(cache, name: str):
 SMALL_HEAD_WORK = 1 << 22  # heads x rows x dim x classes; at or below it one CPU thread is fastest
 
 
-def head_split_reports(result: HeadResult, cache, splits: list[str], side: Sidecar | None = None) -> dict[str, dict]:
-    """{split: evaluate_predictions(...) of the head's predictions, plus 'pred'}: the kept head on each split."""
+def head_classification_metrics(result: HeadResult, cache, splits: list[str],
+                                side: Sidecar | None = None) -> dict[str, dict]:
+    """{split: classification_metrics(...) of the head's predictions, plus 'pred'}: the kept head on each split."""
     preds = {}
     for s in splits:
         X, y = _split_xy(cache, s)
         pred = head_logits(result.weight, result.bias, X).argmax(1) if len(y) else np.zeros(0, np.int64)
         preds[s] = (np.asarray(y).tolist(), pred.tolist())
-    out = evaluate_splits(side, preds, cache.class_names)
+    out = split_classification_metrics(side, preds, cache.class_names)
     for s in splits:
         out[s]["pred"] = preds[s][1]
     return out
@@ -393,7 +394,7 @@ def _train(cfg: HeadConfig, cache, params: list[HeadParams], side: Sidecar | Non
                                seed=cfg.folds_seed)
         header.append(learning_curve_table(curve))
     eval_splits = [cfg.val_split] + [s for s in cache.splits if s not in ("train", cfg.val_split)]
-    evaluations = head_split_reports(best, cache, eval_splits, side)
+    evaluations = head_classification_metrics(best, cache, eval_splits, side)
     cal = calibrate_head(best.weight, best.bias, selection, cache, eval_splits)  # val and test untouched by it
     metrics = run_metrics(
         "head", evaluations, val_split=cfg.val_split, best_val_acc=best.best_val_acc, best_epoch=best.best_epoch,
@@ -489,5 +490,5 @@ def head_report(header: list[str], evaluations: dict, balanced: dict, best: Head
     for split, ev in evaluations.items():
         b = balanced[split]
         parts.append(f"== {split}: {ev['n']} images, accuracy {format_accuracy(ev['accuracy_ci'])}, balanced accuracy "
-                     f"{b['value']:.4f} (95% CI {b['low']:.3f}-{b['high']:.3f}) ==\n{ev['report_text']}")
+                     f"{b['value']:.4f} (95% CI {b['low']:.3f}-{b['high']:.3f}) ==\n{ev['classification_report_text']}")
     return "\n".join(parts)

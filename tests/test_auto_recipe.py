@@ -11,7 +11,7 @@ from torch import nn
 from cli import cli
 from pipeline.head import class_weights, init_linear, stratified_folds, train_heads, train_probes
 from pipeline.recipe import HeadParams, ProbeParams, auto_grid
-from pipeline.evaluate import balanced_accuracy_ci
+from pipeline.metrics import balanced_accuracy_ci
 from tests.synthetic_cache import blobs, write_cache
 
 

@@ -11,7 +11,7 @@ from cli import BarProgress, cli
 from pipeline.finetune import finetune
 from pipeline.progress import Progress
 from tests.conftest import finetune_config, make_dataset
-from tests.test_evaluate import SHARED_KEYS
+from tests.test_metrics import SHARED_KEYS
 
 
 class Recorder(Progress):

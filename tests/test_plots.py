@@ -36,7 +36,7 @@ def test_confusion_view_reads_sparse_records_like_dense():
     """Many classes: metrics.json's sparse record draws the same 25-class picture as the full matrix."""
     import numpy as np
 
-    from pipeline.evaluate import confusion_record
+    from pipeline.metrics import confusion_record
     from pipeline.plots import matrix_view
 
     g = np.random.default_rng(0)

@@ -7,7 +7,7 @@ from click.testing import CliRunner
 
 from cli import cli
 from tests.synthetic_cache import blobs, write_cache
-from tests.test_evaluate import SHARED_KEYS
+from tests.test_metrics import SHARED_KEYS
 
 
 def _train_head(cache, out, *extra):

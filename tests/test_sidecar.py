@@ -5,7 +5,7 @@ from click.testing import CliRunner
 
 from cli import cli
 from pipeline import plots, sidecar
-from pipeline.evaluate import evaluate_predictions
+from pipeline.metrics import classification_metrics
 
 
 def _preds(n=40, classes=3, seed=0):
@@ -20,10 +20,10 @@ def test_sidecar_report_is_exactly_the_in_process_one():
     splits = {"val": _preds(), "test": _preds(seed=1)}
     with sidecar.sidecar(plots=False) as side:
         assert side is not None
-        remote = sidecar.evaluate_splits(side, splits, names)
-    here = {s: evaluate_predictions(y, p, names) for s, (y, p) in splits.items()}
+        remote = sidecar.split_classification_metrics(side, splits, names)
+    here = {s: classification_metrics(y, p, names) for s, (y, p) in splits.items()}
     assert remote == here
-    assert remote["val"]["report_text"] == here["val"]["report_text"]
+    assert remote["val"]["classification_report_text"] == here["val"]["classification_report_text"]
 
 
 def test_a_dead_sidecar_costs_nothing_but_the_pictures(tmp_path):
@@ -31,7 +31,7 @@ def test_a_dead_sidecar_costs_nothing_but_the_pictures(tmp_path):
     splits = {"val": _preds()}
     side = sidecar.Sidecar.start(plots=False)
     side.kill()
-    assert sidecar.evaluate_splits(side, splits, names) == {"val": evaluate_predictions(*splits["val"], names)}
+    assert sidecar.split_classification_metrics(side, splits, names) == {"val": classification_metrics(*splits["val"], names)}
     job = plots.PictureJob(str(tmp_path), [], [[1]], ["a"], "val", [], [], [])
     notes = sidecar.start_pictures(side, job)()
     assert len(notes) == 1 and notes[0].startswith("pictures not drawn:")

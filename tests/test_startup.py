@@ -118,7 +118,7 @@ def test_the_quick_exit_waits_for_anything_still_running(monkeypatch):
 
 def test_the_sidecar_side_never_imports_torch():
     """What the sidecar loads (report, pictures) must not pay for torch: it runs beside torch's import."""
-    loaded = _modules_after("from pipeline import evaluate, plots, sidecar\nevaluate.preload()\nplots.preload()")
+    loaded = _modules_after("from pipeline import metrics, plots, sidecar\nmetrics.preload()\nplots.preload()")
     # the report is numpy now (scikit-learn's C x C arrays cost minutes at 10,000 classes): only matplotlib
     assert "matplotlib" in loaded and "torch" not in loaded and "torchvision" not in loaded
 

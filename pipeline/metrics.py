@@ -1,5 +1,6 @@
-"""Evaluation results as plain dicts: scikit-learn's classification report and a confusion matrix, and a
-95% Wilson score interval for every accuracy (with 153 val images one image is 0.65 points)."""
+"""A run's metrics as plain dicts: scikit-learn's classification report and a confusion matrix per split, a
+95% Wilson score interval for every accuracy (with 153 val images one image is 0.65 points), the balanced
+accuracy, the warnings, and report.txt's text."""
 from __future__ import annotations
 
 import math
@@ -69,7 +70,7 @@ def class_scores(y_true, y_pred, classes: int) -> dict:
             "recall": divide(tp, support), "f1": divide(2 * tp, support + predicted)}
 
 
-def report_dict(scores: dict, class_names: list[str]) -> dict:
+def classification_report_dict(scores: dict, class_names: list[str]) -> dict:
     """scikit-learn's classification_report(output_dict=True) from class_scores (every label listed, so
     micro average = accuracy)."""
     p, r, f, s = scores["precision"], scores["recall"], scores["f1"], scores["support"]
@@ -84,11 +85,11 @@ def report_dict(scores: dict, class_names: list[str]) -> dict:
     return out
 
 
-def report_lines(report: dict, class_names: list[str], digits: int = 4, limit: int = REPORT_CLASSES,
-                 worst: int = WORST_CLASSES) -> str:
-    """scikit-learn's printed classification report from report_dict, in its layout. Up to limit classes
-    every class has its line; beyond, only the worst classes (lowest f1, then most images) and a line
-    saying how many are hidden (all of them are in metrics.json), so report.txt stays short at any C."""
+def classification_report_text(report: dict, class_names: list[str], digits: int = 4, limit: int = REPORT_CLASSES,
+                               worst: int = WORST_CLASSES) -> str:
+    """scikit-learn's printed classification report from classification_report_dict, in its layout. Up to
+    limit classes every class has its line; beyond, only the worst classes (lowest f1, then most images) and
+    a line saying how many are hidden (all of them are in metrics.json), so report.txt stays short at any C."""
     shown = list(range(len(class_names)))
     note = ""
     if len(class_names) > limit:
@@ -147,25 +148,26 @@ def confusion_counts(record) -> tuple[np.ndarray, np.ndarray]:
             np.bincount(t[t == p], weights=c[t == p], minlength=classes).astype(np.int64))
 
 
-def evaluate_predictions(y_true, y_pred, class_names: list[str]) -> dict:
-    """{'n', 'accuracy', 'accuracy_ci', 'classification_report' (sklearn's dict), 'report_text',
+def classification_metrics(y_true, y_pred, class_names: list[str]) -> dict:
+    """One split's metrics from its labels and predictions: {'n', 'accuracy', 'accuracy_ci',
+    'classification_report' (sklearn's dict), 'classification_report_text' (its printed form),
     'confusion_matrix' (confusion_record)}; linear in rows and classes."""
     y_true, y_pred = np.asarray(y_true, dtype=np.int64), np.asarray(y_pred, dtype=np.int64)
     classes = len(class_names)
     correct = int((y_true == y_pred).sum())
-    report = report_dict(class_scores(y_true, y_pred, classes), class_names)
+    report = classification_report_dict(class_scores(y_true, y_pred, classes), class_names)
     return {
         "n": int(len(y_true)),
         "accuracy": float((y_true == y_pred).mean()) if len(y_true) else 0.0,
         "accuracy_ci": accuracy_ci(correct, len(y_true)),
         "classification_report": report,
-        "report_text": report_lines(report, class_names),
+        "classification_report_text": classification_report_text(report, class_names),
         "confusion_matrix": confusion_record(y_true, y_pred, classes),
     }
 
 
 def split_metrics(evaluations: dict[str, dict]) -> dict:
-    """metrics.json fields from {split: evaluate_predictions(...)}: each keyed by split."""
+    """metrics.json fields from {split: classification_metrics(...)}: each keyed by split."""
     return {
         "accuracy": {k: v["accuracy"] for k, v in evaluations.items()},
         "accuracy_ci": {k: v["accuracy_ci"] for k, v in evaluations.items()},
@@ -200,7 +202,7 @@ def run_metrics(kind: str, evaluations: dict[str, dict], *, val_split: str, best
                 history: list[dict], class_names: list[str], seconds: float, recipe: dict, n: dict[str, int],
                 skipped: list, split: dict | None, backbone: str, weights: str) -> dict:
     """The part of metrics.json that every run has (train-head and finetune alike); each stage adds only
-    its own keys to it. evaluations: {split: evaluate_predictions(...)}, val_split's first.
+    its own keys to it. evaluations: {split: classification_metrics(...)}, val_split's first.
 
     kind, best_val_acc (+ _ci on n[val_split] images), best_epoch, history; accuracy, accuracy_ci,
     balanced_accuracy, balanced_accuracy_ci, classification_report, confusion_matrix keyed by split;
@@ -270,5 +272,5 @@ def report_text(evaluations: dict[str, dict], best_val_acc: float, best_epoch: i
              + f"best val acc {format_accuracy(ci_from_accuracy(best_val_acc, n_val))} at epoch {best_epoch}\n"]
     for split, ev in evaluations.items():
         parts.append(f"== {split}: {ev['n']} images, accuracy {format_accuracy(ev['accuracy_ci'])} ==\n"
-                     f"{ev['report_text']}")
+                     f"{ev['classification_report_text']}")
     return "\n".join(parts)

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from cli import sweep_table
-from pipeline.evaluate import accuracy_ci, balanced_accuracy_ci, confusion_counts, confusion_entries, confusion_record, \
-    evaluate_predictions, format_accuracy, report_text, run_metrics, run_warnings, split_metrics, weights_line, \
+from pipeline.metrics import accuracy_ci, balanced_accuracy_ci, confusion_counts, confusion_entries, confusion_record, \
+    classification_metrics, format_accuracy, report_text, run_metrics, run_warnings, split_metrics, weights_line, \
     wilson_interval
 
 
@@ -44,7 +44,7 @@ def test_wilson_edges():
 
 
 def test_reports_and_metrics_carry_the_interval():
-    ev = evaluate_predictions([0] * 10 + [1] * 10, [0] * 10 + [1] * 7 + [0] * 3, ["a", "b"])
+    ev = classification_metrics([0] * 10 + [1] * 10, [0] * 10 + [1] * 7 + [0] * 3, ["a", "b"])
     assert ev["accuracy"] == 0.85 and ev["accuracy_ci"]["correct"] == 17 and ev["accuracy_ci"]["n"] == 20
     lo, hi = wilson_interval(17, 20)
     assert (ev["accuracy_ci"]["low"], ev["accuracy_ci"]["high"]) == (lo, hi)
@@ -79,13 +79,13 @@ def test_report_equals_sklearn_for_few_classes():
     y, p = _labels(7, 60, seed=3)
     y[y == 3], p[p == 5] = 4, 6
     names = [f"c{i}" for i in range(7)]
-    ev = evaluate_predictions(y, p, names)
+    ev = classification_metrics(y, p, names)
     ref = classification_report(y, p, labels=range(7), target_names=names, output_dict=True, zero_division=0)
     assert ev["classification_report"].keys() == ref.keys()
     for k, v in ref.items():
         assert ev["classification_report"][k] == (pytest.approx(v, abs=1e-12) if isinstance(v, float)
                                                   else {m: pytest.approx(x, abs=1e-12) for m, x in v.items()})
-    assert ev["report_text"] == classification_report(y, p, labels=range(7), target_names=names, digits=4,
+    assert ev["classification_report_text"] == classification_report(y, p, labels=range(7), target_names=names, digits=4,
                                                       zero_division=0)
     assert ev["confusion_matrix"] == confusion_matrix(y, p, labels=range(7)).tolist()  # dense, as before
 
@@ -96,12 +96,12 @@ def test_many_classes_stay_linear_sparse_and_bounded():
     classes = 3000
     y, p = _labels(classes, classes)
     names = [f"class_{i:05d}" for i in range(classes)]
-    ev = evaluate_predictions(y, p, names)
+    ev = classification_metrics(y, p, names)
     cm = ev["confusion_matrix"]
     assert cm["classes"] == classes and len(cm["entries"]) <= classes
     assert sum(c for _, _, c in cm["entries"]) == classes
     assert len(json.dumps(ev)) < 1_000_000
-    text = ev["report_text"]
+    text = ev["classification_report_text"]
     assert len(text.splitlines()) < 40
     assert text.startswith(f"{classes} classes: the 20 with the lowest f1-score are listed")
     assert f"accuracy                         {ev['accuracy']:.4f}      {classes}" in text
@@ -122,7 +122,7 @@ def test_many_classes_stay_linear_sparse_and_bounded():
 # --------------------------------------------------------------------------- warnings a reader must see
 
 def _ev(y, p, names):
-    return evaluate_predictions(y, p, names)
+    return classification_metrics(y, p, names)
 
 
 def test_warnings_random_weights_tiny_val_one_class():
