@@ -2,9 +2,11 @@
 StepLR, batch 4, shuffled, keep the best-val epoch), for one head or a grid of heads at once.
 
 The loop computes the linear layer's softmax cross-entropy gradient in closed form and applies
-torch.optim.SGD's momentum rule by hand, for H heads stacked in one tensor: no autograd graph, no
-optimizer objects, no per-batch gathers (each epoch is permuted once, batches are slices). The
-result equals an autograd loop with nn.Linear + SGD + StepLR step for step (see tests/test_head.py).
+torch.optim.SGD's momentum rule by hand (sgd_momentum), for H heads stacked in one tensor: no autograd graph,
+no optimizer objects, no per-batch gathers (each epoch is permuted once, batches are slices). One loop
+(_train_rows_group) serves train_heads (every head on all rows), the K-fold CV and the learning curve (each head
+on its own rows). The result equals an autograd loop with nn.Linear + SGD + StepLR step for step (see
+tests/test_head.py).
 """
 from __future__ import annotations
 
@@ -82,59 +84,139 @@ def _loss_and_accuracy(W: torch.Tensor, b: torch.Tensor, X: torch.Tensor, y: tor
     return loss.mean(1), acc
 
 
-def _train_group(params: list[HeadParams], Xtr, ytr, Vtr, Xva, yva, classes: int, cw=None) -> list[HeadResult]:
-    """Heads that share epochs and batch size, trained in lockstep."""
+def sgd_momentum(w: torch.Tensor, buf: torch.Tensor, grad: torch.Tensor, lr, momentum, active=None):
+    """One step of torch.optim.SGD with momentum (dampening 0, no Nesterov; weight decay, if any, is already in
+    grad): buf = momentum * buf + grad, w = w - lr * buf. Returns the new (w, buf); a buffer of zeros gives torch's
+    first step (buf = grad). active: a mask that broadcasts to w; where it is False, w and buf stay as they were."""
+    buf_new = buf * momentum + grad
+    w_new = w - lr * buf_new
+    if active is None:
+        return w_new, buf_new
     import torch
 
-    H, (N, D), dev = len(params), Xtr.shape, Xtr.device
+    return torch.where(active, w_new, w), torch.where(active, buf_new, buf)
+
+
+def _epoch_order(rows: list[torch.Tensor], gens: list, N: int, views: int | None):
+    """One epoch's order of each head's rows, padded to N: perm (H,N) row ids of X and, with views per row, the
+    view each row takes (H,N) (else None). Head h draws from its own generator what the tutorial's loop draws on
+    X[rows[h]] alone: a permutation of its rows, then one view per row."""
+    import torch
+
+    dev = rows[0].device
+    perm = torch.zeros(len(rows), N, dtype=torch.long, device=dev)
+    pick = None if views is None else torch.zeros_like(perm)
+    for h, (r, g) in enumerate(zip(rows, gens)):
+        pos = torch.randperm(len(r), generator=g).to(dev)
+        perm[h, :len(r)] = r[pos]
+        if pick is not None:
+            pick[h, :len(r)] = torch.randint(views, (len(r),), generator=g).to(dev)[pos]
+    return perm, pick
+
+
+def _scorer(heldout, X: torch.Tensor, y: torch.Tensor):
+    """score(W, b) -> (mean loss (H,), accuracy (H,)) of each head on its held-out rows. heldout: (Xv, yv), rows
+    that every head is scored on, or per head a tensor of row ids of X (gathered here once)."""
+    import torch
+
+    if isinstance(heldout, tuple):
+        return lambda W, b: _loss_and_accuracy(W, b, *heldout)
+    H, M = len(heldout), max(1, max(len(r) for r in heldout))
+    idx = torch.zeros(H, M, dtype=torch.long, device=X.device)
+    mask = torch.zeros(H, M, dtype=torch.bool, device=X.device)
+    for h, r in enumerate(heldout):
+        idx[h, :len(r)], mask[h, :len(r)] = r, True
+    Xh, yh, count = X[idx], y[idx], mask.sum(1).clamp(min=1)  # (H,M,D), (H,M), (H,)
+
+    def score(W, b):
+        logits = Xh @ W.transpose(1, 2) + b[:, None, :]  # (H,M,C)
+        nll = torch.logsumexp(logits, -1) - logits.gather(2, yh[..., None]).squeeze(2)
+        return torch.where(mask, nll, 0).sum(1) / count, ((logits.argmax(-1) == yh) & mask).sum(1) / count
+
+    return score
+
+
+def _train_rows_group(params: list[HeadParams], rows: list[torch.Tensor], heldout, X: torch.Tensor,
+                      y: torch.Tensor, classes: int, segment_rows: int = 8192, cw=None, views=None
+                      ) -> list[HeadResult]:
+    """The tutorial's recipe for heads that share epochs and batch size, each on its own rows of X, in lockstep.
+
+    Head h does what the tutorial's loop does on X[rows[h]] alone: its permutation of its rows from its own
+    generator, batches of B slices of it (the last one short), one view per row and epoch from views (N,K,D) if
+    given. Shorter heads are padded to the longest: padded rows get no gradient, a batch's gradient is the mean
+    over the head's own rows in it, and a head with no rows left in a batch takes no step (its momentum buffer and
+    weights stay as they are), as if that batch did not exist for it. Each epoch scores every head on heldout (see
+    _scorer) and keeps its first best epoch. Returns a HeadResult per head (last_weight: after the final epoch).
+    """
+    import torch
+
+    H, D, dev = len(params), X.shape[1], X.device
     epochs, B = params[0].epochs, params[0].batch_size
+    n = torch.tensor([len(r) for r in rows], device=dev)  # (H,)
+    N, n_min = int(n.max()), int(n.min())
     W0, b0 = zip(*(init_linear(D, classes, p.seed) for p in params))
     W, b = torch.stack(W0).to(dev), torch.stack(b0).to(dev)  # (H,C,D), (H,C)
-    bufW, bufb = torch.zeros_like(W), torch.zeros_like(b)  # momentum buffers; 0*m + g = g on step 1
+    bufW, bufb = torch.zeros_like(W), torch.zeros_like(b)  # momentum buffers
     mom = torch.tensor([p.momentum for p in params], device=dev)
+    momW, momb = mom[:, None, None], mom[:, None]
+    lrs = [p.lrs(epochs) for p in params]
+    lr_epoch = torch.tensor(lrs, device=dev).T  # (epochs,H)
     gens = [torch.Generator().manual_seed(p.seed) for p in params]
+    eye = torch.eye(classes, device=dev)
+    valid = torch.arange(N, device=dev)[None, :] < n[:, None]  # (H,N) real rows of each head's padded order
+    score = _scorer(heldout, X, y)
     best_W, best_b = W.clone(), b.clone()
     best_acc = torch.full((H,), -1.0, device=dev)
     best_epoch = torch.zeros(H, dtype=torch.long, device=dev)
     diverged = torch.full((H,), -1, dtype=torch.long, device=dev)  # epoch a head went non-finite, -1: never
     hist = [[] for _ in params]
-    eye = torch.eye(classes, device=dev)
+    seg = B * max(1, segment_rows // B)  # gather this many permuted rows at a time: memory H x seg x D
     for epoch in range(epochs):
-        lr = torch.tensor([p.lr_at(epoch) for p in params], device=dev)
-        perm = torch.stack([torch.randperm(N, generator=g) for g in gens]).to(dev)  # (H,N)
-        if Vtr is not None:  # one augmented view per image per epoch
-            pick = torch.stack([torch.randint(Vtr.shape[1], (N,), generator=g) for g in gens]).to(dev)
-            Xp = Vtr[perm, pick.gather(1, perm)]  # (H,N,D)
-        else:
-            Xp = Xtr[perm]  # (H,N,D)
-        yp = ytr[perm]  # (H,N)
-        Yp = eye[yp]  # (H,N,C)
+        lrW, lrb = lr_epoch[epoch][:, None, None], lr_epoch[epoch][:, None]
+        perm, pick = _epoch_order(rows, gens, N, None if views is None else views.shape[1])
         loss_sum = torch.zeros(H, device=dev)
         correct = torch.zeros(H, device=dev)
-        for s in range(0, N, B):
-            x, yb, Y = Xp[:, s:s + B], yp[:, s:s + B], Yp[:, s:s + B]
-            logits = torch.baddbmm(b[:, None, :], x, W.transpose(1, 2))  # (H,b,C)
-            lse = torch.logsumexp(logits, -1, keepdim=True)
-            loss_sum += (lse.squeeze(-1) - (logits * Y).sum(-1)).sum(1)
-            correct += (logits.argmax(-1) == yb).sum(1)
-            g = (torch.exp(logits - lse) - Y) / x.shape[1]  # d(mean CE)/d logits
-            if cw is not None:  # --class-weight: each row's loss times its class's weight (mean over the batch)
-                g = g * cw[yb][..., None]
-            bufW.mul_(mom[:, None, None]).add_(torch.bmm(g.transpose(1, 2), x))
-            bufb.mul_(mom[:, None]).add_(g.sum(1))
-            W.sub_(lr[:, None, None] * bufW)
-            b.sub_(lr[:, None] * bufb)
+        for a in range(0, N, seg):
+            ps, ys = perm[:, a:a + seg], y[perm[:, a:a + seg]]  # (H,s)
+            Xs = X[ps] if views is None else views[ps, pick[:, a:a + seg]]  # (H,s,D)
+            Ys = eye[ys]  # (H,s,C)
+            cws = None if cw is None else cw[ys][..., None]
+            Ls = torch.empty_like(Ys)  # each batch's logits, for the epoch's train loss and accuracy
+            for s in range(0, Xs.shape[1], B):
+                x, t = Xs[:, s:s + B], a + s
+                w = x.shape[1]
+                # matmul, not baddbmm/bmm: the same sums here, but bmm on small strided batches is ~100x
+                # slower on a busy CPU (thread hand-off), measured 6 ms against 14 us per call
+                logits = x @ W.transpose(1, 2) + b[:, None, :]  # (H,w,C)
+                Ls[:, s:s + w] = logits
+                g = torch.exp(logits - torch.logsumexp(logits, -1, keepdim=True)) - Ys[:, s:s + w]
+                active = None
+                if t + w <= n_min:  # every head has w rows here: d(mean CE)/d logits
+                    g = g / w
+                else:  # past the end of some head's rows
+                    cnt = (n - t).clamp(0, w)
+                    g = g / cnt.clamp(min=1)[:, None, None] * valid[:, t:t + w, None]
+                    active = cnt > 0
+                if cws is not None:  # --class-weight: each row's loss times its class's weight (mean over the batch)
+                    g = g * cws[:, s:s + w]
+                W, bufW = sgd_momentum(W, bufW, g.transpose(1, 2) @ x, lrW, momW,
+                                       None if active is None else active[:, None, None])
+                b, bufb = sgd_momentum(b, bufb, g.sum(1), lrb, momb, None if active is None else active[:, None])
+            real = valid[:, a:a + seg]
+            nll = torch.logsumexp(Ls, -1) - Ls.gather(2, ys[..., None]).squeeze(2)
+            loss_sum += torch.where(real, nll, 0).sum(1)
+            correct += ((Ls.argmax(-1) == ys) & real).sum(1)
         finite = torch.isfinite(loss_sum) & torch.isfinite(W).flatten(1).all(1) & torch.isfinite(b).all(1)
         diverged = torch.where(~finite & (diverged < 0), torch.full_like(diverged, epoch), diverged)
-        val_loss, val_acc = _loss_and_accuracy(W, b, Xva, yva)
+        val_loss, val_acc = score(W, b)
         # strict, as the tutorial: the first best epoch wins ties; a diverged head never becomes "best"
         better = (val_acc > best_acc) & (diverged < 0)
         best_W[better], best_b[better] = W[better], b[better]
         best_acc = torch.where(better, val_acc, best_acc)
         best_epoch = torch.where(better, torch.full_like(best_epoch, epoch), best_epoch)
-        rows = torch.stack([loss_sum / N, correct / N, val_loss, val_acc]).T.tolist()
-        for h, (tl, ta, vl, va) in enumerate(rows):
-            hist[h].append({"epoch": epoch, "lr": params[h].lr_at(epoch), "train_loss": tl, "train_acc": ta,
+        stats = torch.stack([loss_sum / n, correct / n, val_loss, val_acc]).T.tolist()
+        for h, (tl, ta, vl, va) in enumerate(stats):
+            hist[h].append({"epoch": epoch, "lr": lrs[h][epoch], "train_loss": tl, "train_acc": ta,
                             "val_loss": vl, "val_acc": va})
     return [HeadResult(p, best_W[h].cpu(), best_b[h].cpu(), float(best_acc[h]), int(best_epoch[h]), hist[h],
                        W[h].cpu(), b[h].cpu(), int(diverged[h]) if diverged[h] >= 0 else None)
@@ -182,8 +264,10 @@ def train_heads(train: tuple, val: tuple, classes: int, params: list[HeadParams]
     with torch.inference_mode():
         for idx in groups.values():
             cw = None if class_weight is None else torch.as_tensor(class_weight, dtype=torch.float32, device=dev)
-            for i, r in zip(idx, _train_group([params[i] for i in idx], Xtr, ytr, Vtr, Xva, yva, classes, cw)):
-                results[i] = r
+            every_row = [torch.arange(len(ytr), device=dev)] * len(idx)
+            trained = _train_rows_group([params[i] for i in idx], every_row, (Xva, yva), Xtr, ytr, classes, cw=cw,
+                                        views=Vtr)
+            results.update(zip(idx, trained))
     return [results[i] for i in range(len(params))], time.perf_counter() - t0
 
 
@@ -230,72 +314,6 @@ class FoldRun:
     bias: torch.Tensor  # (C,)
     heldout_acc: float  # accuracy on the fold's rows after the final epoch
     history: list[float] = field(default_factory=list)  # held-out accuracy per epoch (for checks)
-
-
-def _train_rows_group(params: list[HeadParams], rows: list[torch.Tensor], heldout: list[torch.Tensor],
-                      X: torch.Tensor, y: torch.Tensor, classes: int, segment_rows: int = 8192, cw=None):
-    """Heads that share epochs and batch size, each on its own rows of X, trained in lockstep.
-
-    Head h does exactly what _train_group does for X[rows[h]] alone: its permutation of len(rows[h])
-    rows from its own generator, batches of B slices of it, the last one short. Shorter heads are
-    padded to the longest: padded rows get zero gradient, a batch's gradient is divided by the head's
-    own row count in it, and a head with no rows left in a batch takes no step at all (its momentum
-    buffer and weights stay as they are), as if that batch did not exist for it.
-    Returns per head (last W, last b, held-out accuracy per epoch).
-    """
-    import torch
-
-    H, D, dev = len(params), X.shape[1], X.device
-    epochs, B = params[0].epochs, params[0].batch_size
-    n = torch.tensor([len(r) for r in rows], device=dev)  # (H,)
-    N = int(n.max())
-    W0, b0 = zip(*(init_linear(D, classes, p.seed) for p in params))
-    W, b = torch.stack(W0).to(dev), torch.stack(b0).to(dev)  # (H,C,D), (H,C)
-    bufW, bufb = torch.zeros_like(W), torch.zeros_like(b)
-    mom = torch.tensor([p.momentum for p in params], device=dev)
-    gens = [torch.Generator().manual_seed(p.seed) for p in params]
-    eye = torch.eye(classes, device=dev)
-    pos = torch.arange(N, device=dev)
-    valid = pos[None, :] < n[:, None]  # (H,N) real rows of each head's padded permutation
-    # held-out rows as one padded index matrix + mask, for the per-epoch accuracy
-    M = max(1, max(len(r) for r in heldout))
-    ho_idx = torch.zeros(H, M, dtype=torch.long, device=dev)
-    ho_mask = torch.zeros(H, M, dtype=torch.bool, device=dev)
-    for h, r in enumerate(heldout):
-        ho_idx[h, :len(r)], ho_mask[h, :len(r)] = r, True
-    ho_n = ho_mask.sum(1).clamp(min=1)
-    hist = [[] for _ in params]
-    seg = B * max(1, segment_rows // B)  # gather this many permuted rows at a time: memory H x seg x D
-    for epoch in range(epochs):
-        lr = torch.tensor([p.lr_at(epoch) for p in params], device=dev)
-        perm = torch.zeros(H, N, dtype=torch.long, device=dev)
-        for h, g in enumerate(gens):
-            perm[h, :len(rows[h])] = rows[h][torch.randperm(len(rows[h]), generator=g).to(dev)]
-        for a in range(0, N, seg):
-            Xs, ys, vs = X[perm[:, a:a + seg]], y[perm[:, a:a + seg]], valid[:, a:a + seg]  # (H,s,D) (H,s) (H,s)
-            for s in range(0, Xs.shape[1], B):
-                x, yb, m = Xs[:, s:s + B], ys[:, s:s + B], vs[:, s:s + B]
-                cnt = m.sum(1)  # (H,) this head's rows in the batch
-                active = cnt > 0
-                # matmul, not baddbmm/bmm: the same sums here, but bmm on small strided batches is ~100x
-                # slower on a busy CPU (thread hand-off), measured 6 ms against 14 us per call
-                logits = x @ W.transpose(1, 2) + b[:, None, :]  # (H,b,C)
-                lse = torch.logsumexp(logits, -1, keepdim=True)
-                g = (torch.exp(logits - lse) - eye[yb]) / cnt.clamp(min=1)[:, None, None]
-                g = g * m[..., None]  # padded rows: no gradient
-                if cw is not None:
-                    g = g * cw[yb][..., None]
-                newW = bufW * mom[:, None, None] + g.transpose(1, 2) @ x
-                newb = bufb * mom[:, None] + g.sum(1)
-                bufW = torch.where(active[:, None, None], newW, bufW)
-                bufb = torch.where(active[:, None], newb, bufb)
-                W = torch.where(active[:, None, None], W - lr[:, None, None] * bufW, W)
-                b = torch.where(active[:, None], b - lr[:, None] * bufb, b)
-        logits = X[ho_idx] @ W.transpose(1, 2) + b[:, None, :]  # (H,M,C)
-        acc = ((logits.argmax(-1) == y[ho_idx]) & ho_mask).sum(1) / ho_n
-        for h, a_ in enumerate(acc.tolist()):
-            hist[h].append(a_)
-    return [(W[h].cpu(), b[h].cpu(), hist[h]) for h in range(H)]
 
 
 @contextlib.contextmanager
@@ -346,9 +364,10 @@ def train_folds(X, y, classes: int, params: list[HeadParams], folds, device: str
             trained = _train_rows_group([params[heads[j][0]] for j in js], [rows[heads[j][1]] for j in js],
                                         [held[heads[j][1]] for j in js], Xt, yt, classes,
                                         cw=None if class_weight is None else torch.as_tensor(class_weight, device=dev))
-            for j, (W, b, hist) in zip(js, trained):
+            for j, r in zip(js, trained):
                 i, f = heads[j]
-                out[j] = FoldRun(params[i], f, W, b, hist[-1], hist)
+                accs = [e["val_acc"] for e in r.history]
+                out[j] = FoldRun(params[i], f, r.last_weight, r.last_bias, accs[-1], accs)
     seconds = time.perf_counter() - t0
     return [[out[i * K + f] for f in range(K)] for i in range(len(params))], seconds
 
@@ -454,11 +473,9 @@ def _probe_group(params: list, member: torch.Tensor, Z: torch.Tensor, y: torch.T
             gb = G.sum(0)
             step = epoch + k / per_epoch
             lr = lr0 * 0.5 * (1 + math.cos(math.pi * step / E))
-            active = (cnt > 0).float().repeat_interleave(C)[:, None]  # a head with no rows here takes no step
-            mW = torch.where(active.bool(), mom * mW + gW, mW)
-            mb = torch.where(active[:, 0].bool(), mom[:, 0] * mb + gb, mb)
-            W = W - (lr * active) * mW
-            b = b - (lr * active)[:, 0] * mb
+            active = (cnt > 0).repeat_interleave(C)[:, None]  # a head with no rows here takes no step
+            W, mW = sgd_momentum(W, mW, gW, lr, mom, active)  # weight decay is in gW, as torch's SGD adds it
+            b, mb = sgd_momentum(b, mb, gb, lr[:, 0], mom[:, 0], active[:, 0])
         if val is not None:  # the history of the final head only (nothing chooses from it)
             n_rows = max(float(member[:, 0].sum()), 1.0)
             Wv, bv = W[:C], b[:C]
@@ -550,4 +567,4 @@ def train_subsets(X, y, classes: int, p: HeadParams, rows: list, class_weight=No
     cw = None if class_weight is None else torch.as_tensor(class_weight)
     with torch.inference_mode(), cpu_threads(1):
         trained = _train_rows_group([p] * len(idx), idx, idx, Xt, yt, classes, cw=cw)
-    return [W.numpy() for W, _, _ in trained], [b.numpy() for _, b, _ in trained]
+    return [r.last_weight.numpy() for r in trained], [r.last_bias.numpy() for r in trained]
