@@ -17,7 +17,7 @@ import click
 from cache import CacheError
 from pipeline import PipelineError
 from pipeline.progress import Progress
-from pipeline.recipe import MAX_SEED, RECIPE_FIELDS, RECIPE_FLAGS, RECIPES, TUTORIAL_RECIPE
+from pipeline.recipe import MAX_SEED, RECIPE_FIELDS, RECIPE_FLAGS, RECIPES, TUTORIAL_RECIPE, number_problem
 from pipeline.runtime import PRECISIONS, default_workers
 from pipeline.splits import LayoutFlagError
 
@@ -90,21 +90,16 @@ def friendly_errors(fn):
 
 
 class Number(click.ParamType):
-    """A finite number within bounds. click's FloatRange lets NaN through (NaN fails every comparison, so
-    no bound rejects it) and accepts infinity; a recipe of NaN trains a model of NaN."""
+    """A finite number within bounds, checked by pipeline.recipe.number_problem (the recipe's own check). click's
+    FloatRange lets NaN through (NaN fails every comparison, so no bound rejects it) and accepts infinity; a recipe
+    of NaN trains a model of NaN."""
 
-    def __init__(self, kind, min=None, min_open: bool = False, max=None, max_open: bool = False):
-        self.kind, self.min, self.min_open, self.max, self.max_open = kind, min, min_open, max, max_open
+    def __init__(self, kind, **bounds):
+        self.kind, self.bounds = kind, bounds  # number_problem's min, min_open, max, max_open
         self.name = kind.__name__
 
     def problem(self, v) -> str:
-        if not math.isfinite(v):
-            return f"{v} is not a finite number"
-        if self.min is not None and not (v > self.min if self.min_open else v >= self.min):
-            return f"{v} is not {'>' if self.min_open else '>='} {self.min}"
-        if self.max is not None and not (v < self.max if self.max_open else v <= self.max):
-            return f"{v} is not {'<' if self.max_open else '<='} {self.max}"
-        return ""
+        return number_problem(v, **self.bounds)
 
     def parse(self, text, param, ctx):
         try:
@@ -147,7 +142,7 @@ def recipe_option(name: str, sweep: bool, *decls: str, help: str | None = None):
     the bounds (checked as finite numbers) and the help text live there only. sweep: a list sweeps."""
     f = RECIPE_FIELDS[name]
     m = f.metadata
-    kind = (NumberList if sweep else Number)(m["kind"], min=m["min"], min_open=m["min_open"], max=m["max"])
+    kind = (NumberList if sweep else Number)(m["kind"], **m["bounds"])
     default = getattr(TUTORIAL_RECIPE, name)
     return click.option(*(decls or (f"--{name.replace('_', '-')}",)), default=str(default) if sweep else default,
                         type=kind, show_default=True, help=help or m["help"])

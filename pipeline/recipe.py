@@ -15,9 +15,22 @@ MAX_SEED = 2**63 - 1  # torch.manual_seed takes a 64-bit seed
 
 
 def setting(default, kind: type, help: str, min=None, min_open: bool = False, max=None):
-    """A recipe field: its default, its type and bounds (finite numbers only), and its help text."""
-    return field(default=default, metadata={"kind": kind, "min": min, "min_open": min_open, "max": max,
+    """A recipe field: its default, its type and bounds (finite numbers only, see number_problem), its help text."""
+    return field(default=default, metadata={"kind": kind, "bounds": {"min": min, "min_open": min_open, "max": max},
                                             "help": help})
+
+
+def number_problem(value, min=None, min_open: bool = False, max=None, max_open: bool = False) -> str:
+    """Why value is not a finite number within the bounds ('' when it is): the one check of the recipe's fields and
+    of the CLI's number flags. NaN fails every comparison, so each rule is written as what must hold; infinity is
+    refused as not finite."""
+    if not math.isfinite(value):
+        return f"{value} is not a finite number"
+    if min is not None and not (value > min if min_open else value >= min):
+        return f"{value} is not {'>' if min_open else '>='} {min}"
+    if max is not None and not (value < max if max_open else value <= max):
+        return f"{value} is not {'<' if max_open else '<='} {max}"
+    return ""
 
 
 @dataclass(frozen=True)
@@ -56,17 +69,8 @@ RECIPE_FIELDS = {f.name: f for f in fields(HeadParams)}
 
 
 def bound_problem(name: str, value) -> str:
-    """Why value is not allowed for recipe field name ('' when it is). NaN fails every comparison, so
-    each rule is written as what must hold; infinity is refused as not finite."""
-    m = RECIPE_FIELDS[name].metadata
-    if not math.isfinite(value):
-        return f"{value} is not a finite number"
-    lo, hi = m["min"], m["max"]
-    if lo is not None and not (value > lo if m["min_open"] else value >= lo):
-        return f"{value} is not {'>' if m['min_open'] else '>='} {lo}"
-    if hi is not None and not value <= hi:
-        return f"{value} is not <= {hi}"
-    return ""
+    """Why value is not allowed for recipe field name ('' when it is)."""
+    return number_problem(value, **RECIPE_FIELDS[name].metadata["bounds"])
 
 
 def recipe_problems(**recipe) -> list[str]:

@@ -92,3 +92,13 @@ def test_lr_at_is_torch_steplr(lr, step_size, gamma):
     p = HeadParams(lr=lr, step_size=step_size, gamma=gamma)
     assert p.lrs(61) == torch_lrs
     assert [p.lr_at(e) for e in range(61)] == torch_lrs
+
+
+def test_cli_recipe_flags_check_with_the_fields_bounds():
+    """A recipe flag's check is the recipe's own: the same verdict and words for every field and value."""
+    values = [math.nan, math.inf, -math.inf, -1, 0, 1e-9, 0.5, 1, 2**63 - 1, 2**63]
+    for command, names in (("finetune", {}), ("train-head", {"batch_size": "head_batch_size", "seed": "head_seed"})):
+        params = _params(command)
+        for field in RECIPE_FIELDS:
+            check = params[names.get(field, field)].type.problem
+            assert [check(v) for v in values] == [bound_problem(field, v) for v in values], (command, field)
