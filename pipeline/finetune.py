@@ -22,7 +22,7 @@ from .data import TRANSFORM_SPEC, EpochSampler, ImageChanged, LabelledImages, ch
 from .distributed import Dist, init_distributed, rank_device, shutdown
 from .head import TrainingDiverged
 from .recipe import TUTORIAL_RECIPE, check_recipe
-from .metrics import classification_metrics, report_text, run_metrics, weights_line
+from .metrics import classification_metrics, format_accuracy, run_metrics, run_report_text
 from .progress import Progress
 from .fsio import atomic_write_json, sha256_json
 from .runfolder import CHECKPOINT, VERDICTS, FinetuneCheckpoint, ModelFileError, RunFolder, RunManifest
@@ -559,8 +559,8 @@ def _train(cfg: FinetuneConfig, progress: Progress, d: Dist, folder: RunFolder |
         class_names=data.class_names, seconds=seconds, recipe=_recipe(cfg), n={s: len(f[0]) for s, f in files.items()},
         skipped=skipped, split=data.split_record(), backbone=cfg.backbone, weights=cfg.weights)
     metrics.update(precision=rt.precision, device=str(rt.device), processes=d.world)  # finetune's own
-    report = report_text(evaluations, best_acc, best_epoch,
-                         [weights_line(cfg.backbone, cfg.weights), *metrics["warnings"]])
+    report = run_report_text(metrics, evaluations,
+                             f"best val acc {format_accuracy(metrics['best_val_acc_ci'])} at epoch {best_epoch}")
     metrics["report_text"] = report
     if not d.is_main:
         return metrics

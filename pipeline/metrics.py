@@ -263,14 +263,15 @@ def run_warnings(weights: str, evaluation: dict, class_names: list[str], split: 
     return out
 
 
-def report_text(evaluations: dict[str, dict], best_val_acc: float, best_epoch: int,
-                preamble: list[str] | None = None) -> str:
-    """The text of report.txt: the preamble lines (what built the model, warnings), the best val accuracy,
-    then one sklearn report per evaluated split (the first is val), every accuracy with its 95% interval."""
-    n_val = next(iter(evaluations.values()))["n"] if evaluations else 0
-    parts = ["".join(f"{line}\n" for line in preamble or [])
-             + f"best val acc {format_accuracy(ci_from_accuracy(best_val_acc, n_val))} at epoch {best_epoch}\n"]
+def run_report_text(metrics: dict, evaluations: dict[str, dict], kept: str, header: list[str] = ()) -> str:
+    """report.txt of every run (train-head and finetune alike), from run_metrics' record and the evaluations
+    it was made from: what built the model and the warnings, the stage's own header lines, then kept (the
+    line naming the kept model's val figure), then per evaluated split (val first) its accuracy and balanced
+    accuracy with their 95% intervals and its classification report."""
+    lines = [weights_line(metrics["backbone"], metrics["weights"]), *metrics["warnings"], *header]
+    parts = ["\n".join(lines) + "\n", kept + "\n"]
     for split, ev in evaluations.items():
-        parts.append(f"== {split}: {ev['n']} images, accuracy {format_accuracy(ev['accuracy_ci'])} ==\n"
-                     f"{ev['classification_report_text']}")
+        b = metrics["balanced_accuracy_ci"][split]
+        parts.append(f"== {split}: {ev['n']} images, accuracy {format_accuracy(ev['accuracy_ci'])}, balanced accuracy "
+                     f"{b['value']:.4f} (95% CI {b['low']:.3f}-{b['high']:.3f}) ==\n{ev['classification_report_text']}")
     return "\n".join(parts)

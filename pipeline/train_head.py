@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import PipelineError
-from .metrics import (balanced_accuracy, ci_from_accuracy, confusion_record, format_accuracy,
-                       run_metrics, weights_line)
+from .metrics import (balanced_accuracy, ci_from_accuracy, confusion_record, format_accuracy, run_metrics,
+                      run_report_text)
 from .head import (HeadParams, HeadResult, TrainingDiverged, class_weights, cpu_threads, expand_grid, head_logits,
                    params_dict, stratified_folds, train_folds, train_heads, train_probes)
 from .recipe import AUTO_CV_MAX_ROWS, AUTO_TUTORIAL_MAX_ROWS, ProbeParams, auto_folds, auto_grid, scaled_to
@@ -435,8 +435,10 @@ def _train(cfg: HeadConfig, cache, params: list[HeadParams], side: Sidecar | Non
         c = metrics["cv"]
         header.append(f"{c['folds']}-fold CV on train ({c['n']} images): mean {c['mean']:.4f}, std {c['std']:.4f} "
                       f"(folds {' '.join(f'{a:.4f}' for a in c['per_fold'])}; trained in {c['seconds']:.3f} s)")
-    report = head_report([weights_line(metrics["backbone"], metrics["weights"]), *metrics["warnings"], *header,
-                          *cal.lines], evaluations, metrics["balanced_accuracy_ci"], best, unbiased)
+    word, note = (("val acc", "unbiased: no choice saw val") if unbiased
+                  else ("best val acc", "optimistic: val picked it"))
+    kept = f"{word} {format_accuracy(evaluations[cfg.val_split]['accuracy_ci'])} at epoch {best.best_epoch} ({note})"
+    report = run_report_text(metrics, evaluations, kept, [*header, *cal.lines])
     return HeadRun(best, metrics, report, evaluations, cal.temperature)
 
 
@@ -476,19 +478,3 @@ def _train_auto(cfg: HeadConfig, cache, metric: str, cw, device) -> tuple[HeadRe
                           r.last_weight, r.last_bias, None)
     return best, sel, sel.seconds + sec
 
-
-def head_report(header: list[str], evaluations: dict, balanced: dict, best: HeadResult, unbiased: bool) -> str:
-    """report.txt: how the recipe was chosen, the kept head's val figure (and whether it is unbiased), then
-    one sklearn report per evaluated split (val first) with accuracy and balanced accuracy and their 95%
-    intervals."""
-    first = next(iter(evaluations.values())) if evaluations else None
-    parts = ["\n".join(header) + "\n"]
-    if first is not None:
-        word = "val acc" if unbiased else "best val acc"
-        note = ("unbiased: no choice saw val" if unbiased else "optimistic: val picked it")
-        parts.append(f"{word} {format_accuracy(first['accuracy_ci'])} at epoch {best.best_epoch} ({note})\n")
-    for split, ev in evaluations.items():
-        b = balanced[split]
-        parts.append(f"== {split}: {ev['n']} images, accuracy {format_accuracy(ev['accuracy_ci'])}, balanced accuracy "
-                     f"{b['value']:.4f} (95% CI {b['low']:.3f}-{b['high']:.3f}) ==\n{ev['classification_report_text']}")
-    return "\n".join(parts)

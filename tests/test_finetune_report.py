@@ -9,6 +9,7 @@ from click.testing import CliRunner
 import pipeline.finetune as ftmod
 from cli import BarProgress, cli
 from pipeline.finetune import finetune
+from pipeline.metrics import format_accuracy
 from pipeline.progress import Progress
 from tests.conftest import finetune_config, make_dataset
 from tests.test_metrics import SHARED_KEYS
@@ -49,6 +50,19 @@ def test_bar_moves_per_batch_and_the_report_names_random_weights(tmp_path, monke
     assert SHARED_KEYS <= set(saved) and saved["kind"] == "finetune"  # train-head's keys for the shared part
     recall = [r[i] / sum(r) for i, r in enumerate(saved["confusion_matrix"]["val"])]
     assert saved["balanced_accuracy"]["val"] == pytest.approx(sum(recall) / 2)
+
+
+def test_finetune_report_has_the_balanced_accuracy_line(tmp_path):
+    """finetune's report.txt is built by the same builder as train-head's: each split's line carries the
+    balanced accuracy with its interval, as metrics.json has it."""
+    data = make_dataset(tmp_path / "data", {"train": {"ants": 3, "bees": 3}, "val": {"ants": 2, "bees": 4}})
+    finetune(finetune_config(data, tmp_path / "ft", batch_size=4, plots=False, epochs=1), Recorder())
+    report = (tmp_path / "ft" / "report.txt").read_text()
+    saved = json.loads((tmp_path / "ft" / "metrics.json").read_text())
+    b = saved["balanced_accuracy_ci"]["val"]
+    assert (f"== val: 6 images, accuracy {format_accuracy(saved['accuracy_ci']['val'])}, balanced accuracy "
+            f"{b['value']:.4f} (95% CI {b['low']:.3f}-{b['high']:.3f}) ==\n") in report
+    assert f"\n\nbest val acc {format_accuracy(saved['best_val_acc_ci'])} at epoch {saved['best_epoch']}\n\n" in report
 
 
 def test_epoch_lines_do_not_land_on_the_bar(monkeypatch):

@@ -8,7 +8,7 @@ import pytest
 
 from cli import sweep_table
 from pipeline.metrics import accuracy_ci, balanced_accuracy_ci, confusion_counts, confusion_entries, confusion_record, \
-    classification_metrics, format_accuracy, report_text, run_metrics, run_warnings, split_metrics, weights_line, \
+    classification_metrics, format_accuracy, run_metrics, run_report_text, run_warnings, split_metrics, weights_line, \
     wilson_interval
 
 
@@ -50,9 +50,29 @@ def test_reports_and_metrics_carry_the_interval():
     assert (ev["accuracy_ci"]["low"], ev["accuracy_ci"]["high"]) == (lo, hi)
     m = split_metrics({"val": ev})
     assert m["accuracy_ci"] == {"val": ev["accuracy_ci"]}
-    text = report_text({"val": ev}, 0.85, 4)
-    assert text.startswith(f"best val acc 0.8500 (95% CI {lo:.3f}-{hi:.3f}, 17/20) at epoch 4\n")
-    assert f"== val: 20 images, accuracy 0.8500 (95% CI {lo:.3f}-{hi:.3f}, 17/20) ==" in text
+
+
+def test_one_report_builder_for_every_run():
+    """report.txt's shared part, as train-head and finetune write it: backbone and warnings, the stage's
+    header lines, the kept model's line, then per split its accuracy and balanced accuracy with intervals."""
+    names = ["a", "b"]
+    evs = {"val": classification_metrics([0] * 10 + [1] * 10, [0] * 10 + [1] * 7 + [0] * 3, names),
+           "test": classification_metrics([0, 0, 1, 1], [0, 1, 1, 1], names)}
+    m = run_metrics("finetune", evs, val_split="val", best_val_acc=0.85, best_epoch=4, history=[], class_names=names,
+                    seconds=1.0, recipe={}, n={"train": 40, "val": 20, "test": 4}, skipped=[], split=None,
+                    backbone="resnet18", weights="imagenet")
+    text = run_report_text(m, evs, "best val acc 0.8500 at epoch 4", ["recipe: the tutorial's"])
+    lo, hi = wilson_interval(17, 20)
+    b = m["balanced_accuracy_ci"]["val"]
+    assert b["value"] == pytest.approx((1 + 0.7) / 2)
+    assert m["warnings"] == ["WARNING: tiny val split: 20 images (a 10, b 10); one image moves the accuracy by 0.050, "
+                             "so its figures say little"]
+    assert text.startswith("backbone resnet18, weights imagenet (torchvision IMAGENET1K_V1)\n"
+                           f"{m['warnings'][0]}\nrecipe: the tutorial's\n\n"
+                           "best val acc 0.8500 at epoch 4\n\n"
+                           f"== val: 20 images, accuracy 0.8500 (95% CI {lo:.3f}-{hi:.3f}, 17/20), balanced accuracy "
+                           f"{b['value']:.4f} (95% CI {b['low']:.3f}-{b['high']:.3f}) ==\n"
+                           f"{evs['val']['classification_report_text']}\n== test: 4 images, accuracy 0.7500")
 
 
 def test_sweep_table_shows_the_interval():
