@@ -1,4 +1,5 @@
-"""finetune steps torch.optim.SGD + StepLR; checkpoints written while it owned a copy of them still resume."""
+"""finetune steps torch.optim.SGD + StepLR; checkpoints written while it owned a copy of them still resume; the
+head engines' own momentum step (pipeline.head.sgd_momentum) equals torch's SGD."""
 import pytest
 import torch
 from torch import nn
@@ -50,3 +51,26 @@ def test_an_optimizer_state_that_does_not_fit_is_refused_before_any_step(crafted
     crafted(sd)
     with pytest.raises(ValueError):
         check_optimizer_state(sd, list(net.parameters()))
+
+
+@pytest.mark.parametrize("momentum,weight_decay", [(0.9, 0.0), (0.5, 0.01), (0.0, 0.0)])
+def test_sgd_momentum_is_torch_sgd(momentum, weight_decay):
+    """The head engines' own step (they train many heads stacked, without optimizer objects) equals torch's SGD;
+    weight decay goes into the gradient as torch adds it; a head masked off takes no step at all."""
+    from pipeline.head import sgd_momentum
+
+    g = torch.Generator().manual_seed(0)
+    w0 = torch.randn(2, 3, 5, generator=g)
+    grads = [torch.randn(2, 3, 5, generator=g) for _ in range(6)]
+    p = w0.clone().requires_grad_()
+    opt = torch.optim.SGD([p], lr=0.05, momentum=momentum, weight_decay=weight_decay)
+    w, buf = w0.clone(), torch.zeros_like(w0)
+    for grad, lr in zip(grads, [0.05, 0.05, 0.005, 0.005, 0.0005, 0.0005]):  # a schedule changes lr between steps
+        opt.param_groups[0]["lr"] = lr
+        p.grad = grad.clone()
+        opt.step()
+        w, buf = sgd_momentum(w, buf, grad + weight_decay * w, lr, momentum)
+    torch.testing.assert_close(w, p.detach(), rtol=1e-6, atol=1e-7)
+    active = torch.tensor([True, False])[:, None, None]
+    w2, buf2 = sgd_momentum(w, buf, grads[0], 0.05, momentum, active)
+    assert torch.equal(w2[1], w[1]) and torch.equal(buf2[1], buf[1]) and not torch.equal(w2[0], w[0])
