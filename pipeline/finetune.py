@@ -29,9 +29,10 @@ from .runfolder import CHECKPOINT, VERDICTS, FinetuneCheckpoint, ModelFileError,
 from .runtime import Runtime, default_workers, resolve_runtime
 from .plots import PictureJob, draw_pictures
 
-# fields that must match for --resume to continue a run (the rest, like workers, may change)
-RECIPE_FIELDS = ("backbone", "weights", "freeze_backbone", "epochs", "lr", "momentum", "step_size", "gamma",
-                 "batch_size", "seed", "splits", "val_fraction", "test_fraction", "split_seed")
+# the FinetuneConfig fields a checkpoint records (as its recipe) and --resume requires unchanged (the rest, like
+# workers, may change)
+RESUME_KEYS = ("backbone", "weights", "freeze_backbone", "epochs", "lr", "momentum", "step_size", "gamma",
+               "batch_size", "seed", "splits", "val_fraction", "test_fraction", "split_seed")
 
 
 @dataclass
@@ -325,7 +326,7 @@ def loss_accuracy_predictions(model, loader, criterion, rt: Runtime,
 
 def _recipe(cfg: FinetuneConfig) -> dict:
     d = asdict(cfg)
-    return {k: (list(d[k]) if isinstance(d[k], tuple) else d[k]) for k in RECIPE_FIELDS}
+    return {k: (list(d[k]) if isinstance(d[k], tuple) else d[k]) for k in RESUME_KEYS}
 
 
 def _files_digest(files: dict) -> str:
@@ -355,7 +356,7 @@ def _load_checkpoint(cfg: FinetuneConfig, digest: str, stats: dict | None = None
         return None
     ck = FinetuneCheckpoint.load(path)
     if ck.recipe != _recipe(cfg):
-        diff = [k for k in RECIPE_FIELDS if (ck.recipe or {}).get(k) != _recipe(cfg)[k]]
+        diff = [k for k in RESUME_KEYS if (ck.recipe or {}).get(k) != _recipe(cfg)[k]]
         raise PipelineError(f"cannot resume {cfg.out}: its checkpoint was made with other settings "
                             f"({', '.join(diff)}); use the same flags or another --out")
     if ck.files_digest != digest:
