@@ -6,7 +6,6 @@ Files that cannot be used are never fatal: they become (path, reason) rows in `s
 from __future__ import annotations
 
 import functools
-import math
 import os
 import stat
 import warnings
@@ -543,51 +542,14 @@ class _Normalized:
         return f"Normalized(mean={self.spec.mean}, std={self.spec.std})"
 
 
-RRC_SCALE = (0.08, 1.0)  # torchvision's RandomResizedCrop defaults, the tutorial's augmentation
-RRC_RATIO = (3.0 / 4.0, 4.0 / 3.0)
+def _random_crop_flip(crop: int) -> tuple:
+    """torchvision's RandomResizedCrop(crop) (bilinear, scale (0.08, 1), ratio (3/4, 4/3)) and
+    RandomHorizontalFlip(0.5) on PIL images. They draw from torch's global RNG, which LabelledImages and
+    ImageFiles seed per image. Imported here: torchvision costs ~2 s (torch._dynamo), which finetune and
+    --views can afford; extract and predict, whose Resize + CenterCrop is written out above, never pay it."""
+    from torchvision import transforms as T
 
-
-def random_crop_box(width: int, height: int, scale=RRC_SCALE, ratio=RRC_RATIO) -> tuple[int, int, int, int]:
-    """(top, left, height, width) of a random crop of area scale x the image's and aspect ratio within ratio
-    (log-uniform): torchvision's RandomResizedCrop.get_params, drawing the same numbers from torch's global
-    RNG in the same order, so a seeded augmentation is the tutorial's to the pixel."""
-    area = height * width
-    log_ratio = torch.log(torch.tensor(ratio))
-    for _ in range(10):
-        target = area * torch.empty(1).uniform_(scale[0], scale[1]).item()
-        aspect = torch.exp(torch.empty(1).uniform_(log_ratio[0], log_ratio[1])).item()
-        w = int(round(math.sqrt(target * aspect)))
-        h = int(round(math.sqrt(target / aspect)))
-        if 0 < w <= width and 0 < h <= height:
-            top = torch.randint(0, height - h + 1, size=(1,)).item()
-            left = torch.randint(0, width - w + 1, size=(1,)).item()
-            return top, left, h, w
-    # ten misses (a very elongated image): the largest centred crop within the ratio range
-    w, h = width, height
-    if width / height < min(ratio):
-        h = int(round(w / min(ratio)))
-    elif width / height > max(ratio):
-        w = int(round(h * max(ratio)))
-    return (height - h) // 2, (width - w) // 2, h, w
-
-
-class _RandomCropFlip:
-    """torchvision's RandomResizedCrop(crop) (bilinear) then RandomHorizontalFlip(0.5) on PIL images."""
-
-    def __init__(self, crop: int):
-        self.crop = crop
-
-    def __call__(self, img: Image.Image) -> Image.Image:
-        top, left, h, w = random_crop_box(*img.size)
-        img = img.crop((left, top, left + w, top + h))
-        if (h, w) != (self.crop, self.crop):  # torchvision returns the crop itself when it already has the size
-            img = img.resize((self.crop, self.crop), Image.BILINEAR)
-        if torch.rand(1) < 0.5:
-            img = img.transpose(Image.FLIP_LEFT_RIGHT)
-        return img
-
-    def __repr__(self) -> str:
-        return f"RandomCropFlip({self.crop})"
+    return T.RandomResizedCrop(crop), T.RandomHorizontalFlip()
 
 
 def eval_transform(spec: Preprocess | int | None = None, crop: int | None = None) -> Transform:
@@ -600,12 +562,12 @@ def eval_transform(spec: Preprocess | int | None = None, crop: int | None = None
 
 def view_transform(spec: Preprocess | None = None) -> Transform:
     """The tutorial's train augmentation without ToTensor/Normalize (uint8 out; normalised on the device)."""
-    return Transform(_RandomCropFlip((spec or Preprocess()).crop), pil_to_uint8)
+    return Transform(*_random_crop_flip((spec or Preprocess()).crop), pil_to_uint8)
 
 
 def train_transform(crop: int = 224) -> Transform:
     """The tutorial's train transform: RandomResizedCrop + horizontal flip, ToTensor, Normalize."""
-    return Transform(_RandomCropFlip(crop), _Normalized(Preprocess()))
+    return Transform(*_random_crop_flip(crop), _Normalized(Preprocess()))
 
 
 # The default spec's record: what caches and runs made before the spec existed carry (kept for readers).
@@ -630,7 +592,8 @@ class ImageFiles(torch.utils.data.Dataset):
         # JPEG DCT scaling keeps the short side >= resize
         self.draft = (spec.resize, spec.resize) if spec.draft else None
         self.transform = uint8_transform(spec)
-        self.view_transform = view_transform(spec)
+        # torchvision's random transforms (imported when built): only when some group has views
+        self.view_transform = view_transform(spec) if any(g[2] for g in groups) else None
 
     def __len__(self) -> int:
         return sum(len(g[0]) for g in self.groups)

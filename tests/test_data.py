@@ -91,3 +91,63 @@ def test_load_rgb_converts_modes(tmp_path):
         img = load_rgb(tmp_path / name)
         assert img.mode == "RGB" and img.size == (5, 4)
     assert load_rgb(tmp_path / "g.png").getpixel((0, 0)) == (128, 128, 128)
+
+
+def test_augmentation_is_torchvisions_random_resized_crop_and_flip():
+    from torchvision import transforms as T
+
+    from pipeline.data import train_transform, view_transform
+    from pipeline.preprocess import Preprocess
+
+    for tf, crop in ((train_transform(), 224), (view_transform(Preprocess(resize=180, crop=160)), 160)):
+        rrc, flip = tf.steps[:2]
+        assert isinstance(rrc, T.RandomResizedCrop) and isinstance(flip, T.RandomHorizontalFlip)
+        assert rrc.size == (crop, crop) and rrc.scale == (0.08, 1.0) and rrc.ratio == (3 / 4, 4 / 3)
+        assert rrc.interpolation == T.InterpolationMode.BILINEAR and flip.p == 0.5
+
+
+# (width, height, seed) -> (top, left, height, width) and flip: what the tool's own copy of RandomResizedCrop drew
+# (exactly torchvision's). Another answer from a new torchvision changes every seeded crop: old --views caches
+# would mix crops, so Preprocess.describe's views record needs a revision then.
+SEEDED_CROPS = {(500, 375, 0): ((17, 80, 294, 343), True), (500, 375, 1): ((71, 153, 272, 311), True),
+                (500, 375, 2): ((13, 54, 360, 336), False), (31, 17, 0): ((1, 2, 16, 18), True),
+                (31, 17, 1): ((3, 9, 14, 16), True), (31, 17, 2): ((1, 8, 14, 17), False),
+                (1200, 90, 0): ((0, 540, 90, 120), False), (1200, 90, 2): ((0, 540, 90, 120), True)}
+
+
+def test_a_seed_gives_the_crops_it_always_gave():
+    import torch
+    from torchvision import transforms as T
+
+    for (w, h, seed), (box, flip) in SEEDED_CROPS.items():
+        torch.manual_seed(seed)
+        got = tuple(T.RandomResizedCrop.get_params(Image.new("RGB", (w, h)), [0.08, 1.0], [3 / 4, 4 / 3]))
+        assert (got, bool(torch.rand(1) < 0.5)) == (box, flip), (w, h, seed)
+
+
+def test_augmented_crops_are_seeded_per_image_whatever_the_workers(tmp_path):
+    """finetune (LabelledImages) and --views (ImageFiles) seed torch's global RNG per image around the
+    transform: the same crops run after run and with any number of DataLoader workers; the caller's RNG is
+    left as it was."""
+    import torch
+
+    from pipeline.data import ImageFiles, LabelledImages, train_transform
+
+    files = [str(write_image(tmp_path / f"{k}.png", 0, k, size=(60 + 9 * k, 40), fmt="PNG")) for k in range(4)]
+    train = LabelledImages(files, [0] * 4, train_transform(), seed=3)
+    views = ImageFiles([(files, [f"{k}.png" for k in range(4)], 2)], seed=3)
+    keys = {"train": [(e, i) for e in (0, 1) for i in range(4)], "views": [(0, i) for i in range(4)]}
+
+    def crops(ds, name, workers):
+        loader = torch.utils.data.DataLoader(ds, batch_size=2, sampler=keys[name], num_workers=workers)
+        return torch.cat([b[0] if name == "train" else b[1] for b in loader])
+
+    for ds, name in ((train, "train"), (views, "views")):
+        first = crops(ds, name, 0)
+        assert torch.equal(first, crops(ds, name, 0)) and torch.equal(first, crops(ds, name, 2)), name
+        state = torch.random.get_rng_state()
+        ds[keys[name][1]]
+        assert torch.equal(torch.random.get_rng_state(), state)  # (a DataLoader draws its own base seed)
+    x = crops(train, "train", 0)
+    assert not torch.equal(x[:4], x[4:])  # another epoch, other crops
+    assert views[(0, 0)][1].shape == (2, 3, 224, 224) and ImageFiles([(files, files, 0)]).view_transform is None
