@@ -16,7 +16,6 @@ pictures, the image files named in the cache:
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -31,7 +30,7 @@ from . import PipelineError
 from .fsio import atomic_write_bytes, atomic_write_json, sha256_file
 from .head import HeadParams, out_of_fold_proba, stratified_folds, train_folds
 from .runfolder import check_output_path, load_manifest
-from .splits import FOLDERS, SplitSpec, cache_record
+from .splits import FOLDERS, SplitSpec
 
 
 # A near pair (i, j): cosine distance d(i, j) <= NEAR_RATIO x the median distance of i to its neighbours ranked
@@ -133,13 +132,10 @@ def resolve_data_dir(cache, override: str | None) -> tuple[Path | None, str]:
         p = Path(override)
         return (p, "") if p.is_dir() else (None, f"--data-dir {override} is not a folder")
     tried = []
-    if cache.attrs.get("data_root"):
-        tried.append(Path(cache.attrs["data_root"]))
-    try:
-        recorded = json.loads(cache.attrs.get("config", "{}")).get("data_dir")
-    except ValueError:
-        recorded = None
-    if recorded:
+    if cache.meta.data_root:
+        tried.append(Path(cache.meta.data_root))
+    recorded = cache.meta.config.get("data_dir")
+    if isinstance(recorded, str) and recorded:
         rp = Path(recorded)
         tried += [rp] if rp.is_absolute() else [Path.cwd() / rp, Path(cache.path).resolve().parent / rp]
     for p in tried:
@@ -447,14 +443,14 @@ def usable_run(rows: Rows, cache, run_dir: str, notes: list[str]):
     if m.kind != "head":
         raise AuditRunMismatch(f"--run {run_dir} is a {m.kind} run; audit needs a train-head run folder "
                                "(its head reads cached features)")
-    if m.features.get("fingerprint") != cache.attrs.get("fingerprint"):
+    if m.features.get("fingerprint") != cache.meta.fingerprint:
         raise AuditRunMismatch(f"--run {run_dir} was trained on features of another cache (fingerprint differs "
                                f"from {cache.path}); audit the cache it was trained on")
     if list(m.class_names) != list(rows.class_names):
         raise AuditRunMismatch(f"--run {run_dir} has classes {m.class_names}, the cache {rows.class_names}")
-    theirs, mine = (m.split or {}).get("digest"), cache_record(cache.attrs.get("split")).get("digest")
+    theirs, mine = (m.split or {}).get("digest"), (cache.meta.split or {}).get("digest")
     if theirs and mine and theirs != mine:
-        a, b = SplitSpec.from_record(m.split), SplitSpec.from_record(cache.attrs.get("split"))
+        a, b = SplitSpec.from_record(m.split), SplitSpec.from_record(cache.meta.split)
         why = f"the run: {_split_words(a)}; this cache: {_split_words(b)}" if a != b else "other files in its splits"
         raise AuditRunMismatch(f"--run {run_dir} was trained on another split of the images ({why}): its val/test "
                                f"images are not this cache's; audit the cache it was trained on, or train a head "

@@ -1,7 +1,6 @@
 """The train-head stage: cached features in, run folder out. No backbone runs here."""
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 
@@ -107,9 +106,8 @@ def picture_paths(cache, split: str) -> list[str | None]:
     leaves its data folder or the cache names no data folder). The data folder resolves even when the
     cache recorded it relative to another folder."""
     paths = cache.splits[split].paths
-    try:
-        recorded = json.loads(cache.attrs["config"])["data_dir"]
-    except (KeyError, TypeError, ValueError):  # pictures never fail a run
+    recorded = cache.meta.config.get("data_dir")
+    if not isinstance(recorded, str):  # pictures never fail a run
         return [None] * len(paths)
     data_dir = resolve_data_dir(recorded, cache.path, paths[0] if paths else None)
     return [str(p) if (p := inside(data_dir, rel)) is not None else None for rel in paths]
@@ -117,15 +115,14 @@ def picture_paths(cache, split: str) -> list[str | None]:
 
 def head_model_payload(result: HeadResult, cache) -> RunManifest:
     """model.pt: everything predict needs to rebuild backbone + head from the run folder alone."""
-    a = cache.attrs
-    features = {"backbone": json.loads(a["backbone_spec"]), "feature_dim": int(cache.feature_dim),
-                "fingerprint": a["fingerprint"], "cache": str(cache.path)}
+    a = cache.meta
+    features = {"backbone": a.backbone_spec, "feature_dim": a.feature_dim, "fingerprint": a.fingerprint,
+                "cache": str(cache.path)}
     return RunManifest(
-        kind="head", class_names=list(cache.class_names),
+        kind="head", class_names=list(a.class_names),
         state_dict={"weight": result.weight.contiguous(), "bias": result.bias.contiguous()},
-        recipe=params_dict(result.params), precision=a["precision"], transform=json.loads(a["transform"]),
-        decoder=a.get("decoder", "pil"), draft=bool(a.get("draft", False)), features=features,
-        split=cache_record(a.get("split")))
+        recipe=params_dict(result.params), precision=a.precision, transform=a.transform, decoder=a.decoder,
+        draft=a.draft, features=features, split=a.split or cache_record(None))  # None: made before flat folders
 
 
 IMBALANCE = 1.5  # train classes this uneven (largest / smallest) choose by balanced accuracy
@@ -401,8 +398,7 @@ def _train(cfg: HeadConfig, cache, params: list[HeadParams], side: Sidecar | Non
         history=best.history, class_names=cache.class_names, seconds=seconds,
         recipe={"kind": "probe" if isinstance(best.params, ProbeParams) else "tutorial", **params_dict(best.params)},
         n={s: int(len(cache.splits[s].labels)) for s in cache.splits}, skipped=cache.skipped,
-        split=cache_record(cache.attrs.get("split")), backbone=str(cache.attrs.get("backbone", "unknown")),
-        weights=str(cache.attrs.get("weights", "unknown")))
+        split=cache.meta.split or cache_record(None), backbone=cache.meta.backbone, weights=cache.meta.weights)
     metrics.update({  # train-head's own
         "recipe_mode": cfg.recipe,
         "kept_epoch": "best val" if not unbiased else "last",
