@@ -416,10 +416,10 @@ def _do_extract(cfg):
     return summary
 
 
-def _do_train_head(cfg, sidecar=None):
+def _do_train_head(cfg):
     from pipeline.train_head import run_train_head
 
-    m = run_train_head(cfg, sidecar)
+    m = run_train_head(cfg)
     for note in m.get("notes", []):
         click.echo(note, err=True)
     click.echo(m["report_text"])  # with a sweep or a chosen recipe, its table comes first
@@ -479,16 +479,13 @@ def run(data_dir, out, cache_path, **o):
 
     from pipeline.runfolder import check_run_folder
     from pipeline.runtime import resolve_device
-    from pipeline.sidecar import sidecar
 
     check_run_folder(out, "head")  # before extract puts features.h5 into a folder train-head would refuse
     cache_path = cache_path or str(Path(out) / "features.h5")
     head = _head_config(cache_path, out, o)  # a recipe flag that --recipe refuses fails now, not after the extract
-    # the picture process loads matplotlib during extract, at low priority
-    with sidecar(plots=not o["no_plots"], nice=10, enabled=is_rank0()) as side:
-        resolve_device(o["head_device"])  # a bad --head-device fails now, not after the extract
-        _do_extract(_extract_config(data_dir, cache_path, o))
-        _do_train_head(head, side)
+    resolve_device(o["head_device"])  # a bad --head-device fails now, not after the extract
+    _do_extract(_extract_config(data_dir, cache_path, o))
+    _do_train_head(head)
 
 
 @cli.command()

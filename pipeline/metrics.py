@@ -8,10 +8,6 @@ import math
 import numpy as np
 
 
-def preload() -> None:
-    """Nothing left to import ahead: the report is numpy (scikit-learn's definitions, without its C x C
-    arrays). Kept as the sidecar's hook."""
-
 Z95 = 1.959963984540054  # the standard normal's 97.5% quantile: a two-sided 95% interval
 
 

@@ -1,9 +1,8 @@
 """The tutorial's pictures, as files: curves.png, confusion.png, predictions.png, and the preview grid.
 Plots only format results that the stages computed.
 
-Torch-free on purpose (numpy, PIL and matplotlib's object API, no pyplot): the sidecar process
-(pipeline/sidecar.py) imports this module while the main process imports torch. Pictures are a
-courtesy: draw_pictures never raises, it returns a note for each picture it could not draw.
+Torch-free (numpy, PIL and matplotlib's object API, no pyplot). Pictures are a courtesy: draw_pictures
+never raises, it returns a note for each picture it could not draw.
 """
 from __future__ import annotations
 
@@ -19,17 +18,6 @@ DPI = 100
 MATRIX_CLASSES = 25  # more classes than this: confusion.png shows the ones with the most errors
 THUMB = 224  # predictions.png tile size in pixels (the model's crop)
 MISSING = "image not found"
-
-
-def preload() -> None:
-    """Import matplotlib and render a tiny figure now (fonts, caches): the sidecar does this while the
-    main process imports torch, so the run's pictures later cost only their own drawing."""
-    import io
-
-    fig = _figure(1, 1)
-    fig.text(0.5, 0.5, "warm-up")
-    fig.add_axes((0.1, 0.1, 0.8, 0.8)).plot([0, 1], [0, 1], "o-", label="x")
-    fig.savefig(io.BytesIO(), format="png", dpi=10)
 
 
 def _figure(width: float, height: float):
@@ -225,7 +213,7 @@ def images_grid_png(images: np.ndarray, titles: list[str], path: Path, cols: int
 
 @dataclass
 class PictureJob:
-    """Everything the three run pictures need, as plain data (it crosses to the sidecar as JSON)."""
+    """Everything a run's pictures need, as plain data."""
 
     out: str
     history: list[dict]

@@ -491,8 +491,8 @@ class RunFolder:
     def commit(self, manifest: RunManifest, metrics: dict, report: str,
                pictures: Callable[[Path], Callable[[], list[str]] | None] | None = None) -> list[str]:
         """Write the run's files, all or nothing; returns the notes of pictures not drawn. pictures(folder)
-        starts drawing into the folder it is given and returns wait() -> notes (None: drawn already), so a
-        sidecar draws while model.pt is written here."""
+        prepares the drawing into the folder it is given and returns wait() -> notes (None: drawn already),
+        called once model.pt, metrics.json and report.txt are written, so a picture cannot cost the model."""
         if manifest.kind != self.kind:
             raise RunKindMismatch(f"a {manifest.kind} manifest cannot be saved as a {self.kind} run")
         staging = self.path / STAGING

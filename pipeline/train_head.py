@@ -7,22 +7,20 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import PipelineError
-from .metrics import (balanced_accuracy, ci_from_accuracy, confusion_record, format_accuracy, run_metrics,
-                      run_report_text)
+from .metrics import (balanced_accuracy, ci_from_accuracy, classification_metrics, confusion_record,
+                      format_accuracy, run_metrics, run_report_text)
 from .head import (HeadParams, HeadResult, TrainingDiverged, class_weights, cpu_threads, expand_grid, head_logits,
                    params_dict, stratified_folds, train_folds, train_heads, train_probes)
 from .recipe import AUTO_CV_MAX_ROWS, AUTO_TUTORIAL_MAX_ROWS, ProbeParams, auto_folds, auto_grid, scaled_to
-from .plots import PictureJob, inside, resolve_data_dir
+from .plots import PictureJob, draw_pictures, inside, resolve_data_dir
 from .runfolder import RunFolder, RunManifest
 from .runtime import resolve_device
-from .sidecar import Sidecar, split_classification_metrics, start_pictures
-from .sidecar import sidecar as start_sidecar
 from .splits import cache_record
 from .calibration import calibrate_head
 from .learning_curve import learning_curve, table as learning_curve_table
 
-# torch (inside head's functions), h5py (cache.read_cache) and matplotlib (the sidecar) are imported only
-# once run_train_head runs: the sidecar starts first and imports its part meanwhile.
+# torch (inside head's functions), h5py (cache.read_cache) and matplotlib (plots, when drawing) are imported
+# only once run_train_head runs.
 
 _DEFAULTS = HeadParams()
 
@@ -64,17 +62,13 @@ def _split_xy(cache, name: str):
 SMALL_HEAD_WORK = 1 << 22  # heads x rows x dim x classes; at or below it one CPU thread is fastest
 
 
-def head_classification_metrics(result: HeadResult, cache, splits: list[str],
-                                side: Sidecar | None = None) -> dict[str, dict]:
+def head_classification_metrics(result: HeadResult, cache, splits: list[str]) -> dict[str, dict]:
     """{split: classification_metrics(...) of the head's predictions, plus 'pred'}: the kept head on each split."""
-    preds = {}
+    out = {}
     for s in splits:
         X, y = _split_xy(cache, s)
         pred = head_logits(result.weight, result.bias, X).argmax(1) if len(y) else np.zeros(0, np.int64)
-        preds[s] = (np.asarray(y).tolist(), pred.tolist())
-    out = split_classification_metrics(side, preds, cache.class_names)
-    for s in splits:
-        out[s]["pred"] = preds[s][1]
+        out[s] = {**classification_metrics(y, pred, cache.class_names), "pred": pred.tolist()}
     return out
 
 
@@ -281,18 +275,10 @@ def sweep_table(rows: list[dict], best: int | None = None) -> str:
     return "\n".join(lines)
 
 
-def run_train_head(cfg: HeadConfig, sidecar: Sidecar | None = None) -> dict:
+def run_train_head(cfg: HeadConfig) -> dict:
     """Train the head(s) of cfg on its cache, write the run folder for the best one, return its metrics
     (plus report_text, and notes: pictures that could not be drawn). The run folder is locked from start to
-    end and written all at once (see runfolder). sidecar: one already started (by `run`, before extract);
-    by default one is started here, before torch and h5py are imported."""
-    if sidecar is not None:
-        return _run_train_head(cfg, sidecar)
-    with start_sidecar(plots=cfg.plots) as side:
-        return _run_train_head(cfg, side)
-
-
-def _run_train_head(cfg: HeadConfig, side: Sidecar | None) -> dict:
+    end and written all at once (see runfolder)."""
     from cache import read_cache
 
     cache = read_cache(cfg.cache)
@@ -305,16 +291,17 @@ def _run_train_head(cfg: HeadConfig, side: Sidecar | None) -> dict:
     params = expand_grid(cfg.grid())
     notes: list[str] = []
     with RunFolder(cfg.out, "head") as folder:
-        run = _train(cfg, cache, params, side)
+        run = _train(cfg, cache, params)
         pictures = None
         if cfg.plots:
-            def pictures(into):  # drawn into the run's staging folder (the sidecar draws when there is one)
-                return start_pictures(side, PictureJob(
+            def pictures(into):  # drawn into the run's staging folder once model.pt is written there
+                job = PictureJob(
                     str(into), run.metrics["history"], run.metrics["confusion_matrix"][cfg.val_split],
                     cache.class_names, cfg.val_split, picture_paths(cache, cfg.val_split),
                     cache.splits[cfg.val_split].labels.tolist(), run.evaluations[cfg.val_split]["pred"],
                     kept_epoch=run.best.best_epoch, calibration=run.metrics["calibration"],
-                    learning_curve=run.metrics.get("learning_curve")))
+                    learning_curve=run.metrics.get("learning_curve"))
+                return lambda: draw_pictures(job)
         manifest = head_model_payload(run.best, cache)
         manifest.temperature = run.temperature
         notes += folder.commit(manifest, run.metrics, run.report, pictures)
@@ -330,7 +317,7 @@ class HeadRun:
     temperature: float | None = None  # calibration (None: not fitted)
 
 
-def _train(cfg: HeadConfig, cache, params: list[HeadParams], side: Sidecar | None = None) -> HeadRun:
+def _train(cfg: HeadConfig, cache, params: list[HeadParams]) -> HeadRun:
     train = cache.splits["train"]
     classes = len(cache.class_names)
     Xtr, ytr = _split_xy(cache, "train")
@@ -391,7 +378,7 @@ def _train(cfg: HeadConfig, cache, params: list[HeadParams], side: Sidecar | Non
                                seed=cfg.folds_seed)
         header.append(learning_curve_table(curve))
     eval_splits = [cfg.val_split] + [s for s in cache.splits if s not in ("train", cfg.val_split)]
-    evaluations = head_classification_metrics(best, cache, eval_splits, side)
+    evaluations = head_classification_metrics(best, cache, eval_splits)
     cal = calibrate_head(best.weight, best.bias, selection, cache, eval_splits)  # val and test untouched by it
     metrics = run_metrics(
         "head", evaluations, val_split=cfg.val_split, best_val_acc=best.best_val_acc, best_epoch=best.best_epoch,

@@ -87,8 +87,7 @@ def test_cli_learning_curve_writes_picture_metrics_and_report(tmp_path):
     cache = write_cache(tmp_path / "c.h5", {"train": (Xtr, ytr, [f"train/{i}.jpg" for i in range(60)]),
                                              "val": (Xva, yva, [f"val/{i}.jpg" for i in range(20)])}, ["a", "b"])
     out = tmp_path / "run"
-    r = CliRunner().invoke(cli, ["train-head", str(cache), "--out", str(out), "--learning-curve"],
-                           env={"TLEARN_NO_SIDECAR": "1"})
+    r = CliRunner().invoke(cli, ["train-head", str(cache), "--out", str(out), "--learning-curve"])
     assert r.exit_code == 0, r.output
     m = json.loads((out / "metrics.json").read_text())
     curve = m["learning_curve"]
@@ -99,7 +98,7 @@ def test_cli_learning_curve_writes_picture_metrics_and_report(tmp_path):
     report = (out / "report.txt").read_text()
     assert "learning curve (" in report and "the last doubling (" in report
     plain = tmp_path / "plain"
-    r = CliRunner().invoke(cli, ["train-head", str(cache), "--out", str(plain)], env={"TLEARN_NO_SIDECAR": "1"})
+    r = CliRunner().invoke(cli, ["train-head", str(cache), "--out", str(plain)])
     assert r.exit_code == 0, r.output
     assert "learning_curve" not in json.loads((plain / "metrics.json").read_text())
     assert not (plain / "learning_curve.png").exists()

@@ -5,7 +5,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from cli import cli
-from pipeline import plots, sidecar
+from pipeline import plots
 from pipeline.plots import confusion_png, curves_png, pick_examples, predictions_png
 from tests.conftest import make_dataset, write_image
 
@@ -108,7 +108,6 @@ def test_a_failing_picture_never_fails_a_finished_run(small_cache, tmp_path, mon
     def boom(*a, **k):
         raise MemoryError("std::bad_alloc")
 
-    monkeypatch.setattr(sidecar.Sidecar, "start", classmethod(lambda cls, *a, **k: None))  # draw in-process
     monkeypatch.setattr(plots, "confusion_png", boom)
     out = tmp_path / "run"
     r = CliRunner().invoke(cli, ["train-head", str(small_cache), "--out", str(out), "--epochs", "2"])

@@ -1,5 +1,5 @@
-"""Start-up and exit: what --help, each command and the sidecar import (torchvision, torch._dynamo,
-scikit-learn and matplotlib cost seconds), and the quick exit that skips torch's teardown."""
+"""Start-up and exit: what --help and each command import (torchvision, torch._dynamo, scikit-learn and
+matplotlib cost seconds), and the quick exit that skips torch's teardown."""
 import json
 import os
 import subprocess
@@ -31,23 +31,20 @@ def test_every_command_help_imports_nothing_heavy():
     assert not _modules_after(code) & set(HEAVY)
 
 
-def test_train_head_process_never_imports_torchvision_sklearn_or_matplotlib(small_cache, tmp_path):
-    """The report and pictures come from the sidecar; the main process loads torch and h5py only."""
+def test_train_head_draws_in_its_own_process_and_never_imports_torchvision_or_sklearn(small_cache, tmp_path):
+    """train-head's report is numpy and its pictures matplotlib, drawn in the command's own process."""
     out = tmp_path / "run"
-    code = ("import sys\nfrom click.testing import CliRunner\nfrom cli import cli\n"
-            "from pipeline.sidecar import Sidecar\n"
-            "start = Sidecar.start.__func__\n"
-            "def early(cls, *a, **k):\n"
-            "    assert 'torch' not in sys.modules and 'h5py' not in sys.modules  # started before them\n"
-            "    return start(cls, *a, **k)\n"
-            "Sidecar.start = classmethod(early)\n"
+    code = ("from click.testing import CliRunner\nfrom cli import cli\n"
             f"r = CliRunner().invoke(cli, ['train-head', {str(small_cache)!r}, '--out', {str(out)!r}, '--epochs', '2'])\n"
             "assert r.exit_code == 0, r.output\n"
             "assert 'precision    recall  f1-score   support' in r.output, r.output\n")
     loaded = _modules_after(code)
-    assert {"torch", "h5py"} <= loaded and not loaded & {"torchvision", "sklearn", "matplotlib", "scipy"}
+    assert {"torch", "h5py", "matplotlib"} <= loaded and not loaded & {"torchvision", "sklearn", "scipy"}
     for name in ("model.pt", "metrics.json", "report.txt", "curves.png", "confusion.png", "predictions.png"):
         assert (out / name).stat().st_size > 0, name
+    no_plots = _modules_after(code.replace("'--epochs', '2'", "'--epochs', '2', '--no-plots'")
+                              .replace(str(out), str(tmp_path / "no_plots")))
+    assert "matplotlib" not in no_plots  # --no-plots: nothing of the pictures is imported
 
 
 @pytest.mark.slow
@@ -117,9 +114,11 @@ def test_the_quick_exit_waits_for_anything_still_running(monkeypatch):
     assert cli_module._nothing_left_running()
 
 
-def test_the_sidecar_side_never_imports_torch():
-    """What the sidecar loads (report, pictures) must not pay for torch: it runs beside torch's import."""
-    loaded = _modules_after("from pipeline import metrics, plots, sidecar\nmetrics.preload()\nplots.preload()")
-    # the report is numpy now (scikit-learn's C x C arrays cost minutes at 10,000 classes): only matplotlib
+def test_the_report_and_pictures_never_import_torch(tmp_path):
+    """metrics and plots only format what a stage computed: numpy and matplotlib, never torch."""
+    loaded = _modules_after("from pipeline import metrics, plots\n"
+                            "m = metrics.classification_metrics([0, 1, 1], [0, 1, 0], ['a', 'b'])\n"
+                            f"plots.confusion_png(m['confusion_matrix'], ['a', 'b'], {str(tmp_path / 'c.png')!r}, 'val')")
+    # the report is numpy (scikit-learn's C x C arrays cost minutes at 10,000 classes): only matplotlib
     assert "matplotlib" in loaded and "torch" not in loaded and "torchvision" not in loaded
 
