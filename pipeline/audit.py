@@ -29,6 +29,7 @@ from cache import read_cache
 from . import PipelineError
 from .fsio import atomic_write_bytes, atomic_write_json, sha256_file
 from .head import HeadParams, out_of_fold_proba, stratified_folds, train_folds
+from .plots import data_folder
 from .runfolder import check_output_path, load_manifest
 from .splits import FOLDERS, SplitSpec
 
@@ -122,28 +123,6 @@ def gather_rows(cache) -> Rows:
         splits=[s for s in names for _ in cache.splits[s].paths],
         class_names=cache.class_names,
     )
-
-
-def resolve_data_dir(cache, override: str | None) -> tuple[Path | None, str]:
-    """The folder the cache's paths are relative to: --data-dir, else the cache's absolute data_root,
-    else its config's data_dir as given, against the cwd, then against the cache file's folder.
-    Returns (folder or None, what was tried when none exists)."""
-    if override:
-        p = Path(override)
-        return (p, "") if p.is_dir() else (None, f"--data-dir {override} is not a folder")
-    tried = []
-    if cache.meta.data_root:
-        tried.append(Path(cache.meta.data_root))
-    recorded = cache.meta.config.get("data_dir")
-    if isinstance(recorded, str) and recorded:
-        rp = Path(recorded)
-        tried += [rp] if rp.is_absolute() else [Path.cwd() / rp, Path(cache.path).resolve().parent / rp]
-    for p in tried:
-        if p.is_dir():
-            return p, ""
-    if not tried:
-        return None, "the cache records no data folder"
-    return None, "data folder not found (tried " + ", ".join(str(p) for p in tried) + ")"
 
 
 # --------------------------------------------------------------------------- similarity search
@@ -597,7 +576,7 @@ def run_audit(cfg: AuditConfig) -> Audit:
     rows = gather_rows(cache)
     if len(rows.labels) == 0:
         raise PipelineError(f"cache {cfg.cache} holds no images; nothing to audit")
-    data_dir, why = resolve_data_dir(cache, cfg.data_dir)
+    data_dir, why = data_folder(cache, cfg.data_dir)
     notes: list[str] = []
     manifest = usable_run(rows, cache, cfg.run, notes) if cfg.run else None  # before any work
     audit = Audit(cache=str(cfg.cache), data_dir=str(data_dir) if data_dir else None,

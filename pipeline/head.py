@@ -321,7 +321,7 @@ def cpu_threads(n: int | None):
     """Run with n intra-op threads, then restore (None: unchanged). A head's matrices are tiny (H x 4 x 512):
     a second thread only adds hand-off latency, which on a loaded CPU grows to milliseconds per call
     (measured 0.05 s against 2.9 s for the same 3-epoch, 5-fold run on a busy 2-core machine; 0.14 s vs
-    0.63 s for train-head on the real data's cache beside the sidecar)."""
+    0.63 s for train-head on the real data's cache beside a second process)."""
     import torch
 
     if n is None:

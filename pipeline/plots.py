@@ -269,6 +269,28 @@ def resolve_data_dir(recorded: str, cache_path: str | os.PathLike, probe: str | 
     return candidates[-1].resolve()
 
 
+def data_folder(cache, override: str | None = None) -> tuple[Path | None, str]:
+    """The folder a cache's paths are relative to: override (--data-dir), else the cache's absolute data_root,
+    else the data_dir its extract was given (resolved as resolve_data_dir does). Returns (folder, "") or
+    (None, what was tried). The one answer for train-head's pictures and audit."""
+    if override:
+        p = Path(override)
+        return (p, "") if p.is_dir() else (None, f"--data-dir {override} is not a folder")
+    tried = []
+    if cache.meta.data_root:
+        tried.append(Path(cache.meta.data_root))
+    recorded = cache.meta.config.get("data_dir")
+    if isinstance(recorded, str) and recorded:
+        probe = next((sp.paths[0] for sp in cache.splits.values() if len(sp.paths)), None)
+        tried.append(resolve_data_dir(recorded, cache.path, probe))
+    for p in tried:
+        if p.is_dir():
+            return p, ""
+    if not tried:
+        return None, "the cache records no data folder"
+    return None, "data folder not found (tried " + ", ".join(str(p) for p in tried) + ")"
+
+
 def inside(data_dir: Path, rel: str) -> Path | None:
     """data_dir / rel when rel is a plain relative path (no '..', not absolute); None otherwise, so a
     crafted cache cannot make a picture read files outside its data folder."""

@@ -11,8 +11,8 @@ from .metrics import (balanced_accuracy, ci_from_accuracy, classification_metric
                       format_accuracy, run_metrics, run_report_text)
 from .head import (HeadParams, HeadResult, TrainingDiverged, class_weights, cpu_threads, expand_grid, head_logits,
                    params_dict, stratified_folds, train_folds, train_heads, train_probes)
-from .recipe import AUTO_CV_MAX_ROWS, AUTO_TUTORIAL_MAX_ROWS, ProbeParams, auto_folds, auto_grid, scaled_to
-from .plots import PictureJob, draw_pictures, inside, resolve_data_dir
+from .recipe import RECIPE_FIELDS, AUTO_CV_MAX_ROWS, AUTO_TUTORIAL_MAX_ROWS, ProbeParams, auto_folds, auto_grid, scaled_to
+from .plots import PictureJob, data_folder, draw_pictures, inside
 from .runfolder import RunFolder, RunManifest
 from .runtime import resolve_device
 from .splits import cache_record
@@ -50,8 +50,7 @@ class HeadConfig:
     extra: dict = field(default_factory=dict)
 
     def grid(self) -> dict[str, list]:
-        return {k: list(getattr(self, k)) for k in ("epochs", "lr", "momentum", "step_size", "gamma",
-                                                     "batch_size", "seed")}
+        return {k: list(getattr(self, k)) for k in RECIPE_FIELDS}
 
 
 def _split_xy(cache, name: str):
@@ -100,10 +99,9 @@ def picture_paths(cache, split: str) -> list[str | None]:
     leaves its data folder or the cache names no data folder). The data folder resolves even when the
     cache recorded it relative to another folder."""
     paths = cache.splits[split].paths
-    recorded = cache.meta.config.get("data_dir")
-    if not isinstance(recorded, str):  # pictures never fail a run
+    data_dir, _ = data_folder(cache)
+    if data_dir is None:  # pictures never fail a run: predictions.png says "image not found"
         return [None] * len(paths)
-    data_dir = resolve_data_dir(recorded, cache.path, paths[0] if paths else None)
     return [str(p) if (p := inside(data_dir, rel)) is not None else None for rel in paths]
 
 

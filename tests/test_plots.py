@@ -148,3 +148,29 @@ def test_train_head_from_another_folder_finds_the_images(tmp_path, monkeypatch):
     paths = picture_paths(read_cache(tmp_path / "feats.h5"), "val")
     assert len(paths) == 2 and all(Path(p).is_absolute() and Path(p).is_file() for p in paths)
 
+
+
+def test_data_folder_prefers_the_recorded_absolute_root(tmp_path, monkeypatch):
+    """train-head's pictures and audit find a cache's images the same way: --data-dir, the absolute
+    data_root, then the data_dir extract was given (relative: beside the cache or under the cwd)."""
+    from cache import read_cache
+    from tests.synthetic_cache import write_cache
+
+    photos = tmp_path / "photos"
+    write_image(photos / "val" / "a" / "0.jpg", 0, 0)
+    X = np.zeros((1, 4), np.float32)
+    y = np.zeros(1, np.int64)
+    splits = {"train": (X, y, ["val/a/0.jpg"]), "val": (X, y, ["val/a/0.jpg"])}
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    c = read_cache(write_cache(tmp_path / "caches" / "c.h5", splits, ["a"], data_root=str(photos),
+                               config={"data_dir": "photos"}))
+    assert plots.data_folder(c) == (photos, "")  # "photos" is not under the cwd nor beside the cache
+    assert plots.data_folder(c, str(elsewhere)) == (elsewhere, "")
+    assert plots.data_folder(c, str(tmp_path / "nope"))[1].endswith("is not a folder")
+    old = read_cache(write_cache(tmp_path / "old.h5", splits, ["a"], data_root="", config={"data_dir": "photos"}))
+    assert plots.data_folder(old) == (photos, "")  # relative, found beside the cache file by its first path
+    lost = read_cache(write_cache(tmp_path / "lost.h5", splits, ["a"], data_root="", config={"data_dir": "gone"}))
+    folder, why = plots.data_folder(lost)
+    assert folder is None and why.startswith("data folder not found (tried ")
