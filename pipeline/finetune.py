@@ -27,7 +27,7 @@ from .progress import Progress
 from .fsio import atomic_write_json, sha256_json
 from .runfolder import CHECKPOINT, VERDICTS, FinetuneCheckpoint, ModelFileError, RunFolder, RunManifest
 from .runtime import Runtime, default_workers, resolve_runtime
-from .plots import PictureJob, draw_pictures
+from .plots import PictureJob, draw_pictures, import_in_background
 
 # the FinetuneConfig fields a checkpoint records (as its recipe) and --resume requires unchanged (the rest, like
 # workers, may change)
@@ -515,6 +515,8 @@ def _train(cfg: FinetuneConfig, progress: Progress, d: Dist, folder: RunFolder |
     for epoch in range(start, cfg.epochs):
         t0 = time.perf_counter()
         train_part, val_part = loaders.pass_(epoch, [train_g, val_g])
+        if epoch == start and cfg.plots and d.is_main:  # the persistent workers are forked by now
+            import_in_background()
         lr = optimizer.param_groups[0]["lr"]
         loss_sum, correct, n = d.all_sum(list(train_one_epoch(net, train_part, optimizer, scaler, criterion, rt)))
         train_loss, train_acc = loss_sum / n, correct / n

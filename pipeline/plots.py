@@ -20,6 +20,19 @@ THUMB = 224  # predictions.png tile size in pixels (the model's crop)
 MISSING = "image not found"
 
 
+def import_in_background() -> None:
+    """Import what drawing needs (matplotlib's Figure and Agg canvas, ~0.5 s) on a daemon thread, for a command
+    whose main thread mostly waits in torch ops meanwhile (finetune's epochs). Only once no more processes
+    will be forked: a child forked while the thread holds an import lock could hang on its first import."""
+    import threading
+
+    def work():
+        from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: F401
+        from matplotlib.figure import Figure  # noqa: F401
+
+    threading.Thread(target=work, name="tlearn-import-matplotlib", daemon=True).start()
+
+
 def _figure(width: float, height: float):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure

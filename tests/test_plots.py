@@ -174,3 +174,16 @@ def test_data_folder_prefers_the_recorded_absolute_root(tmp_path, monkeypatch):
     lost = read_cache(write_cache(tmp_path / "lost.h5", splits, ["a"], data_root="", config={"data_dir": "gone"}))
     folder, why = plots.data_folder(lost)
     assert folder is None and why.startswith("data folder not found (tried ")
+
+
+def test_import_in_background_loads_the_drawing_modules_on_a_daemon_thread():
+    import subprocess
+    import sys
+
+    code = ("import sys, threading\nfrom pipeline.plots import import_in_background\nimport_in_background()\n"
+            "t = next(t for t in threading.enumerate() if t.name == 'tlearn-import-matplotlib')\n"
+            "assert t.daemon\nt.join(60)\n"
+            "print(all(m in sys.modules for m in ('matplotlib.figure', 'matplotlib.backends.backend_agg')))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       cwd=Path(__file__).resolve().parents[1], timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "True", r.stderr
