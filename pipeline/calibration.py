@@ -147,7 +147,10 @@ def calibrate(fit_logits: np.ndarray | None, fit_labels: np.ndarray | None, fit_
         y = np.asarray(fit_labels)
         cand = fit_temperature(fit_logits, y)
         before, after = (_confidence_correct(fit_logits, y, tt) for tt in (1.0, cand))
-        if ece(*after) <= ece(*before) and nll(fit_logits, y, cand) <= nll(fit_logits, y):
+        if cand in T_RANGE:  # the fit ran to an end of the range: e.g. every out-of-fold prediction right
+            why_not = (f"the fit ran to the end of its range (T {cand:g}: every out-of-fold prediction right or "
+                       "wrong), no signal to calibrate with")
+        elif ece(*after) <= ece(*before) and nll(fit_logits, y, cand) <= nll(fit_logits, y):
             t = cand
         else:
             why_not = "a temperature fitted there did not lower its calibration error"

@@ -555,9 +555,11 @@ def train_probe_subsets(X, y, classes: int, p, member, class_weight=None) -> tup
     return [w.numpy() for w, _ in out], [b_.numpy() for _, b_ in out]
 
 
-def train_subsets(X, y, classes: int, p: HeadParams, rows: list, class_weight=None) -> tuple[list, list]:
-    """The tutorial-family recipe p trained on each row subset alone (its own shuffle, batches and epochs), all
-    at once; the last epoch is kept. Returns per subset W (C,D) and b (C,) as numpy arrays."""
+def train_subsets(X, y, classes: int, p: HeadParams, rows: list, class_weight=None, views=None
+                  ) -> tuple[list, list]:
+    """The tutorial-family recipe p trained on each row subset alone (its own shuffle, batches and epochs; one
+    of views (N,K,D) per row and epoch when given, as train_heads), all at once; the last epoch is kept.
+    Returns per subset W (C,D) and b (C,) as numpy arrays."""
     import torch
 
     Xt = torch.as_tensor(np.asarray(X), dtype=torch.float32)
@@ -565,6 +567,7 @@ def train_subsets(X, y, classes: int, p: HeadParams, rows: list, class_weight=No
     check_finite_features("train", Xt)
     idx = [torch.as_tensor(np.asarray(r), dtype=torch.long) for r in rows]
     cw = None if class_weight is None else torch.as_tensor(class_weight)
+    Vt = None if views is None else torch.as_tensor(np.asarray(views), dtype=torch.float32)
     with torch.inference_mode(), cpu_threads(1):
-        trained = _train_rows_group([p] * len(idx), idx, idx, Xt, yt, classes, cw=cw)
+        trained = _train_rows_group([p] * len(idx), idx, idx, Xt, yt, classes, cw=cw, views=Vt)
     return [r.last_weight.numpy() for r in trained], [r.last_bias.numpy() for r in trained]

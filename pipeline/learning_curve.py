@@ -20,6 +20,7 @@ from . import PipelineError
 
 SHARES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 REPEATS = 3
+SMALL_VAL = 30  # fewer val photos: the reading says so rather than judge (as the run's own tiny-val warning)
 
 
 def share_rows(labels, shares=SHARES, repeats: int = REPEATS, seed: int = 0) -> list[tuple[float, int, np.ndarray]]:
@@ -52,8 +53,9 @@ def _score(pred: np.ndarray, y: np.ndarray, classes: int, metric: str) -> tuple[
 
 
 def learning_curve(Xtr, ytr, Xva, yva, classes: int, params, metric: str = "accuracy", class_weight=None,
-                   shares=SHARES, repeats: int = REPEATS, seed: int = 0) -> dict:
+                   shares=SHARES, repeats: int = REPEATS, seed: int = 0, views=None) -> dict:
     """Train params (a ProbeParams or HeadParams) on every share x repeat of train and score each on val.
+    views: the train rows' augmented views (N,K,D) the kept head drew from (the tutorial's recipe only).
     Returns the record metrics.json keeps (see reading() for its sentence)."""
     from .head import train_probe_subsets, train_subsets
     from .recipe import ProbeParams
@@ -70,46 +72,66 @@ def learning_curve(Xtr, ytr, Xva, yva, classes: int, params, metric: str = "accu
             member[rows, h] = True
         W, b = train_probe_subsets(Xtr, ytr, classes, params, member, class_weight=class_weight)
     else:
-        W, b = train_subsets(Xtr, ytr, classes, params, [rows for _, _, rows in heads], class_weight=class_weight)
+        W, b = train_subsets(Xtr, ytr, classes, params, [rows for _, _, rows in heads], class_weight=class_weight,
+                             views=views)
     seconds = time.perf_counter() - t0
     Xv = np.asarray(Xva, dtype=np.float32)
+    present = np.unique(ytr)  # classes with train rows: photos per class are counted over these
+    weight = row_weights(yva, metric)
     points, right = [], {}
     for s in sorted({s for s, _, _ in heads}):
         idx = [h for h, (s2, _, _) in enumerate(heads) if s2 == s]
         runs = []
         for h in idx:
             logits = Xv @ W[h].T + b[h]
-            pred = logits.argmax(1) if np.isfinite(logits).all() else np.full(len(yva), -1)  # diverged: all wrong
-            value, low, high = _score(pred, yva, classes, metric)
+            if np.isfinite(logits).all():
+                pred = logits.argmax(1)
+                value, low, high = _score(pred, yva, classes, metric)
+            else:  # diverged: every photo wrong, whatever the metric
+                pred, value, low, high = np.full(len(yva), -1), 0.0, 0.0, 0.0
             runs.append({"value": value, "low": low, "high": high})
             right.setdefault(s, []).append(pred == yva)
         n_rows = [len(heads[h][2]) for h in idx]
-        points.append({"share": s, "rows": int(round(np.mean(n_rows))), "per_class": float(np.mean(n_rows)) / classes,
+        points.append({"share": s, "rows": int(round(np.mean(n_rows))),
+                       "per_class": float(np.mean(n_rows)) / max(len(present), 1),
                        "values": [r["value"] for r in runs], "mean": float(np.mean([r["value"] for r in runs])),
                        "low": float(np.mean([r["low"] for r in runs])), "high": float(np.mean([r["high"] for r in runs]))})
     record = {"metric": metric, "split": "val", "n_val": int(len(yva)), "repeats": repeats, "seed": seed,
               "recipe": "probe" if isinstance(params, ProbeParams) else "tutorial", "points": points,
-              "seconds": seconds}
+              "seconds": seconds, "views": views is not None and not isinstance(params, ProbeParams),
+              "classes_without_train_rows": int(classes - len(present))}
     if len(points) > 1:
         half = min(points[:-1], key=lambda p: abs(p["share"] - points[-1]["share"] / 2))
         record["doubling"] = {"from_share": half["share"], "to_share": points[-1]["share"],
                               "gain": points[-1]["mean"] - half["mean"],
-                              "se": paired_se(right[points[-1]["share"]][0], right[half["share"]])}
+                              "se": paired_se(right[points[-1]["share"]][0], right[half["share"]], weight)}
     record["reading"] = reading(record)
     return record
 
 
-def paired_se(full_right: np.ndarray, half_right: list[np.ndarray]) -> float:
-    """Standard error of the accuracy difference between the all-of-train head and a smaller share's heads,
+def row_weights(y: np.ndarray, metric: str) -> np.ndarray:
+    """Each val photo's weight in the metric: 1/n for accuracy; 1/(K * its class's count) for balanced
+    accuracy (K: classes present in val), so a minority photo counts as much as its class's share."""
+    y = np.asarray(y)
+    if metric != "balanced_accuracy":
+        return np.full(len(y), 1.0 / max(len(y), 1))
+    counts = np.bincount(y)
+    return 1.0 / (int((counts > 0).sum()) * counts[y])
+
+
+def paired_se(full_right: np.ndarray, half_right: list[np.ndarray], weight: np.ndarray | None = None) -> float:
+    """Standard error of the metric's difference between the all-of-train head and a smaller share's heads,
     scored on the same val photos (paired, as McNemar's test: only the photos one gets right and the other
-    wrong carry it), averaged over the share's draws. Far smaller than each point's own interval, which
-    mostly reflects which photos val happens to hold."""
+    wrong carry it; each weighted as the metric weighs it, see row_weights), averaged over the share's draws.
+    Far smaller than each point's own interval, which mostly reflects which photos val happens to hold."""
     n = max(len(full_right), 1)
+    w = np.full(n, 1.0 / n) if weight is None else np.asarray(weight, dtype=np.float64)
     ses = []
     for h in half_right:
-        b = float((full_right & ~h).sum())
-        c = float((~full_right & h).sum())
-        ses.append(np.sqrt(max(b + c - (b - c) ** 2 / n, 0.0)) / n)
+        d = full_right.astype(np.float64) - h.astype(np.float64)  # +1, 0 or -1 per photo
+        # sum(w * d) is the mean of z = n * w * d over the photos: its variance is var(z) / n
+        z = w * d
+        ses.append(np.sqrt(max((z ** 2).sum() - z.sum() ** 2 / n, 0.0)))
     return float(np.mean(ses))
 
 
@@ -123,11 +145,24 @@ def reading(record: dict) -> str:
     d = record["doubling"]
     half = next(p for p in pts if p["share"] == d["from_share"])
     gain, noise = 100 * d["gain"], 200 * d["se"]
+    if half["rows"] == full["rows"]:
+        return (f"train is too small for a curve: every share holds the same {full['rows']} rows "
+                "(at least one per class)")
     verdict = ("within noise: more photos of the same kind are unlikely to change much" if abs(gain) <= noise
                else "more labelled photos would likely help" if gain > 0 else "the smaller share scored higher")
-    return (f"the last doubling ({half['per_class']:.0f} -> {full['per_class']:.0f} labelled photos per class) "
-            f"changed val {name} by {gain:+.1f} points ({half['mean']:.1%} -> {full['mean']:.1%}; paired noise "
-            f"+-{noise:.1f} points on the same val photos): {verdict}")
+    if record["n_val"] < SMALL_VAL:
+        verdict = f"val has {record['n_val']} photos, too few to tell"
+    line = (f"the last doubling ({_count(half['per_class'])} -> {_count(full['per_class'])} labelled photos per "
+            f"class) changed val {name} by {gain:+.1f} points ({half['mean']:.1%} -> {full['mean']:.1%}; paired "
+            f"noise +-{noise:.1f} points on the same val photos): {verdict}")
+    if record.get("classes_without_train_rows"):
+        line += (f"; {record['classes_without_train_rows']} class(es) have no train photos at all: the curve cannot "
+                 "show what labelling them would add")
+    return line
+
+
+def _count(v: float) -> str:
+    return f"{v:.1f}" if v < 10 else f"{v:.0f}"
 
 
 def table(record: dict) -> str:

@@ -283,15 +283,19 @@ def resolve_data_dir(recorded: str, cache_path: str | os.PathLike, probe: str | 
 
 
 def data_folder(cache, override: str | None = None) -> tuple[Path | None, str]:
-    """The folder a cache's paths are relative to: override (--data-dir), else the cache's absolute data_root,
-    else the data_dir its extract was given (resolved as resolve_data_dir does). Returns (folder, "") or
-    (None, what was tried). The one answer for train-head's pictures and audit."""
+    """The folder a cache's paths are relative to: override (--data-dir), else the cache's absolute data_root
+    (only it: a folder of the same name under the cwd may hold other photos), else, for caches made before
+    data_root was recorded, the data_dir its extract was given (resolved as resolve_data_dir does). Returns
+    (folder, "") or (None, why). The one answer for train-head's pictures and audit."""
     if override:
         p = Path(override)
         return (p, "") if p.is_dir() else (None, f"--data-dir {override} is not a folder")
-    tried = []
-    if cache.meta.data_root:
-        tried.append(Path(cache.meta.data_root))
+    if cache.meta.data_root:  # recorded by extract: the answer, or none (never a guess that may be another folder)
+        p = Path(cache.meta.data_root)
+        if not p.is_absolute():
+            return None, f"the cache's data_root {cache.meta.data_root!r} is not an absolute path"
+        return (p, "") if p.is_dir() else (None, f"data folder {p} not found (moved or deleted?)")
+    tried = []  # a cache made before data_root was recorded: its data_dir as typed
     recorded = cache.meta.config.get("data_dir")
     if isinstance(recorded, str) and recorded:
         probe = next((sp.paths[0] for sp in cache.splits.values() if len(sp.paths)), None)

@@ -373,8 +373,11 @@ def _train(cfg: HeadConfig, cache, params: list[HeadParams]) -> HeadRun:
     curve = None
     if cfg.learning_curve:
         curve = learning_curve(Xtr, ytr, *_split_xy(cache, cfg.val_split), classes, best.params, metric, cw,
-                               seed=cfg.folds_seed)
+                               seed=cfg.folds_seed, views=views)
         header.append(learning_curve_table(curve))
+        if not unbiased:
+            header.append("(the curve scores each head's last epoch; the kept head is val's best epoch, so its val "
+                          "figure can differ from the 100% point)")
     eval_splits = [cfg.val_split] + [s for s in cache.splits if s not in ("train", cfg.val_split)]
     evaluations = head_classification_metrics(best, cache, eval_splits)
     cal = calibrate_head(best.weight, best.bias, selection, cache, eval_splits)  # val and test untouched by it

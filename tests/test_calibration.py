@@ -174,3 +174,13 @@ def test_report_gives_the_noise_floor_beside_the_ece():
     assert set(cal.record["ece_floor"]) == {"val"}
     line = next(x for x in cal.lines if x.startswith("ECE of a perfectly calibrated model"))
     assert f"val {cal.record['ece_floor']['val']['median']:.4f}" in line
+
+
+def test_a_fit_that_runs_to_the_end_of_its_range_is_not_kept():
+    from pipeline.calibration import calibrate
+
+    logits = np.array([[3.0, 0.0], [0.0, 2.0], [4.0, 1.0]])
+    labels = np.array([0, 1, 0])  # every out-of-fold prediction right: the fit sharpens without end
+    cal = calibrate(logits, labels, "oof", {"val": (logits, labels)})
+    assert cal.temperature is None and cal.record["temperature"] == 1.0
+    assert "end of its range" in cal.record["not_fitted"]

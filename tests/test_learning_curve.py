@@ -9,7 +9,7 @@ from click.testing import CliRunner
 
 from cli import cli
 from pipeline.head import train_heads, train_probes, train_subsets
-from pipeline.learning_curve import learning_curve, paired_se, share_rows
+from pipeline.learning_curve import learning_curve, paired_se, reading, row_weights, share_rows
 from pipeline.recipe import HeadParams, ProbeParams
 from tests.synthetic_cache import blobs, write_cache
 
@@ -102,3 +102,52 @@ def test_cli_learning_curve_writes_picture_metrics_and_report(tmp_path):
     assert r.exit_code == 0, r.output
     assert "learning_curve" not in json.loads((plain / "metrics.json").read_text())
     assert not (plain / "learning_curve.png").exists()
+
+
+def test_views_reach_the_tutorial_heads():
+    Xtr, ytr, Xva, yva = train_val(60, 30, spread=3.0)
+    views = Xtr[:, None, :] + np.random.default_rng(2).normal(scale=2.0, size=(60, 2, 16)).astype(np.float32)
+    p = HeadParams(epochs=3)
+    rec = learning_curve(Xtr, ytr, Xva, yva, 3, p, shares=(0.5, 1.0), repeats=1, views=views)
+    (kept,), _ = train_heads((Xtr, ytr), (Xva, yva), 3, [p], views=views)
+    last = float(((Xva @ kept.last_weight.numpy().T + kept.last_bias.numpy()).argmax(1) == yva).mean())
+    assert rec["views"] and rec["points"][-1]["values"][0] == pytest.approx(last, abs=1.5 / len(yva))
+    plain = learning_curve(Xtr, ytr, Xva, yva, 3, p, shares=(0.5, 1.0), repeats=1)
+    assert not plain["views"]
+
+
+def test_balanced_noise_weighs_each_photo_as_the_metric_does():
+    y = np.array([0] * 95 + [1] * 5)
+    full = np.ones(100, dtype=bool)
+    half = full.copy()
+    half[97] = False  # one minority photo: 10 points of balanced accuracy, 1 point of accuracy
+    w = row_weights(y, "balanced_accuracy")
+    assert w[97] == pytest.approx(0.1) and w[0] == pytest.approx(1 / 190)
+    assert paired_se(full, [half], w) == pytest.approx(np.sqrt(0.01 - 0.01 / 100))
+    assert paired_se(full, [half], row_weights(y, "accuracy")) == pytest.approx(paired_se(full, [half]))
+    # 10 points gained on one photo is within its own (balanced) noise
+    rec = {"metric": "balanced_accuracy", "n_val": 100, "points": [
+        {"share": 0.5, "rows": 50, "per_class": 25.0, "mean": 0.9}, {"share": 1.0, "rows": 100, "per_class": 50.0,
+                                                                      "mean": 1.0}],
+           "doubling": {"from_share": 0.5, "gain": 0.1, "se": paired_se(full, [half], w)}}
+    assert reading(rec).endswith("within noise: more photos of the same kind are unlikely to change much")
+
+
+def test_diverged_heads_score_zero_and_small_inputs_say_so():
+    Xtr, ytr, Xva, yva = train_val(30, 12, spread=1.0)
+    rec = learning_curve(Xtr * 1e30, ytr, Xva, yva, 3, HeadParams(epochs=2, lr=1e30), metric="balanced_accuracy",
+                         shares=(0.5, 1.0), repeats=1)
+    assert all(v == 0.0 for p in rec["points"] for v in p["values"])
+    assert rec["reading"].endswith("val has 12 photos, too few to tell")
+    one = [int(np.flatnonzero(ytr == c)[0]) for c in range(3)]  # one train row per class
+    tiny = learning_curve(Xtr[one], ytr[one], Xva, yva, 3, HeadParams(epochs=1), shares=(0.5, 1.0), repeats=1)
+    assert tiny["reading"] == "train is too small for a curve: every share holds the same 3 rows (at least one per class)"
+
+
+def test_photos_per_class_count_only_classes_with_train_rows():
+    Xtr, ytr, Xva, yva = train_val(90, 45, spread=1.0)
+    keep = ytr != 2  # class 2 has val photos but no train photos
+    rec = learning_curve(Xtr[keep], ytr[keep], Xva, yva, 3, HeadParams(epochs=1), shares=(0.5, 1.0), repeats=1)
+    assert rec["points"][-1]["per_class"] == pytest.approx(keep.sum() / 2)
+    assert rec["classes_without_train_rows"] == 1
+    assert "1 class(es) have no train photos at all" in rec["reading"]

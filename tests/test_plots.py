@@ -174,6 +174,14 @@ def test_data_folder_prefers_the_recorded_absolute_root(tmp_path, monkeypatch):
     lost = read_cache(write_cache(tmp_path / "lost.h5", splits, ["a"], data_root="", config={"data_dir": "gone"}))
     folder, why = plots.data_folder(lost)
     assert folder is None and why.startswith("data folder not found (tried ")
+    # the recorded root was moved; a folder of the same name under the cwd holds other photos: no guess
+    monkeypatch.chdir(tmp_path)
+    moved = read_cache(write_cache(tmp_path / "caches" / "m.h5", splits, ["a"], data_root=str(tmp_path / "gone"),
+                                   config={"data_dir": "photos"}))
+    assert plots.data_folder(moved) == (None, f"data folder {tmp_path / 'gone'} not found (moved or deleted?)")
+    crafted = read_cache(write_cache(tmp_path / "evil.h5", splits, ["a"], data_root="../../etc",
+                                     config={"data_dir": "photos"}))
+    assert plots.data_folder(crafted)[0] is None and "not an absolute path" in plots.data_folder(crafted)[1]
 
 
 def test_import_in_background_loads_the_drawing_modules_on_a_daemon_thread():
