@@ -181,3 +181,17 @@ def test_run_metrics_is_the_shared_part_of_every_run():
     assert m["balanced_accuracy_ci"]["val"]["classes"] == 3
     assert m["warnings"][0].startswith("WARNING: random weights") and "tiny val split: 8 images" in m["warnings"][1]
     json.dumps(m)  # plain JSON
+
+
+def test_balanced_accuracy_interval_is_wilson_on_the_effective_photo_count():
+    from pipeline.metrics import wilson_interval
+
+    even = np.array([[8, 2, 0], [1, 9, 0], [0, 3, 7]])  # 10 photos per class: the interval is accuracy's
+    ci = balanced_accuracy_ci(even)
+    assert ci["n_eff"] == pytest.approx(30) and (ci["low"], ci["high"]) == pytest.approx(wilson_interval(24, 30))
+    one = balanced_accuracy_ci(np.array([[1]]))  # one photo, right: as wide as accuracy's 1/1
+    assert (one["low"], one["high"]) == pytest.approx(wilson_interval(1, 1))
+    skew = balanced_accuracy_ci(np.array([[90, 5], [1, 4]]))  # 95 + 5 photos: 2^2 / (1/95 + 1/5) = 19
+    assert skew["n_eff"] == pytest.approx(19.0) and skew["value"] == pytest.approx((90 / 95 + 4 / 5) / 2)
+    assert (skew["low"], skew["high"]) == pytest.approx(wilson_interval(skew["value"] * 19, 19))
+    assert skew["low"] < skew["value"] < skew["high"]
