@@ -423,7 +423,8 @@ def _do_train_head(cfg):
     for note in m.get("notes", []):
         click.echo(note, err=True)
     click.echo(m["report_text"])  # with a sweep or a chosen recipe, its table comes first
-    click.echo(f"trained in {m['seconds']:.3f} s; run folder {cfg.out}")
+    curve = f" (learning curve {m['learning_curve']['seconds']:.2f} s more)" if "learning_curve" in m else ""
+    click.echo(f"trained in {m['seconds']:.3f} s{curve}; run folder {cfg.out}")
     return m
 
 

@@ -97,6 +97,7 @@ def test_cli_learning_curve_writes_picture_metrics_and_report(tmp_path):
     assert (out / "learning_curve.png").stat().st_size > 1000
     report = (out / "report.txt").read_text()
     assert "learning curve (" in report and "the last doubling (" in report
+    assert f"(learning curve {curve['seconds']:.2f} s more); run folder {out}" in r.output
     plain = tmp_path / "plain"
     r = CliRunner().invoke(cli, ["train-head", str(cache), "--out", str(plain)])
     assert r.exit_code == 0, r.output
