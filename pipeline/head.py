@@ -116,9 +116,12 @@ def _epoch_order(rows: list[torch.Tensor], gens: list, N: int, views: int | None
 
 def _scorer(heldout, X: torch.Tensor, y: torch.Tensor):
     """score(W, b) -> (mean loss (H,), accuracy (H,)) of each head on its held-out rows. heldout: (Xv, yv), rows
-    that every head is scored on, or per head a tensor of row ids of X (gathered here once)."""
+    that every head is scored on, or per head a tensor of row ids of X (gathered here once), or None: nothing
+    to score (zeros; only the last epoch is wanted)."""
     import torch
 
+    if heldout is None:
+        return lambda W, b: (torch.zeros(W.shape[0], device=W.device),) * 2
     if isinstance(heldout, tuple):
         return lambda W, b: _loss_and_accuracy(W, b, *heldout)
     H, M = len(heldout), max(1, max(len(r) for r in heldout))
@@ -488,6 +491,21 @@ def _probe_group(params: list, member: torch.Tensor, Z: torch.Tensor, y: torch.T
     return W.view(H, C, D), b.view(H, C), hist
 
 
+def _probe_inputs(X, y, class_weight):
+    """What every probe run starts from: X as float32 (checked finite), its standardisation (mean, std of all
+    rows), the labels as a tensor and each row's loss weight (its class's weight, or 1)."""
+    import torch
+
+    X = np.asarray(X, dtype=np.float32)
+    yt = torch.as_tensor(np.asarray(y), dtype=torch.long)
+    if len(yt) == 0:
+        raise PipelineError("the train split has no usable images")
+    check_finite_features("train", torch.as_tensor(X))
+    mu, sd = standardizer(X)
+    rw = torch.ones(len(yt)) if class_weight is None else torch.as_tensor(class_weight)[yt]
+    return X, mu, sd, yt, rw
+
+
 def train_probes(X, y, classes: int, params: list, folds=None, val=None, class_weight=None
                  ) -> tuple[list[list[ProbeRun]], float]:
     """The automatic recipe's candidates, each on every fold (folds: fold id per row; None: one head per
@@ -499,16 +517,10 @@ def train_probes(X, y, classes: int, params: list, folds=None, val=None, class_w
     import torch
 
     t0 = time.perf_counter()
-    X = np.asarray(X, dtype=np.float32)
-    mu, sd = standardizer(X)
-    yt = torch.as_tensor(np.asarray(y), dtype=torch.long)
-    if len(yt) == 0:
-        raise PipelineError("the train split has no usable images")
-    check_finite_features("train", torch.as_tensor(X))
+    X, mu, sd, yt, rw = _probe_inputs(X, y, class_weight)
     fold_ids = np.full(len(yt), -2, dtype=np.int64) if folds is None else np.asarray(folds, dtype=np.int64)
     K = 0 if folds is None else int(fold_ids.max()) + 1
     head_folds = [-1] if folds is None else list(range(K))
-    rw = torch.ones(len(yt)) if class_weight is None else torch.as_tensor(class_weight)[yt]
     out: dict[tuple, ProbeRun] = {}
     with torch.inference_mode(), cpu_threads(1):  # see cpu_threads; measured on a busy 2-core CPU: a 208 x 1280 x 90
         #                                          product at 32 GFLOP/s on one thread, 2.5 on two
@@ -542,11 +554,7 @@ def train_probe_subsets(X, y, classes: int, p, member, class_weight=None) -> tup
     on raw features, as numpy arrays."""
     import torch
 
-    X = np.asarray(X, dtype=np.float32)
-    mu, sd = standardizer(X)
-    yt = torch.as_tensor(np.asarray(y), dtype=torch.long)
-    check_finite_features("train", torch.as_tensor(X))
-    rw = torch.ones(len(yt)) if class_weight is None else torch.as_tensor(class_weight)[yt]
+    X, mu, sd, yt, rw = _probe_inputs(X, y, class_weight)
     member = torch.as_tensor(np.asarray(member, dtype=bool))
     H = member.shape[1]
     with torch.inference_mode(), cpu_threads(1 if H * len(X) * X.shape[1] * classes <= 1 << 26 else None):
@@ -570,5 +578,5 @@ def train_subsets(X, y, classes: int, p: HeadParams, rows: list, class_weight=No
     Vt = None if views is None else torch.as_tensor(np.asarray(views), dtype=torch.float32)
     big = len(idx) * max(len(r) for r in idx) * Xt.shape[1] * classes > 1 << 28  # e.g. 28 heads x 2,000 x 512 x 10
     with torch.inference_mode(), cpu_threads(None if big else 1):  # measured there: 1.31 s on 1 thread, 1.01 on 2
-        trained = _train_rows_group([p] * len(idx), idx, idx, Xt, yt, classes, cw=cw, views=Vt)
+        trained = _train_rows_group([p] * len(idx), idx, None, Xt, yt, classes, cw=cw, views=Vt)
     return [r.last_weight.numpy() for r in trained], [r.last_bias.numpy() for r in trained]

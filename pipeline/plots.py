@@ -295,17 +295,12 @@ def data_folder(cache, override: str | None = None) -> tuple[Path | None, str]:
         if not p.is_absolute():
             return None, f"the cache's data_root {cache.meta.data_root!r} is not an absolute path"
         return (p, "") if p.is_dir() else (None, f"data folder {p} not found (moved or deleted?)")
-    tried = []  # a cache made before data_root was recorded: its data_dir as typed
-    recorded = cache.meta.config.get("data_dir")
-    if isinstance(recorded, str) and recorded:
-        probe = next((sp.paths[0] for sp in cache.splits.values() if len(sp.paths)), None)
-        tried.append(resolve_data_dir(recorded, cache.path, probe))
-    for p in tried:
-        if p.is_dir():
-            return p, ""
-    if not tried:
+    recorded = cache.meta.config.get("data_dir")  # a cache made before data_root was recorded: as typed
+    if not isinstance(recorded, str) or not recorded:
         return None, "the cache records no data folder"
-    return None, "data folder not found (tried " + ", ".join(str(p) for p in tried) + ")"
+    probe = next((sp.paths[0] for sp in cache.splits.values() if len(sp.paths)), None)
+    p = resolve_data_dir(recorded, cache.path, probe)
+    return (p, "") if p.is_dir() else (None, f"data folder not found (tried {p})")
 
 
 def inside(data_dir: Path, rel: str) -> Path | None:
@@ -381,7 +376,7 @@ def learning_curve_png(record: dict, path: Path) -> None:
 
 def learning_curve_figure(record: dict):
     """Val score against labelled photos per class: the mean of each share's draws with its 95% interval
-    (shaded), each draw a dot; the one-line reading as the title."""
+    (shaded), each draw a dot; the last doubling's gain and its paired noise as the title."""
     pts = record["points"]
     fig = _figure(6.5, 4.6)
     ax = fig.add_subplot(1, 1, 1)
