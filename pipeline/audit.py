@@ -28,7 +28,8 @@ from cache import read_cache
 
 from . import PipelineError
 from .fsio import atomic_write_bytes, atomic_write_json, sha256_file
-from .head import HeadParams, out_of_fold_proba, stratified_folds, train_folds
+from .folds import copies_record, grouped_folds, group_ids
+from .head import HeadParams, out_of_fold_proba, train_folds
 from .plots import data_folder
 from .runfolder import check_output_path, load_manifest
 from .splits import FOLDERS, SplitSpec
@@ -378,9 +379,11 @@ def label_issue_rows(rows: Rows, idx: np.ndarray, proba: np.ndarray, source: str
     return out
 
 
-def out_of_fold_issues(rows: Rows, cfg: AuditConfig, notes: list[str]) -> tuple[list[dict], dict]:
-    """Out-of-fold scores of the train rows; a note (and nothing) when the train split cannot be folded."""
+def out_of_fold_issues(rows: Rows, cfg: AuditConfig, notes: list[str], comps=()) -> tuple[list[dict], dict]:
+    """Out-of-fold scores of the train rows, each group of copies (comps) inside one fold; a note (and nothing)
+    when the train split cannot be folded."""
     idx = np.flatnonzero(np.asarray(rows.splits) == "train")
+    groups = group_ids(len(rows.labels), comps)[idx]
     if len(rows.class_names) < 2:
         notes.append("label issues skipped: the cache has one class")
         return [], {}
@@ -398,12 +401,13 @@ def out_of_fold_issues(rows: Rows, cfg: AuditConfig, notes: list[str]) -> tuple[
         return [], {}
     if k < cfg.folds:
         notes.append(f"{k} folds instead of {cfg.folds}: the smallest train class has {k} images")
-    folds = stratified_folds(y, k, cfg.seed)
+    folds = grouped_folds(y, k, cfg.seed, groups)
     (runs,), seconds = train_folds(rows.features[idx], y, len(rows.class_names), [HeadParams(seed=cfg.seed)], folds)
     proba = out_of_fold_proba(rows.features[idx], folds, runs)
     acc = float((proba.argmax(1) == y).mean())
     return label_issue_rows(rows, idx, proba, "out-of-fold"), {
-        "folds": k, "out_of_fold_accuracy": round(acc, 6), "train_seconds": round(seconds, 4), "rows": int(len(idx))}
+        "folds": k, "out_of_fold_accuracy": round(acc, 6), "train_seconds": round(seconds, 4), "rows": int(len(idx)),
+        "copies_in_one_fold": copies_record(groups)}
 
 
 def _split_words(sp: SplitSpec) -> str:
@@ -616,7 +620,7 @@ def run_audit(cfg: AuditConfig) -> Audit:
         audit.outliers, _ = knn_outliers(rows, sims[:, :cfg.knn], cfg.outlier_z, firsts)
     audit.image_issues, audit.image_checks = image_issue_list(rows, gather_image_stats(cache), cfg.max_image_issues,
                                                               audit.notes)
-    scored, audit.scored = out_of_fold_issues(rows, cfg, audit.notes)
+    scored, audit.scored = out_of_fold_issues(rows, cfg, audit.notes, comps)
     if cfg.run:
         run_scored, info = run_head_issues(rows, manifest, cfg.run)
         scored += run_scored
@@ -684,7 +688,9 @@ def report_text(a: Audit, limit: int = 20) -> str:
     s = a.scored
     how = []
     if "folds" in s:
-        how.append(f"{s['rows']} train images out-of-fold, {s['folds']} folds, accuracy {s['out_of_fold_accuracy']:.4f}")
+        how.append(f"{s['rows']} train images out-of-fold, {s['folds']} folds, accuracy {s['out_of_fold_accuracy']:.4f}"
+                   + (", {rows} rows of {groups} photos with copies kept in one fold each".format(**s["copies_in_one_fold"])
+                      if s.get("copies_in_one_fold", {}).get("rows") else ""))
     if "run" in s:
         how.append(f"{s['run_rows']} val/test images by the head of {s['run']}, accuracy {s['run_accuracy']:.4f}")
     lines.append(f"\nlabel issues: {len(a.label_issues)} shown of {s.get('above_threshold', 0)} with score = "

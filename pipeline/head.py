@@ -22,6 +22,7 @@ import numpy as np
 
 from . import PipelineError
 from .recipe import HeadParams, check_recipe, recipe_problems  # noqa: F401  (the recipe lives there)
+from .folds import grouped_folds, stratified_folds  # noqa: F401  (fold assignment lives there)
 
 if TYPE_CHECKING:  # torch is imported inside the functions: configs and HeadParams load without it
     import torch
@@ -288,25 +289,6 @@ def params_dict(p: HeadParams) -> dict:
 # --------------------------------------------------------------------------- k-fold cross-validation
 
 
-def stratified_folds(labels, k: int, seed: int = 0) -> np.ndarray:
-    """Fold id (0..k-1) per row: each class's rows are shuffled with seed and dealt round-robin, so every
-    fold holds each class within one row of its share. Deterministic for (labels, k, seed)."""
-    labels = np.asarray(labels)
-    if k < 2:
-        raise PipelineError(f"cross-validation needs at least 2 folds, got {k}")
-    if k > len(labels):
-        raise PipelineError(f"cannot make {k} folds of {len(labels)} images")
-    rng = np.random.default_rng(seed)
-    fold = np.empty(len(labels), dtype=np.int64)
-    offset = 0  # continue the deal across classes so small classes do not all start at fold 0
-    for c in np.unique(labels):
-        idx = np.flatnonzero(labels == c)
-        idx = idx[rng.permutation(len(idx))]
-        fold[idx] = (np.arange(len(idx)) + offset) % k
-        offset += len(idx)
-    return fold
-
-
 @dataclass
 class FoldRun:
     """One head of a cross-validation: params trained on every row outside fold, scored on fold."""
@@ -339,11 +321,13 @@ def cpu_threads(n: int | None):
 
 
 def train_folds(X, y, classes: int, params: list[HeadParams], folds, device: str | torch.device = "cpu",
-                class_weight=None) -> tuple[list[list[FoldRun]], float]:
+                class_weight=None, views=None) -> tuple[list[list[FoldRun]], float]:
     """K-fold cross-validation of every setting in params, all folds x settings trained at once.
 
-    X (N,D), y (N,), folds (N,) fold id per row (see stratified_folds). Returns, per setting, its K
-    FoldRuns in fold order, and the training wall time in seconds.
+    X (N,D), y (N,), folds (N,) fold id per row (see folds.grouped_folds). views: optional (N,K,D) augmented
+    rows, drawn as train_heads draws them, by each head from its training rows only (a held-out row is scored
+    on its features, its views never seen). Returns, per setting, its K FoldRuns in fold order, and the
+    training wall time in seconds.
     """
     import torch
 
@@ -352,6 +336,8 @@ def train_folds(X, y, classes: int, params: list[HeadParams], folds, device: str
     yt = torch.as_tensor(np.asarray(y), dtype=torch.long, device=dev)
     folds = np.asarray(folds)
     K = int(folds.max()) + 1 if len(folds) else 0
+    Vt = None if views is None else torch.as_tensor(np.asarray(views), dtype=torch.float32, device=dev)
+    check_finite_features("train view", Vt)
     rows = [torch.as_tensor(np.flatnonzero(folds != f), device=dev) for f in range(K)]
     held = [torch.as_tensor(np.flatnonzero(folds == f), device=dev) for f in range(K)]
     if any(len(r) == 0 for r in rows) or any(len(r) == 0 for r in held):
@@ -366,7 +352,8 @@ def train_folds(X, y, classes: int, params: list[HeadParams], folds, device: str
         for js in groups.values():
             trained = _train_rows_group([params[heads[j][0]] for j in js], [rows[heads[j][1]] for j in js],
                                         [held[heads[j][1]] for j in js], Xt, yt, classes,
-                                        cw=None if class_weight is None else torch.as_tensor(class_weight, device=dev))
+                                        cw=None if class_weight is None else torch.as_tensor(class_weight, device=dev),
+                                        views=Vt)
             for j, r in zip(js, trained):
                 i, f = heads[j]
                 accs = [e["val_acc"] for e in r.history]

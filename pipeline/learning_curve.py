@@ -23,19 +23,29 @@ REPEATS = 3
 SMALL_VAL = 30  # fewer val photos: the reading says so rather than judge (as the run's own tiny-val warning)
 
 
-def share_rows(labels, shares=SHARES, repeats: int = REPEATS, seed: int = 0) -> list[tuple[float, int, np.ndarray]]:
-    """(share, repeat, train row indices) of every head: nested per repeat, stratified, >= 1 row per class."""
-    y = np.asarray(labels)
-    classes = np.unique(y)
+def share_rows(labels, shares=SHARES, repeats: int = REPEATS, seed: int = 0, groups=None
+               ) -> list[tuple[float, int, np.ndarray]]:
+    """(share, repeat, train row indices) of every head: nested per repeat, stratified, >= 1 photo per class.
+    groups (a group id per row, see folds.group_ids): a share draws photos, each with all its copies, so a
+    share of 50% holds half the distinct photos (drawn by row, a train split where every photo is present
+    twice would give its 50% share about three quarters of them, and the curve would misstate what labelling
+    more photos adds). Without groups every row is a photo (the draw is row by row)."""
+    from .folds import units
+
+    unit, unit_label, _ = units(labels, groups)
+    rows_of = np.argsort(unit, kind="stable")  # rows grouped by unit: rows_of[starts[u]:starts[u + 1]]
+    starts = np.searchsorted(unit[rows_of], np.arange(len(unit_label) + 1))
+    classes = np.unique(unit_label)
     heads = []
     for r in range(repeats):
         rng = np.random.default_rng([seed, r])
-        order = {c: np.flatnonzero(y == c)[rng.permutation(int((y == c).sum()))] for c in classes}
+        order = {c: np.flatnonzero(unit_label == c)[rng.permutation(int((unit_label == c).sum()))] for c in classes}
         for s in shares:
             if s >= 1.0 and r > 0:
                 continue  # all of train: every repeat would draw the same rows
-            take = [order[c][:max(1, int(round(s * len(order[c]))))] for c in classes]
-            heads.append((float(s), r, np.sort(np.concatenate(take))))
+            take = np.concatenate([order[c][:max(1, int(round(s * len(order[c]))))] for c in classes])
+            rows = np.concatenate([rows_of[starts[u]:starts[u + 1]] for u in take])
+            heads.append((float(s), r, np.sort(rows)))
     return heads
 
 
@@ -53,9 +63,11 @@ def _score(pred: np.ndarray, y: np.ndarray, classes: int, metric: str) -> tuple[
 
 
 def learning_curve(Xtr, ytr, Xva, yva, classes: int, params, metric: str = "accuracy", class_weight=None,
-                   shares=SHARES, repeats: int = REPEATS, seed: int = 0, views=None) -> dict:
+                   shares=SHARES, repeats: int = REPEATS, seed: int = 0, views=None, groups=None) -> dict:
     """Train params (a ProbeParams or HeadParams) on every share x repeat of train and score each on val.
     views: the train rows' augmented views (N,K,D) the kept head drew from (the tutorial's recipe only).
+    groups: a group id per train row (copies of one photo share it): shares draw photos with all their copies,
+    and photos per class count distinct photos.
     Returns the record metrics.json keeps (see reading() for its sentence)."""
     from .head import train_probe_subsets, train_subsets
     from .recipe import ProbeParams
@@ -64,7 +76,10 @@ def learning_curve(Xtr, ytr, Xva, yva, classes: int, params, metric: str = "accu
     yva = np.asarray(yva)
     if len(yva) == 0:
         raise PipelineError("the learning curve is scored on val, which has no images")
-    heads = share_rows(ytr, shares, repeats, seed)
+    from .folds import copies_record, units
+
+    heads = share_rows(ytr, shares, repeats, seed, groups)
+    unit = units(ytr, groups)[0]
     t0 = time.perf_counter()
     if isinstance(params, ProbeParams):
         member = np.zeros((len(ytr), len(heads)), dtype=bool)
@@ -92,14 +107,15 @@ def learning_curve(Xtr, ytr, Xva, yva, classes: int, params, metric: str = "accu
             runs.append({"value": value, "low": low, "high": high})
             right.setdefault(s, []).append(pred == yva)
         n_rows = [len(heads[h][2]) for h in idx]
-        points.append({"share": s, "rows": int(round(np.mean(n_rows))),
-                       "per_class": float(np.mean(n_rows)) / max(len(present), 1),
+        n_photos = [len(np.unique(unit[heads[h][2]])) for h in idx]
+        points.append({"share": s, "rows": int(round(np.mean(n_rows))), "photos": int(round(np.mean(n_photos))),
+                       "per_class": float(np.mean(n_photos)) / max(len(present), 1),
                        "values": [r["value"] for r in runs], "mean": float(np.mean([r["value"] for r in runs])),
                        "low": float(np.mean([r["low"] for r in runs])), "high": float(np.mean([r["high"] for r in runs]))})
     record = {"metric": metric, "split": "val", "n_val": int(len(yva)), "repeats": repeats, "seed": seed,
               "recipe": "probe" if isinstance(params, ProbeParams) else "tutorial", "points": points,
               "seconds": seconds, "views": views is not None and not isinstance(params, ProbeParams),
-              "classes_without_train_rows": int(classes - len(present))}
+              "classes_without_train_rows": int(classes - len(present)), "copies": copies_record(groups)}
     if len(points) > 1:
         half = min(points[:-1], key=lambda p: abs(p["share"] - points[-1]["share"] / 2))
         record["doubling"] = {"from_share": half["share"], "to_share": points[-1]["share"],

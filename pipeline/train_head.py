@@ -10,7 +10,8 @@ from . import PipelineError
 from .metrics import (balanced_accuracy, ci_from_accuracy, classification_metrics, confusion_record,
                       format_accuracy, run_metrics, run_report_text)
 from .head import (HeadParams, HeadResult, TrainingDiverged, class_weights, cpu_threads, expand_grid, head_logits,
-                   params_dict, stratified_folds, train_folds, train_heads, train_probes)
+                   params_dict, train_folds, train_heads, train_probes)
+from .folds import copies_line, copies_record, grouped_folds, split_copy_groups
 from .recipe import RECIPE_FIELDS, AUTO_CV_MAX_ROWS, AUTO_TUTORIAL_MAX_ROWS, ProbeParams, auto_folds, auto_grid, scaled_to
 from .plots import PictureJob, data_folder, draw_pictures, inside
 from .runfolder import RunFolder, RunManifest
@@ -84,10 +85,14 @@ def pick_best(results: list[HeadResult], cv_means: list[float] | None = None) ->
     return max(alive, key=score)
 
 
-def sweep_rows(results: list[HeadResult]) -> list[dict]:
+def sweep_rows(results: list[HeadResult], last: bool = False) -> list[dict]:
+    """One row per setting: its recipe and the val accuracy and epoch of the head kept for it: the best val
+    epoch, or with last (cross-validation chose: the last epoch is kept) the last epoch's."""
     rows = []
     for r in results:
-        row = {**params_dict(r.params), "best_val_acc": r.best_val_acc, "best_epoch": r.best_epoch}
+        acc, epoch = ((r.history[-1]["val_acc"], len(r.history) - 1) if last and r.history
+                      else (r.best_val_acc, r.best_epoch))
+        row = {**params_dict(r.params), "best_val_acc": acc, "best_epoch": epoch}
         if r.diverged_epoch is not None:
             row["diverged_epoch"] = r.diverged_epoch
         rows.append(row)
@@ -154,6 +159,7 @@ class Selection:
     total: int = 0  # train rows; more than n when the CV ran on a stratified subset
     pooled: list = field(default_factory=list)  # per candidate (metric over all out-of-fold rows, log-loss) or None
     oof: tuple | None = None  # (candidate, its out-of-fold logits (n, C), labels (n,)): what calibration fits on
+    copies: dict = field(default_factory=lambda: copies_record(None))  # rows kept in one fold with their copies
 
     def rows(self) -> list[dict]:
         out = []
@@ -172,16 +178,18 @@ class Selection:
         return {"by": f"{self.folds}-fold cross-validation on train", "metric": self.metric, "folds": self.folds,
                 "n": self.n, "train_rows": max(self.total, self.n),
                 "on": "train" if self.total <= self.n else "train subset", "chosen": self.chosen,
-                "seconds": self.seconds, "candidates": self.rows()}
+                "seconds": self.seconds, "copies_in_one_fold": self.copies, "candidates": self.rows()}
 
 
 def cross_validate(X, y, classes: int, candidates: list, k: int, seed: int, metric: str, device,
-                   class_weight=None) -> Selection:
+                   class_weight=None, groups=None, views=None) -> Selection:
     """K-fold CV of every candidate on the train rows X, y only (probes and tutorial recipes, each batch
     trained at once); the last epoch of each fold's head is scored on the fold's rows. Ranked by the metric
     over all out-of-fold predictions together (folds differ in size by a row or so), equal scores by the
-    lower out-of-fold log-loss, then by the grid's order."""
-    folds = stratified_folds(y, k, seed)
+    lower out-of-fold log-loss, then by the grid's order. groups: a group id per row; copies of one photo
+    stay in one fold (folds.grouped_folds). views: the rows' augmented views, drawn by the tutorial recipe's
+    heads from their training rows as the kept head draws them (the probes use none, as their kept head)."""
+    folds = grouped_folds(y, k, seed, groups)
     y = np.asarray(y)
     Xf = np.asarray(X, dtype=np.float32)
     scores: list = [None] * len(candidates)
@@ -192,7 +200,7 @@ def cross_validate(X, y, classes: int, candidates: list, k: int, seed: int, metr
     trained = []
     if tut:
         runs, sec = train_folds(Xf, y, classes, [candidates[i] for i in tut], folds, device=device,
-                                class_weight=class_weight)
+                                class_weight=class_weight, views=views)
         seconds += sec
         trained += zip(tut, runs)
     if probes:
@@ -214,7 +222,8 @@ def cross_validate(X, y, classes: int, candidates: list, k: int, seed: int, metr
                                "nothing was saved")
     chosen = min(alive, key=lambda i: (-pooled[i][0], pooled[i][1], i))
     oof = (chosen, _oof_logits(dict(trained)[chosen], folds, Xf, classes), y)  # the winner's, for calibration
-    return Selection(metric, k, int(len(y)), list(candidates), scores, chosen, seconds, pooled=pooled, oof=oof)
+    return Selection(metric, k, int(len(y)), list(candidates), scores, chosen, seconds, pooled=pooled, oof=oof,
+                     copies=copies_record(groups))
 
 
 def _oof_logits(runs, folds, Xf, classes: int) -> np.ndarray:
@@ -249,7 +258,9 @@ SWEEP_RESULTS = ("best_val_acc", "best_epoch", "best_val_ci", "diverged_epoch", 
 def sweep_table(rows: list[dict], best: int | None = None) -> str:
     """One line per setting: the values that vary, (with cross-validation: CV mean and std, ranked by the
     mean), best val accuracy with its 95% interval (settings whose intervals overlap are not told apart by
-    this val set), best epoch; diverged settings are marked. best: the chosen row (default: best val)."""
+    this val set), best epoch; diverged settings are marked. best: the chosen row (default: best val). With
+    cross-validation the kept head of each setting is its last epoch (the rows hold its figures): the columns
+    say kept, not best."""
     cv = "cv_mean" in rows[0]
     keys = [k for k in rows[0] if k not in SWEEP_RESULTS and len({r[k] for r in rows}) > 1]
     alive = [i for i, r in enumerate(rows) if "diverged_epoch" not in r]
@@ -257,8 +268,9 @@ def sweep_table(rows: list[dict], best: int | None = None) -> str:
         best = max(alive, key=lambda i: rows[i]["best_val_acc"])
     order = (sorted(range(len(rows)), key=lambda i: -rows[i].get("cv", rows[i].get("cv_mean", -1.0))) if cv
              else range(len(rows)))
+    word = "kept" if cv else "best"
     lines = ["  ".join(f"{k:>10}" for k in keys) + ("   cv_mean   cv_std" if cv else "")
-             + "  best_val_acc  95% CI       correct  best_epoch"]
+             + f"  {word}_val_acc  95% CI       correct  {word}_epoch"]
     for i in order:
         r = rows[i]
         if "diverged_epoch" in r:
@@ -322,14 +334,17 @@ def _train(cfg: HeadConfig, cache, params: list[HeadParams]) -> HeadRun:
     cw = class_weights(ytr, classes) if cfg.class_weight == "balanced" else None
     metric = "balanced_accuracy" if is_imbalanced(ytr, classes) else "accuracy"
     device = resolve_device(cfg.device)
-    if cfg.folds and not 2 <= cfg.folds <= len(ytr):
-        raise PipelineError(f"--folds {cfg.folds} needs 2 <= folds <= the {len(ytr)} images of train (folds never "
+    groups = split_copy_groups(cache)  # copies of one photo stay in one fold, one share of the learning curve
+    photos = len(np.unique(groups))
+    if cfg.folds and not 2 <= cfg.folds <= photos:
+        rows = f" ({len(ytr)} rows: a photo's copies count once)" if photos < len(ytr) else ""
+        raise PipelineError(f"--folds {cfg.folds} needs 2 <= folds <= the {photos} images of train{rows} (folds never "
                             f"draw from {cfg.val_split})")
     views = None
     selection: Selection | None = None
     header: list[str] = []
     if cfg.recipe == "auto":
-        best, selection, seconds = _train_auto(cfg, cache, metric, cw, device)
+        best, selection, seconds = _train_auto(cfg, cache, metric, cw, device, groups)
         unbiased = True
         on = (f"{selection.n} images" if selection.total <= selection.n
               else f"a stratified {selection.n} of its {selection.total} images")
@@ -351,7 +366,8 @@ def _train(cfg: HeadConfig, cache, params: list[HeadParams]) -> HeadRun:
                                            device=device, class_weight=cw)
         if cfg.folds:
             k = cfg.folds
-            selection = cross_validate(Xtr, ytr, classes, params, k, cfg.folds_seed, metric, device, cw)
+            selection = cross_validate(Xtr, ytr, classes, params, k, cfg.folds_seed, metric, device, cw, groups,
+                                       views)
             ranked = sorted((i for i, pl in enumerate(selection.pooled) if pl is not None),
                             key=lambda i: (-selection.pooled[i][0], selection.pooled[i][1], i))
             chosen = pick_best(results, [-float(ranked.index(i)) if i in ranked else -math.inf
@@ -373,11 +389,14 @@ def _train(cfg: HeadConfig, cache, params: list[HeadParams]) -> HeadRun:
     curve = None
     if cfg.learning_curve:
         curve = learning_curve(Xtr, ytr, *_split_xy(cache, cfg.val_split), classes, best.params, metric, cw,
-                               seed=cfg.folds_seed, views=views)
+                               seed=cfg.folds_seed, views=views, groups=groups)
         header.append(learning_curve_table(curve))
         if not unbiased:
             header.append("(the curve scores each head's last epoch; the kept head is val's best epoch, so its val "
                           "figure can differ from the 100% point)")
+    copies = copies_line(groups, "fold" + (" and learning-curve share" if curve is not None else ""))
+    if copies and (selection is not None or curve is not None):
+        header.append(copies)
     eval_splits = [cfg.val_split] + [s for s in cache.splits if s not in ("train", cfg.val_split)]
     evaluations = head_classification_metrics(best, cache, eval_splits)
     cal = calibrate_head(best.weight, best.bias, selection, cache, eval_splits)  # val and test untouched by it
@@ -412,7 +431,7 @@ def _train(cfg: HeadConfig, cache, params: list[HeadParams]) -> HeadRun:
                                        if "diverged_epoch" not in row else {}),
                              **({"cv": cv["cv"], "cv_mean": cv["cv_mean"], "cv_std": cv["cv_std"]}
                                 if cv and "cv_mean" in cv else {})}
-                            for row, cv in zip(sweep_rows(results), cvs)]
+                            for row, cv in zip(sweep_rows(results, last=selection is not None), cvs)]
         metrics["chosen"] = chosen
         header.insert(1, sweep_table(metrics["sweep"], chosen))
     if cfg.recipe != "auto" and cfg.folds and "cv" in metrics:
@@ -426,22 +445,23 @@ def _train(cfg: HeadConfig, cache, params: list[HeadParams]) -> HeadRun:
     return HeadRun(best, metrics, report, evaluations, cal.temperature)
 
 
-def _train_auto(cfg: HeadConfig, cache, metric: str, cw, device) -> tuple[HeadResult, Selection, float]:
-    """--recipe auto: CV on train over the grid, then the winner trained on all of train (last epoch kept)."""
+def _train_auto(cfg: HeadConfig, cache, metric: str, cw, device, groups) -> tuple[HeadResult, Selection, float]:
+    """--recipe auto: CV on train over the grid, then the winner trained on all of train (last epoch kept).
+    groups: a group id per train row; copies of one photo stay in one fold and in or out of the CV subset."""
     Xtr, ytr = _split_xy(cache, "train")
     classes = len(cache.class_names)
     seed = cfg.seed[0]
     n = len(ytr)
     rows = np.arange(n)
     if n > AUTO_CV_MAX_ROWS:  # a stratified subset: one of ceil(n / max) stratified parts
-        rows = np.flatnonzero(stratified_folds(ytr, math.ceil(n / AUTO_CV_MAX_ROWS), cfg.folds_seed + 1) == 0)
-    k = min(cfg.folds or auto_folds(len(rows)), len(rows))
+        rows = np.flatnonzero(grouped_folds(ytr, math.ceil(n / AUTO_CV_MAX_ROWS), cfg.folds_seed + 1, groups) == 0)
+    k = min(cfg.folds or auto_folds(len(rows)), len(np.unique(groups[rows])))
     if k < 2:
         raise PipelineError(f"the automatic recipe cross-validates on train, which has {n} images: too few; "
                             "add images or use --recipe tutorial")
     fold_rows = len(rows) - len(rows) // k  # rows a fold's head trains on
     grid = auto_grid(fold_rows, seed)
-    sel = cross_validate(Xtr[rows], ytr[rows], classes, grid, k, cfg.folds_seed, metric, device, cw)
+    sel = cross_validate(Xtr[rows], ytr[rows], classes, grid, k, cfg.folds_seed, metric, device, cw, groups[rows])
     sel.total = n
     p = grid[sel.chosen]
     if isinstance(p, ProbeParams) and len(rows) < n:  # chosen on a subset: the same steps on all rows
