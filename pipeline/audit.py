@@ -393,7 +393,12 @@ def out_of_fold_issues(rows: Rows, cfg: AuditConfig, notes: list[str], comps=())
     if len(present) < 2:
         notes.append("label issues skipped: the train split has images of only one class")
         return [], {}
-    k = int(min(cfg.folds, present.min()))
+    photos = len(np.unique(groups))
+    if photos < 2:
+        notes.append(f"label issues skipped: the {len(idx)} train images are copies of one photo (same bytes or same "
+                     "features); cross-validation needs at least 2")
+        return [], {}
+    k = int(min(cfg.folds, present.min(), photos))
     if k < 2:
         small = [rows.class_names[c] for c in np.flatnonzero(counts == 1)]
         notes.append(f"label issues skipped: class {', '.join(small)} has 1 train image; cross-validation needs "

@@ -148,8 +148,7 @@ def calibrate(fit_logits: np.ndarray | None, fit_labels: np.ndarray | None, fit_
         cand = fit_temperature(fit_logits, y)
         before, after = (_confidence_correct(fit_logits, y, tt) for tt in (1.0, cand))
         if cand in T_RANGE:  # the fit ran to an end of the range: e.g. every out-of-fold prediction right
-            why_not = (f"the fit ran to the end of its range (T {cand:g}: every out-of-fold prediction right or "
-                       "wrong), no signal to calibrate with")
+            why_not = f"the fit ran to the end of its range (T {cand:g}: {no_signal(fit_logits, y, cand)}), nothing to fit"
         elif ece(*after) <= ece(*before) and nll(fit_logits, y, cand) <= nll(fit_logits, y):
             t = cand
         else:
@@ -175,6 +174,24 @@ def calibrate(fit_logits: np.ndarray | None, fit_labels: np.ndarray | None, fit_
         rec["coverage"][name] = coverage(ca, ok)
         rec["ece_floor"][name] = ece_floor(ca)
     return Calibration(t, rec, report_lines(rec))
+
+
+def no_signal(logits: np.ndarray, labels: np.ndarray, temperature: float) -> str:
+    """What left a temperature fit nothing to work with, in words: the rows' logits all alike (the features
+    tell no photo from another), or every prediction right, or every one wrong, or else what the end of the
+    range says (the highest T: confidence tells nothing about which are right; the lowest: the wrong ones are
+    barely wrong)."""
+    z = np.asarray(logits, dtype=np.float64)
+    right = z.argmax(1) == np.asarray(labels)
+    if len(z) > 1 and float(np.ptp(z, axis=0).max()) <= 1e-6 * max(1.0, float(np.abs(z).max())):
+        return ("every out-of-fold prediction is the same whatever the photo: the features carry no information "
+                "that tells the photos apart (constant or identical rows)")
+    if right.all():
+        return "every out-of-fold prediction right"
+    if not right.any():
+        return "every out-of-fold prediction wrong"
+    how = "their confidence no guide to which" if temperature >= T_RANGE[1] else "the wrong ones barely wrong"
+    return f"{right.mean():.0%} of the out-of-fold predictions right, {how}"
 
 
 def _confidence_correct(logits, labels, temperature: float) -> tuple[np.ndarray, np.ndarray]:

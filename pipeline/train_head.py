@@ -336,6 +336,10 @@ def _train(cfg: HeadConfig, cache, params: list[HeadParams]) -> HeadRun:
     device = resolve_device(cfg.device)
     groups = split_copy_groups(cache)  # copies of one photo stay in one fold, one share of the learning curve
     photos = len(np.unique(groups))
+    if photos == 1 < len(ytr) and (cfg.folds or cfg.recipe == "auto"):
+        raise PipelineError(f"the {len(ytr)} train images all have the same features: they carry no information "
+                            "that tells the photos apart (check the backbone and its weights, then extract again "
+                            "with --force); cross-validation cannot fold one photo")
     if cfg.folds and not 2 <= cfg.folds <= photos:
         rows = f" ({len(ytr)} rows: a photo's copies count once)" if photos < len(ytr) else ""
         raise PipelineError(f"--folds {cfg.folds} needs 2 <= folds <= the {photos} images of train{rows} (folds never "
@@ -457,7 +461,9 @@ def _train_auto(cfg: HeadConfig, cache, metric: str, cw, device, groups) -> tupl
         rows = np.flatnonzero(grouped_folds(ytr, math.ceil(n / AUTO_CV_MAX_ROWS), cfg.folds_seed + 1, groups) == 0)
     k = min(cfg.folds or auto_folds(len(rows)), len(np.unique(groups[rows])))
     if k < 2:
-        raise PipelineError(f"the automatic recipe cross-validates on train, which has {n} images: too few; "
+        photos = len(np.unique(groups))
+        held = f"{n} images" if photos == n else f"{photos} distinct images ({n} rows: copies count once)"
+        raise PipelineError(f"the automatic recipe cross-validates on train, which has {held}: too few; "
                             "add images or use --recipe tutorial")
     fold_rows = len(rows) - len(rows) // k  # rows a fold's head trains on
     grid = auto_grid(fold_rows, seed)
