@@ -1,8 +1,9 @@
 """Would more labels help? The kept recipe trained again on growing shares of train, scored on val.
 
-Each share takes, per class, the first round(share x its rows) of a per-repeat shuffle of that class's
-train rows (at least one), so a repeat's 10% lies inside its 20%, as if a team had labelled more photos of
-the same kind; each share is drawn `repeats` times (all of train once). Every head is trained at once:
+Each share takes, per class, the first round(share x its photos) of a per-repeat shuffle of that class's
+train photos (at least one; a photo present more than once comes with all its copies, see share_rows), so a
+repeat's 10% lies inside its 20%, as if a team had labelled more photos of the same kind; each share is drawn
+`repeats` times (all of train once). Every head is trained at once:
 - the linear probe (the automatic recipe) in one shared row order, each head seeing only its share's rows of
   each batch (head.train_probe_subsets): the same number of optimizer steps as the kept head, and a batch of
   the share's rows, which is what the recipe's batch rule (probe_batch) gives a smaller train split;
@@ -33,8 +34,6 @@ def share_rows(labels, shares=SHARES, repeats: int = REPEATS, seed: int = 0, gro
     from .folds import units
 
     unit, unit_label, _ = units(labels, groups)
-    rows_of = np.argsort(unit, kind="stable")  # rows grouped by unit: rows_of[starts[u]:starts[u + 1]]
-    starts = np.searchsorted(unit[rows_of], np.arange(len(unit_label) + 1))
     classes = np.unique(unit_label)
     heads = []
     for r in range(repeats):
@@ -44,8 +43,7 @@ def share_rows(labels, shares=SHARES, repeats: int = REPEATS, seed: int = 0, gro
             if s >= 1.0 and r > 0:
                 continue  # all of train: every repeat would draw the same rows
             take = np.concatenate([order[c][:max(1, int(round(s * len(order[c]))))] for c in classes])
-            rows = np.concatenate([rows_of[starts[u]:starts[u + 1]] for u in take])
-            heads.append((float(s), r, np.sort(rows)))
+            heads.append((float(s), r, np.flatnonzero(np.isin(unit, take))))  # every row of each photo taken
     return heads
 
 

@@ -334,16 +334,7 @@ def _train(cfg: HeadConfig, cache, params: list[HeadParams]) -> HeadRun:
     cw = class_weights(ytr, classes) if cfg.class_weight == "balanced" else None
     metric = "balanced_accuracy" if is_imbalanced(ytr, classes) else "accuracy"
     device = resolve_device(cfg.device)
-    groups = split_copy_groups(cache)  # copies of one photo stay in one fold, one share of the learning curve
-    photos = len(np.unique(groups))
-    if photos == 1 < len(ytr) and (cfg.folds or cfg.recipe == "auto"):
-        raise PipelineError(f"the {len(ytr)} train images all have the same features: they carry no information "
-                            "that tells the photos apart (check the backbone and its weights, then extract again "
-                            "with --force); cross-validation cannot fold one photo")
-    if cfg.folds and not 2 <= cfg.folds <= photos:
-        rows = f" ({len(ytr)} rows: a photo's copies count once)" if photos < len(ytr) else ""
-        raise PipelineError(f"--folds {cfg.folds} needs 2 <= folds <= the {photos} images of train{rows} (folds never "
-                            f"draw from {cfg.val_split})")
+    groups = _copy_groups(cfg, cache)
     views = None
     selection: Selection | None = None
     header: list[str] = []
@@ -398,7 +389,8 @@ def _train(cfg: HeadConfig, cache, params: list[HeadParams]) -> HeadRun:
         if not unbiased:
             header.append("(the curve scores each head's last epoch; the kept head is val's best epoch, so its val "
                           "figure can differ from the 100% point)")
-    copies = copies_line(groups, "fold" + (" and learning-curve share" if curve is not None else ""))
+    copies = copies_line(groups, " and ".join(w for w, used in (("fold", selection), ("learning-curve share", curve))
+                                              if used is not None))
     if copies and (selection is not None or curve is not None):
         header.append(copies)
     eval_splits = [cfg.val_split] + [s for s in cache.splits if s not in ("train", cfg.val_split)]
@@ -447,6 +439,22 @@ def _train(cfg: HeadConfig, cache, params: list[HeadParams]) -> HeadRun:
     kept = f"{word} {format_accuracy(evaluations[cfg.val_split]['accuracy_ci'])} at epoch {best.best_epoch} ({note})"
     report = run_report_text(metrics, evaluations, kept, [*header, *cal.lines])
     return HeadRun(best, metrics, report, evaluations, cal.temperature)
+
+
+def _copy_groups(cfg: HeadConfig, cache) -> np.ndarray:
+    """A group id per train row (folds.split_copy_groups): copies of one photo stay in one fold and one share of
+    the learning curve. Refuses what cannot be folded: every row alike, or more folds than distinct photos."""
+    groups = split_copy_groups(cache)
+    n, photos = len(groups), len(np.unique(groups))
+    if photos == 1 < n and (cfg.folds or cfg.recipe == "auto"):
+        raise PipelineError(f"the {n} train images all have the same features: they carry no information that tells "
+                            "the photos apart (check the backbone and its weights, then extract again with --force); "
+                            "cross-validation cannot fold one photo")
+    if cfg.folds and not 2 <= cfg.folds <= photos:
+        rows = f" ({n} rows: a photo's copies count once)" if photos < n else ""
+        raise PipelineError(f"--folds {cfg.folds} needs 2 <= folds <= the {photos} images of train{rows} (folds never "
+                            f"draw from {cfg.val_split})")
+    return groups
 
 
 def _train_auto(cfg: HeadConfig, cache, metric: str, cw, device, groups) -> tuple[HeadResult, Selection, float]:
