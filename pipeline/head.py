@@ -22,7 +22,7 @@ import numpy as np
 
 from . import PipelineError
 from .recipe import HeadParams, check_recipe, recipe_problems  # noqa: F401  (the recipe lives there)
-from .folds import grouped_folds, stratified_folds  # noqa: F401  (fold assignment lives there)
+from .folds import stratified_folds  # noqa: F401  (fold assignment lives in folds.py; kept importable here)
 
 if TYPE_CHECKING:  # torch is imported inside the functions: configs and HeadParams load without it
     import torch
