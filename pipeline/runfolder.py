@@ -93,6 +93,8 @@ class RunManifest:
     split: dict | None = None  # how train/val/test were made (flat folders: the tool's own split)
     # head runs: the calibration temperature (logits / T before softmax); None in runs made before it or not calibrated
     temperature: float | None = None
+    # head runs: the novelty model (novelty.NoveltyModel.record()); None in runs made before it or too small for one
+    novelty: dict | None = None
     format: str = field(default=FORMAT)
 
     @property

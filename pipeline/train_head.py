@@ -19,6 +19,7 @@ from .runtime import resolve_device
 from .splits import cache_record
 from .calibration import calibrate_head
 from .learning_curve import learning_curve, table as learning_curve_table
+from .novelty import run_novelty
 
 # torch (inside head's functions), h5py (cache.read_cache) and matplotlib (plots, when drawing) are imported
 # only once run_train_head runs.
@@ -122,6 +123,7 @@ def head_model_payload(result: HeadResult, cache) -> RunManifest:
         draft=a.draft, features=features, split=a.split or cache_record(None))  # None: made before flat folders
 
 
+NOVELTY_FOLDS = 10  # out-of-fold train scores set the novelty threshold (copies in one fold)
 IMBALANCE = 1.5  # train classes this uneven (largest / smallest) choose by balanced accuracy
 
 
@@ -314,6 +316,7 @@ def run_train_head(cfg: HeadConfig) -> dict:
                 return lambda: draw_pictures(job)
         manifest = head_model_payload(run.best, cache)
         manifest.temperature = run.temperature
+        manifest.novelty = run.novelty.model.record() if run.novelty.model is not None else None
         notes += folder.commit(manifest, run.metrics, run.report, pictures)
     return {**run.metrics, "report_text": run.report, "notes": notes}
 
@@ -325,6 +328,7 @@ class HeadRun:
     report: str
     evaluations: dict
     temperature: float | None = None  # calibration (None: not fitted)
+    novelty: object = None  # novelty.RunNovelty
 
 
 def _train(cfg: HeadConfig, cache, params: list[HeadParams]) -> HeadRun:
@@ -396,6 +400,8 @@ def _train(cfg: HeadConfig, cache, params: list[HeadParams]) -> HeadRun:
     eval_splits = [cfg.val_split] + [s for s in cache.splits if s not in ("train", cfg.val_split)]
     evaluations = head_classification_metrics(best, cache, eval_splits)
     cal = calibrate_head(best.weight, best.bias, selection, cache, eval_splits)  # val and test untouched by it
+    novelty = run_novelty(Xtr, ytr, grouped_folds(ytr, NOVELTY_FOLDS, cfg.folds_seed, groups),
+                          {s: _split_xy(cache, s)[0] for s in eval_splits})
     metrics = run_metrics(
         "head", evaluations, val_split=cfg.val_split, best_val_acc=best.best_val_acc, best_epoch=best.best_epoch,
         history=best.history, class_names=cache.class_names, seconds=seconds,
@@ -410,6 +416,7 @@ def _train(cfg: HeadConfig, cache, params: list[HeadParams]) -> HeadRun:
         "views_used": views is not None,
         "cache": str(cfg.cache),
         "calibration": cal.record,
+        "novelty": novelty.record,
     })
     if curve is not None:
         metrics["learning_curve"] = curve
@@ -437,8 +444,8 @@ def _train(cfg: HeadConfig, cache, params: list[HeadParams]) -> HeadRun:
     word, note = (("val acc", "unbiased: no choice saw val") if unbiased
                   else ("best val acc", "optimistic: val picked it"))
     kept = f"{word} {format_accuracy(evaluations[cfg.val_split]['accuracy_ci'])} at epoch {best.best_epoch} ({note})"
-    report = run_report_text(metrics, evaluations, kept, [*header, *cal.lines])
-    return HeadRun(best, metrics, report, evaluations, cal.temperature)
+    report = run_report_text(metrics, evaluations, kept, [*header, *cal.lines, *novelty.lines])
+    return HeadRun(best, metrics, report, evaluations, cal.temperature, novelty)
 
 
 def _copy_groups(cfg: HeadConfig, cache) -> np.ndarray:
