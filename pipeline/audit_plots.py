@@ -14,6 +14,7 @@ import numpy as np  # noqa: E402
 from PIL import Image, ImageOps  # noqa: E402
 
 from .fsio import atomic_output  # noqa: E402
+from .heif import register_heif  # noqa: E402
 
 MAX_SUSPECTS = 24
 MAX_PAIRS = 10
@@ -25,6 +26,7 @@ def _thumb(data_dir: Path | None, rel: str, size: int = 224):
         return None, "data folder not found"
     # PIL directly, not data.load_rgb: that module imports torch (seconds) and a thumbnail needs
     # no bomb checks on files the cache already decoded once
+    register_heif()  # HEIC photos are drawn too
     try:
         with Image.open(data_dir / rel) as im:
             im.draft("RGB", (size, size))

@@ -13,6 +13,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 
 from .fsio import atomic_output
+from .heif import register_heif
 
 DPI = 100
 MATRIX_CLASSES = 25  # more classes than this: confusion.png shows the ones with the most errors
@@ -161,6 +162,7 @@ def thumbnail(path: str | os.PathLike, size: int = THUMB) -> np.ndarray | str:
     """
     from PIL import Image, ImageOps
 
+    register_heif()  # HEIC photos are drawn too
     try:
         with Image.open(path) as im:
             im.draft("RGB", (size, size))  # JPEG only: decode at 1/2..1/8 scale, still >= size

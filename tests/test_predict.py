@@ -256,5 +256,5 @@ def test_predict_of_folders_without_images_is_an_error(head_run, tmp_path):
         r = CliRunner().invoke(cli, ["predict", str(out), str(tmp_path / "empty"), str(tmp_path / "empty2"), *extra])
         assert r.exit_code == 1, r.output
         assert r.output.strip() == (f"Error: no images found in {tmp_path / 'empty'}, {tmp_path / 'empty2'} (looked "
-                                    "for .jpg, .jpeg, .png, .ppm, .bmp, .pgm, .tif, .tiff, .webp); name image files or "
-                                    "folders that hold some")
+                                    "for .jpg, .jpeg, .png, .ppm, .bmp, .pgm, .tif, .tiff, .webp, .heic, .heif, .hif, "
+                                    ".avif); name image files or folders that hold some")
