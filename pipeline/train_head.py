@@ -16,7 +16,7 @@ from .plots import PictureJob, data_folder, draw_pictures, inside
 from .runfolder import RunFolder, RunManifest
 from .runtime import resolve_device
 from .splits import cache_record
-from .calibration import calibrate_head
+from .calibration import calibrate_head, softmax
 from .learning_curve import learning_curve, table as learning_curve_table
 
 # torch (inside head's functions), h5py (cache.read_cache) and matplotlib (plots, when drawing) are imported
@@ -298,7 +298,9 @@ def run_train_head(cfg: HeadConfig) -> dict:
                     cache.class_names, cfg.val_split, picture_paths(cache, cfg.val_split),
                     cache.splits[cfg.val_split].labels.tolist(), run.evaluations[cfg.val_split]["pred"],
                     kept_epoch=run.best.best_epoch, calibration=run.metrics["calibration"],
-                    learning_curve=run.metrics.get("learning_curve"))
+                    learning_curve=run.metrics.get("learning_curve"), confidence=softmax(head_logits(
+                        run.best.weight, run.best.bias, cache.splits[cfg.val_split].features),
+                        run.temperature or 1.0).max(1).tolist())  # as predict reports them
                 return lambda: draw_pictures(job)
         manifest = head_model_payload(run.best, cache)
         manifest.temperature = run.temperature
