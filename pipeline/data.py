@@ -63,8 +63,14 @@ class ScannedData:
         return {**asdict(self.split), "digest": membership_digest({s: sp.paths for s, sp in self.splits.items()})}
 
 
+# files that operating systems write beside photos (thumbnail caches, folder settings): ignored like .DS_Store,
+# never counted as skipped images (matched case-insensitively)
+SYSTEM_FILES = frozenset({"thumbs.db", "ehthumbs.db", "ehthumbs_vista.db", "desktop.ini", "icon\r",
+                          "$recycle.bin", "system volume information", "__macosx"})
+
+
 def _visible(name: str) -> bool:
-    return not name.startswith(".")
+    return not name.startswith(".") and name.lower() not in SYSTEM_FILES
 
 
 PARTIAL_SUFFIX = ".partial"  # an extract's work folder (CACHE.partial/ with a plan.json)

@@ -130,6 +130,8 @@ def predict(run_dir: str, inputs: list[str], device: str = "auto", batch_size: i
     listed by input_entries (by default the inputs are scanned here)."""
     progress = progress or Progress()
     model, classes, manifest = load_classifier(run_dir)
+    if random_weights_note(manifest):
+        progress.log(random_weights_note(manifest))
     # predict under the precision the run's features were made with (fp16 exists on CUDA only)
     on_cpu = resolve_device(device).type == "cpu"
     rt = resolve_runtime(device, "fp32" if (manifest.precision == "fp16" and on_cpu) else manifest.precision)
@@ -155,6 +157,16 @@ def predict(run_dir: str, inputs: list[str], device: str = "auto", batch_size: i
         progress.update(len(chunk))
     progress.close()
     return results
+
+
+def random_weights_note(m: RunManifest) -> str:
+    """One line for a run made on random backbone weights (--weights none): its predictions are likely near
+    chance ('' for any other run)."""
+    weights = (m.features or {}).get("backbone", {}).get("weights") if m.kind == "head" else m.recipe.get("weights")
+    if weights != "none":
+        return ""
+    return ("WARNING: this run was trained on random backbone weights (--weights none): its predictions are likely "
+            "near chance; retrain with ImageNet weights (--weights imagenet, or --backbone efficientnet_lite0 offline)")
 
 
 def _prediction(path: str, reason: str, p: torch.Tensor | None, classes: list[str]) -> Prediction:
