@@ -130,8 +130,6 @@ def predict(run_dir: str, inputs: list[str], device: str = "auto", batch_size: i
     listed by input_entries (by default the inputs are scanned here)."""
     progress = progress or Progress()
     model, classes, manifest = load_classifier(run_dir)
-    if random_weights_note(manifest):
-        progress.log(random_weights_note(manifest))
     # predict under the precision the run's features were made with (fp16 exists on CUDA only)
     on_cpu = resolve_device(device).type == "cpu"
     rt = resolve_runtime(device, "fp32" if (manifest.precision == "fp16" and on_cpu) else manifest.precision)
@@ -140,6 +138,8 @@ def predict(run_dir: str, inputs: list[str], device: str = "auto", batch_size: i
     if not entries:  # only empty folders: a table with a header and no rows would read as success
         raise NoImagesError(f"no images found in {', '.join(map(str, inputs))} (looked for "
                             f"{', '.join(IMG_EXTENSIONS)}); name image files or folders that hold some")
+    if random_weights_note(manifest):  # one line on stderr (the table or JSON stays alone on stdout)
+        progress.log(random_weights_note(manifest))
     decode = _decoder({**manifest.decoding, "transform": manifest.transform}, rt.device)  # decode as the run's features were made
     results = [Prediction(str(p), error=reason) if reason else None for p, reason in entries]
     todo = [i for i, r in enumerate(results) if r is None]
