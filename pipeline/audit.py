@@ -576,6 +576,11 @@ def check_audit_folder(out: str) -> None:
                             "choose another --out")
 
 
+RANDOM_WEIGHTS_NOTE = ("WARNING: these features come from random backbone weights (--weights none): near duplicates, "
+                       "outliers and label suggestions mean little (exact copies still hold); extract with "
+                       "--weights imagenet, or --backbone efficientnet_lite0 offline")
+
+
 def run_audit(cfg: AuditConfig) -> Audit:
     """Audit cfg.cache; writes report.txt, audit.json and the pictures into cfg.out; returns the findings."""
     check_config(cfg)
@@ -593,6 +598,8 @@ def run_audit(cfg: AuditConfig) -> Audit:
                   thresholds={"dup_threshold": cfg.dup_threshold, "dup_ratio": cfg.dup_ratio,
                               "label_threshold": cfg.label_threshold,
                               "outlier_z": cfg.outlier_z, "knn": cfg.knn, "top": cfg.top}, notes=notes)
+    if cache.meta.weights == "none":
+        audit.notes.insert(0, RANDOM_WEIGHTS_NOTE)
     if data_dir is None:
         audit.notes.append(f"{why}: exact duplicates not checked, pictures without images; pass --data-dir")
         exact_groups: list[list[int]] = []
@@ -666,7 +673,7 @@ def report_text(a: Audit, limit: int = 20) -> str:
     """report.txt: each finding list with its threshold, the first `limit` entries of each."""
     t = a.thresholds
     lines = [f"audit of {a.cache} ({_split_counts(a.rows)}; data folder {a.data_dir or 'not found'}) "
-             f"in {a.seconds:.2f} s"]
+             f"in {a.seconds:.2f} s"] + [n for n in a.notes if n == RANDOM_WEIGHTS_NOTE]  # read first, not last
     c = a.copies
     lines.append(f"\ncopies: {c.get('groups', 0)} groups of {c.get('files', 0)} files "
                  f"({c.get('cross_split_groups', 0)} across splits); exact = the same bytes, else the same features")

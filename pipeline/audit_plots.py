@@ -14,6 +14,8 @@ import numpy as np  # noqa: E402
 from PIL import Image, ImageOps  # noqa: E402
 
 from .fsio import atomic_output  # noqa: E402
+from .heif import register_heif  # noqa: E402
+from .plots import short_label, short_path  # noqa: E402
 
 MAX_SUSPECTS = 24
 MAX_PAIRS = 10
@@ -25,6 +27,7 @@ def _thumb(data_dir: Path | None, rel: str, size: int = 224):
         return None, "data folder not found"
     # PIL directly, not data.load_rgb: that module imports torch (seconds) and a thumbnail needs
     # no bomb checks on files the cache already decoded once
+    register_heif()  # HEIC photos are drawn too
     try:
         with Image.open(data_dir / rel) as im:
             im.draft("RGB", (size, size))
@@ -64,10 +67,26 @@ def _save(fig, path: Path) -> None:
         plt.close(fig)
 
 
-def _mosaic(tiles: list[tuple[str, str, str]], data_dir: Path | None, cols: int, tile_height: float):
-    """A figure of (path, title, title colour) tiles, cols wide; returns it and its number of rows."""
+TITLE_CHARS = 34  # characters of an 8-point title line that fit a 2.4-inch tile
+TILE_W, IMAGE_H, LINE_H = 2.4, 2.1, 0.16  # inches: a tile's width, its image's height, a title line
+
+
+def tile_title(rel: str, lines: list[str]) -> str:
+    """A tile's title: the photo as class folder/file name (the same name in two classes is two photos),
+    then the given lines, each elided in the middle to fit the tile (no title overlaps its neighbour)."""
+    return "\n".join([short_path(rel, TITLE_CHARS)] + [short_label(t, TITLE_CHARS) for t in lines])
+
+
+def _mosaic(tiles: list[tuple[str, str, str]], data_dir: Path | None, cols: int, title_lines: int):
+    """A figure of (path, title, title colour) tiles, cols wide, laid out in inches: each row is its titles'
+    band (title_lines lines) over its images, so titles never run into the row above and no band is left
+    empty at the top. Returns the figure and its number of rows."""
     rows = -(-len(tiles) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(2.4 * cols, tile_height * rows), squeeze=False)
+    band = LINE_H * title_lines + 0.1
+    height = rows * (band + IMAGE_H) + 0.05
+    fig, axes = plt.subplots(rows, cols, figsize=(TILE_W * cols, height), squeeze=False)
+    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.05 / height, top=1 - band / height, wspace=0.06,
+                        hspace=band / IMAGE_H)
     for ax in axes.flat:
         ax.axis("off")
     for ax, (rel, title, color) in zip(axes.flat, tiles):
@@ -76,20 +95,20 @@ def _mosaic(tiles: list[tuple[str, str, str]], data_dir: Path | None, cols: int,
 
 
 def suspects_png(audit, data_dir: Path | None, path: Path, cols: int = 6) -> None:
-    tiles = [(r["path"], f"{r['split']}: given {r['label']}\nsuggested {r['suggested']}\nscore {r['score']:.3f}", "red")
-             for r in audit.label_issues]
-    tiles += [(r["path"], f"{r['split']}: outlier\nz {r['z']:.1f}, distance {r['score']:.3f}", "darkorange")
+    tiles = [(r["path"], [f"{r['split']}: given {r['label']}", f"suggested {r['suggested']}", f"score {r['score']:.3f}"],
+              "red") for r in audit.label_issues]
+    tiles += [(r["path"], [f"{r['split']}: outlier", f"z {r['z']:.1f}, distance {r['score']:.3f}"], "darkorange")
               for r in audit.outliers]
-    tiles = [(rel, f"{Path(rel).name[:28]}\n{title}", color) for rel, title, color in tiles[:MAX_SUSPECTS]]
+    tiles = [(rel, tile_title(rel, lines), color) for rel, lines, color in tiles[:MAX_SUSPECTS]]
     if not tiles:
         _nothing(path, "no label issues or outliers\nabove the thresholds")
         return
-    fig, rows = _mosaic(tiles, data_dir, cols, tile_height=2.9)
+    fig, rows = _mosaic(tiles, data_dir, cols, title_lines=4)
     from matplotlib.patches import Patch
 
     fig.legend(handles=[Patch(color="red", label="red title: likely label error (given vs suggested class)"),
                         Patch(color="darkorange", label="orange title: outlier (far from its k nearest neighbours)")],
-               loc="upper center", ncol=2, frameon=False, bbox_to_anchor=(0.5, 1.0 + 0.25 / rows))
+               loc="lower center", ncol=2, frameon=False, bbox_to_anchor=(0.5, 1.0))
     _save(fig, path)
 
 
@@ -112,9 +131,9 @@ def duplicates_png(audit, data_dir: Path | None, path: Path) -> None:
         return
     fig, axes = plt.subplots(len(pairs), 2, figsize=(6, 3.1 * len(pairs)), squeeze=False)
     for (left, right), (a, b, kind, cross) in zip(axes, pairs):
-        color = "red" if cross else "black"
-        _tile(left, data_dir, a, f"{a[-40:]}\n{kind}", color)
-        _tile(right, data_dir, b, f"{b[-40:]}\n{'across splits' if cross else 'same split'}", color)
+        color = "red" if cross else "black"  # split/class/name: which split each side is in shows
+        _tile(left, data_dir, a, f"{short_path(a, 40, parts=3)}\n{kind}", color)
+        _tile(right, data_dir, b, f"{short_path(b, 40, parts=3)}\n{'across splits' if cross else 'same split'}", color)
     _save(fig, path)
 
 
@@ -128,8 +147,8 @@ def image_issues_png(audit, data_dir: Path | None, path: Path, cols: int = 6) ->
     if not tiles:
         _nothing(path, "no photos found dark, light, blurry, low in information,\nodd in size or shape, or grayscale")
         return
-    fig, _ = _mosaic([(r["path"], f"{Path(r['path']).name[:28]}\n{r['split']}: {r['kind']}\nscore {r['score']:.3f}",
-                       "navy") for r in tiles], data_dir, cols, tile_height=2.7)
+    fig, _ = _mosaic([(r["path"], tile_title(r["path"], [f"{r['split']}: {r['kind']}", f"score {r['score']:.3f}"]),
+                       "navy") for r in tiles], data_dir, cols, title_lines=3)
     _save(fig, path)
 
 

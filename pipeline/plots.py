@@ -13,6 +13,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 
 from .fsio import atomic_output
+from .heif import register_heif
 
 DPI = 100
 MATRIX_CLASSES = 25  # more classes than this: confusion.png shows the ones with the most errors
@@ -101,24 +102,76 @@ def matrix_view(matrix, class_names: list[str], limit: int = MATRIX_CLASSES) -> 
     return m, [class_names[i] for i in keep], note
 
 
+def short_label(text: str, width: int = 24) -> str:
+    """text in at most width characters: the middle elided (a class or file name's start and end tell it
+    apart: "Great Spotted Wo…plumage) 3")."""
+    if len(text) <= width:
+        return text
+    tail = (width - 1) // 2
+    return text[:width - 1 - tail] + "\u2026" + text[len(text) - tail:]
+
+
+def short_path(rel: str, width: int, parts: int = 2) -> str:
+    """The last `parts` components of a relative path (class folder and file name: the same name in two
+    classes is two photos) in at most width characters; the file name keeps most of the room."""
+    comps = list(PurePosixPath(rel).parts[-parts:]) or [rel]
+    dirs = comps[:-1]
+    want = sum(min(len(c), 14) + 1 for c in dirs)  # each folder keeps up to 14 characters when names are long
+    name = short_label(comps[-1], max(12, width - want))
+    room = max(4, (width - len(name)) // max(1, len(dirs)) - 1)
+    return "/".join([short_label(c, room) for c in dirs] + [name])
+
+
+def relative_luminance(rgb) -> float:
+    """WCAG 2 relative luminance of an sRGB colour (components in [0, 1])."""
+    c = np.asarray(rgb[:3], dtype=np.float64)
+    lin = np.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
+    return float(lin @ np.array([0.2126, 0.7152, 0.0722]))
+
+
+def contrast_ratio(a, b) -> float:
+    la, lb = sorted((relative_luminance(a), relative_luminance(b)), reverse=True)
+    return (la + 0.05) / (lb + 0.05)
+
+
+def text_color_on(rgb) -> str:
+    """black or white, whichever contrasts more with the background colour rgb (at least 4.58:1 for any colour)."""
+    return "black" if contrast_ratio(rgb, (0, 0, 0)) >= contrast_ratio(rgb, (1, 1, 1)) else "white"
+
+
 def confusion_png(matrix, class_names: list[str], path: Path, title: str = "val") -> None:
+    _save(confusion_figure(matrix, class_names, title), path)
+
+
+def confusion_figure(matrix, class_names: list[str], title: str = "val"):
+    """Counts of (true, predicted) cells, coloured from 0 to the largest cell; each count written in black or
+    white by its contrast with its own cell's colour. Class names longer than 24 characters are elided in the
+    middle, and the margins are sized from the longest shown name."""
+    from matplotlib import colormaps
+    from matplotlib.colors import Normalize
+
     m, names, note = matrix_view(matrix, class_names)
+    names = [short_label(c) for c in names]
     n = len(names)
-    side = min(1.2 * n + 3, 16)  # inches: 1.2 per class for a few classes, at most 1600 px
-    fig = _figure(side, side)
-    ax = fig.add_axes((0.2, 0.2, 0.75, 0.72))
-    ax.imshow(m, cmap="Blues")
-    ax.set_xticks(range(n), names, rotation=45, ha="right", fontsize=8 if n > 10 else 10)
-    ax.set_yticks(range(n), names, fontsize=8 if n > 10 else 10)
+    font = 8 if n > 10 else 10
+    label = 0.6 * font / 72 * max(len(c) for c in names) + 0.45  # inches: tick labels + axis label
+    grid = min(max(0.55 * n, 3.0), 11.0)  # inches: 0.55 per class, at most 1100 px
+    left, bottom, top, right = label, 0.72 * label + 0.2, 0.75, 0.25
+    width, height = left + grid + right, bottom + grid + top
+    fig = _figure(width, height)
+    ax = fig.add_axes((left / width, bottom / height, grid / width, grid / height))
+    cmap, norm = colormaps["Blues"], Normalize(0, max(int(m.max()), 1))
+    ax.imshow(m, cmap=cmap, norm=norm, aspect="auto")
+    ax.set_xticks(range(n), names, rotation=45, ha="right", rotation_mode="anchor", fontsize=font)
+    ax.set_yticks(range(n), names, fontsize=font)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
-    ax.set_title(f"confusion matrix ({title})" + (f"\n{note}" if note else ""))
+    ax.set_title(f"confusion matrix ({title})" + (f"\n{note}" if note else ""), fontsize=10)
     size = 10 if n <= 10 else 7
     cells = zip(*np.nonzero(m)) if n > 10 else np.ndindex(m.shape)  # many classes: zeros stay blank
     for i, j in cells:
-        ax.text(j, i, str(m[i, j]), ha="center", va="center", fontsize=size,
-                color="white" if m[i, j] > m.max() / 2 else "black")
-    _save(fig, path)
+        ax.text(j, i, str(m[i, j]), ha="center", va="center", fontsize=size, color=text_color_on(cmap(norm(m[i, j]))))
+    return fig
 
 
 def _spread(indices: np.ndarray, k: int) -> list[int]:
@@ -161,6 +214,7 @@ def thumbnail(path: str | os.PathLike, size: int = THUMB) -> np.ndarray | str:
     """
     from PIL import Image, ImageOps
 
+    register_heif()  # HEIC photos are drawn too
     try:
         with Image.open(path) as im:
             im.draft("RGB", (size, size))  # JPEG only: decode at 1/2..1/8 scale, still >= size
@@ -173,9 +227,17 @@ def thumbnail(path: str | os.PathLike, size: int = THUMB) -> np.ndarray | str:
         return f"cannot read image ({type(e).__name__})"
 
 
+def prediction_title(predicted: str, true: str, probability: float | None = None) -> str:
+    """A predictions.png title: the predicted class (with its probability when known) and, when wrong, the
+    true one; names elided to fit a 300 px tile."""
+    shown = f"predicted: {short_label(predicted, 18)}" + ("" if probability is None else f" (p {probability:.2f})")
+    return shown if predicted == true else f"{shown}\nWRONG (true: {short_label(true, 18)})"
+
+
 def predictions_png(image_paths: list[Path | None], y_true, y_pred, class_names: list[str], path: Path,
-                    cols: int = 4) -> None:
-    """The tutorial's visualize_model: val images titled with the prediction, wrong ones in red.
+                    cols: int = 4, confidence: list[float] | None = None) -> None:
+    """The tutorial's visualize_model: val images titled with the prediction (and its probability, from
+    confidence: one per image), wrong ones in red.
 
     One mosaic image and one text per title (not one axes per picture): axes, ticks and their layout
     were most of the cost of this picture."""
@@ -197,7 +259,8 @@ def predictions_png(image_paths: list[Path | None], y_true, y_pred, class_names:
             top, left = y0 + band + (cell_h - band - h) // 2, x0 + (cell_w - w) // 2
             mosaic[top:top + h, left:left + w] = img[..., :3]
         ok = y_true[i] == y_pred[i]
-        title = f"predicted: {class_names[y_pred[i]]}" + ("" if ok else f"\nWRONG (true: {class_names[y_true[i]]})")
+        title = prediction_title(class_names[y_pred[i]], class_names[y_true[i]],
+                                 None if confidence is None else confidence[i])
         fig.text((x0 + cell_w / 2) / W, 1 - (top - 4) / H, title, ha="center", va="bottom",
                  color="black" if ok else "red", fontsize=10)
     ax = fig.add_axes((0, 0, 1, 1))
@@ -239,6 +302,7 @@ class PictureJob:
     kept_epoch: int | None = None  # marked in curves.png
     calibration: dict | None = None  # metrics.json's calibration record: reliability.png, coverage.png
     learning_curve: dict | None = None  # metrics.json's learning_curve record: learning_curve.png
+    confidence: list[float] | None = None  # per row: the predicted class's probability (predictions.png)
 
 
 def draw_pictures(job: PictureJob) -> list[str]:
@@ -249,7 +313,7 @@ def draw_pictures(job: PictureJob) -> list[str]:
         "curves.png": lambda p: curves_png(job.history, p, job.kept_epoch),
         "confusion.png": lambda p: confusion_png(job.confusion_matrix, job.class_names, p, job.split),
         "predictions.png": lambda p: predictions_png([f and Path(f) for f in job.image_paths], job.y_true,
-                                                     job.y_pred, job.class_names, p),
+                                                     job.y_pred, job.class_names, p, confidence=job.confidence),
     }
     if job.calibration:
         steps["reliability.png"] = lambda p: reliability_png(job.calibration, p)
@@ -317,31 +381,50 @@ def reliability_png(cal: dict, path: Path) -> None:
 
 
 def reliability_figure(cal: dict):
-    """Per evaluated split: accuracy against mean confidence per bin, calibrated and before, the diagonal
-    being perfect calibration; the count of photos in each bin is written above it."""
-    splits = list(cal["reliability"])
-    fig = _figure(5 * max(1, len(splits)), 4.6)
+    """Per evaluated split: accuracy against mean confidence per bin, calibrated and before (only the head's
+    own when no temperature was kept), the diagonal being perfect calibration; below, the photos per bin as
+    bars with their counts (on the markers they hid the points and collided with the axis)."""
+    splits = list(cal["reliability"]) or ["val"]
+    fitted = cal.get("fitted", True)
+    fig = _figure(5 * len(splits), 5.6)
+    grid = fig.add_gridspec(2, len(splits), height_ratios=(3.2, 1), hspace=0.08)
+    curves = ((("reliability_before", dict(color="tab:orange", alpha=0.7), "before"),
+               ("reliability", dict(color="tab:blue"), f"calibrated (T {cal['temperature']:.2f})")) if fitted else
+              (("reliability_before", dict(color="tab:orange"), "the head's own (no temperature kept)"),))
     for i, split in enumerate(splits):
-        ax = fig.add_subplot(1, max(1, len(splits)), i + 1)
+        ax = fig.add_subplot(grid[0, i])
+        bars = fig.add_subplot(grid[1, i], sharex=ax)
         ax.plot([0, 1], [0, 1], color="0.6", lw=1, ls="--", label="perfect")
-        for key, style, label in (("reliability_before", dict(color="tab:orange", alpha=0.6), "before"),
-                                  ("reliability", dict(color="tab:blue"), "calibrated")):
+        for key, style, label in curves:
             rows = [r for r in cal[key].get(split, []) if r["n"]]
             ax.plot([r["confidence"] for r in rows], [r["accuracy"] for r in rows], "o-", ms=4, label=label, **style)
-        for r in cal["reliability"].get(split, []):
-            if r["n"]:
-                ax.annotate(str(r["n"]), (r["confidence"], r["accuracy"]), textcoords="offset points",
-                            xytext=(0, 6), ha="center", fontsize=7, color="tab:blue")
         e = cal["ece"].get(split, {})
-        ax.set_title(f"{split}: ECE {e.get('before', 0):.3f} -> {e.get('after', 0):.3f} (T {cal['temperature']:.2f})",
-                     fontsize=10)
-        ax.set_xlabel("confidence (mean per bin)")
+        ece = f"ECE {e.get('before', 0):.3f} -> {e.get('after', 0):.3f}" if fitted else \
+            f"ECE {e.get('before', 0):.3f}, no temperature kept"
+        ax.set_title(f"{split}: {ece}", fontsize=10)
         ax.set_ylabel("accuracy")
-        ax.set_xlim(0, 1.02)
-        ax.set_ylim(0, 1.05)
+        ax.set_ylim(-0.02, 1.05)
+        ax.tick_params(labelbottom=False)
         ax.legend(loc="upper left", fontsize=8)
-    fig.tight_layout()
+        ax.grid(alpha=0.3)
+        _bin_counts(bars, cal["reliability"].get(split, []))
+    fig.subplots_adjust(left=0.12 / len(splits) ** 0.5, right=0.98, bottom=0.1, top=0.93, wspace=0.25)
     return fig
+
+
+def _bin_counts(ax, rows: list[dict]) -> None:
+    """Photos per confidence bin: a bar per bin, its count above it."""
+    shown = [r for r in rows if r["n"]]
+    peak = max([r["n"] for r in shown], default=1)
+    ax.bar([(r["low"] + r["high"]) / 2 for r in rows], [r["n"] for r in rows],
+           width=[0.9 * (r["high"] - r["low"]) for r in rows], color="0.6")
+    for r in shown:
+        ax.text((r["low"] + r["high"]) / 2, r["n"] + 0.04 * peak, str(r["n"]), ha="center", va="bottom", fontsize=7)
+    ax.set_ylim(0, 1.4 * peak)
+    ax.set_xlim(0, 1.02)
+    ax.set_yticks([])
+    ax.set_ylabel("photos", fontsize=8)
+    ax.set_xlabel("confidence (mean per bin)")
 
 
 def coverage_png(cal: dict, path: Path) -> None:
@@ -349,21 +432,28 @@ def coverage_png(cal: dict, path: Path) -> None:
 
 
 def coverage_figure(cal: dict):
-    """Accuracy on the photos kept against the share kept, one point per --min-confidence P (labelled)."""
+    """Accuracy on the photos kept against the share kept, one point per --min-confidence P (labelled on
+    the side of the point that faces the plot's inside, so no label leaves the axes)."""
     fig = _figure(6.5, 4.6)
     ax = fig.add_subplot(1, 1, 1)
     for split, rows in cal["coverage"].items():
         rows = [r for r in rows if r["accuracy"] is not None]
         line = ax.plot([r["kept"] for r in rows], [r["accuracy"] for r in rows], "o-", ms=4, label=split)[0]
         if split == next(iter(cal["coverage"])):
+            low = min((r["accuracy"] for r in rows), default=0.0)
             for r in rows:
                 if r["min_confidence"] in (0.5, 0.8, 0.9, 0.95, 0.99):
+                    left = r["kept"] > 0.5  # label towards the middle
+                    up = r["accuracy"] - low < 0.1 * max(1.0 - low, 1e-9)  # near the bottom: above the point
                     ax.annotate(f"P {r['min_confidence']:g}", (r["kept"], r["accuracy"]), textcoords="offset points",
-                                xytext=(4, -10), fontsize=7, color=line.get_color())
+                                xytext=(-6 if left else 6, 5 if up else -11), ha="right" if left else "left",
+                                fontsize=7, color=line.get_color())
     ax.set_xlabel("share of photos kept (probability >= P); the rest are 'unsure'")
     ax.set_ylabel("accuracy on the photos kept")
     ax.set_xlim(-0.02, 1.02)
-    ax.set_title("--min-confidence P: accuracy vs coverage (calibrated)", fontsize=10)
+    ax.margins(y=0.08)
+    which = " (calibrated)" if cal.get("fitted", True) else "\n(the head's own probabilities: no temperature kept)"
+    ax.set_title(f"--min-confidence P: accuracy vs coverage{which}", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(loc="lower left", fontsize=8)
     fig.tight_layout()
@@ -393,12 +483,27 @@ def learning_curve_figure(record: dict):
     ax.set_ylabel(f"val {record['metric'].replace('_', ' ')}")
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
-    d = record.get("doubling")
-    if d:
-        ax.set_title(f"last doubling of labelled photos: {100 * d['gain']:+.1f} points "
-                     f"(paired noise +-{200 * d['se']:.1f})", fontsize=10)
+    ax.set_title(learning_curve_title(record), fontsize=10)
     fig.tight_layout()
     return fig
+
+
+def signed(value: float, digits: int = 1) -> str:
+    """value with its sign to `digits` decimals, never "-0.0" (a loss that rounds to nothing is no loss)."""
+    v = round(float(value), digits)
+    return f"{(v if v != 0 else 0.0):+.{digits}f}"
+
+
+def learning_curve_title(record: dict) -> str:
+    """What learning_curve.png says on top: the report's reading of the last doubling, in a title's words."""
+    pts, d = record["points"], record.get("doubling")
+    if not d:
+        return f"val {record['metric'].replace('_', ' ')} with all of train (one share only)"
+    half = next((p for p in pts if p["share"] == d["from_share"]), pts[0])
+    if half["rows"] == pts[-1]["rows"]:
+        return f"train is too small for a curve: every share holds the same {pts[-1]['rows']} rows"
+    return (f"last doubling of labelled photos: {signed(100 * d['gain'])} points "
+            f"(paired noise \u00b1{200 * d['se']:.1f})")
 
 
 def _plain_ticks(minor: bool = False):

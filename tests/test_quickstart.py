@@ -27,7 +27,7 @@ def test_fresh_machine_creates_the_venv_installs_and_runs(tmp_path):
         f"+ {venv}/bin/python -m pip install --quiet torch==2.14.1 torchvision==0.29.1",
         f"+ {venv}/bin/python -m pip install --quiet -e .[test]",
         "quickstart: data: photos",
-        f"+ {venv}/bin/python cli.py run photos --out runs/x --weights none",
+        f"+ {venv}/bin/python cli.py run photos --out runs/x --backbone resnet18 --weights none",
         f"quickstart: done: report in runs/x/report.txt; classify photos with: {venv}/bin/python cli.py predict "
         "runs/x PHOTO_OR_FOLDER",
     ]
@@ -44,8 +44,9 @@ def test_ready_venv_is_reused_and_data_found_or_downloaded(tmp_path):
         assert "quickstart: data: ../shared/datasets/hymenoptera_data" in out and "cli.py download" not in out
     elif not (REPO / "data/hymenoptera_data/train").is_dir():
         assert f"+ {venv}/bin/python cli.py download data/" in out
-    assert "would use --weights imagenet if its file is in the torch cache or can be downloaded, else none" in out
-    assert "cli.py run" in out and "--out runs/quickstart --weights imagenet" in out
+    assert ("would use resnet18 --weights imagenet if its file is in the torch cache or can be downloaded, else "
+            "--backbone efficientnet_lite0 (ImageNet weights shipped in its package)") in out
+    assert "cli.py run" in out and "--out runs/quickstart --backbone resnet18 --weights imagenet" in out
 
 
 def test_unknown_argument_is_refused():
@@ -82,3 +83,46 @@ def test_offline_without_data_says_how_to_point_at_a_folder_and_leaves_no_data_f
     r = subprocess.run(["bash", str(checkout / "scripts" / "quickstart.sh")], capture_output=True, text=True,
                        env=env, timeout=120)
     assert r.returncode == 1 and (checkout / "data" / "notes.txt").read_text() == "mine"
+
+
+def fake_checkout(tmp_path, resnet_ok: bool, lite_ok: bool) -> Path:
+    """The quick start beside stand-ins: a `pipeline` whose ResNet-18 weights and Lite0 package are there or
+    not, and a cli.py that prints what it was asked (so the script's choice is seen, nothing is run)."""
+    checkout = tmp_path / "checkout"
+    (checkout / "scripts").mkdir(parents=True)
+    (checkout / "scripts" / "quickstart.sh").write_bytes(SCRIPT.read_bytes())
+    (checkout / "data" / "train").mkdir(parents=True)
+    pkg = checkout / "pipeline"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("class PipelineError(Exception):\n    pass\n")
+    (pkg / "backbones.py").write_text(
+        "from . import PipelineError\nclass BackboneSpec:\n    def __init__(self, *a): pass\n"
+        f"def build_torchvision(spec):\n    if not {resnet_ok}: raise PipelineError('no file, no network')\n")
+    (pkg / "packaged.py").write_text(f"def available():\n    return {lite_ok}\n")
+    (checkout / "cli.py").write_text("import sys\nprint('cli', *sys.argv[1:])\n")
+    return checkout
+
+
+def run_fake(checkout) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("DATA", "OUT", "WEIGHTS", "VENV", "BACKBONE")}
+    env.update(VENV=sys.prefix, DATA="data", OUT="runs/q")
+    r = subprocess.run(["bash", str(checkout / "scripts" / "quickstart.sh")], capture_output=True, text=True,
+                       env=env, timeout=120, cwd=checkout)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return r
+
+
+def test_without_resnet_weights_the_offline_backbone_is_used_and_said_in_one_line(tmp_path):
+    r = run_fake(fake_checkout(tmp_path, resnet_ok=False, lite_ok=True))
+    assert "cli run data --out runs/q --backbone efficientnet_lite0 --weights imagenet" in r.stdout
+    assert r.stderr.splitlines() == [
+        "quickstart: ResNet-18's ImageNet weights are not in the torch cache and cannot be downloaded, so this run "
+        "uses --backbone efficientnet_lite0 (ImageNet weights shipped in its package, offline)"]
+
+
+def test_resnet_weights_stay_the_default_and_random_init_is_the_last_resort(tmp_path):
+    r = run_fake(fake_checkout(tmp_path / "a", resnet_ok=True, lite_ok=True))
+    assert "cli run data --out runs/q --backbone resnet18 --weights imagenet" in r.stdout and r.stderr == ""
+    r = run_fake(fake_checkout(tmp_path / "b", resnet_ok=False, lite_ok=False))
+    assert "cli run data --out runs/q --backbone resnet18 --weights none" in r.stdout
+    assert r.stderr.startswith("quickstart: WARNING: no ImageNet weights here") and len(r.stderr.splitlines()) == 1

@@ -56,17 +56,17 @@ def test_min_confidence_labels_unsure_in_table_and_json(head_run, tmp_path):
     src = photos(tmp_path / "src")
     r = CliRunner().invoke(cli, ["predict", str(head_run), str(src / "c"), "--json", "--min-confidence", "1"])
     assert r.exit_code == 0, r.output
-    rows = json.loads(r.output)
+    rows = json.loads(r.stdout)
     assert len(rows) == 4 and all(p["class"] == "unsure" and p["unsure"] is True for p in rows)
     assert all(p["best_guess"] in ("ants", "bees") and p["probability"] < 1 for p in rows)
     r = CliRunner().invoke(cli, ["predict", str(head_run), str(src / "c"), "--json", "--min-confidence", "0"])
-    rows = json.loads(r.output)
+    rows = json.loads(r.stdout)
     assert all(p["class"] in ("ants", "bees") and "unsure" not in p and "best_guess" not in p for p in rows)
     # a threshold between the photos' probabilities splits them exactly there
     probs = sorted(p["probability"] for p in rows)
     cut = (probs[1] + probs[2]) / 2
     r = CliRunner().invoke(cli, ["predict", str(head_run), str(src / "c"), "--min-confidence", f"{cut}"])
-    lines = r.output.splitlines()[1:]
+    lines = r.stdout.splitlines()[1:]
     assert sum(" unsure " in line and "(best guess: " in line for line in lines) == 2
     r = CliRunner().invoke(cli, ["predict", str(head_run), str(src / "c"), "--min-confidence", "1.5"])
     assert r.exit_code == 2 and "1.5" in r.output
