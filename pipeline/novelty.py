@@ -207,6 +207,10 @@ class RunNovelty:
     lines: list[str]  # report.txt
     scores: dict[str, np.ndarray]  # novelty of each evaluated split's photos (for the picture)
 
+    def picture(self) -> dict | None:
+        """plots.PictureJob's novelty (None: no model, no picture)."""
+        return None if self.model is None else {"threshold": self.model.threshold, "scores": self.scores}
+
 
 def run_novelty(X, y, folds: np.ndarray, evaluated: dict[str, np.ndarray]) -> RunNovelty:
     """Fit the novelty model of a head run on its train features (folds: the run's fold per row, copies

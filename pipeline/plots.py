@@ -303,6 +303,7 @@ class PictureJob:
     calibration: dict | None = None  # metrics.json's calibration record: reliability.png, coverage.png
     learning_curve: dict | None = None  # metrics.json's learning_curve record: learning_curve.png
     confidence: list[float] | None = None  # per row: the predicted class's probability (predictions.png)
+    novelty: dict | None = None  # {"threshold": t, "scores": {split: per-photo novelty}} (novelty.png)
 
 
 def draw_pictures(job: PictureJob) -> list[str]:
@@ -320,6 +321,8 @@ def draw_pictures(job: PictureJob) -> list[str]:
         steps["coverage.png"] = lambda p: coverage_png(job.calibration, p)
     if job.learning_curve:
         steps["learning_curve.png"] = lambda p: learning_curve_png(job.learning_curve, p)
+    if job.novelty and job.novelty["scores"]:
+        steps["novelty.png"] = lambda p: novelty_png(job.novelty["scores"], job.novelty["threshold"], p)
     notes = []
     for name, draw in steps.items():
         try:
@@ -456,6 +459,36 @@ def coverage_figure(cal: dict):
     ax.set_title(f"--min-confidence P: accuracy vs coverage{which}", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(loc="lower left", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def novelty_png(scores: dict, threshold: float, path: Path) -> None:
+    _save(novelty_figure(scores, threshold), path)
+
+
+def novelty_figure(scores: dict, threshold: float):
+    """How unlike the training photos each val (and test) photo is, against the threshold above which
+    predict calls a photo unknown. Every photo here is of a known class: the share right of the line is
+    what the threshold costs. Bins in equal steps up to 3 x the threshold; stranger photos in the last."""
+    fig = _figure(6.5, 3.8)
+    ax = fig.add_subplot(1, 1, 1)
+    top = 3.0 * max(threshold, 1e-9)
+    low = min(min((float(np.min(v)) for v in scores.values() if len(v)), default=0.0), 0.0)
+    bins = np.linspace(low, top, 41)
+    for split, v in scores.items():
+        v = np.clip(np.asarray(v, dtype=float), low, top)
+        above = int((np.asarray(scores[split]) > threshold).sum())
+        ax.hist(v, bins=bins, histtype="step", lw=1.5,
+                label=f"{split}: {above} of {len(v)} above ({above / max(len(v), 1):.1%})")
+    ax.axvline(threshold, color="0.2", ls="--", lw=1)
+    ax.annotate(f"threshold {threshold:.2f}: above it, 'unknown'", (threshold, 1), xycoords=("data", "axes fraction"),
+                xytext=(4, -12), textcoords="offset points", fontsize=8, color="0.2")
+    ax.set_xlabel(f"novelty (0 = a typical training photo; photos beyond {top:.1f} are counted in the last bin)")
+    ax.set_ylabel("photos of known classes")
+    ax.set_title("novelty of known-class photos (higher = less like the training photos)", fontsize=10)
+    ax.legend(loc="center right", fontsize=8)
+    ax.grid(alpha=0.3)
     fig.tight_layout()
     return fig
 

@@ -312,7 +312,7 @@ def run_train_head(cfg: HeadConfig) -> dict:
                     cache.class_names, cfg.val_split, picture_paths(cache, cfg.val_split),
                     cache.splits[cfg.val_split].labels.tolist(), run.evaluations[cfg.val_split]["pred"],
                     kept_epoch=run.best.best_epoch, calibration=run.metrics["calibration"],
-                    learning_curve=run.metrics.get("learning_curve"), confidence=softmax(head_logits(
+                    learning_curve=run.metrics.get("learning_curve"), novelty=run.novelty.picture(), confidence=softmax(head_logits(
                         run.best.weight, run.best.bias, cache.splits[cfg.val_split].features),
                         run.temperature or 1.0).max(1).tolist())  # as predict reports them
                 return lambda: draw_pictures(job)
