@@ -45,8 +45,10 @@ def _figure(width: float, height: float):
 def _save(fig, path: Path, **savefig) -> None:
     # the layout was fixed when the figure was made; bbox_inches="tight" would render it twice
     with atomic_output(path, suffix=Path(path).suffix) as tmp:
-        # compress level 1: a third of level 6's time; savefig: the caller's own keywords (preview's mark)
-        fig.savefig(tmp, dpi=DPI, **{"pil_kwargs": {"compress_level": 1}, **savefig})
+        # PNG compress level 1: a third of level 6's time (the PDF and SVG writers take no pil_kwargs);
+        # savefig: the caller's own keywords (preview's mark)
+        png = {"pil_kwargs": {"compress_level": 1}} if Path(path).suffix.lower() == ".png" else {}
+        fig.savefig(tmp, dpi=DPI, **{**png, **savefig})
 
 
 def curves_png(history: list[dict], path: Path, kept_epoch: int | None = None) -> None:
