@@ -314,8 +314,6 @@ def take_lock(folder: Path, label: str = "") -> ProcessLock:
                             "choose another --out") from None
 
 
-_take_lock = take_lock
-
 
 def _lock_label(folder: Path) -> str:
     """The label in a lock file ('' for a run's lock, or when it cannot be read)."""
@@ -409,7 +407,7 @@ def roll_forward(folder: Path) -> None:
     """For readers: a save that was committed but not finished (a kill) is finished first."""
     if not (folder / STAGING / COMMIT).is_file():
         return
-    with _take_lock(folder):
+    with take_lock(folder):
         _recover(folder)
 
 
@@ -575,7 +573,7 @@ class RunFolder:
     def __enter__(self) -> RunFolder:
         check_output_path(self.path, own_kind=self.kind)  # never a run folder inside another run's folder
         self.path.mkdir(parents=True, exist_ok=True)
-        self._lock = _take_lock(self.path)
+        self._lock = take_lock(self.path)
         try:
             _recover(self.path)
             check_run_folder(self.path, self.kind)
