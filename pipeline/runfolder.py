@@ -314,7 +314,6 @@ def take_lock(folder: Path, label: str = "") -> ProcessLock:
                             "choose another --out") from None
 
 
-
 def _lock_label(folder: Path) -> str:
     """The label in a lock file ('' for a run's lock, or when it cannot be read)."""
     try:
@@ -442,7 +441,8 @@ def _not_the_runs(folder: Path) -> list[str]:
         return []
     if not isinstance(record, dict):
         return []
-    return [n for n in RUN_FILES if n != METRICS and os.path.lexists(folder / n) and not unchanged(folder / n, record.get(n))]
+    return [n for n in RUN_FILES
+            if n != METRICS and os.path.lexists(folder / n) and not unchanged(folder / n, record.get(n))]
 
 
 KIND_WORDS = {"head": "a train-head run", "finetune": "a finetune run"}
