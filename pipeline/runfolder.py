@@ -434,7 +434,10 @@ def _kind_in(folder: Path) -> str | None:
 
 def _not_the_runs(folder: Path) -> list[str]:
     """Run-file names in the folder that its run did not write, by metrics.json's record of them: added or
-    changed since. A run of an earlier version has no record: its run-file names are taken as its own."""
+    changed since. A run of an earlier version has no record: its run-file names are taken as its own. No
+    metrics.json (a finetune that has not committed yet): no run file but a model.pt manifest is its own."""
+    if not (folder / METRICS).exists():
+        return [n for n in RUN_FILES if n != MODEL and os.path.lexists(folder / n)]
     try:
         record = json.loads((folder / METRICS).read_text()).get(FILES)
     except (OSError, ValueError, AttributeError, UnicodeDecodeError):

@@ -275,6 +275,17 @@ def test_a_users_file_of_a_pictures_name_in_a_run_folder_is_kept(cache, tmp_path
     assert (out / "report.txt").read_text().endswith("my remark\n")
 
 
+def test_a_users_file_beside_an_unfinished_finetune_is_kept(tmp_path):
+    out = tmp_path / "ft"
+    out.mkdir()
+    (out / "checkpoint.pt").write_bytes(b"a finetune killed before its first commit")
+    (out / "curves.png").write_bytes(b"mine")
+    with pytest.raises(rfmod.NotARunFolder, match="holds curves.png, which its run did not write"):
+        with rfmod.RunFolder(out, "finetune"):
+            pass
+    assert (out / "curves.png").read_bytes() == b"mine"
+
+
 def test_a_run_of_an_earlier_version_is_replaced_as_before(cache, tmp_path):
     out = tmp_path / "old"
     assert invoke("train-head", cache, "--out", out, "--epochs", 1).exit_code == 0
