@@ -417,9 +417,8 @@ def _do_extract(cfg):
 
 
 def _do_train_head(cfg):
-    from pipeline.train_head import run_train_head
-
     from pipeline.text import printable, printable_lines
+    from pipeline.train_head import run_train_head
 
     m = run_train_head(cfg)
     for note in m.get("notes", []):
@@ -540,7 +539,7 @@ def report(run_dir):
     from pipeline.runfolder import load_report
     from pipeline.text import printable_lines
 
-    click.echo(printable_lines(load_report(run_dir).rstrip("\n")))  # escape codes in a report never reach the terminal
+    click.echo(printable_lines(load_report(run_dir).rstrip("\n")))  # no escape code reaches the terminal
 
 
 @cli.command()
@@ -737,7 +736,6 @@ def preview(data_dir, out, count, seed):
     Example: cli.py preview data/hymenoptera_data --out preview.png
     """
     from pipeline.preview import preview as run_preview
-
     from pipeline.text import printable
 
     r = run_preview(data_dir, out, count, seed)

@@ -262,7 +262,8 @@ def run_warnings(weights: str, evaluation: dict, class_names: list[str], split: 
                    f"{1 / n:.3f}, so its figures say little")
     predicted = np.flatnonzero(np.bincount(p, weights=c, minlength=classes))
     if classes > 1 and n > 1 and len(predicted) == 1:
-        out.append(f"WARNING: the kept model predicts one class ({printable(class_names[int(predicted[0])])}) for every "
+        only = printable(class_names[int(predicted[0])])
+        out.append(f"WARNING: the kept model predicts one class ({only}) for every "
                    f"{split} image ({n} images)")
     return out
 

@@ -210,7 +210,8 @@ def predictions_png(image_paths: list[Path | None], y_true, y_pred, class_names:
     _save(fig, path)
 
 
-def images_grid_png(images: np.ndarray, titles: list[str], path: Path, cols: int = 4, savefig: dict | None = None) -> None:
+def images_grid_png(images: np.ndarray, titles: list[str], path: Path, cols: int = 4,
+                    savefig: dict | None = None) -> None:
     """A grid of images (N,H,W,3 floats in [0,1]) with titles (the tutorial's imshow of a batch); savefig:
     more keywords for fig.savefig (metadata)."""
     rows = max(1, -(-len(images) // cols))
