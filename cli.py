@@ -420,12 +420,13 @@ def _do_extract(cfg):
 
 
 def _do_train_head(cfg):
+    from pipeline.text import printable, printable_lines
     from pipeline.train_head import run_train_head
 
     m = run_train_head(cfg)
     for note in m.get("notes", []):
-        click.echo(note, err=True)
-    click.echo(m["report_text"])  # with a sweep or a chosen recipe, its table comes first
+        click.echo(printable(note), err=True)
+    click.echo(printable_lines(m["report_text"]))  # with a sweep or a chosen recipe, its table comes first
     curve = f" (learning curve {m['learning_curve']['seconds']:.2f} s more)" if "learning_curve" in m else ""
     click.echo(f"trained in {m['seconds']:.3f} s{curve}; run folder {cfg.out}")
     return m
@@ -539,8 +540,9 @@ def report(run_dir):
     Example: cli.py report runs/ants
     """
     from pipeline.runfolder import load_report
+    from pipeline.text import printable_lines
 
-    click.echo(load_report(run_dir).rstrip("\n"))
+    click.echo(printable_lines(load_report(run_dir).rstrip("\n")))  # no escape code reaches the terminal
 
 
 @cli.command()
@@ -647,13 +649,13 @@ def finetune(data_dir, out, no_plots, **o):
                                    f"{resume_command(click.get_current_context())}") from None
     if not is_rank0():
         return
-    from pipeline.text import printable
+    from pipeline.text import printable, printable_lines
 
     for path, reason in m["skipped"][:20]:
         click.echo(f"skipped {printable(path)}: {printable(reason)}", err=True)
     for note in m.get("notes", []):
-        click.echo(note, err=True)
-    click.echo(m["report_text"])
+        click.echo(printable(note), err=True)
+    click.echo(printable_lines(m["report_text"]))
     click.echo(f"trained {len(m['history'])} epochs in {m['seconds']:.1f} s; run folder {out}")
 
 
@@ -719,9 +721,10 @@ def export(run_dir, out):
     and normalises them itself. Example: cli.py export runs/ants --out ants.pt2
     """
     from pipeline.predict import export_program
+    from pipeline.text import printable
 
     r = export_program(run_dir, out)
-    click.echo(f"exported {run_dir} -> {r['path']} (classes: {', '.join(r['class_names'])})")
+    click.echo(printable(f"exported {run_dir} -> {r['path']} (classes: {', '.join(r['class_names'])})"))
 
 
 @cli.command()
@@ -736,9 +739,10 @@ def preview(data_dir, out, count, seed):
     Example: cli.py preview data/hymenoptera_data --out preview.png
     """
     from pipeline.preview import preview as run_preview
+    from pipeline.text import printable
 
     r = run_preview(data_dir, out, count, seed)
-    click.echo(f"wrote {r['path']} ({r['n']} images)")
+    click.echo(printable(f"wrote {r['path']} ({r['n']} images)"))
 
 
 CLEAN_EXIT_ENV = "TLEARN_CLEAN_EXIT"  # 1: end the process the usual way (full interpreter teardown)

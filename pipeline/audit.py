@@ -12,11 +12,18 @@ pictures, the image files named in the cache:
 - label issues: out-of-fold class probabilities of every train image from K heads trained at once
   (head.train_folds), and, with --run, val/test images scored by that run's trained head;
 - outliers: mean cosine distance to the k nearest neighbours, flagged by a robust z-score.
+
+The audit folder (--out) is written as a run folder is: under the same lock (labelled "audit"), staged and
+committed at once, after every finding is computed. audit.json records the audit's other files with their size
+and sha256; a later audit replaces or removes those only, and refuses a folder holding a file of the audit's
+names that no audit wrote (or that changed since) before any work.
 """
 from __future__ import annotations
 
 import hashlib
+import json
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,12 +34,14 @@ import torch
 from cache import read_cache
 
 from . import PipelineError
-from .fsio import atomic_write_bytes, atomic_write_json, sha256_file
+from .fsio import atomic_write_bytes, atomic_write_json, file_record, sha256_file, unchanged
 from .folds import copies_record, grouped_folds, group_ids
 from .head import HeadParams, out_of_fold_proba, train_folds
 from .plots import data_folder
-from .runfolder import check_output_path, load_manifest
+from .runfolder import (AUDIT_LABEL, check_output_path, commit_staged, load_manifest, recover_staged, stat_files,
+                        take_lock)
 from .splits import FOLDERS, SplitSpec
+from .text import printable
 
 
 # A near pair (i, j): cosine distance d(i, j) <= NEAR_RATIO x the median distance of i to its neighbours ranked
@@ -47,6 +56,17 @@ NEAR_REF_RANKS = (1, 6)  # the neighbours (0-based ranks, end excluded) whose me
 
 class AuditRunMismatch(PipelineError):
     """--run names a run folder whose head cannot score this cache's features."""
+
+
+class AuditFolderError(PipelineError):
+    """--out holds files of the audit's names that no audit wrote."""
+
+
+AUDIT_FORMAT = "tlearn-audit/1"
+AUDIT_JSON, REPORT = "audit.json", "report.txt"
+PICTURES = ("suspects.png", "duplicates.png", "image_issues.png")  # audit_plots.DRAW draws each
+AUDIT_FILES = (AUDIT_JSON, REPORT, *PICTURES)
+AUDIT_STAGING = ".tlearn-audit-staging"
 
 
 @dataclass
@@ -105,6 +125,8 @@ class Audit:
     notes: list[str] = field(default_factory=list)
     pictures: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    files: dict = field(default_factory=dict)  # {name: {"size", "sha256"}} of report.txt and the pictures
+    format: str = AUDIT_FORMAT
 
     def as_json(self) -> dict:
         return asdict(self)
@@ -216,6 +238,12 @@ def exact_duplicate_groups(rows: Rows, data_dir: Path) -> tuple[list[list[int]],
         except OSError:
             missing.append(i)
     return [g for g in by_digest.values() if len(g) > 1], missing
+
+
+def nonneg(x: float, digits: int) -> float:
+    """A measure that cannot be negative (1 - p, a cosine distance, an entropy), rounded: float error
+    (1 - 1.0000001, -0.0 * log 1) never reads -0.0000."""
+    return max(0.0, round(float(x), digits)) + 0.0
 
 
 FEATURE_GRID = 1e-4  # unit-row coordinates rounded to this: rows equal after it have cosine >= 1 - D * 1e-8 / 2
@@ -364,7 +392,7 @@ def knn_outliers(rows: Rows, sims: np.ndarray, z_threshold: float,
         z[keep] = (score[keep] - med) / scale
     flagged = np.flatnonzero(z >= z_threshold)
     flagged = flagged[np.argsort(-z[flagged], kind="stable")]
-    return [{**rows.where(int(i)), "score": round(float(score[i]), 6), "z": round(float(z[i]), 3)}
+    return [{**rows.where(int(i)), "score": nonneg(score[i], 6), "z": round(float(z[i]), 3) + 0.0}
             for i in flagged], z
 
 
@@ -375,7 +403,7 @@ def label_issue_rows(rows: Rows, idx: np.ndarray, proba: np.ndarray, source: str
         lab = int(rows.labels[i])
         sug = int(np.argmax(p))
         out.append({**rows.where(int(i)), "label": rows.class_names[lab], "suggested": rows.class_names[sug],
-                    "score": round(float(1.0 - p[lab]), 6), "source": source, "_flip": sug != lab})
+                    "score": nonneg(1.0 - p[lab], 6), "source": source, "_flip": sug != lab})
     return out
 
 
@@ -534,6 +562,7 @@ def image_issue_list(rows: Rows, stats: np.ndarray | None, limit: int, notes: li
     if n == 0:
         return [], info
     out = []
+    photos = np.zeros(len(rows.paths), bool)  # flagged by a kind that is listed (a photo may have several kinds)
     for kind, (flag, score) in image_flags(stats).items():
         hit = np.flatnonzero(flag)
         info["counts"][kind] = int(len(hit))
@@ -542,11 +571,13 @@ def image_issue_list(rows: Rows, stats: np.ndarray | None, limit: int, notes: li
             notes.append(f"{kind}: {len(hit)} of {n} images, most of the set: a property of the data set, not "
                          "listed per image")
             continue
+        photos |= flag
         worst_high = kind == "odd_aspect_ratio"
         order = hit[np.argsort(-score[hit] if worst_high else score[hit], kind="stable")]
         if kind == "odd_size":  # the farthest from the median first, small or large
             order = hit[np.argsort(-np.abs(np.log(score[hit])), kind="stable")]
-        out += [{**rows.where(int(i)), "kind": kind, "score": round(float(score[i]), 4)} for i in order[:limit]]
+        out += [{**rows.where(int(i)), "kind": kind, "score": nonneg(score[i], 4)} for i in order[:limit]]
+    info["photos"] = int(photos.sum())
     return out, info
 
 
@@ -566,14 +597,73 @@ def check_config(cfg: AuditConfig) -> None:
         raise PipelineError("--top must be >= 0, --knn >= 1 and --folds >= 2")
 
 
+def _written_by_audit(folder: Path) -> dict | None:
+    """{name: record} of the files the folder's last audit wrote, from its audit.json; {} for an audit of an
+    earlier version (no record: its report.txt, if it starts as an audit's, and pictures are taken as its own);
+    None when there is no audit.json of an audit."""
+    try:
+        a = json.loads((folder / AUDIT_JSON).read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+    if not isinstance(a, dict):
+        return None
+    if a.get("format") == AUDIT_FORMAT:
+        return a["files"] if isinstance(a.get("files"), dict) else None
+    return {} if "format" not in a and {"cache", "rows", "thresholds", "copies"} <= set(a) else None
+
+
+def not_the_audits(folder: Path) -> list[str]:
+    """Files of the audit's names in folder that no audit wrote, or that changed since the last one did."""
+    present = [n for n in AUDIT_FILES if os.path.lexists(folder / n)]
+    record = _written_by_audit(folder) if present else {}
+    if record is None:
+        return present
+    if not record:  # an earlier version's audit
+        try:
+            ours = not (folder / REPORT).exists() or (folder / REPORT).read_bytes()[:9] == b"audit of "
+        except OSError:
+            ours = False
+        return [] if ours else [REPORT]
+    return [n for n in present if n != AUDIT_JSON and not unchanged(folder / n, record.get(n))]
+
+
 def check_audit_folder(out: str) -> None:
     """--out is an audit's own folder: never a run folder or inside one (report.txt is a run's file too), and
-    never a folder whose report.txt no audit wrote (it has no audit.json beside it)."""
+    never a folder holding files of the audit's names that no audit wrote (a user's report.txt, audit.json,
+    suspects.png, ...) or that were changed since."""
     check_output_path(out)
+    foreign = not_the_audits(Path(out))
+    if foreign:
+        them = "it" if len(foreign) == 1 else "them"
+        raise AuditFolderError(f"--out {out} holds {', '.join(foreign)} that no audit wrote (or changed since an "
+                               f"audit wrote {them}); an audit would overwrite {them}: move {them} away or choose "
+                               "another --out")
+
+
+def write_audit_folder(audit: Audit, data_dir: Path | None, out: str, pictures: bool, t0: float) -> None:
+    """Under the folder's lock (a run or another audit writing it is refused): checked again, then the pictures,
+    report.txt and audit.json staged and committed at once. A picture that fails is a note, never the audit."""
     folder = Path(out)
-    if (folder / "report.txt").exists() and not (folder / "audit.json").is_file():
-        raise PipelineError(f"--out {out} holds a report.txt that no audit wrote; an audit would overwrite it: "
-                            "choose another --out")
+    folder.mkdir(parents=True, exist_ok=True)
+    with take_lock(folder, AUDIT_LABEL):
+        recover_staged(folder, AUDIT_STAGING)
+        check_audit_folder(out)  # again: a run or a user may have written the folder while the audit worked
+        before = stat_files(folder, AUDIT_FILES)
+        staging = folder / AUDIT_STAGING
+        staging.mkdir()
+        try:
+            if pictures:
+                from .audit_plots import audit_pictures
+
+                audit.pictures, failed = audit_pictures(audit, data_dir, staging, PICTURES)
+                audit.notes += failed
+            audit.seconds = round(time.perf_counter() - t0, 3)
+            atomic_write_bytes(staging / REPORT, report_text(audit).encode())
+            audit.files = {n: file_record(staging / n) for n in (REPORT, *audit.pictures)}
+            atomic_write_json(staging / AUDIT_JSON, audit.as_json())
+            commit_staged(folder, AUDIT_STAGING, AUDIT_FILES, before)
+        finally:
+            recover_staged(folder, AUDIT_STAGING)  # a commit interrupted midway is finished, an unfinished one dropped
 
 
 RANDOM_WEIGHTS_NOTE = ("WARNING: these features come from random backbone weights (--weights none): near duplicates, "
@@ -646,15 +736,7 @@ def run_audit(cfg: AuditConfig) -> Audit:
                            "are weak evidence with these features")
     audit.label_issues = flagged_label_issues(scored, cfg.label_threshold, cfg.top)
     audit.scored["above_threshold"] = len(flagged_label_issues(scored, cfg.label_threshold, len(scored)))
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    if cfg.pictures:
-        from .audit_plots import audit_pictures
-
-        audit.pictures = audit_pictures(audit, data_dir, out)
-    audit.seconds = round(time.perf_counter() - t0, 3)
-    atomic_write_json(out / "audit.json", audit.as_json())
-    atomic_write_bytes(out / "report.txt", report_text(audit).encode())
+    write_audit_folder(audit, data_dir, cfg.out, cfg.pictures, t0)
     return audit
 
 
@@ -670,9 +752,12 @@ def _more(found: list, limit: int) -> list[str]:
 
 
 def report_text(a: Audit, limit: int = 20) -> str:
-    """report.txt: each finding list with its threshold, the first `limit` entries of each."""
+    """report.txt: each finding list with its threshold, the first `limit` entries of each. Every name from the
+    disk (paths, class names, folders) is escaped (text.printable): a newline or an escape code in a file or
+    class name neither forges a line nor reaches the terminal."""
+    P = printable
     t = a.thresholds
-    lines = [f"audit of {a.cache} ({_split_counts(a.rows)}; data folder {a.data_dir or 'not found'}) "
+    lines = [f"audit of {P(a.cache)} ({_split_counts(a.rows)}; data folder {P(a.data_dir or 'not found')}) "
              f"in {a.seconds:.2f} s"] + [n for n in a.notes if n == RANDOM_WEIGHTS_NOTE]  # read first, not last
     c = a.copies
     lines.append(f"\ncopies: {c.get('groups', 0)} groups of {c.get('files', 0)} files "
@@ -680,9 +765,9 @@ def report_text(a: Audit, limit: int = 20) -> str:
     for g in a.copy_groups[:limit]:
         kind = "exact" if g["exact"] else "same features"
         leak = "  [across splits]" if g["cross_split"] else ""
-        shown = ", ".join(f["path"] for f in g["files"][:3])
+        shown = ", ".join(P(f["path"]) for f in g["files"][:3])
         more = f" and {g['count'] - 3} more" if g["count"] > 3 else ""
-        split_counts = ", ".join(f"{s} {n}" for s, n in g["splits"].items())
+        split_counts = ", ".join(f"{P(s)} {n}" for s, n in g["splits"].items())
         lines.append(f"  {kind} {g['similarity']:.4f}  {g['count']} files ({split_counts}): {shown}{more}{leak}")
     if c.get("groups", 0) > min(limit, len(a.copy_groups)):
         lines.append(f"  ... and {c['groups'] - min(limit, len(a.copy_groups))} more groups "
@@ -695,7 +780,7 @@ def report_text(a: Audit, limit: int = 20) -> str:
     for d in a.duplicates[:limit]:
         leak = "  [across splits]" if d["cross_split"] else ""
         rel = f" ratio {d['ratio']:.2f}" if "ratio" in d else ""
-        lines.append(f"  near {d['similarity']:.4f}{rel}  {d['a']}  <->  {d['b']}{leak}")
+        lines.append(f"  near {d['similarity']:.4f}{rel}  {P(d['a'])}  <->  {P(d['b'])}{leak}")
     lines += _more(a.duplicates, limit)
     s = a.scored
     how = []
@@ -704,27 +789,28 @@ def report_text(a: Audit, limit: int = 20) -> str:
                    + (", {rows} rows of {groups} photos with copies kept in one fold each".format(**s["copies_in_one_fold"])
                       if s.get("copies_in_one_fold", {}).get("rows") else ""))
     if "run" in s:
-        how.append(f"{s['run_rows']} val/test images by the head of {s['run']}, accuracy {s['run_accuracy']:.4f}")
+        how.append(f"{s['run_rows']} val/test images by the head of {P(s['run'])}, accuracy {s['run_accuracy']:.4f}")
     lines.append(f"\nlabel issues: {len(a.label_issues)} shown of {s.get('above_threshold', 0)} with score = "
                  f"1 - p(given label) >= {t['label_threshold']} and another class likelier (--top {t['top']})"
                  + (f"; scored: {'; '.join(how)}" if how else ""))
     for r in a.label_issues[:limit]:
-        lines.append(f"  {r['score']:.4f}  {r['path']}  given {r['label']}, suggested {r['suggested']}")
+        lines.append(f"  {r['score']:.4f}  {P(r['path'])}  given {P(r['label'])}, suggested {P(r['suggested'])}")
     lines.append(f"\noutliers: {len(a.outliers)} (mean cosine distance to {t['knn']} nearest images, robust z >= "
                  f"{t['outlier_z']})")
     for r in a.outliers[:limit]:
-        lines.append(f"  z {r['z']:.1f}  distance {r['score']:.4f}  {r['path']}")
+        lines.append(f"  z {r['z']:.1f}  distance {r['score']:.4f}  {P(r['path'])}")
     lines += _more(a.outliers, limit)
     ic = a.image_checks
     counts = ", ".join(f"{k} {v}" for k, v in ic.get("counts", {}).items() if v)
-    lines.append(f"\nphotos not worth training on: {len(a.image_issues)} listed of {ic.get('measured', 0)} measured"
-                 + (f" ({counts})" if counts else ""))
+    # photos, not findings: one photo can be dark and blurry (81 findings of 60 photos read "81 listed of 60")
+    lines.append(f"\nphotos not worth training on: {ic.get('photos', 0)} of {ic.get('measured', 0)} photos measured"
+                 + (f" ({counts}; a photo may be of several kinds)" if counts else ""))
     for r in a.image_issues[:limit]:
-        lines.append(f"  {r['kind']:16s} {r['score']:.4f}  {r['path']}")
+        lines.append(f"  {r['kind']:16s} {r['score']:.4f}  {P(r['path'])}")
     lines += _more(a.image_issues, limit)
     if a.notes:
         lines.append("\nnotes:")
-        lines += [f"  {n}" for n in a.notes]
+        lines += [f"  {P(n)}" for n in a.notes]
     if a.pictures:
         lines.append(f"\npictures: {', '.join(a.pictures)}")
     return "\n".join(lines) + "\n"

@@ -1,6 +1,7 @@
 """The audit's pictures: suspects.png (label issues and outliers), duplicates.png (copies and near pairs
 side by side) and image_issues.png (photos not worth training on).
-A file that cannot be read becomes a tile that says so; pictures never fail the audit."""
+A file that cannot be read becomes a tile that says so; a picture that cannot be written becomes a note:
+pictures never fail the audit."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -152,9 +153,19 @@ def image_issues_png(audit, data_dir: Path | None, path: Path, cols: int = 6) ->
     _save(fig, path)
 
 
-def audit_pictures(audit, data_dir: Path | None, out: Path) -> list[str]:
-    """Writes the pictures (a line saying so when one has nothing to show); returns their file names."""
-    suspects_png(audit, data_dir, out / "suspects.png")
-    duplicates_png(audit, data_dir, out / "duplicates.png")
-    image_issues_png(audit, data_dir, out / "image_issues.png")
-    return ["suspects.png", "duplicates.png", "image_issues.png"]
+DRAW = {"suspects.png": suspects_png, "duplicates.png": duplicates_png, "image_issues.png": image_issues_png}
+
+
+def audit_pictures(audit, data_dir: Path | None, out: Path, names) -> tuple[list[str], list[str]]:
+    """Writes the pictures `names` (of DRAW; a line saying so when one has nothing to show); returns the names
+    drawn and a note per picture that failed (a full disk, a broken file): a picture never costs audit.json or
+    report.txt."""
+    drawn, notes = [], []
+    for name in names:
+        try:
+            DRAW[name](audit, data_dir, out / name)
+            drawn.append(name)
+        except Exception as e:  # MemoryError included: the picture is lost, the audit is not
+            first = str(e).splitlines()[0][:200] if str(e) else ""
+            notes.append(f"{name} not drawn: {type(e).__name__}: {first}")
+    return drawn, notes

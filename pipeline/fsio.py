@@ -91,6 +91,23 @@ def sha256_file(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+def file_record(path: str | os.PathLike) -> dict:
+    """What identifies a file the tool wrote: {"size", "sha256"} (kept by the folder's own record)."""
+    return {"size": os.path.getsize(path), "sha256": sha256_file(path)}
+
+
+def unchanged(path: str | os.PathLike, record) -> bool:
+    """path is a plain file with the size and content of record (a file_record): the size first, so a
+    changed file of another size is told without reading it."""
+    p = Path(path)
+    try:
+        if p.is_symlink() or not p.is_file() or not isinstance(record, dict):
+            return False
+        return os.path.getsize(p) == record.get("size") and sha256_file(p) == record.get("sha256")
+    except OSError:
+        return False
+
+
 def sha256_json(obj) -> str:
     """Digest of a JSON-able object in canonical form (sorted keys, no spaces)."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
@@ -117,8 +134,9 @@ class ProcessLock:
     _held: set[tuple[int, int]] = set()  # (st_dev, st_ino) of lock files this process holds
     _guard = threading.Lock()
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, label: str = ""):
         self.path = Path(path)
+        self.label = label  # who holds it, in the file after the pid ('audit'): readers can tell holders apart
         self.fd: int | None = None
         self.key: tuple[int, int] | None = None
 
@@ -153,7 +171,8 @@ class ProcessLock:
                 break
             os.close(fd)
         os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
+        label = f" ({self.label})" if self.label else ""
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}{label}".encode(), 0)
         with ProcessLock._guard:
             ProcessLock._held.add(key)
         self.fd, self.key = fd, key

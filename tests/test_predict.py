@@ -230,7 +230,8 @@ def test_ctrl_c_in_finetune_names_the_command_that_resumes(tiny_data, tmp_path, 
 def test_export_is_atomic_and_a_write_failure_is_one_line(head_run, tmp_path, monkeypatch):
     data, out = head_run
     target = tmp_path / "m.pt2"
-    target.write_bytes(b"previous program")
+    assert CliRunner().invoke(cli, ["export", str(out), "--out", str(target)]).exit_code == 0  # an earlier export
+    previous = target.read_bytes()
     real = torch.export.save
 
     def disk_full(prog, f, **kw):
@@ -244,7 +245,7 @@ def test_export_is_atomic_and_a_write_failure_is_one_line(head_run, tmp_path, mo
     assert r.exit_code == 1
     assert r.output.startswith(f"Error: cannot write {target}: RuntimeError: [enforce fail") and \
         len(r.output.strip().splitlines()) == 1
-    assert target.read_bytes() == b"previous program" and sorted(os.listdir(tmp_path)) == ["m.pt2"]
+    assert target.read_bytes() == previous and sorted(os.listdir(tmp_path)) == ["m.pt2"]
 
 
 def test_predict_of_folders_without_images_is_an_error(head_run, tmp_path):

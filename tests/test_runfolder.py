@@ -389,7 +389,7 @@ def test_audit_never_overwrites_a_report_it_did_not_write(head_run, tmp_path):
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes/report.txt").write_text("mine")
     r = invoke("audit", cache, "--out", tmp_path / "notes", "--no-plots")
-    assert r.exit_code == 1 and "holds a report.txt that no audit wrote" in r.output
+    assert r.exit_code == 1 and "holds report.txt that no audit wrote" in r.output
     assert (tmp_path / "notes/report.txt").read_text() == "mine"
     assert invoke("audit", cache, "--out", tmp_path / "a", "--no-plots").exit_code == 0
     assert invoke("audit", cache, "--out", tmp_path / "a", "--no-plots").exit_code == 0  # its own folder again
