@@ -94,6 +94,7 @@ class Prediction:
     probabilities: dict | None = None
     error: str | None = None
     unsure: bool = False  # probability below the asked minimum confidence: left to a person
+    source: str | None = None  # the file read (path resolved once, when given so): what a sort places
 
     @property
     def shown_class(self) -> str | None:
@@ -124,10 +125,11 @@ def input_entries(inputs: list[str]) -> list[tuple[Path | str, str]]:
 
 def predict(run_dir: str, inputs: list[str], device: str = "auto", batch_size: int = 32,
             progress: Progress | None = None, min_confidence: float = 0.0,
-            entries: list[tuple[Path | str, str]] | None = None) -> list[Prediction]:
+            entries: list[tuple] | None = None) -> list[Prediction]:
     """One Prediction per input image, in the order given (folders sorted in place); bad files carry an error.
     A prediction whose probability is below min_confidence is marked unsure. entries: the files already
-    listed by input_entries (by default the inputs are scanned here)."""
+    listed by input_entries, (path, reason) (by default the inputs are scanned here), or (path, reason,
+    source) with the file to read resolved (sorting.unique_entries): each prediction keeps its source."""
     progress = progress or Progress()
     model, classes, manifest = load_classifier(run_dir)
     # predict under the precision the run's features were made with (fp16 exists on CUDA only)
@@ -139,12 +141,13 @@ def predict(run_dir: str, inputs: list[str], device: str = "auto", batch_size: i
         raise NoImagesError(f"no images found in {', '.join(map(str, inputs))} (looked for "
                             f"{', '.join(IMG_EXTENSIONS)}); name image files or folders that hold some")
     decode = _decoder({**manifest.decoding, "transform": manifest.transform}, rt.device)  # decode as the run's features were made
-    results = [Prediction(str(p), error=reason) if reason else None for p, reason in entries]
+    sources = [e[2] if len(e) > 2 else None for e in entries]
+    results = [Prediction(str(e[0]), error=e[1], source=src) if e[1] else None for e, src in zip(entries, sources)]
     todo = [i for i, r in enumerate(results) if r is None]
     progress.start(len(todo), "predict")
     for s in range(0, len(todo), batch_size):  # one batch in memory at a time, whatever the folder size
         chunk = todo[s:s + batch_size]
-        x, reasons = decode([entries[i][0] for i in chunk])
+        x, reasons = decode([sources[i] or entries[i][0] for i in chunk])
         probs = iter([])
         if len(x):
             with torch.inference_mode(), rt.autocast():
@@ -152,6 +155,7 @@ def predict(run_dir: str, inputs: list[str], device: str = "auto", batch_size: i
         for i, reason in zip(chunk, reasons):
             results[i] = _prediction(str(entries[i][0]), reason, None if reason else next(probs), classes)
             results[i].unsure = results[i].error is None and results[i].probability < min_confidence
+            results[i].source = sources[i]
         progress.update(len(chunk))
     progress.close()
     return results
