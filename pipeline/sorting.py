@@ -48,6 +48,7 @@ MAX_FOLDER_CHARS = 100
 _WINDOWS_RESERVED = {"con", "prn", "aux", "nul", *(f"com{i}" for i in range(10)), *(f"lpt{i}" for i in range(10))}
 _TEMP = re.compile(r"^\..+\.tmp-\d+-[0-9a-f]{8}$")  # fsio.temp_name's names: a copy cut short
 _FULL = (errno.ENOSPC, errno.EDQUOT)  # the destination is full: no later photo can be placed either
+_PROBE = ".tlearn-probe-"  # the writability check's folder
 
 
 class SortIntoError(PipelineError):
@@ -81,8 +82,8 @@ def check_sort_output(out: str | os.PathLike, settings: SortSettings) -> bool:
         raise SortIntoError(f"--sort-into {out} is a file; name a new folder")
     resume = p.is_dir() and _earlier_sort(p, out, settings)
     if p.is_dir() and not resume:
-        try:
-            first = next(os.scandir(p), None)
+        try:  # another sort's writability probe (a hidden folder of a moment) is not the user's file
+            first = next((e for e in os.scandir(p) if not e.name.startswith(_PROBE)), None)
         except OSError as e:
             raise SortIntoError(f"--sort-into {out} cannot be listed ({e.strerror or e})") from None
         if first is not None:
@@ -127,7 +128,7 @@ def _check_writable(p: Path, out, copy: bool) -> None:
     while not d.is_dir() and d != d.parent:
         d = d.parent
     try:
-        probe = tempfile.mkdtemp(prefix=".tlearn-probe-", dir=d)
+        probe = tempfile.mkdtemp(prefix=_PROBE, dir=d)
     except OSError as e:
         raise SortIntoError(f"--sort-into {out} cannot be written ({e.strerror or e} in {printable(str(d))}); "
                             "name a folder you can write to") from None
@@ -370,50 +371,66 @@ def sort_into(preds: list[Prediction], class_names: list[str], out: str | os.Pat
     return result
 
 
+class _Placer:
+    """Places photos into OUT's class folders under free names, journalled; after a full disk it places
+    nothing more (each later photo is reported as not placed, with why)."""
+
+    def __init__(self, out_p: Path, copy: bool, resume: bool):
+        self.out_p, self.copy, self.resume = out_p, copy, resume
+        self.journal = _Journal(out_p)
+        self.taken: dict[str, set[str]] = {}  # folder -> names in it (casefolded)
+        self.full: str | None = None  # the full disk's words, once met
+
+    def place(self, src: str, name: str, folder: str) -> tuple[str, str]:
+        """(folder/name placed, '') or ('', why not)."""
+        if self.full:
+            return "", f"not placed: the sort stopped at a full disk ({self.full})"
+        placed = None
+        try:
+            if folder not in self.taken:
+                (self.out_p / folder).mkdir(exist_ok=True)
+                self.taken[folder] = _existing_names(self.out_p / folder, self.resume)
+            placed = _place_name(name, self.taken[folder])
+            self.journal.add(src, f"{folder}/{placed}")
+            _place(src, self.out_p / folder / placed, self.copy)
+        except OSError as e:
+            if placed is not None:
+                self.taken[folder].discard(placed.casefold())
+            if e.errno in _FULL:
+                self.full = e.strerror or str(e)
+            return "", f"not placed: {e.strerror or e}"
+        return f"{folder}/{placed}", ""
+
+
 def _place_all(preds, class_names, out_p: Path, settings: SortSettings, resume: bool):
     """(result, rows: a list of CSV rows per prediction) with every photo placed that could be."""
     folders = class_folders(class_names)
     result = SortResult(str(out_p), folders={c: f for c, f in folders.items() if c != f}, copied=settings.copy)
-    journal = _Journal(out_p)
-    done = journal.placed() if resume else {}
-    taken: dict[str, set[str]] = {}
-    rows, stop = [], None
+    placer = _Placer(out_p, settings.copy, resume)
+    done = placer.journal.placed() if resume else {}
+    rows = []
     try:
         for p in preds:
-            src = p.source or os.path.realpath(p.path)
-            folder = UNSURE if p.unsure else folders.get(p.label)
             if p.error:
                 result.unreadable.append((p.path, p.error))
                 rows.append([(p.path, "", "", "", "", p.error)])
                 continue
-            rel = done.get(src)
-            if rel is None:
-                if folder not in taken:
-                    (out_p / folder).mkdir(exist_ok=True)
-                    taken[folder] = _existing_names(out_p / folder, resume)
-                name = os.path.basename(p.path)
-                placed = _place_name(name, taken[folder])
-                rel, why = f"{folder}/{placed}", stop
-                if why is None:
-                    try:
-                        journal.add(src, rel)
-                        _place(src, out_p / folder / placed, settings.copy)
-                    except OSError as e:
-                        why = f"not placed: {e.strerror or e}"
-                        stop = f"not placed: {e.strerror or e} (stopped there)" if e.errno in _FULL else None
-                if why:
-                    taken[folder].discard(placed.casefold())
-                    result.failed.append((p.path, why))
-                    rows.append([(p.path, "", "", "", "", why)])
-                    continue
-                result.renamed += placed != name
-            else:
+            src, name = p.source or os.path.realpath(p.path), os.path.basename(p.path)
+            rel, why = done.get(src), ""
+            if rel is not None:
                 result.resumed += 1
+            else:
+                rel, why = placer.place(src, name, UNSURE if p.unsure else folders[p.label])
+                result.renamed += bool(rel) and os.path.basename(rel) != name
+            if why:
+                result.failed.append((p.path, why))
+                rows.append([(p.path, "", "", "", "", why)])
+                continue
             where = rel.split("/", 1)[0]
             result.placed[where] = result.placed.get(where, 0) + 1
             rows.append([(p.path, p.shown_class, f"{p.probability:.6f}", p.label, rel, "")])
     finally:
-        journal.close()
+        placer.journal.close()
     return result, rows
 
 

@@ -89,7 +89,9 @@ def test_a_full_disk_midway_leaves_no_piece_and_the_rerun_finishes(head_run, tmp
     assert len(names) == 3 and not any(n.split("/")[1].startswith(".") for n in names)  # no temp, no piece
     assert marker(out)["finished"] is False and (out / JOURNAL).is_file()
     rows = rows_of(out)
-    assert len(rows) == 11 and sum(row["error"].startswith("not placed: No space left") for row in rows) == 6
+    errors = [row["error"] for row in rows if row["error"].startswith("not placed")]
+    assert len(rows) == 11 and errors == ["not placed: No space left on device"] + 5 * [
+        "not placed: the sort stopped at a full disk (No space left on device)"]
     monkeypatch.setattr(shutil, "copyfileobj", real)
     before = {n: (out / n).read_bytes() for n in names}
     r = sort_cmd(head_run, [src], out, "--copy")
