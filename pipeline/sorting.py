@@ -118,7 +118,16 @@ def _earlier_sort(p: Path, out, settings: SortSettings) -> bool:
         asked = SortSettings(str(mine["run"]), bool(mine["copy"]), float(mine["min_confidence"]))
         raise SortIntoError(f"--sort-into {out} holds an unfinished sort of {asked.describe()}; finish it with "
                             "that run and those options, or sort into a new folder")
+    _not_busy(p, out).release()  # checked now, before any photo is predicted; taken again to write
     return True
+
+
+def _not_busy(p: Path, out) -> ProcessLock:
+    """OUT's lock, taken (to be held while this sort writes); refused while another sort holds it."""
+    try:
+        return ProcessLock(p / LOCK).acquire()
+    except LockBusy as e:
+        raise SortIntoError(f"another sort ({e.holder}) is writing into {out} now; wait for it to end") from None
 
 
 def _check_writable(p: Path, out, copy: bool) -> None:
@@ -322,10 +331,7 @@ def _claim(out_p: Path, out, settings: SortSettings, resume: bool) -> ProcessLoc
             raise SortIntoError(f"--sort-into {out} was claimed by another sort meanwhile; name a new folder") from None
         with os.fdopen(fd, "w") as fh:
             json.dump({"format": SORT_FORMAT, **settings.record(), "finished": False}, fh)
-    try:
-        lock = ProcessLock(out_p / LOCK).acquire()
-    except LockBusy as e:
-        raise SortIntoError(f"another sort ({e.holder}) is writing into {out} now; wait for it to end") from None
+    lock = _not_busy(out_p, out)
     if resume and json.loads((out_p / MARKER).read_text()).get("finished"):  # finished while we waited
         lock.release()
         raise SortIntoError(f"--sort-into {out} holds an earlier sort, finished meanwhile; nothing in it is changed")
@@ -468,7 +474,7 @@ def summary_lines(r: SortResult) -> list[str]:
     lines = [f"sorted {total} photos into {printable(r.out)} ({how}): "
              + ", ".join(f"{printable(f)} {n}" for f, n in sorted(r.placed.items()))]
     if r.resumed:
-        lines.append(f"finished an unfinished sort: {r.resumed} of these photos were placed by its earlier run")
+        lines.append(f"resumed an unfinished sort: {r.resumed} of these photos were placed by its earlier run")
     if r.renamed:
         lines.append(f"{r.renamed} photos were placed under a new name (a photo of that name was in the folder "
                      "already); predictions.csv says where each went")
