@@ -137,13 +137,18 @@ class NumberList(Number):
         return tuple(self.parse(v, param, ctx) for v in parts)
 
 
+class EmptyPath(click.ClickException):
+    exit_code = 2  # bad usage, told in one line (click's usage errors add the usage lines above it)
+
+
 class PathArg(click.Path):
     """click.Path that refuses an empty path: the OS reads '' as the current folder, so `predict RUN ""`
     (or an unset "$INBOX") would classify, sort or overwrite whatever lies in the cwd."""
 
     def convert(self, value, param, ctx):
         if isinstance(value, (str, bytes)) and not value:
-            self.fail("an empty path names no file or folder (an unset shell variable?)", param, ctx)
+            name = param.get_error_hint(ctx) if param is not None else "a path"
+            raise EmptyPath(f"{name} is empty: an empty path names no file or folder (an unset shell variable?)")
         return super().convert(value, param, ctx)
 
 

@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from . import PipelineError
-from .backbones import Backbone, BackboneSpec, architecture, build_backbone, file_sha256, last_linear_name, load_weights_into, \
-    materialize_counters, replace_module
+from .backbones import Backbone, BackboneSpec, architecture, build_backbone, file_sha256, last_linear_name, \
+    load_weights_into, materialize_counters, replace_module
 from .data import IMG_EXTENSIONS, BadImage, load_rgb, scan_files
 from .preprocess import Preprocess
 from .progress import Progress
@@ -140,7 +140,8 @@ def _finetuned_model(m: RunManifest, source: str) -> nn.Module:
     try:
         model = architecture(m.arch, meta=True)  # a layout: every weight comes from model.pt
     except ValueError:
-        raise PipelineError(f"{source} names the architecture {m.arch!r}, which this torchvision does not have") from None
+        raise PipelineError(f"{source} names the architecture {m.arch!r}, which this torchvision does not "
+                            "have") from None
     head = m.head or last_linear_name(model)
     try:
         in_features = model.get_submodule(head).in_features

@@ -294,8 +294,9 @@ def test_an_empty_path_is_refused_by_every_command(head_run, tmp_path, monkeypat
     for args in commands:
         r = CliRunner().invoke(cli, args)
         assert r.exit_code == 2, (args, r.output)
-        assert r.output.strip().splitlines()[-1].endswith("an empty path names no file or folder (an unset shell "
-                                                          "variable?)"), (args, r.output)
+        (line,) = r.output.strip().splitlines()
+        assert line.startswith("Error: '") and line.endswith("' is empty: an empty path names no file or folder "
+                                                             "(an unset shell variable?)"), (args, r.output)
     assert tree_digest(cwd) == before and sorted(os.listdir(tmp_path)) == ["cwd"]
 
 
