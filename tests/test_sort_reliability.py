@@ -307,3 +307,38 @@ def test_scan_files_never_reads_an_empty_path_as_the_current_folder(tmp_path, mo
     monkeypatch.chdir(tmp_path)
     files, skipped = scan_files(["", "a.jpg"])
     assert files == [Path("a.jpg")] and skipped == [("", "empty path (names no file)")]
+
+
+def test_a_table_that_cannot_be_written_keeps_the_photos_and_the_rerun_finishes(head_run, tmp_path, monkeypatch):
+    import pipeline.sorting as sorting
+
+    src = photos(tmp_path / "src")
+    out = tmp_path / "sorted"
+    real = sorting._write_csv
+
+    def full(path, rows):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(sorting, "_write_csv", full)
+    r = sort_cmd(head_run, [src / "c"], out)
+    assert r.exit_code == 1 and r.output.strip() == (
+        f"Error: cannot write predictions.csv in {out} (No space left on device); the 4 photos placed are kept: "
+        "make room and rerun the same command to finish")
+    assert len(every_file(out)) == 4 and marker(out)["finished"] is False and not (out / "predictions.csv").exists()
+    monkeypatch.setattr(sorting, "_write_csv", real)
+    r = sort_cmd(head_run, [src / "c"], out)
+    assert r.exit_code == 0, r.output
+    assert "4 of these photos were placed by its earlier run" in r.output and len(every_file(out)) == 4
+    assert [row["error"] for row in rows_of(out)] == [""] * 4 and marker(out)["finished"] is True
+
+
+def test_an_unfinished_sort_of_an_earlier_version_is_refused_with_what_to_do(head_run, tmp_path):
+    src = photos(tmp_path / "src")
+    out = tmp_path / "old"
+    out.mkdir()
+    (out / MARKER).write_text(json.dumps({"format": "tlearn-sort/1", "run": str(head_run), "copy": False,
+                                          "min_confidence": 0.0, "finished": False}))
+    r = sort_cmd(head_run, [src / "c"], out)
+    assert r.exit_code == 1 and r.output.strip() == (f"Error: --sort-into {out} holds an unfinished sort of an earlier "
+                                                     "tlearn, which cannot be finished: sort into a new folder")
+    assert os.listdir(out) == [MARKER]
