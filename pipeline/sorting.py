@@ -296,15 +296,16 @@ class _Journal:
         self.fh = None
 
     def placed(self) -> dict[str, str]:
-        """{source real path: 'folder/name'} of the photos an earlier run of this sort placed."""
-        done = {}
+        """{source real path: 'folder/name'} of the photos an earlier run of this sort placed. A name whose
+        photo failed is given to the next photo: the last line naming a file is the one that made it."""
+        made = {}  # folder/name -> source
         with contextlib.suppress(FileNotFoundError), open(self.path, encoding="utf-8") as fh:
             for line in fh:
                 with contextlib.suppress(ValueError, TypeError):
                     src, rel = json.loads(line)
-                    if isinstance(src, str) and isinstance(rel, str) and os.path.lexists(self.out / rel):
-                        done[src] = rel
-        return done
+                    if isinstance(src, str) and isinstance(rel, str):
+                        made[rel] = src
+        return {src: rel for rel, src in made.items() if os.path.lexists(self.out / rel)}
 
     def add(self, src: str, rel: str) -> None:
         if self.fh is None:

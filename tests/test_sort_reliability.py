@@ -342,3 +342,30 @@ def test_an_unfinished_sort_of_an_earlier_version_is_refused_with_what_to_do(hea
     assert r.exit_code == 1 and r.output.strip() == (f"Error: --sort-into {out} holds an unfinished sort of an earlier "
                                                      "tlearn, which cannot be finished: sort into a new folder")
     assert os.listdir(out) == [MARKER]
+
+
+def test_a_name_freed_by_a_failed_photo_is_not_counted_as_its_photo_on_resume(tmp_path, monkeypatch):
+    """a/x.jpg fails (too large), b/x.jpg then takes the free name x.jpg: the rerun must still place a/x.jpg."""
+    import pipeline.sorting as sorting
+    from pipeline.predict import Prediction
+    from pipeline.sorting import SortSettings, sort_into
+
+    a, b = write_image(tmp_path / "a/x.jpg", 0, 1), write_image(tmp_path / "b/x.jpg", 0, 2)
+    preds = [Prediction(str(p), "ants", 0.9, {"ants": 0.9, "bees": 0.1}, source=str(p)) for p in (a, b)]
+    settings, out = SortSettings(str(tmp_path / "run"), copy=True), tmp_path / "out"
+    real = sorting._place
+
+    def too_large(src, dest, copy):
+        if src == str(a):
+            raise OSError(errno.EFBIG, "File too large")
+        return real(src, dest, copy)
+
+    monkeypatch.setattr(sorting, "_place", too_large)
+    r = sort_into(preds, ["ants", "bees"], out, settings)
+    assert r.failed == [(str(a), "not placed: File too large")] and every_file(out) == ["ants/x.jpg"]
+    assert (out / "ants/x.jpg").read_bytes() == b.read_bytes()
+    monkeypatch.setattr(sorting, "_place", real)
+    r = sort_into(preds, ["ants", "bees"], out, settings)
+    assert (r.resumed, r.failed, r.placed) == (1, [], {"ants": 2})
+    assert (out / "ants/x-2.jpg").read_bytes() == a.read_bytes() and every_file(out) == ["ants/x-2.jpg", "ants/x.jpg"]
+    assert [row["file"] for row in rows_of(out)] == ["ants/x-2.jpg", "ants/x.jpg"]
