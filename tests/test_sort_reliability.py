@@ -129,9 +129,12 @@ def test_ctrl_c_during_a_copy_leaves_no_piece_and_the_same_command_resumes(head_
     r = sort_cmd(head_run, [src / "c"], out)
     assert r.exit_code == 1 and "holds an unfinished sort of run" in r.output and "--copy" in r.output
     assert "finish it with that run and those options" in r.output and len(every_file(out)) == 1
+    folder = out / every_file(out)[0].split("/")[0]
+    (folder / ".2.jpg.tmp-4242-0123abcd").write_bytes(b"a piece left by a kill -9")  # fsio.temp_name's form
     r = sort_cmd(head_run, [src / "c"], out, "--copy")
     assert r.exit_code == 0, r.output
     files = [p for ps in placed(out).values() for p in ps]
+    assert not (folder / ".2.jpg.tmp-4242-0123abcd").exists()
     assert sorted(p.read_bytes() for p in files) == sorted(p.read_bytes() for p in (src / "c").iterdir())
     assert marker(out)["finished"] is True and len(rows_of(out)) == 4
 
