@@ -141,14 +141,26 @@ class EmptyPath(click.ClickException):
     exit_code = 2  # bad usage, told in one line (click's usage errors add the usage lines above it)
 
 
+def refuse_empty(value, param, ctx) -> None:
+    if isinstance(value, (str, bytes)) and not value:
+        name = param.get_error_hint(ctx) if param is not None else "a path"
+        raise EmptyPath(f"{name} is empty: an empty path names no file or folder (an unset shell variable?)")
+
+
 class PathArg(click.Path):
     """click.Path that refuses an empty path: the OS reads '' as the current folder, so `predict RUN ""`
     (or an unset "$INBOX") would classify, sort or overwrite whatever lies in the cwd."""
 
     def convert(self, value, param, ctx):
-        if isinstance(value, (str, bytes)) and not value:
-            name = param.get_error_hint(ctx) if param is not None else "a path"
-            raise EmptyPath(f"{name} is empty: an empty path names no file or folder (an unset shell variable?)")
+        refuse_empty(value, param, ctx)
+        return super().convert(value, param, ctx)
+
+
+class NameOrPath(click.types.StringParamType):
+    """A name or a path (--weights imagenet|none|PATH, --backbone NAME|PATH.pt2, --url): never empty."""
+
+    def convert(self, value, param, ctx):
+        refuse_empty(value, param, ctx)
         return super().convert(value, param, ctx)
 
 
@@ -271,7 +283,7 @@ def split_options(fn):
 def shared_data_options() -> list:
     """Options that extract (and run) and finetune share, declared once: how DATA_DIR is read and where."""
     return [
-        click.option("--weights", default="imagenet", show_default=True,
+        click.option("--weights", default="imagenet", show_default=True, type=NameOrPath(),
                      help="imagenet (torchvision IMAGENET1K_V1 via TORCH_HOME), none (random init from --seed), "
                           "or PATH to a state_dict."),
         click.option("--splits", default="train,val", show_default=True, callback=parse_splits,
@@ -298,7 +310,7 @@ def _apply(fn, opts: list):
 
 def extract_options(fn):
     return _apply(fn, [
-        click.option("--backbone", default="resnet18", show_default=True,
+        click.option("--backbone", default="resnet18", show_default=True, type=NameOrPath(),
                      help="torchvision architecture name, or a torch.export .pt2 program (trusted files only)."),
         *shared_data_options(),
         click.option("--views", default=0, show_default=True, type=click.IntRange(min=0),
@@ -317,7 +329,8 @@ def extract_options(fn):
 
 def finetune_options(fn):
     return _apply(fn, [
-        click.option("--backbone", default="resnet18", show_default=True, help="torchvision architecture name."),
+        click.option("--backbone", default="resnet18", show_default=True, type=NameOrPath(),
+                     help="torchvision architecture name."),
         click.option("--freeze-backbone", is_flag=True,
                      help="The tutorial's frozen mode end to end: only the new layer learns, backbone in the loop."),
         *(recipe_option(name, False) for name in RECIPE_FIELDS),
@@ -557,7 +570,8 @@ def report(run_dir):
 
 @cli.command()
 @click.argument("dest", type=PathArg(file_okay=False))
-@click.option("--url", default=None, help="Zip to fetch (default: the tutorial's hymenoptera_data.zip).")
+@click.option("--url", default=None, type=NameOrPath(),
+              help="Zip to fetch (default: the tutorial's hymenoptera_data.zip).")
 @friendly_errors
 def download(dest, url):
     """Fetch and safely unpack the tutorial's ants/bees dataset into DEST.

@@ -293,6 +293,9 @@ def test_an_empty_path_is_refused_by_every_command(head_run, tmp_path, monkeypat
         ["audit", cache, "--out", out, "--data-dir", ""],
         ["export", run, "--out", ""], ["export", "", "--out", out], ["preview", "", "--out", out],
         ["preview", str(cwd), "--out", ""], ["report", ""], ["info", ""], ["download", ""],
+        ["download", out, "--url", ""], ["extract", str(cwd), "--cache", out, "--weights", ""],
+        ["extract", str(cwd), "--cache", out, "--backbone", ""], ["finetune", str(cwd), "--out", out, "--weights", ""],
+        ["finetune", str(cwd), "--out", out, "--backbone", ""],
     ]
     for args in commands:
         r = CliRunner().invoke(cli, args)
