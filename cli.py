@@ -137,6 +137,33 @@ class NumberList(Number):
         return tuple(self.parse(v, param, ctx) for v in parts)
 
 
+class EmptyPath(click.ClickException):
+    exit_code = 2  # bad usage, told in one line (click's usage errors add the usage lines above it)
+
+
+def refuse_empty(value, param, ctx) -> None:
+    if isinstance(value, (str, bytes)) and not value:
+        name = param.get_error_hint(ctx) if param is not None else "a path"
+        raise EmptyPath(f"{name} is empty: an empty path names no file or folder (an unset shell variable?)")
+
+
+class PathArg(click.Path):
+    """click.Path that refuses an empty path: the OS reads '' as the current folder, so `predict RUN ""`
+    (or an unset "$INBOX") would classify, sort or overwrite whatever lies in the cwd."""
+
+    def convert(self, value, param, ctx):
+        refuse_empty(value, param, ctx)
+        return super().convert(value, param, ctx)
+
+
+class NameOrPath(click.types.StringParamType):
+    """A name or a path (--weights imagenet|none|PATH, --backbone NAME|PATH.pt2, --url): never empty."""
+
+    def convert(self, value, param, ctx):
+        refuse_empty(value, param, ctx)
+        return super().convert(value, param, ctx)
+
+
 def recipe_option(name: str, sweep: bool, *decls: str, help: str | None = None):
     """An option of the tutorial's recipe built from its field in pipeline.recipe.HeadParams: the default,
     the bounds (checked as finite numbers) and the help text live there only. sweep: a list sweeps."""
@@ -258,7 +285,7 @@ def shared_data_options(trains: bool) -> list:
     trains: finetune's help (its fp16 trains with a grad scaler); extract only runs the backbone."""
     fp16 = "fp16 (CUDA) trains with a grad scaler" if trains else "fp16 = fp16 autocast (CUDA)"
     return [
-        click.option("--weights", default="imagenet", show_default=True,
+        click.option("--weights", default="imagenet", show_default=True, type=NameOrPath(),
                      help="imagenet (torchvision IMAGENET1K_V1 via TORCH_HOME), none (random init from --seed), "
                           "or PATH to a state_dict."),
         click.option("--splits", default="train,val", show_default=True, callback=parse_splits,
@@ -285,7 +312,7 @@ def _apply(fn, opts: list):
 
 def extract_options(fn):
     return _apply(fn, [
-        click.option("--backbone", default="resnet18", show_default=True,
+        click.option("--backbone", default="resnet18", show_default=True, type=NameOrPath(),
                      help="torchvision architecture name, efficientnet_lite0 (ImageNet weights shipped in its "
                           "package: works offline), or a torch.export .pt2 program (trusted files only)."),
         *shared_data_options(trains=False),
@@ -305,13 +332,14 @@ def extract_options(fn):
 
 def finetune_options(fn):
     return _apply(fn, [
-        click.option("--backbone", default="resnet18", show_default=True, help="torchvision architecture name."),
+        click.option("--backbone", default="resnet18", show_default=True, type=NameOrPath(),
+                     help="torchvision architecture name."),
         click.option("--freeze-backbone", is_flag=True,
                      help="The tutorial's frozen mode end to end: only the new layer learns, backbone in the loop."),
         *(recipe_option(name, False) for name in RECIPE_FIELDS),
         *shared_data_options(trains=True),
         click.option("--resume", is_flag=True, help="Continue an interrupted run from its last finished epoch."),
-        click.option("--cache", default=None, type=click.Path(exists=True, dir_okay=False),
+        click.option("--cache", default=None, type=PathArg(exists=True, dir_okay=False),
                      help="A feature cache extracted from DATA_DIR (pil decoder, no --draft): files it decoded, "
                           "unchanged since (same size and mtime), skip finetune's decode check."),
         click.option("--no-plots", is_flag=True, help="Skip curves.png, confusion.png, predictions.png."),
@@ -439,8 +467,8 @@ def sweep_table(rows: list[dict], best: int | None = None) -> str:
 
 
 @cli.command()
-@click.argument("data_dir", type=click.Path(exists=True, file_okay=False))
-@click.option("--cache", "cache_path", required=True, type=click.Path(dir_okay=False),
+@click.argument("data_dir", type=PathArg(exists=True, file_okay=False))
+@click.option("--cache", "cache_path", required=True, type=PathArg(dir_okay=False),
               help="HDF5 feature cache to write.")
 @extract_options
 @friendly_errors
@@ -453,8 +481,8 @@ def extract(data_dir, cache_path, **o):
 
 
 @cli.command("train-head")
-@click.argument("cache_path", metavar="FILE.h5", type=click.Path(exists=True, dir_okay=False))
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run folder to write.")
+@click.argument("cache_path", metavar="FILE.h5", type=PathArg(exists=True, dir_okay=False))
+@click.option("--out", required=True, type=PathArg(file_okay=False), help="Run folder to write.")
 @head_options()
 @friendly_errors
 def train_head(cache_path, out, **o):
@@ -467,9 +495,9 @@ def train_head(cache_path, out, **o):
 
 
 @cli.command()
-@click.argument("data_dir", type=click.Path(exists=True, file_okay=False))
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run folder to write.")
-@click.option("--cache", "cache_path", default=None, type=click.Path(dir_okay=False),
+@click.argument("data_dir", type=PathArg(exists=True, file_okay=False))
+@click.option("--out", required=True, type=PathArg(file_okay=False), help="Run folder to write.")
+@click.option("--cache", "cache_path", default=None, type=PathArg(dir_okay=False),
               help="Feature cache (default: RUN_DIR/features.h5).")
 @extract_options
 @head_options("head-")
@@ -494,12 +522,12 @@ def run(data_dir, out, cache_path, **o):
 
 
 @cli.command()
-@click.argument("cache_path", metavar="FILE.h5", type=click.Path(exists=True, dir_okay=False))
-@click.option("--out", required=True, type=click.Path(file_okay=False),
+@click.argument("cache_path", metavar="FILE.h5", type=PathArg(exists=True, dir_okay=False))
+@click.option("--out", required=True, type=PathArg(file_okay=False),
               help="Folder for report.txt, audit.json, suspects.png, duplicates.png, image_issues.png.")
-@click.option("--run", "run_dir", default=None, type=click.Path(exists=True, file_okay=False),
+@click.option("--run", "run_dir", default=None, type=PathArg(exists=True, file_okay=False),
               help="A train-head run on this cache: its head scores the val/test images for label issues.")
-@click.option("--data-dir", default=None, type=click.Path(file_okay=False),
+@click.option("--data-dir", default=None, type=PathArg(file_okay=False),
               help="The image folder, when the one recorded in the cache has moved.")
 @click.option("--top", default=20, show_default=True, type=click.IntRange(min=0), help="Label issues listed at most.")
 @click.option("--dup-threshold", default=None, type=Number(float, min=-1, max=1),
@@ -532,7 +560,7 @@ def audit(cache_path, out, run_dir, data_dir, top, dup_threshold, label_threshol
 
 
 @cli.command()
-@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.argument("run_dir", type=PathArg(exists=True, file_okay=False))
 @friendly_errors
 def report(run_dir):
     """Print the saved classification report of a run folder again.
@@ -546,8 +574,9 @@ def report(run_dir):
 
 
 @cli.command()
-@click.argument("dest", type=click.Path(file_okay=False))
-@click.option("--url", default=None, help="Zip to fetch (default: the tutorial's hymenoptera_data.zip).")
+@click.argument("dest", type=PathArg(file_okay=False))
+@click.option("--url", default=None, type=NameOrPath(),
+              help="Zip to fetch (default: the tutorial's hymenoptera_data.zip).")
 @friendly_errors
 def download(dest, url):
     """Fetch and safely unpack the tutorial's ants/bees dataset into DEST.
@@ -561,7 +590,7 @@ def download(dest, url):
 
 
 @cli.command()
-@click.argument("cache_path", metavar="FILE.h5", type=click.Path(exists=True, dir_okay=False))
+@click.argument("cache_path", metavar="FILE.h5", type=PathArg(exists=True, dir_okay=False))
 @friendly_errors
 def info(cache_path):
     """Describe a feature cache: what made it, rows per split, skipped files.
@@ -622,8 +651,8 @@ def resume_command(ctx: click.Context) -> str:
 
 
 @cli.command()
-@click.argument("data_dir", type=click.Path(exists=True, file_okay=False))
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run folder to write.")
+@click.argument("data_dir", type=PathArg(exists=True, file_okay=False))
+@click.option("--out", required=True, type=PathArg(file_okay=False), help="Run folder to write.")
 @finetune_options
 @friendly_errors
 def finetune(data_dir, out, no_plots, **o):
@@ -660,13 +689,13 @@ def finetune(data_dir, out, no_plots, **o):
 
 
 @cli.command()
-@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
-@click.argument("inputs", metavar="IMAGE_OR_DIR...", nargs=-1, required=True)
+@click.argument("run_dir", type=PathArg(exists=True, file_okay=False))
+@click.argument("inputs", metavar="IMAGE_OR_DIR...", nargs=-1, required=True, type=PathArg())
 @click.option("--json", "as_json", is_flag=True, help="One JSON list instead of a table.")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--min-confidence", default=0.0, show_default=True, type=Number(float, min=0, max=1),
               help="Label a photo 'unsure' when its probability is below this (its best guess is kept beside).")
-@click.option("--sort-into", "sort_out", default=None, type=click.Path(file_okay=False),
+@click.option("--sort-into", "sort_out", default=None, type=PathArg(file_okay=False),
               help="New or empty folder to fill with OUT/<class>/ and OUT/unsure/ (symbolic links to the photos) "
                    "and OUT/predictions.csv; the photos themselves are never moved or changed.")
 @click.option("--copy", is_flag=True, help="With --sort-into: copies instead of links.")
@@ -682,9 +711,10 @@ def predict(run_dir, inputs, as_json, device, min_confidence, sort_out, copy):
         raise click.UsageError("--copy goes with --sort-into OUT")
     entries = None
     if sort_out is not None:
-        from pipeline.sorting import check_sort_output, drop_sort_outputs, unique_entries
+        from pipeline.sorting import SortSettings, check_sort_output, drop_sort_outputs, unique_entries
 
-        check_sort_output(sort_out)  # before any work
+        settings = SortSettings(run_dir, copy, min_confidence)
+        check_sort_output(sort_out, settings)  # before any work
         entries, left_out = drop_sort_outputs(input_entries(list(inputs)), sort_out)
         entries, repeats = unique_entries(entries)
     preds = run_predict(run_dir, list(inputs), device, progress=BarProgress(), min_confidence=min_confidence,
@@ -696,23 +726,32 @@ def predict(run_dir, inputs, as_json, device, min_confidence, sort_out, copy):
     if preds and all(p.error for p in preds):
         raise click.ClickException("no input could be classified" + (f"; {sort_out} was not written" if sort_out else ""))
     if sort_out is not None:
-        from pipeline.sorting import sort_into, summary_lines
-        from pipeline.text import printable
+        _sort(preds, sort_out, settings, left_out, repeats, as_json)
 
-        classes = list(next(p for p in preds if not p.error).probabilities)
-        r = sort_into(preds, classes, sort_out, run_dir, copy, min_confidence)
-        r.left_out, r.repeats = left_out, repeats
-        for path, reason in r.unreadable[:20]:
-            click.echo(f"not sorted {printable(path)}: {printable(reason)}", err=True)
-        if len(r.unreadable) > 20:
-            click.echo(f"... and {len(r.unreadable) - 20} more not sorted (listed in predictions.csv)", err=True)
-        for line in summary_lines(r):
-            click.echo(line, err=as_json)
+
+def _sort(preds, sort_out, settings, left_out, repeats, as_json) -> None:
+    """predict --sort-into's placing and its lines; fails when a readable photo was not placed."""
+    from pipeline.sorting import sort_into, summary_lines
+    from pipeline.text import printable
+
+    classes = list(next(p for p in preds if not p.error).probabilities)
+    r = sort_into(preds, classes, sort_out, settings, repeats)
+    r.left_out = left_out
+    problems = r.unreadable + r.failed
+    for path, reason in problems[:20]:
+        click.echo(f"not sorted {printable(path)}: {printable(reason)}", err=True)
+    if len(problems) > 20:
+        click.echo(f"... and {len(problems) - 20} more not sorted (listed in predictions.csv)", err=True)
+    for line in summary_lines(r):
+        click.echo(line, err=as_json)
+    if r.failed:
+        raise click.ClickException(f"{len(r.failed)} photos could not be placed ({printable(r.failed[0][1])}); the "
+                                   f"sort is unfinished: rerun the same command to place them")
 
 
 @cli.command()
-@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
-@click.option("--out", required=True, type=click.Path(dir_okay=False), help=".pt2 file to write.")
+@click.argument("run_dir", type=PathArg(exists=True, file_okay=False))
+@click.option("--out", required=True, type=PathArg(dir_okay=False), help=".pt2 file to write.")
 @friendly_errors
 def export(run_dir, out):
     """Export the run's classifier as a torch.export program: images -> class probabilities.
@@ -728,8 +767,8 @@ def export(run_dir, out):
 
 
 @cli.command()
-@click.argument("data_dir", type=click.Path(exists=True, file_okay=False))
-@click.option("--out", required=True, type=click.Path(dir_okay=False), help="PNG file to write.")
+@click.argument("data_dir", type=PathArg(exists=True, file_okay=False))
+@click.option("--out", required=True, type=PathArg(dir_okay=False), help="PNG file to write.")
 @click.option("-n", "--count", default=8, show_default=True, type=click.IntRange(min=1, max=64))
 @click.option("--seed", default=0, show_default=True, type=Number(int, min=0, max=MAX_SEED))
 @friendly_errors

@@ -369,6 +369,9 @@ def scan_files(inputs: list[str]) -> tuple[list[Path], list[tuple[str, str]]]:
     """Images named on a command line (files or folders), and the (path, reason) of others."""
     files, skipped = [], []
     for item in inputs:
+        if not str(item):  # Path('') is the current folder: an unset variable would scan the cwd
+            skipped.append(("", "empty path (names no file)"))
+            continue
         p = Path(item)
         if p.is_dir():
             candidates, refused = _walk_files(p)

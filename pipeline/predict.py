@@ -1,6 +1,7 @@
 """Predict with a run folder: rebuild the model from model.pt alone, classify image files."""
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -9,13 +10,14 @@ import torch
 from torch import nn
 
 from . import PipelineError
-from .backbones import BackboneSpec, architecture, build_backbone, file_sha256, last_linear_name, load_weights_into, \
-    materialize_counters, replace_module
+from .backbones import Backbone, BackboneSpec, architecture, build_backbone, file_sha256, last_linear_name, \
+    load_weights_into, materialize_counters, replace_module
 from .data import IMG_EXTENSIONS, BadImage, load_rgb, scan_files
+from .preprocess import Preprocess
 from .progress import Progress
-from .runfolder import RunManifest, load_manifest
+from .runfolder import ModelFileError, RunManifest, load_manifest
+from .runtime import PRECISIONS, resolve_device, resolve_runtime
 from .text import printable
-from .runtime import resolve_device, resolve_runtime
 
 
 class HeadClassifier(nn.Module):
@@ -41,46 +43,115 @@ class HeadClassifier(nn.Module):
         return self
 
 
-def _head_backbone(spec: dict) -> nn.Module:
+def _head_backbone(spec: dict, crop: int) -> Backbone:
     """The backbone recorded in a head run's model.pt, checked against the recorded weights digest."""
-    if spec["kind"] == "program":
+    if spec.get("kind") == "program":
         path = spec["path"]
         if not os.path.isfile(path) or file_sha256(path) != spec["weights_digest"]:
             raise PipelineError(f"this run was trained on features of the program {path}, which is missing or "
                                 "changed; put the same .pt2 file back at that path")
-        return build_backbone(BackboneSpec(path, "program")).module
+        return build_backbone(BackboneSpec(path, "program"), crop)
     weights = spec["weights"]
     try:
-        bb = build_backbone(BackboneSpec(spec["backbone"], weights, spec.get("seed", 0)))
+        bb = build_backbone(BackboneSpec(spec["backbone"], weights, spec.get("seed", 0)), crop)
     except PipelineError as e:
         raise PipelineError(f"this run was trained on features of {spec['backbone']} with weights {weights}, which "
                             f"are not available here: {e}") from None
     if bb.weights_digest != spec["weights_digest"]:
         raise PipelineError(f"the weights {weights} for {spec['backbone']} differ from those the run was trained on "
                             "(content hash mismatch); predictions would be meaningless")
-    return bb.module
+    return bb
 
 
-def load_classifier(run_dir: str | os.PathLike) -> tuple[nn.Module, list[str], RunManifest]:
-    """(model mapping normalised N x 3 x 224 x 224 to logits, class names, the run's manifest)."""
+def _spec_problems(m: RunManifest) -> tuple[Preprocess | None, list[str]]:
+    """(the preprocessing the run's model saw, or None; what is wrong with model.pt's fields beyond what
+    the manifest checks itself: each problem in a few words)."""
+    problems = []
+    if len(set(m.class_names)) != len(m.class_names):
+        problems.append("class_names names a class twice")
+    if m.precision not in PRECISIONS or m.precision == "auto":
+        problems.append(f"its precision {printable(repr(m.precision))} is not one of fp32, bf16, fp16")
+    spec = None
+    try:
+        spec = Preprocess.from_record(m.transform, m.draft, m.decoder)
+    except (PipelineError, TypeError, ValueError) as e:
+        problems.append(f"its preprocessing spec is not usable ({printable(str(e))[:160]})")
+    if spec is not None:
+        if not all(math.isfinite(v) for v in spec.mean + spec.std):
+            problems.append("its preprocessing mean or std is not a finite number")
+        if type(spec.resize) is not int or type(spec.crop) is not int:
+            problems.append("its preprocessing resize and crop are not integers")
+        if (spec.decoder, spec.draft) != (m.decoder, m.draft):
+            problems.append(f"its decoder {printable(repr(m.decoder))} and draft {m.draft!r} disagree with its "
+                            f"preprocessing spec ({spec.decoder}, draft {spec.draft})")
+    return spec, problems + (_head_problems(m) if m.kind == "head" else [])
+
+
+def _head_problems(m: RunManifest) -> list[str]:
+    w, bb, problems = m.state_dict["weight"], m.backbone, []
+    if not all(isinstance(t, torch.Tensor) and t.is_floating_point() for t in (w, m.state_dict["bias"])):
+        problems.append("the head's weight and bias are not float tensors")
+    dim = m.features.get("feature_dim")
+    if dim is not None and (type(dim) is not int or dim != w.shape[1]):
+        problems.append(f"the head takes {w.shape[1]} features, its record of the features says "
+                        f"{printable(repr(dim))}")
+    want = {"program": ("path", "weights_digest")}.get(bb.get("kind"), ("backbone", "weights", "weights_digest"))
+    if bb.get("kind") not in (None, "torchvision", "program"):
+        problems.append(f"its backbone kind {printable(repr(bb.get('kind')))} is unknown")
+    elif not all(isinstance(bb.get(k), str) for k in want):
+        problems.append(f"its backbone record lacks {', '.join(k for k in want if not isinstance(bb.get(k), str))}")
+    elif bb.get("kind") != "program" and type(bb.get("seed", 0)) is not int:
+        problems.append(f"its backbone seed {printable(repr(bb.get('seed')))} is not an integer")
+    return problems
+
+
+@dataclass
+class LoadedRun:
+    model: nn.Module  # normalised N x 3 x crop x crop images -> logits
+    class_names: list[str]
+    manifest: RunManifest
+    preprocess: Preprocess  # what turns a file into the model's input (as the run's features were made)
+
+
+def load_classifier(run_dir: str | os.PathLike) -> LoadedRun:
+    """The run's classifier rebuilt from model.pt alone, its fields checked against each other and against
+    the backbone first (predict and export both load through here): a tampered or damaged file is one
+    line naming each problem, never a traceback."""
     m = load_manifest(run_dir)
+    source = f"{Path(run_dir) / 'model.pt'}"
+    spec, problems = _spec_problems(m)
+    if problems:
+        raise ModelFileError(f"{source} is not a usable model file: {'; '.join(problems)}; retrain the run")
     if m.kind == "head":  # a calibrated run's temperature divides the logits: folded into the layer
-        t = m.temperature or 1.0
-        model = HeadClassifier(_head_backbone(m.backbone), m.state_dict["weight"] / t, m.state_dict["bias"] / t)
+        t, w = m.temperature or 1.0, m.state_dict["weight"]
+        bb = _head_backbone(m.backbone, spec.crop)
+        if bb.feature_dim != w.shape[1]:
+            raise ModelFileError(f"{source} is not a usable model file: the head takes {w.shape[1]} features, its "
+                                 f"backbone gives {bb.feature_dim}; retrain the run")
+        model = HeadClassifier(bb.module, w.float() / t, m.state_dict["bias"].float() / t)
     else:
-        try:
-            model = architecture(m.arch, meta=True)  # a layout: every weight comes from model.pt
-        except ValueError:
-            raise PipelineError(f"{Path(run_dir) / 'model.pt'} names the architecture {m.arch!r}, which this "
-                                "torchvision does not have") from None
-        head = m.head or last_linear_name(model)
-        in_features = model.get_submodule(head).in_features
-        replace_module(model, head, nn.Linear(in_features, len(m.class_names), device="meta"))
-        load_weights_into(model, m.state_dict, f"{Path(run_dir) / 'model.pt'}", None, assign=True)
-        materialize_counters(model)
+        model = _finetuned_model(m, source)
     if not isinstance(model, torch.fx.GraphModule):
         model.eval()
-    return model, m.class_names, m
+    return LoadedRun(model, m.class_names, m, spec)
+
+
+def _finetuned_model(m: RunManifest, source: str) -> nn.Module:
+    try:
+        model = architecture(m.arch, meta=True)  # a layout: every weight comes from model.pt
+    except ValueError:
+        raise PipelineError(f"{source} names the architecture {m.arch!r}, which this torchvision does not "
+                            "have") from None
+    head = m.head or last_linear_name(model)
+    try:
+        in_features = model.get_submodule(head).in_features
+    except AttributeError:
+        raise ModelFileError(f"{source} is not a usable model file: {printable(repr(head))} is not a linear layer "
+                             f"of {m.arch}; retrain the run") from None
+    replace_module(model, head, nn.Linear(in_features, len(m.class_names), device="meta"))
+    load_weights_into(model, m.state_dict, source, None, assign=True)
+    materialize_counters(model)
+    return model
 
 
 UNSURE = "unsure"  # what a prediction below --min-confidence is labelled (table, JSON, sort folder)
@@ -94,6 +165,7 @@ class Prediction:
     probabilities: dict | None = None
     error: str | None = None
     unsure: bool = False  # probability below the asked minimum confidence: left to a person
+    source: str | None = None  # the file read (path resolved once, when given so): what a sort places
 
     @property
     def shown_class(self) -> str | None:
@@ -124,29 +196,32 @@ def input_entries(inputs: list[str]) -> list[tuple[Path | str, str]]:
 
 def predict(run_dir: str, inputs: list[str], device: str = "auto", batch_size: int = 32,
             progress: Progress | None = None, min_confidence: float = 0.0,
-            entries: list[tuple[Path | str, str]] | None = None) -> list[Prediction]:
+            entries: list[tuple] | None = None) -> list[Prediction]:
     """One Prediction per input image, in the order given (folders sorted in place); bad files carry an error.
     A prediction whose probability is below min_confidence is marked unsure. entries: the files already
-    listed by input_entries (by default the inputs are scanned here)."""
+    listed by input_entries, (path, reason) (by default the inputs are scanned here), or (path, reason,
+    source) with the file to read resolved (sorting.unique_entries): each prediction keeps its source."""
     progress = progress or Progress()
-    model, classes, manifest = load_classifier(run_dir)
+    run = load_classifier(run_dir)
+    classes, precision = run.class_names, run.manifest.precision
     # predict under the precision the run's features were made with (fp16 exists on CUDA only)
     on_cpu = resolve_device(device).type == "cpu"
-    rt = resolve_runtime(device, "fp32" if (manifest.precision == "fp16" and on_cpu) else manifest.precision)
-    model = model.to(rt.device)
+    rt = resolve_runtime(device, "fp32" if (precision == "fp16" and on_cpu) else precision)
+    model = run.model.to(rt.device)
     entries = input_entries(inputs) if entries is None else entries
     if not entries:  # only empty folders: a table with a header and no rows would read as success
         raise NoImagesError(f"no images found in {', '.join(map(str, inputs))} (looked for "
                             f"{', '.join(IMG_EXTENSIONS)}); name image files or folders that hold some")
-    if random_weights_note(manifest):  # one line on stderr (the table or JSON stays alone on stdout)
-        progress.log(random_weights_note(manifest))
-    decode = _decoder({**manifest.decoding, "transform": manifest.transform}, rt.device)  # decode as the run's features were made
-    results = [Prediction(str(p), error=reason) if reason else None for p, reason in entries]
+    if random_weights_note(run.manifest):  # one line on stderr (the table or JSON stays alone on stdout)
+        progress.log(random_weights_note(run.manifest))
+    decode = _decoder(run.preprocess, rt.device)  # decode as the run's features were made
+    sources = [e[2] if len(e) > 2 else None for e in entries]
+    results = [Prediction(str(e[0]), error=e[1], source=src) if e[1] else None for e, src in zip(entries, sources)]
     todo = [i for i, r in enumerate(results) if r is None]
     progress.start(len(todo), "predict")
     for s in range(0, len(todo), batch_size):  # one batch in memory at a time, whatever the folder size
         chunk = todo[s:s + batch_size]
-        x, reasons = decode([entries[i][0] for i in chunk])
+        x, reasons = decode([sources[i] or entries[i][0] for i in chunk])
         probs = iter([])
         if len(x):
             with torch.inference_mode(), rt.autocast():
@@ -154,6 +229,7 @@ def predict(run_dir: str, inputs: list[str], device: str = "auto", batch_size: i
         for i, reason in zip(chunk, reasons):
             results[i] = _prediction(str(entries[i][0]), reason, None if reason else next(probs), classes)
             results[i].unsure = results[i].error is None and results[i].probability < min_confidence
+            results[i].source = sources[i]
         progress.update(len(chunk))
     progress.close()
     return results
@@ -178,14 +254,11 @@ def _prediction(path: str, reason: str, p: torch.Tensor | None, classes: list[st
     return Prediction(path, classes[k], float(p[k]), {c: float(v) for c, v in zip(classes, p)})
 
 
-def _decoder(cache_meta: dict, device: torch.device):
+def _decoder(spec: Preprocess, device: torch.device):
     """files -> (good images as one normalised batch on device, reason per file ('' when used)), with the
     preprocessing spec the run's features were made with (rebuilt from its record in model.pt)."""
     from .data import normalize_batch, pil_to_uint8, resize_crop_pil
-    from .preprocess import Preprocess
 
-    spec = Preprocess.from_record(cache_meta.get("transform"), cache_meta.get("draft", False),
-                                  cache_meta.get("decoder", "pil"))
     if spec.decoder == "torchvision":
         from .device_decode import finish_batch, read_for_device
 
@@ -223,8 +296,8 @@ def format_table(preds: list[Prediction]) -> str:
 
 
 class ProbabilityProgram(nn.Module):
-    """What `export` traces: images in [0, 1] (N x 3 x 224 x 224, after Resize 256 + CenterCrop 224)
-    -> normalised -> model -> softmax class probabilities."""
+    """What `export` traces: images in [0, 1] (N x 3 x crop x crop, after the run's Resize and CenterCrop:
+    256 and 224 by default) -> normalised by the run's mean and std -> model -> softmax class probabilities."""
 
     def __init__(self, model: nn.Module, mean, std):
         super().__init__()
@@ -236,28 +309,30 @@ class ProbabilityProgram(nn.Module):
         return torch.softmax(self.model((images - self.mean) / self.std), dim=1)
 
 
-def export_program(run_dir: str, out: str | os.PathLike, crop: int = 224) -> dict:
-    """torch.export the run's classifier to a .pt2 file (image batch -> probabilities)."""
-    from .data import IMAGENET_MEAN, IMAGENET_STD
+def export_program(run_dir: str, out: str | os.PathLike) -> dict:
+    """torch.export the run's classifier to a .pt2 file (image batch -> probabilities), with the preprocessing
+    predict uses (the run's recorded spec: its crop, mean and std; the spec goes into the file as
+    preprocess.json beside class_names.json). Returns {path, class_names, preprocess}."""
+    import json
+
+    from .fsio import atomic_output
     from .runfolder import check_output_file, is_exported_program
 
     # never a run folder's file (export RUN --out RUN/model.pt replaced its manifest), nor a user's file
     check_output_file(out, is_exported_program, "a program exported by this tool")
-    model, classes, _ = load_classifier(run_dir)
-    module = ProbabilityProgram(model, IMAGENET_MEAN, IMAGENET_STD).eval()
-    example = torch.rand(2, 3, crop, crop)
+    run = load_classifier(run_dir)
+    spec = run.preprocess
+    module = ProbabilityProgram(run.model, spec.mean, spec.std).eval()
+    example = torch.rand(2, 3, spec.crop, spec.crop)
     try:  # AUTO: a dynamic batch within whatever range the model allows (a user's .pt2 backbone may bound it)
         prog = torch.export.export(module, (example,), dynamic_shapes={"images": {0: torch.export.Dim.AUTO}})
     except Exception as e:
         raise PipelineError(f"torch.export failed for {run_dir}: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
-    import json
-
-    from .fsio import atomic_output
-
     out = Path(out)
+    extra = {"class_names.json": json.dumps(run.class_names), "preprocess.json": json.dumps(spec.to_json())}
     try:  # a temp file renamed over the target: a full disk or a kill never leaves a truncated program there
         with atomic_output(out, suffix=out.suffix) as tmp:
-            torch.export.save(prog, str(tmp), extra_files={"class_names.json": json.dumps(classes)})
+            torch.export.save(prog, str(tmp), extra_files=extra)
     except (OSError, RuntimeError) as e:  # torch's zip writer reports OS failures as RuntimeError
         raise PipelineError(f"cannot write {out}: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
-    return {"path": str(out), "class_names": classes}
+    return {"path": str(out), "class_names": run.class_names, "preprocess": spec}
