@@ -695,13 +695,19 @@ def finetune(data_dir, out, no_plots, **o):
 @click.option("--device", default="auto", show_default=True)
 @click.option("--min-confidence", default=0.0, show_default=True, type=Number(float, min=0, max=1),
               help="Label a photo 'unsure' when its probability is below this (its best guess is kept beside).")
+@click.option("--max-novelty", default=None, type=Number(float),
+              help="Label a photo 'unknown' when its novelty is above this (default: the run's threshold, 1.0, which "
+                   "95% of held-in train photos pass; higher = fewer unknowns).")
 @click.option("--sort-into", "sort_out", default=None, type=PathArg(file_okay=False),
-              help="New or empty folder to fill with OUT/<class>/ and OUT/unsure/ (symbolic links to the photos) "
+              help="New or empty folder to fill with OUT/<class>/, OUT/unsure/, OUT/unknown/ (symbolic links to the photos) "
                    "and OUT/predictions.csv; the photos themselves are never moved or changed.")
 @click.option("--copy", is_flag=True, help="With --sort-into: copies instead of links.")
 @friendly_errors
-def predict(run_dir, inputs, as_json, device, min_confidence, sort_out, copy):
-    """Class and probability for each image (files or folders); bad files are reported, not fatal.
+def predict(run_dir, inputs, as_json, device, min_confidence, max_novelty, sort_out, copy):
+    """Class, probability and novelty for each image (files or folders); bad files are reported, not fatal.
+
+    Novelty: how unlike the run's training photos an image is (head runs); above the threshold the
+    class reads 'unknown' and the best guess is kept beside.
 
     Example: cli.py predict runs/ants photo1.jpg more_photos/ --json
     """
@@ -713,12 +719,12 @@ def predict(run_dir, inputs, as_json, device, min_confidence, sort_out, copy):
     if sort_out is not None:
         from pipeline.sorting import SortSettings, check_sort_output, drop_sort_outputs, unique_entries
 
-        settings = SortSettings(run_dir, copy, min_confidence)
+        settings = SortSettings(run_dir, copy, min_confidence, max_novelty)
         check_sort_output(sort_out, settings)  # before any work
         entries, left_out = drop_sort_outputs(input_entries(list(inputs)), sort_out)
         entries, repeats = unique_entries(entries)
     preds = run_predict(run_dir, list(inputs), device, progress=BarProgress(), min_confidence=min_confidence,
-                        entries=entries)
+                        entries=entries, max_novelty=max_novelty)
     if as_json:
         click.echo(json.dumps([p.as_dict() for p in preds], indent=2, allow_nan=False))
     elif sort_out is None:

@@ -212,14 +212,14 @@ class RunNovelty:
         return None if self.model is None else {"threshold": self.model.threshold, "scores": self.scores}
 
 
-def run_novelty(X, y, folds: np.ndarray, evaluated: dict[str, np.ndarray]) -> RunNovelty:
+def run_novelty(X, y, folds: np.ndarray | None, evaluated: dict[str, np.ndarray]) -> RunNovelty:
     """Fit the novelty model of a head run on its train features (folds: the run's fold per row, copies
     kept together) and score each evaluated split (val, test), all known-class photos: the share flagged
     is the honest check of the 95% the threshold was set for."""
     import time
 
     t0 = time.perf_counter()
-    m = fit_novelty(X, y, folds)
+    m = fit_novelty(X, y, folds) if folds is not None else None
     if m is None:
         why = f"train has {len(X)} photos; novelty needs {MIN_ROWS} or more in at least 2 folds"
         return RunNovelty(None, {"method": None, "note": why}, [f"novelty: none ({why})"], {})

@@ -23,16 +23,23 @@ from .text import printable
 class HeadClassifier(nn.Module):
     """Frozen backbone features -> the trained Linear head (a head run as one module)."""
 
-    def __init__(self, features: nn.Module, weight: torch.Tensor, bias: torch.Tensor):
+    def __init__(self, features: nn.Module, weight: torch.Tensor, bias: torch.Tensor,
+                 novelty: "NoveltyScore | None" = None):
         super().__init__()
         self.features = features
         self.head = nn.Linear(weight.shape[1], weight.shape[0])
         with torch.no_grad():
             self.head.weight.copy_(weight)
             self.head.bias.copy_(bias)
+        self.novelty = novelty
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
+
+    def scores(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(logits, novelty per image or None when the run has no novelty model): one backbone pass."""
+        f = self.features(x)
+        return self.head(f), (self.novelty(f) if self.novelty is not None else None)
 
     def train(self, mode: bool = True):
         # an exported program keeps its export-time mode and refuses train()/eval()
@@ -41,6 +48,27 @@ class HeadClassifier(nn.Module):
         if not isinstance(self.features, torch.fx.GraphModule):
             self.features.train(mode)
         return self
+
+
+class NoveltyScore(nn.Module):
+    """Backbone features -> novelty (novelty.NoveltyModel.score as a module, for predict and export): how
+    unlike the run's training photos each image is; above the run's threshold it is called unknown."""
+
+    def __init__(self, m):
+        super().__init__()
+        for k in ("class_means", "whiten", "global_mean", "global_whiten"):
+            self.register_buffer(k, torch.as_tensor(getattr(m, k), dtype=torch.float64))
+        self.center, self.scale, self.weight = float(m.center), float(m.scale), float(m.relative_weight)
+
+    def forward(self, f: torch.Tensor) -> torch.Tensor:
+        z = f.double()
+        z = z / z.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        a = z @ self.whiten
+        d2 = (a * a).sum(1, keepdim=True) - 2 * a @ self.class_means.T + (self.class_means ** 2).sum(1)[None]
+        g = z @ self.global_whiten - self.global_mean
+        raw = d2.min(1).values - self.weight * (g * g).sum(1)
+        return ((raw - self.center) / self.scale).float()
+
 
 
 def _head_backbone(spec: dict, crop: int) -> Backbone:
@@ -111,6 +139,8 @@ class LoadedRun:
     class_names: list[str]
     manifest: RunManifest
     preprocess: Preprocess  # what turns a file into the model's input (as the run's features were made)
+    novelty_threshold: float | None = None  # above it a photo is unknown; None: the run has no novelty model
+    novelty_note: str = ""  # why a run has none (said once by predict)
 
 
 def load_classifier(run_dir: str | os.PathLike) -> LoadedRun:
@@ -128,12 +158,31 @@ def load_classifier(run_dir: str | os.PathLike) -> LoadedRun:
         if bb.feature_dim != w.shape[1]:
             raise ModelFileError(f"{source} is not a usable model file: the head takes {w.shape[1]} features, its "
                                  f"backbone gives {bb.feature_dim}; retrain the run")
-        model = HeadClassifier(bb.module, w.float() / t, m.state_dict["bias"].float() / t)
+        nov = _novelty_model(m, bb.feature_dim, source)
+        model = HeadClassifier(bb.module, w.float() / t, m.state_dict["bias"].float() / t,
+                               NoveltyScore(nov) if nov is not None else None)
+        threshold = nov.threshold if nov is not None else None
+        note = "" if nov is not None else NO_NOVELTY_OLD
     else:
-        model = _finetuned_model(m, source)
+        model, threshold, note = _finetuned_model(m, source), None, NO_NOVELTY_FINETUNE
     if not isinstance(model, torch.fx.GraphModule):
         model.eval()
-    return LoadedRun(model, m.class_names, m, spec)
+    return LoadedRun(model, m.class_names, m, spec, threshold, note)
+
+
+NO_NOVELTY_OLD = ("note: this run has no novelty model (made before novelty scores, or train was too small): photos "
+                  "of none of its classes are not told apart; train the head again to get them")
+NO_NOVELTY_FINETUNE = ("note: finetune runs have no novelty model: photos of none of the classes are not told apart "
+                       "(a head run, extract + train-head, scores novelty)")
+
+
+def _novelty_model(m: RunManifest, feature_dim: int, source: str):
+    from .novelty import NoveltyRecordError, from_record
+
+    try:
+        return from_record(m.novelty, feature_dim)
+    except NoveltyRecordError as e:
+        raise ModelFileError(f"{source} is not a usable model file: {e}; retrain the run") from None
 
 
 def _finetuned_model(m: RunManifest, source: str) -> nn.Module:
@@ -155,6 +204,7 @@ def _finetuned_model(m: RunManifest, source: str) -> nn.Module:
 
 
 UNSURE = "unsure"  # what a prediction below --min-confidence is labelled (table, JSON, sort folder)
+UNKNOWN = "unknown"  # what a photo above the run's novelty threshold is labelled (table, JSON, sort folder)
 
 
 @dataclass
@@ -166,16 +216,21 @@ class Prediction:
     error: str | None = None
     unsure: bool = False  # probability below the asked minimum confidence: left to a person
     source: str | None = None  # the file read (path resolved once, when given so): what a sort places
+    novelty: float | None = None  # higher = less like the training photos (None: the run has no novelty model)
+    unknown: bool = False  # novelty above the threshold: a photo of none of the classes, most likely
 
     @property
     def shown_class(self) -> str | None:
-        """The class to act on: `unsure` when below the minimum confidence (label keeps the best guess)."""
-        return UNSURE if self.unsure else self.label
+        """The class to act on: `unknown` above the novelty threshold, else `unsure` below the minimum
+        confidence (label keeps the best guess either way)."""
+        return UNKNOWN if self.unknown else UNSURE if self.unsure else self.label
 
     def as_dict(self) -> dict:
         d = {"path": self.path, "class": self.shown_class, "probability": self.probability,
-             "probabilities": self.probabilities, "error": self.error}
-        if self.unsure:  # a class really named "unsure" stays told apart by the flag
+             "probabilities": self.probabilities, "novelty": self.novelty, "error": self.error}
+        if self.unknown:  # a class really named "unknown" stays told apart by the flag
+            d.update(unknown=True, best_guess=self.label)
+        elif self.unsure:  # likewise for "unsure"
             d.update(unsure=True, best_guess=self.label)
         return {k: v for k, v in d.items() if v is not None}
 
@@ -196,9 +251,10 @@ def input_entries(inputs: list[str]) -> list[tuple[Path | str, str]]:
 
 def predict(run_dir: str, inputs: list[str], device: str = "auto", batch_size: int = 32,
             progress: Progress | None = None, min_confidence: float = 0.0,
-            entries: list[tuple] | None = None) -> list[Prediction]:
+            entries: list[tuple] | None = None, max_novelty: float | None = None) -> list[Prediction]:
     """One Prediction per input image, in the order given (folders sorted in place); bad files carry an error.
-    A prediction whose probability is below min_confidence is marked unsure. entries: the files already
+    A prediction whose probability is below min_confidence is marked unsure; one whose novelty is above
+    max_novelty (default: the run's own threshold) is marked unknown. entries: the files already
     listed by input_entries, (path, reason) (by default the inputs are scanned here), or (path, reason,
     source) with the file to read resolved (sorting.unique_entries): each prediction keeps its source."""
     progress = progress or Progress()
@@ -214,6 +270,9 @@ def predict(run_dir: str, inputs: list[str], device: str = "auto", batch_size: i
                             f"{', '.join(IMG_EXTENSIONS)}); name image files or folders that hold some")
     if random_weights_note(run.manifest):  # one line on stderr (the table or JSON stays alone on stdout)
         progress.log(random_weights_note(run.manifest))
+    if run.novelty_note:
+        progress.log(run.novelty_note)
+    limit = run.novelty_threshold if max_novelty is None else max_novelty
     decode = _decoder(run.preprocess, rt.device)  # decode as the run's features were made
     sources = [e[2] if len(e) > 2 else None for e in entries]
     results = [Prediction(str(e[0]), error=e[1], source=src) if e[1] else None for e, src in zip(entries, sources)]
@@ -222,17 +281,32 @@ def predict(run_dir: str, inputs: list[str], device: str = "auto", batch_size: i
     for s in range(0, len(todo), batch_size):  # one batch in memory at a time, whatever the folder size
         chunk = todo[s:s + batch_size]
         x, reasons = decode([sources[i] or entries[i][0] for i in chunk])
-        probs = iter([])
-        if len(x):
-            with torch.inference_mode(), rt.autocast():
-                probs = iter(torch.softmax(model(x.to(rt.device)).float(), 1).cpu())
+        probs, novelty = _scores(model, x, rt)
         for i, reason in zip(chunk, reasons):
             results[i] = _prediction(str(entries[i][0]), reason, None if reason else next(probs), classes)
-            results[i].unsure = results[i].error is None and results[i].probability < min_confidence
+            nov = None if reason else next(novelty)
+            if results[i].error is None:
+                results[i].unsure = results[i].probability < min_confidence
+                if nov is not None and math.isfinite(nov):
+                    results[i].novelty = nov
+                    results[i].unknown = nov > limit
             results[i].source = sources[i]
         progress.update(len(chunk))
     progress.close()
     return results
+
+
+def _scores(model: nn.Module, x: torch.Tensor, rt):
+    """(iterator of probability rows, iterator of novelty numbers or of None) for one decoded batch."""
+    if not len(x):
+        return iter([]), iter([])
+    with torch.inference_mode(), rt.autocast():
+        if isinstance(model, HeadClassifier):
+            logits, novelty = model.scores(x.to(rt.device))
+        else:
+            logits, novelty = model(x.to(rt.device)), None
+        probs = torch.softmax(logits.float(), 1).cpu()
+    return iter(probs), iter(novelty.cpu().tolist() if novelty is not None else [None] * len(probs))
 
 
 def random_weights_note(m: RunManifest) -> str:
@@ -284,29 +358,38 @@ def format_table(preds: list[Prediction]) -> str:
     terminal escape code can neither break the table nor control the terminal."""
     paths = [printable(p.path) for p in preds]
     width = max([len(p) for p in paths] + [4])
-    lines = [f"{'path':<{width}}  {'class':<12}  probability"]
+    novelty = any(p.novelty is not None for p in preds)
+    lines = [f"{'path':<{width}}  {'class':<12}  probability" + ("  novelty" if novelty else "")]
     for p, path in zip(preds, paths):
         if p.error:
             lines.append(f"{path:<{width}}  ERROR: {printable(p.error)}")
-        elif p.unsure:
-            lines.append(f"{path:<{width}}  {UNSURE:<12}  {p.probability:.4f}  (best guess: {printable(p.label)})")
-        else:
-            lines.append(f"{path:<{width}}  {printable(p.label):<12}  {p.probability:.4f}")
+            continue
+        prob = f"{p.probability:<11.4f}" if novelty else f"{p.probability:.4f}"
+        nov = f"  {p.novelty:>7.2f}" if p.novelty is not None else ("  " + "-".rjust(7) if novelty else "")
+        guess = f"  (best guess: {printable(p.label)})" if (p.unsure or p.unknown) else ""
+        lines.append(f"{path:<{width}}  {printable(p.shown_class):<12}  {prob}{nov}{guess}")
     return "\n".join(lines)
 
 
 class ProbabilityProgram(nn.Module):
     """What `export` traces: images in [0, 1] (N x 3 x crop x crop, after the run's Resize and CenterCrop:
-    256 and 224 by default) -> normalised by the run's mean and std -> model -> softmax class probabilities."""
+    256 and 224 by default) -> normalised by the run's mean and std -> model -> softmax class probabilities;
+    a head run with a novelty model returns (probabilities, novelty (N,)) (above the threshold recorded in
+    the program's novelty.json: unknown)."""
 
     def __init__(self, model: nn.Module, mean, std):
         super().__init__()
         self.model = model
+        self.with_novelty = isinstance(model, HeadClassifier) and model.novelty is not None
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1))
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(self.model((images - self.mean) / self.std), dim=1)
+    def forward(self, images: torch.Tensor):
+        x = (images - self.mean) / self.std
+        if self.with_novelty:
+            logits, novelty = self.model.scores(x)
+            return torch.softmax(logits, dim=1), novelty
+        return torch.softmax(self.model(x), dim=1)
 
 
 def export_program(run_dir: str, out: str | os.PathLike) -> dict:
@@ -330,9 +413,13 @@ def export_program(run_dir: str, out: str | os.PathLike) -> dict:
         raise PipelineError(f"torch.export failed for {run_dir}: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
     out = Path(out)
     extra = {"class_names.json": json.dumps(run.class_names), "preprocess.json": json.dumps(spec.to_json())}
+    if module.with_novelty:  # the second output's threshold, as predict uses it
+        extra["novelty.json"] = json.dumps({"threshold": run.novelty_threshold, "output": 1,
+                                            "meaning": "higher = less like the training photos; above threshold: unknown"})
     try:  # a temp file renamed over the target: a full disk or a kill never leaves a truncated program there
         with atomic_output(out, suffix=out.suffix) as tmp:
             torch.export.save(prog, str(tmp), extra_files=extra)
     except (OSError, RuntimeError) as e:  # torch's zip writer reports OS failures as RuntimeError
         raise PipelineError(f"cannot write {out}: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
-    return {"path": str(out), "class_names": run.class_names, "preprocess": spec}
+    return {"path": str(out), "class_names": run.class_names, "preprocess": spec,
+            "novelty_threshold": run.novelty_threshold if module.with_novelty else None}

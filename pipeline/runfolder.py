@@ -41,7 +41,8 @@ KINDS = ("head", "finetune")
 MODEL = "model.pt"
 METRICS = "metrics.json"
 REPORT = "report.txt"
-PICTURES = ("curves.png", "confusion.png", "predictions.png", "reliability.png", "coverage.png", "learning_curve.png")
+PICTURES = ("curves.png", "confusion.png", "predictions.png", "reliability.png", "coverage.png", "learning_curve.png",
+            "novelty.png")
 RUN_FILES = (MODEL, METRICS, REPORT, *PICTURES)  # what one committed run consists of
 CHECKPOINT = "checkpoint.pt"
 VERDICTS = "verdicts.json"  # finetune's decode verdicts, keyed by each file's stat identity

@@ -1,4 +1,4 @@
-"""predict --sort-into: photos placed into OUT/<class>/ and OUT/unsure/ by a run's predictions.
+"""predict --sort-into: photos placed into OUT/<class>/, OUT/unsure/ and OUT/unknown/ by a run's predictions.
 
 What a sort promises:
 - a source photo is only read: never moved, renamed, changed or deleted. OUT gets symbolic links to the
@@ -35,7 +35,7 @@ from pathlib import Path
 
 from . import PipelineError
 from .fsio import LockBusy, ProcessLock, atomic_output, fsync_dir, temp_name
-from .predict import UNSURE, Prediction
+from .predict import UNKNOWN, UNSURE, Prediction
 from .text import printable
 
 MARKER = ".tlearn-sort.json"  # at OUT's root: written first, so a re-run (finished or not) is recognised
@@ -43,7 +43,7 @@ JOURNAL = ".tlearn-sort.log"  # one JSON line [source, "folder/name"] per photo,
 LOCK = ".tlearn-sort.lock"  # held while a sort writes into OUT
 SORT_FORMAT = "tlearn-sort/2"  # /1 (no journal) cannot be resumed
 CSV = "predictions.csv"
-CSV_COLUMNS = ("path", "class", "probability", "best_class", "file", "error")
+CSV_COLUMNS = ("path", "class", "probability", "best_class", "file", "error", "novelty")  # novelty: "" without one
 MAX_FOLDER_CHARS = 100
 _WINDOWS_RESERVED = {"con", "prn", "aux", "nul", *(f"com{i}" for i in range(10)), *(f"lpt{i}" for i in range(10))}
 _TEMP = re.compile(r"^\..+\.tmp-\d+-[0-9a-f]{8}$")  # fsio.temp_name's names: a copy cut short
@@ -62,13 +62,16 @@ class SortSettings:
     run: str  # the run folder (absolute)
     copy: bool = False
     min_confidence: float = 0.0
+    max_novelty: float | None = None  # None: the run's own threshold
 
     def record(self) -> dict:
-        return {"run": os.path.abspath(self.run), "copy": self.copy, "min_confidence": self.min_confidence}
+        return {"run": os.path.abspath(self.run), "copy": self.copy, "min_confidence": self.min_confidence,
+                "max_novelty": self.max_novelty}
 
     def describe(self) -> str:
+        nov = "" if self.max_novelty is None else f", --max-novelty {self.max_novelty:g}"
         return (f"run {printable(self.record()['run'])}, {'--copy' if self.copy else 'links'}, "
-                f"--min-confidence {self.min_confidence:g}")
+                f"--min-confidence {self.min_confidence:g}{nov}")
 
 
 def check_sort_output(out: str | os.PathLike, settings: SortSettings) -> bool:
@@ -104,6 +107,7 @@ def _earlier_sort(p: Path, out, settings: SortSettings) -> bool:
     try:
         rec = json.loads((p / MARKER).read_text())
         mine = {k: rec[k] for k in ("run", "copy", "min_confidence")}
+        mine["max_novelty"] = rec.get("max_novelty")
         finished, fmt = rec["finished"], rec["format"]
     except (OSError, ValueError, KeyError, TypeError):
         raise SortIntoError(f"--sort-into {out} holds an earlier sort whose record {MARKER} cannot be read; "
@@ -115,7 +119,8 @@ def _earlier_sort(p: Path, out, settings: SortSettings) -> bool:
         raise SortIntoError(f"--sort-into {out} holds an unfinished sort of an earlier tlearn, which cannot be "
                             "finished: sort into a new folder")
     if mine != settings.record():
-        asked = SortSettings(str(mine["run"]), bool(mine["copy"]), float(mine["min_confidence"]))
+        asked = SortSettings(str(mine["run"]), bool(mine["copy"]), float(mine["min_confidence"]),
+                             None if mine["max_novelty"] is None else float(mine["max_novelty"]))
         raise SortIntoError(f"--sort-into {out} holds an unfinished sort of {asked.describe()}; finish it with "
                             "that run and those options, or sort into a new folder")
     _not_busy(p, out).release()  # checked now, before any photo is predicted; taken again to write
@@ -212,8 +217,8 @@ def safe_folder_name(name: str) -> str:
 
 def class_folders(class_names: list[str]) -> dict[str, str]:
     """{class name: folder name}: safe, distinct even on case-insensitive file systems, never `unsure`
-    (the unsure folder) nor predictions.csv; a clash gets -2, -3, ..."""
-    taken = {UNSURE, CSV.lower()}
+    nor `unknown` (their folders) nor predictions.csv; a clash gets -2, -3, ..."""
+    taken = {UNSURE, UNKNOWN, CSV.lower()}
     out = {}
     for c in class_names:
         base = safe_folder_name(c)
@@ -355,7 +360,7 @@ def _existing_names(folder: Path, resume: bool) -> set[str]:
 
 def sort_into(preds: list[Prediction], class_names: list[str], out: str | os.PathLike, settings: SortSettings,
               repeats: list[tuple[str, int]] = ()) -> SortResult:
-    """Place every classified photo into OUT/<class folder>/ (or OUT/unsure/) and write OUT/predictions.csv.
+    """Place every classified photo into OUT/<class folder>/ (or OUT/unsure/, OUT/unknown/) and write OUT/predictions.csv.
 
     Args:
         preds: one per file, in order; each photo is read from (and placed as) its `source` when set.
@@ -420,22 +425,23 @@ def _place_all(preds, class_names, out_p: Path, settings: SortSettings, resume: 
         for p in preds:
             if p.error:
                 result.unreadable.append((p.path, p.error))
-                rows.append([(p.path, "", "", "", "", p.error)])
+                rows.append([(p.path, "", "", "", "", p.error, "")])
                 continue
             src, name = p.source or os.path.realpath(p.path), os.path.basename(p.path)
             rel, why = done.get(src), ""
             if rel is not None:
                 result.resumed += 1
             else:
-                rel, why = placer.place(src, name, UNSURE if p.unsure else folders[p.label])
+                rel, why = placer.place(src, name, p.shown_class if (p.unknown or p.unsure) else folders[p.label])
                 result.renamed += bool(rel) and os.path.basename(rel) != name
             if why:
                 result.failed.append((p.path, why))
-                rows.append([(p.path, "", "", "", "", why)])
+                rows.append([(p.path, "", "", "", "", why, "")])
                 continue
             where = rel.split("/", 1)[0]
             result.placed[where] = result.placed.get(where, 0) + 1
-            rows.append([(p.path, p.shown_class, f"{p.probability:.6f}", p.label, rel, "")])
+            rows.append([(p.path, p.shown_class, f"{p.probability:.6f}", p.label, rel, "",
+                          "" if p.novelty is None else f"{p.novelty:.4f}")])
     finally:
         placer.journal.close()
     return result, rows

@@ -402,7 +402,7 @@ def _train(cfg: HeadConfig, cache, params: list[HeadParams]) -> HeadRun:
     eval_splits = [cfg.val_split] + [s for s in cache.splits if s not in ("train", cfg.val_split)]
     evaluations = head_classification_metrics(best, cache, eval_splits)
     cal = calibrate_head(best.weight, best.bias, selection, cache, eval_splits)  # val and test untouched by it
-    novelty = run_novelty(Xtr, ytr, grouped_folds(ytr, NOVELTY_FOLDS, cfg.folds_seed, groups),
+    novelty = run_novelty(Xtr, ytr, _novelty_folds(ytr, groups, cfg.folds_seed),
                           {s: _split_xy(cache, s)[0] for s in eval_splits})
     metrics = run_metrics(
         "head", evaluations, val_split=cfg.val_split, best_val_acc=best.best_val_acc, best_epoch=best.best_epoch,
@@ -448,6 +448,12 @@ def _train(cfg: HeadConfig, cache, params: list[HeadParams]) -> HeadRun:
     kept = f"{word} {format_accuracy(evaluations[cfg.val_split]['accuracy_ci'])} at epoch {best.best_epoch} ({note})"
     report = run_report_text(metrics, evaluations, kept, [*header, *cal.lines, *novelty.lines])
     return HeadRun(best, metrics, report, evaluations, cal.temperature, novelty)
+
+
+def _novelty_folds(y, groups, seed: int) -> np.ndarray | None:
+    """Folds for the novelty threshold's out-of-fold scores (copies in one fold); None: fewer than 2 photos."""
+    k = min(NOVELTY_FOLDS, len(np.unique(groups)))
+    return grouped_folds(y, k, seed, groups) if k >= 2 else None
 
 
 def _copy_groups(cfg: HeadConfig, cache) -> np.ndarray:
