@@ -27,17 +27,25 @@ SHRINK = 0.1  # covariances + SHRINK x the within-class mean eigenvalue x I: 244
 PASS_SHARE = 0.95  # held-in known photos that pass the default threshold
 MIN_ROWS = 10  # fewer train rows than this: no novelty model (a covariance of nothing)
 FOLDS = 10
+BIG_WORK = 2 ** 32  # rows x D^2 above which the fit's BLAS keeps every thread (the Gram products dominate)
 METHOD = "relative-mahalanobis/1"  # what a run records; another value is refused on load
+ARRAYS = ("basis", "class_means", "whiten", "global_mean", "global_whiten", "quantiles")
+NUMBERS = ("ridge", "center", "scale", "threshold", "relative_weight")
 
 
 @dataclass
 class NoveltyModel:
-    """Everything scoring needs (float32 arrays; see the module docstring for the sizes)."""
+    """Everything scoring needs (float32 arrays). With fewer train rows N than feature dimensions D,
+    both covariances live in the rows' span (k = N dimensions, an orthonormal basis) plus ridge x I
+    outside it, so the model is computed and kept in k dimensions, exactly: outside the span a photo's
+    squared distance is |its part there|^2 / ridge in both terms."""
 
-    class_means: np.ndarray  # (C, D) whitened class means (classes with train rows only)
-    whiten: np.ndarray  # (D, D): ||(z - mu_c) @ whiten||^2 is the squared class distance
-    global_mean: np.ndarray  # (D,) whitened mean of all train photos
-    global_whiten: np.ndarray  # (D, D)
+    basis: np.ndarray  # (D, k) orthonormal basis of train's span; (0, 0): all of R^D (k = D)
+    class_means: np.ndarray  # (C, k) whitened class means (classes with train rows only)
+    whiten: np.ndarray  # (k, k): ||(p - mu_c) @ whiten||^2 is the squared class distance in the span
+    global_mean: np.ndarray  # (k,) whitened mean of all train photos
+    global_whiten: np.ndarray  # (k, k)
+    ridge: float  # the covariances' ridge (outside the span: distance^2 = |part|^2 / ridge)
     center: float = 0.0  # median of out-of-fold raw scores
     scale: float = 1.0  # q95 - median of out-of-fold raw scores
     quantiles: np.ndarray | None = None  # (101,) out-of-fold novelty at 0%, 1%, ... 100%
@@ -45,10 +53,13 @@ class NoveltyModel:
     relative_weight: float = RELATIVE_WEIGHT
 
     def raw(self, X) -> np.ndarray:
-        Z = _unit_rows(X) @ self.whiten  # (N, D)
-        d2 = ((Z ** 2).sum(1)[:, None] - 2 * Z @ self.class_means.T + (self.class_means ** 2).sum(1)[None])
-        G = _unit_rows(X) @ self.global_whiten - self.global_mean
-        return d2.min(1) - self.relative_weight * (G ** 2).sum(1)
+        Z = _unit_rows(X)
+        P, outside = _in_span(Z, self.basis)
+        A = P @ self.whiten
+        d2 = (A ** 2).sum(1)[:, None] - 2 * A @ self.class_means.T + (self.class_means ** 2).sum(1)[None]
+        G = P @ self.global_whiten - self.global_mean
+        w = self.relative_weight
+        return d2.min(1) - w * (G ** 2).sum(1) + (1 - w) * outside / self.ridge
 
     def score(self, X) -> np.ndarray:
         """(N,) novelty of feature rows: 0 typical of train, 1.0 the default threshold, higher = stranger."""
@@ -63,12 +74,8 @@ class NoveltyModel:
         """For model.pt: plain tensors and numbers (loadable with weights_only=True)."""
         import torch
 
-        return {"class_means": torch.from_numpy(self.class_means), "whiten": torch.from_numpy(self.whiten),
-                "global_mean": torch.from_numpy(self.global_mean),
-                "global_whiten": torch.from_numpy(self.global_whiten), "center": float(self.center),
-                "scale": float(self.scale), "quantiles": torch.from_numpy(self.quantiles),
-                "threshold": float(self.threshold), "relative_weight": float(self.relative_weight),
-                "method": METHOD}
+        return {**{k: torch.from_numpy(getattr(self, k)) for k in ARRAYS},
+                **{k: float(getattr(self, k)) for k in NUMBERS}, "method": METHOD}
 
 
 def _unit_rows(X) -> np.ndarray:
@@ -76,79 +83,103 @@ def _unit_rows(X) -> np.ndarray:
     return X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)
 
 
+def _in_span(Z: np.ndarray, basis: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(coordinates of unit rows in the basis (N, k), squared norm of their part outside it (N,))."""
+    if basis.size == 0:
+        return Z, np.zeros(len(Z))
+    P = Z @ basis
+    return P, np.maximum(1.0 - (P ** 2).sum(1), 0.0)
+
+
+def _span_basis(Z: np.ndarray) -> np.ndarray:
+    """An orthonormal basis (D, N) of the span of N < D rows, or (0, 0) when N >= D (all of R^D)."""
+    n, d = Z.shape
+    if n >= d:
+        return np.zeros((0, 0))
+    q, _ = np.linalg.qr(Z.T)  # D x N; columns beyond the rank still orthonormal: a superset span is exact too
+    return q
+
+
 def _cholesky(cov: np.ndarray, ridge: float) -> np.ndarray:
     """Lower L with L L^T = cov + ridge x I."""
-    return np.linalg.cholesky(cov + np.eye(len(cov)) * ridge)
+    from scipy.linalg import cholesky
+
+    return cholesky(cov + np.eye(len(cov)) * ridge, lower=True)
 
 
 @dataclass
 class _Sums:
-    """Sufficient statistics of unit rows: the Gram matrix, per-class counts and sums. A fold's complement
-    is the whole minus the fold, so K out-of-fold fits cost one pass over the rows (one N x D^2 product)."""
+    """Sufficient statistics of rows (coordinates in the span): the Gram matrix, per-class counts and sums.
+    A fold's complement is the whole minus the fold, so K out-of-fold fits cost one pass over the rows."""
 
-    gram: np.ndarray  # (D, D) sum of z z^T
+    gram: np.ndarray  # (k, k) sum of p p^T
     counts: np.ndarray  # (C,)
-    sums: np.ndarray  # (C, D)
+    sums: np.ndarray  # (C, k)
 
     @staticmethod
-    def of(Z: np.ndarray, idx: np.ndarray, classes: int) -> "_Sums":
-        sums = np.zeros((classes, Z.shape[1]))
-        np.add.at(sums, idx, Z)
-        return _Sums(Z.T @ Z, np.bincount(idx, minlength=classes).astype(np.float64), sums)
+    def of(P: np.ndarray, idx: np.ndarray, classes: int) -> "_Sums":
+        sums = np.zeros((classes, P.shape[1]))
+        np.add.at(sums, idx, P)
+        return _Sums(P.T @ P, np.bincount(idx, minlength=classes).astype(np.float64), sums)
 
     def __sub__(self, o: "_Sums") -> "_Sums":
         return _Sums(self.gram - o.gram, self.counts - o.counts, self.sums - o.sums)
 
-    def factors(self) -> "_Factors":
+    def factors(self, dim: int) -> "_Factors":
+        """dim: the features' full dimension D (the ridge is SHRINK x the mean eigenvalue over all D)."""
         has = self.counts > 0
         n, means = self.counts.sum(), self.sums[has] / self.counts[has, None]
         total = self.sums.sum(0)
         within = (self.gram - (self.sums[has].T / self.counts[has]) @ self.sums[has]) / n
         around_all = (self.gram - np.outer(total, total) / n) / n
-        ridge = max(np.trace(within) / len(within), 1e-12) * SHRINK  # one ridge for both: the same metric's scale
-        return _Factors(means, _cholesky(within, ridge), total / n, _cholesky(around_all, ridge))
+        ridge = max(np.trace(within) / dim, 1e-12) * SHRINK  # one ridge for both: the same metric's scale
+        return _Factors(means, _cholesky(within, ridge), total / n, _cholesky(around_all, ridge), ridge)
 
 
 @dataclass
 class _Factors:
-    """A fitted model before it is made into whitening matrices: means and Cholesky factors."""
+    """A fitted model before it is made into whitening matrices: means and Cholesky factors in the span."""
 
-    means: np.ndarray  # (C, D) class means of the unit rows
-    chol: np.ndarray  # (D, D) of the shared within-class covariance
-    center: np.ndarray  # (D,) mean of all unit rows
-    chol_all: np.ndarray  # (D, D) of their covariance
+    means: np.ndarray  # (C, k) class means
+    chol: np.ndarray  # (k, k) of the shared within-class covariance + ridge
+    center: np.ndarray  # (k,) mean of all rows
+    chol_all: np.ndarray  # (k, k) of their covariance + ridge
+    ridge: float
 
-    def raw(self, Z: np.ndarray, weight: float = RELATIVE_WEIGHT) -> np.ndarray:
+    def raw(self, P: np.ndarray, outside: np.ndarray, weight: float = RELATIVE_WEIGHT) -> np.ndarray:
         from scipy.linalg import solve_triangular
 
-        A = solve_triangular(self.chol, Z.T, lower=True)  # (D, N): L^-1 z
-        M = solve_triangular(self.chol, self.means.T, lower=True)  # (D, C)
+        A = solve_triangular(self.chol, P.T, lower=True)  # (k, N): L^-1 p
+        M = solve_triangular(self.chol, self.means.T, lower=True)  # (k, C)
         d2 = (A ** 2).sum(0)[:, None] - 2 * A.T @ M + (M ** 2).sum(0)[None]
-        G = solve_triangular(self.chol_all, (Z - self.center).T, lower=True)
-        return d2.min(1) - weight * (G ** 2).sum(0)
+        G = solve_triangular(self.chol_all, (P - self.center).T, lower=True)
+        return d2.min(1) - weight * (G ** 2).sum(0) + (1 - weight) * outside / self.ridge
 
-    def model(self) -> NoveltyModel:
+    def model(self, basis: np.ndarray) -> NoveltyModel:
         from scipy.linalg import solve_triangular
 
         eye = np.eye(len(self.chol))
-        W = solve_triangular(self.chol, eye, lower=True).T  # ||(z - mu) W||^2 = (z - mu)^T cov^-1 (z - mu)
+        W = solve_triangular(self.chol, eye, lower=True).T  # ||(p - mu) W||^2 = (p - mu)^T cov^-1 (p - mu)
         Wg = solve_triangular(self.chol_all, eye, lower=True).T
         f32 = lambda a: np.ascontiguousarray(a, dtype=np.float32)  # noqa: E731
-        return NoveltyModel(f32(self.means @ W), f32(W), f32(self.center @ Wg), f32(Wg))
+        return NoveltyModel(f32(basis), f32(self.means @ W), f32(W), f32(self.center @ Wg), f32(Wg), self.ridge)
 
 
-def _fit_with_oof(X, y, folds: np.ndarray) -> tuple["_Factors", np.ndarray]:
-    """The factors fitted on every row, and each row's raw score from the factors of the other folds."""
+def _fit_with_oof(X, y, folds: np.ndarray) -> tuple[NoveltyModel, np.ndarray]:
+    """The model fitted on every row, and each row's raw score from the factors of the other folds."""
     Z = _unit_rows(X)
+    basis = _span_basis(Z)
+    P, outside = _in_span(Z, basis)  # outside: 0 for train rows (rounding aside)
     _, idx = np.unique(np.asarray(y), return_inverse=True)
     C = int(idx.max()) + 1
-    parts = {f: _Sums.of(Z[folds == f], idx[folds == f], C) for f in np.unique(folds)}
+    parts = {f: _Sums.of(P[folds == f], idx[folds == f], C) for f in np.unique(folds)}
     whole = _Sums(sum(p.gram for p in parts.values()), sum(p.counts for p in parts.values()),
                   sum(p.sums for p in parts.values()))
     raw = np.empty(len(Z))
     for f, part in parts.items():
-        raw[folds == f] = (whole - part).factors().raw(Z[folds == f])
-    return whole.factors(), raw
+        held = folds == f
+        raw[held] = (whole - part).factors(Z.shape[1]).raw(P[held], outside[held])
+    return whole.factors(Z.shape[1]).model(basis), raw
 
 
 def fit_novelty(X, y, folds: np.ndarray | None = None, threshold: float = 1.0) -> NoveltyModel | None:
@@ -159,8 +190,12 @@ def fit_novelty(X, y, folds: np.ndarray | None = None, threshold: float = 1.0) -
         return None
     if folds is None:
         folds = np.arange(len(X)) % FOLDS
-    factors, raw = _fit_with_oof(X, y, folds)
-    m = factors.model()
+    from threadpoolctl import threadpool_limits
+
+    # one BLAS thread: these factorisations are small, and OpenBLAS's threads beside other busy processes
+    # made a 850 x 850 Cholesky 20x slower (283 ms vs 14 ms measured on 2 loaded cores); big Grams keep all
+    with threadpool_limits(1 if len(X) * X.shape[1] ** 2 < BIG_WORK else None):
+        m, raw = _fit_with_oof(X, y, folds)
     m.center = float(np.median(raw))
     m.scale = float(max(np.quantile(raw, PASS_SHARE) - m.center, 1e-12))
     m.quantiles = np.quantile((raw - m.center) / m.scale, np.linspace(0, 1, 101)).astype(np.float32)
@@ -180,22 +215,27 @@ def from_record(rec: dict | None, feature_dim: int | None = None) -> NoveltyMode
     try:
         if rec.get("method") != METHOD:
             raise NoveltyRecordError(f"method {rec.get('method')!r} is not {METHOD!r}")
-        a = {k: np.asarray(rec[k], dtype=np.float32) for k in ("class_means", "whiten", "global_mean",
-                                                                "global_whiten", "quantiles")}
-        nums = [float(rec[k]) for k in ("center", "scale", "threshold", "relative_weight")]
+        a = {k: np.asarray(rec[k], dtype=np.float32) for k in ARRAYS}
+        nums = {k: float(rec[k]) for k in NUMBERS}
     except (KeyError, TypeError, ValueError) as e:
         raise NoveltyRecordError(f"unreadable novelty record ({e})") from None
-    d = a["whiten"].shape[0] if a["whiten"].ndim == 2 else -1
-    shapes_ok = (a["whiten"].shape == (d, d) and a["global_whiten"].shape == (d, d) and a["global_mean"].shape == (d,)
-                 and a["class_means"].ndim == 2 and a["class_means"].shape[1] == d and a["quantiles"].ndim == 1
-                 and len(a["quantiles"]) >= 2 and (feature_dim is None or d == feature_dim))
-    if not shapes_ok:
+    if not _shapes_fit(a, feature_dim):
         raise NoveltyRecordError(f"novelty arrays of shapes {[v.shape for v in a.values()]} do not fit together"
                                  + (f" or the backbone's {feature_dim} features" if feature_dim else ""))
-    if not all(np.isfinite(v).all() for v in a.values()) or not all(np.isfinite(nums)) or nums[1] <= 0:
-        raise NoveltyRecordError("novelty record holds non-finite numbers or a scale <= 0")
-    return NoveltyModel(a["class_means"], a["whiten"], a["global_mean"], a["global_whiten"], nums[0], nums[1],
-                        a["quantiles"], nums[2], nums[3])
+    if not all(np.isfinite(v).all() for v in a.values()) or not all(np.isfinite(list(nums.values()))) \
+            or nums["scale"] <= 0 or nums["ridge"] <= 0:
+        raise NoveltyRecordError("novelty record holds non-finite numbers or a scale or ridge <= 0")
+    return NoveltyModel(**a, **nums)
+
+
+def _shapes_fit(a: dict, feature_dim: int | None) -> bool:
+    k = a["whiten"].shape[0] if a["whiten"].ndim == 2 else -1
+    b = a["basis"]
+    d = k if b.size == 0 else (b.shape[0] if b.ndim == 2 else -1)
+    return (a["whiten"].shape == (k, k) and a["global_whiten"].shape == (k, k) and a["global_mean"].shape == (k,)
+            and a["class_means"].ndim == 2 and a["class_means"].shape[1] == k and a["quantiles"].ndim == 1
+            and len(a["quantiles"]) >= 2 and (b.size == 0 or b.shape == (d, k))
+            and (feature_dim is None or d == feature_dim))
 
 
 @dataclass

@@ -56,19 +56,25 @@ class NoveltyScore(nn.Module):
 
     def __init__(self, m):
         super().__init__()
-        for k in ("class_means", "whiten", "global_mean", "global_whiten"):
+        for k in ("basis", "class_means", "whiten", "global_mean", "global_whiten"):
             self.register_buffer(k, torch.as_tensor(getattr(m, k), dtype=torch.float64))
-        self.center, self.scale, self.weight = float(m.center), float(m.scale), float(m.relative_weight)
+        self.in_span = m.basis.size > 0  # train's span (fewer rows than features) or all of R^D
+        self.center, self.scale, self.weight, self.ridge = (float(m.center), float(m.scale), float(m.relative_weight),
+                                                            float(m.ridge))
 
     def forward(self, f: torch.Tensor) -> torch.Tensor:
         z = f.double()
         z = z / z.norm(dim=1, keepdim=True).clamp_min(1e-12)
-        a = z @ self.whiten
+        if self.in_span:
+            p = z @ self.basis
+            outside = (1.0 - (p * p).sum(1)).clamp_min(0.0)
+        else:
+            p, outside = z, torch.zeros_like(z[:, 0])
+        a = p @ self.whiten
         d2 = (a * a).sum(1, keepdim=True) - 2 * a @ self.class_means.T + (self.class_means ** 2).sum(1)[None]
-        g = z @ self.global_whiten - self.global_mean
-        raw = d2.min(1).values - self.weight * (g * g).sum(1)
+        g = p @ self.global_whiten - self.global_mean
+        raw = d2.min(1).values - self.weight * (g * g).sum(1) + (1 - self.weight) * outside / self.ridge
         return ((raw - self.center) / self.scale).float()
-
 
 
 def _head_backbone(spec: dict, crop: int) -> Backbone:

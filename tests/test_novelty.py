@@ -208,3 +208,24 @@ def test_export_returns_the_novelty_as_its_second_output(novelty_run, tmp_path):
     assert novelty.shape == (3,)
     assert float(novelty[0]) == pytest.approx(want.novelty, rel=1e-3, abs=1e-3)
     assert float(probs[0].max()) == pytest.approx(want.probability, abs=1e-4)
+
+
+def test_fewer_rows_than_features_is_exactly_the_full_space_score():
+    """With N < D the model lives in train's span (k = N) plus ridge x I outside it: the same numbers as the
+    relative Mahalanobis distance computed with D x D covariances."""
+    from pipeline.novelty import RELATIVE_WEIGHT, SHRINK
+
+    X, y = blobs(10, 3, dim=64, seed=11)  # 30 rows, 64 dims
+    m = fit_novelty(X, y, np.arange(len(y)) % 5)
+    assert m.basis.shape == (64, 30)
+    Z = X / np.linalg.norm(X, axis=1, keepdims=True)
+    means = np.stack([Z[y == c].mean(0) for c in range(3)])
+    within = (Z - means[y]).T @ (Z - means[y]) / len(Z)
+    ridge = np.trace(within) / 64 * SHRINK
+    total = np.cov(Z.T, bias=True)
+    P, Pg = np.linalg.inv(within + ridge * np.eye(64)), np.linalg.inv(total + ridge * np.eye(64))
+    Q, _ = blobs(7, 4, dim=64, seed=12)  # new rows, partly outside train's span
+    Qz = Q / np.linalg.norm(Q, axis=1, keepdims=True)
+    dm = np.stack([np.einsum("ij,jk,ik->i", Qz - mu, P, Qz - mu) for mu in means], 1).min(1)
+    dg = np.einsum("ij,jk,ik->i", Qz - Z.mean(0), Pg, Qz - Z.mean(0))
+    np.testing.assert_allclose(m.raw(Q), dm - RELATIVE_WEIGHT * dg, rtol=2e-4, atol=2e-3 * np.abs(dm).max() * 1e-3)
