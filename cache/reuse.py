@@ -217,9 +217,9 @@ def _with_records(path, cache: FeatureCache, what: str) -> FeatureCache:
     return cache
 
 
-def reuse_sources(paths, cache_path, plan: ExtractionPlan) -> list[FeatureCache]:
-    """The caches given to --reuse, read and checked (same settings, file records); the cache path itself
-    and repeats are left out."""
+def checked_reuse(paths, cache_path, plan: ExtractionPlan) -> list[str]:
+    """The caches given to --reuse whose settings are plan's (read from their attributes alone; another's
+    raises CacheMismatch with its reason), the cache path itself and repeats left out."""
     out, seen = [], {os.path.realpath(cache_path)}
     for p in paths:
         if os.path.realpath(p) in seen:
@@ -230,7 +230,7 @@ def reuse_sources(paths, cache_path, plan: ExtractionPlan) -> list[FeatureCache]
         except CacheMismatch as e:
             raise CacheMismatch(str(e).replace("; pass --force to rebuild it or choose another --cache",
                                                "; its rows cannot be reused here: drop that --reuse")) from None
-        out.append(_with_records(p, read_cache(p), "--reuse cache"))
+        out.append(p)
     return out
 
 
@@ -247,10 +247,13 @@ def decide(path, plan: ExtractionPlan, split: SplitSpec, force: bool = False, re
         old = None
     except CacheError as e:
         raise type(e)(f"{e}; or pass --force to replace it") from None
-    if old is not None and settings_decision(path, old, plan, split) is Decision.DONE:
+    done = old is not None and settings_decision(path, old, plan, split) is Decision.DONE
+    reuse = checked_reuse(reuse, path, plan)
+    if done:
         return ReuseDecision(Decision.DONE)
     updated = _with_records(path, read_cache(path), "cache") if old is not None else None
-    sources = ([updated] if updated is not None else []) + reuse_sources(reuse, path, plan)
+    sources = ([updated] if updated is not None else []) + [_with_records(p, read_cache(p), "--reuse cache")
+                                                            for p in reuse]
     if not sources:
         return ReuseDecision(Decision.BUILD)
     hash_many = hash_many or (lambda paths: hash_files(Path(plan.root), paths))
