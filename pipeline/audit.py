@@ -451,6 +451,23 @@ def run_head_issues(rows: Rows, m, run_dir: str) -> tuple[list[dict], dict]:
                                                        "run_rows": int(len(idx))}
 
 
+def label_issues_csv(flagged: list[dict]) -> bytes:
+    """label_issues.csv for review in a spreadsheet: path, split, given, suggested, score per flagged row. A
+    cell a spreadsheet would read as a formula (=, +, -, @ first) gets a leading ' (OWASP's advice)."""
+    import csv
+    import io
+
+    def cell(v):
+        return "'" + v if isinstance(v, str) and v[:1] in ("=", "+", "-", "@", "\t", "\r") else v
+
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["path", "split", "given", "suggested", "score"])
+    for r in flagged:
+        w.writerow([cell(r["path"]), cell(r["split"]), cell(r["label"]), cell(r["suggested"]), r["score"]])
+    return buf.getvalue().encode()
+
+
 def flagged_label_issues(scored: list[dict], threshold: float, top: int) -> list[dict]:
     """Rows whose suggested class is not their label and whose score passes threshold, worst first, top few."""
     hits = [r for r in scored if r["_flip"] and r["score"] >= threshold]
@@ -639,6 +656,8 @@ def run_audit(cfg: AuditConfig) -> Audit:
     audit.seconds = round(time.perf_counter() - t0, 3)
     atomic_write_json(out / "audit.json", audit.as_json())
     atomic_write_bytes(out / "report.txt", report_text(audit).encode())
+    atomic_write_bytes(out / "label_issues.csv", label_issues_csv(flagged_label_issues(scored, cfg.label_threshold,
+                                                                                       len(scored))))
     return audit
 
 

@@ -242,3 +242,26 @@ def test_sigkill_during_an_update_keeps_the_old_cache_and_the_rerun_finishes(tmp
     assert "updated train 56, val 4" in r.stdout and "resumed:" in r.stdout, r.stdout
     assert not partial.exists()
     assert_equals_rebuild(cache, data, tmp_path)
+
+
+def test_audit_writes_label_issues_csv_for_a_spreadsheet(tmp_path):
+    import csv
+
+    from pipeline.audit import AuditConfig, label_issues_csv, run_audit
+    from tests.test_audit import blob_cache
+
+    flips = list(range(0, 120, 12))
+    cache, ptr, _ = blob_cache(tmp_path, n_train=120, n_val=30, flips=flips)
+    a = run_audit(AuditConfig(cache=str(cache), out=str(tmp_path / "audit"), pictures=False, top=3))
+    with open(tmp_path / "audit/label_issues.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["path", "split", "given", "suggested", "score"]
+    assert len(rows) == a.scored["above_threshold"] > len(a.label_issues) == 3  # every flagged row, not the top few
+    first = a.label_issues[0]
+    assert (rows[0]["path"], rows[0]["split"], rows[0]["given"], rows[0]["suggested"], float(rows[0]["score"])) == \
+        (first["path"], first["split"], first["label"], first["suggested"], first["score"])
+    assert {ptr[i] for i in flips} <= {r["path"] for r in rows}
+    assert [float(r["score"]) for r in rows] == sorted((float(r["score"]) for r in rows), reverse=True)
+    text = label_issues_csv([{"path": "=HYPERLINK(1)/a.jpg", "split": "train", "label": "+a", "suggested": "b",
+                              "score": 0.5}]).decode()
+    assert text.splitlines()[1] == "'=HYPERLINK(1)/a.jpg,train,'+a,b,0.5"
