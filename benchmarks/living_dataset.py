@@ -60,17 +60,17 @@ def make_folder(root: Path, n: int) -> None:
         photo(root / split / "ab"[i % 2] / f"p{i:06d}.jpg", i % 2, i)
 
 
-def fix_folder(root: Path, n: int) -> dict:
-    """Relabel 10% of train (move to the other class folder) and add a class c of 5% new photos."""
+def fix_folder(root: Path, n: int, cls: str = "c", seed0: int = 10**6) -> dict:
+    """Relabel 10% of train (move to the other class folder) and add a class cls of 5% new photos."""
     train = sorted((root / "train").rglob("*.jpg"))
     moved = train[:: 10]
     for f in moved:
-        other = "b" if f.parent.name == "a" else "a"
+        other = {"a": "b", "b": "a"}.get(f.parent.name, "a")
         f.rename(root / "train" / other / f.name)
     new = n // 20
     for i in range(new):
         split = "val" if i % 5 == 0 else "train"
-        photo(root / split / "c" / f"c{i:06d}.jpg", 2, 10**6 + i)
+        photo(root / split / cls / f"{cls}{i:06d}.jpg", 2, seed0 + i)
     return {"relabelled": len(moved), "new": new}
 
 
