@@ -72,9 +72,9 @@ class Reuse:
     sources: list[FeatureCache] = field(default_factory=list)
     changed: int = 0  # files whose content differs from what a cache of this folder recorded there
     new: int = 0  # rows to extract: content no cache knows (or, in the views split, without views)
-    relabelled: int = 0  # reused rows whose class differs from their source row's
-    renamed: int = 0  # reused rows under another path, same class
-    resplit: int = 0  # reused rows under the same path in another split
+    relabelled: int = 0  # rows of the updated cache now in another class
+    renamed: int = 0  # rows of the updated cache under another path, same class
+    resplit: int = 0  # rows of the updated cache under the same path in another split
     dropped: int = 0  # rows of the cache being updated whose content the folder no longer has
     classes_added: list[str] = field(default_factory=list)
     classes_removed: list[str] = field(default_factory=list)
@@ -178,7 +178,7 @@ def compare_files(plan: ExtractionPlan, sources: list[FeatureCache],
                 out.new += 1
                 o = records.get(p)
                 out.changed += o is not None and o.sha256 != h
-            elif c.row >= 0:
+            elif c.row >= 0 and updated is not None and c.source == 0:  # how the updated cache's view changed
                 out.relabelled += c.label != names[lab]
                 out.renamed += c.label == names[lab] and c.path != p
                 out.resplit += c.path == p and c.split != split

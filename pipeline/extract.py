@@ -102,19 +102,24 @@ def _runs(rows: list, lo: int, hi: int):
 
 
 def _source_rows(reuse: Reuse, run: list, k: int, dim: int):
-    """Features, views (k > 0) and measures of the Known rows of run, from their source caches."""
+    """Features, views (k > 0) and measures of the Known rows of run, gathered from their source caches
+    (one indexed copy per source split)."""
     feats = np.zeros((len(run), dim), np.float32)
     views = np.zeros((len(run), k, dim), np.float32) if k else None
     stats = np.full((len(run), len(STAT_FIELDS)), np.nan, np.float32)  # rows made before the measures: NaN
+    groups: dict[tuple[int, str], tuple[list[int], list[int]]] = {}
     for i, o in enumerate(run):
-        if o.row < 0:
-            continue
-        sp = reuse.sources[o.source].splits[o.split]
-        feats[i] = sp.features[o.row]
+        if o.row >= 0:
+            dst, src = groups.setdefault((o.source, o.split), ([], []))
+            dst.append(i)
+            src.append(o.row)
+    for (source, split), (dst, src) in groups.items():
+        sp = reuse.sources[source].splits[split]
+        feats[dst] = sp.features[src]
         if k:
-            views[i] = sp.views[o.row]
+            views[dst] = sp.views[src]
         if sp.image_stats is not None:
-            stats[i] = as_rows(sp.image_stats[o.row:o.row + 1])[0]
+            stats[dst] = as_rows(sp.image_stats[src])
     return feats, views, stats
 
 
