@@ -265,3 +265,41 @@ def test_audit_writes_label_issues_csv_for_a_spreadsheet(tmp_path):
     text = label_issues_csv([{"path": "=HYPERLINK(1)/a.jpg", "split": "train", "label": "+a", "suggested": "b",
                               "score": 0.5}]).decode()
     assert text.splitlines()[1] == "'=HYPERLINK(1)/a.jpg,train,'+a,b,0.5"
+
+
+def test_a_damaged_or_missing_reuse_cache_is_one_line(extracted, tmp_path):
+    data, cache = extracted
+    (tmp_path / "junk.h5").write_bytes(b"not an hdf5 file" * 100)
+    base = ["extract", str(data), "--cache", str(tmp_path / "n.h5"), "--weights", "none", "--workers", "0"]
+    r = CliRunner().invoke(cli, base + ["--reuse", str(tmp_path / "junk.h5")])
+    assert r.exit_code == 1 and len(r.output.strip().splitlines()) == 1, r.output
+    assert f"cache {tmp_path / 'junk.h5'} is damaged or not an HDF5 file" in r.output
+    r = CliRunner().invoke(cli, base + ["--reuse", str(tmp_path / "absent.h5")])
+    assert r.exit_code == 2 and "does not exist" in r.output
+    assert not (tmp_path / "n.h5").exists()
+    # the cache itself given to --reuse is simply the cache: a rerun is up to date
+    r = CliRunner().invoke(cli, ["extract", str(data), "--cache", str(cache), "--weights", "none", "--workers", "0",
+                                 "--reuse", str(cache)])
+    assert r.exit_code == 0 and "already complete" in r.output, r.output
+
+
+def test_a_file_changed_during_the_update_is_caught_by_the_next_run(extracted, tmp_path, decodes, monkeypatch):
+    import cache.reuse as reuse_mod
+
+    data, cache = extracted
+    moved = data / "train/bees/from_ants.jpg"
+    os.rename(data / "train/ants/img_001.jpg", moved)
+    real = reuse_mod.hash_files
+
+    def hash_then_change(root, paths):
+        out = real(root, paths)
+        write_image(moved, 1, 4242, size=(40, 30))  # rewritten after it was hashed, before the cache is written
+        return out
+
+    monkeypatch.setattr(reuse_mod, "hash_files", hash_then_change)
+    s = update(data, cache, decodes)
+    assert decodes == [] and s["update"]["relabelled"] == 1  # the bytes it hashed were known
+    monkeypatch.setattr(reuse_mod, "hash_files", real)
+    s = update(data, cache, decodes)  # the recorded size/mtime are the scan's: the rewrite shows
+    assert [os.path.basename(p) for p in decodes] == ["from_ants.jpg"] and s["update"]["changed"] == 1
+    assert_equals_rebuild(cache, data, tmp_path)
