@@ -74,7 +74,8 @@ def fix_folder(root: Path, n: int, cls: str = "c", seed0: int = 10**6) -> dict:
     return {"relabelled": len(moved), "new": new}
 
 
-def extract(data: Path, cache: Path, *extra: str, backbone=("--weights", "none"), workers: int | None = None) -> tuple[float, str]:
+def extract(data: Path, cache: Path, *extra: str, backbone=("--weights", "none"),
+            workers: int | None = None) -> tuple[float, str]:
     w = ["--workers", str(workers)] if workers is not None else []
     return wall([sys.executable, CLI, "extract", str(data), "--cache", str(cache), *backbone, *w, *extra])
 

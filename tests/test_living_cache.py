@@ -201,7 +201,8 @@ def test_a_run_trained_on_an_older_view_is_refused_by_audit(tmp_path):
     cache = tmp_path / "c.h5"
     flags = ["--weights", "none", "--workers", "0"]
     assert CliRunner().invoke(cli, ["extract", str(flat), "--cache", str(cache), *flags]).exit_code == 0
-    r = CliRunner().invoke(cli, ["train-head", str(cache), "--out", str(tmp_path / "run"), "--no-plots", "--epochs", "1"])
+    r = CliRunner().invoke(cli, ["train-head", str(cache), "--out", str(tmp_path / "run"), "--no-plots",
+                                 "--epochs", "1"])
     assert r.exit_code == 0, r.output
     val = read_cache(cache).splits["val"].paths[0]
     os.rename(flat / val, flat / ("bees" if val.startswith("ants") else "ants") / "moved.jpg")
