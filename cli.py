@@ -326,7 +326,11 @@ def extract_options(fn):
         click.option("--decoder", default="auto", show_default=True, type=click.Choice(["auto", "pil", "torchvision"]),
                      help="auto: torchvision on CUDA (without --views/--draft), else pil. torchvision: decode JPEGs "
                           "on the device (nvJPEG on a GPU); pixels differ slightly. The one used is in the fingerprint."),
-        click.option("--force", is_flag=True, help="Rebuild a cache made with other settings or files."),
+        click.option("--force", is_flag=True, help="Rebuild the cache from scratch: decode every photo again, reuse "
+                                                   "nothing (a cache made with other settings needs it)."),
+        click.option("--reuse", multiple=True, type=click.Path(exists=True, dir_okay=False),
+                     help="Another cache of the same settings whose rows are reused by content (repeatable); "
+                          "photos it holds are not decoded again."),
     ])
 
 
@@ -393,7 +397,7 @@ def _extract_config(data_dir, cache, o: dict):
                          device=o["device"], precision=o["precision"], seed=o["seed"], force=o["force"],
                          draft=o["draft"], decoder=o["decoder"], allow_empty_class=o["allow_empty_class"],
                          max_skipped=o["max_skipped"], val_fraction=o["val_fraction"],
-                         test_fraction=o["test_fraction"], split_seed=o["split_seed"])
+                         test_fraction=o["test_fraction"], split_seed=o["split_seed"], reuse=tuple(o["reuse"]))
 
 
 def _head_config(cache, out, o: dict):

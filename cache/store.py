@@ -12,7 +12,7 @@ Final file (read-only once written):
                        caches made before it
     /skipped           compound (path, reason), every file that was not usable
     /file_stats        compound (path, size, mtime_ns, sha256) of every file the extract decoded (used
-                       or skipped): a later extract reuses a row only while its file is unchanged
+                       or skipped): the content index a later extract reuses rows by (cache.reuse)
 
 Crash safety does not rely on HDF5 (which promises none in normal write mode). While extracting, each
 finished batch is one small .npz segment in CACHE.partial/, written to a temp name and renamed, so a

@@ -65,7 +65,8 @@ class AuditFolderError(PipelineError):
 AUDIT_FORMAT = "tlearn-audit/1"
 AUDIT_JSON, REPORT = "audit.json", "report.txt"
 PICTURES = ("suspects.png", "duplicates.png", "image_issues.png")  # audit_plots.DRAW draws each
-AUDIT_FILES = (AUDIT_JSON, REPORT, *PICTURES)
+LABEL_CSV = "label_issues.csv"  # every flagged label issue, for review in a spreadsheet
+AUDIT_FILES = (AUDIT_JSON, REPORT, LABEL_CSV, *PICTURES)
 AUDIT_STAGING = ".tlearn-audit-staging"
 
 
@@ -488,6 +489,23 @@ def run_head_issues(rows: Rows, m, run_dir: str) -> tuple[list[dict], dict]:
                                                        "run_rows": int(len(idx))}
 
 
+def label_issues_csv(flagged: list[dict]) -> bytes:
+    """label_issues.csv for review in a spreadsheet: path, split, given, suggested, score per flagged row. A
+    cell a spreadsheet would read as a formula (=, +, -, @ first) gets a leading ' (OWASP's advice)."""
+    import csv
+    import io
+
+    def cell(v):
+        return "'" + v if isinstance(v, str) and v[:1] in ("=", "+", "-", "@", "\t", "\r") else v
+
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["path", "split", "given", "suggested", "score"])
+    for r in flagged:
+        w.writerow([cell(r["path"]), cell(r["split"]), cell(r["label"]), cell(r["suggested"]), r["score"]])
+    return buf.getvalue().encode()
+
+
 def flagged_label_issues(scored: list[dict], threshold: float, top: int) -> list[dict]:
     """Rows whose suggested class is not their label and whose score passes threshold, worst first, top few."""
     hits = [r for r in scored if r["_flip"] and r["score"] >= threshold]
@@ -640,9 +658,11 @@ def check_audit_folder(out: str) -> None:
                                "another --out")
 
 
-def write_audit_folder(audit: Audit, data_dir: Path | None, out: str, pictures: bool, t0: float) -> None:
+def write_audit_folder(audit: Audit, data_dir: Path | None, out: str, pictures: bool, t0: float,
+                       label_csv: bytes) -> None:
     """Under the folder's lock (a run or another audit writing it is refused): checked again, then the pictures,
-    report.txt and audit.json staged and committed at once. A picture that fails is a note, never the audit."""
+    report.txt, label_issues.csv and audit.json staged and committed at once. A picture that fails is a note,
+    never the audit."""
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
     with take_lock(folder, AUDIT_LABEL):
@@ -659,7 +679,8 @@ def write_audit_folder(audit: Audit, data_dir: Path | None, out: str, pictures: 
                 audit.notes += failed
             audit.seconds = round(time.perf_counter() - t0, 3)
             atomic_write_bytes(staging / REPORT, report_text(audit).encode())
-            audit.files = {n: file_record(staging / n) for n in (REPORT, *audit.pictures)}
+            atomic_write_bytes(staging / LABEL_CSV, label_csv)
+            audit.files = {n: file_record(staging / n) for n in (REPORT, LABEL_CSV, *audit.pictures)}
             atomic_write_json(staging / AUDIT_JSON, audit.as_json())
             commit_staged(folder, AUDIT_STAGING, AUDIT_FILES, before)
         finally:
@@ -736,7 +757,8 @@ def run_audit(cfg: AuditConfig) -> Audit:
                            "are weak evidence with these features")
     audit.label_issues = flagged_label_issues(scored, cfg.label_threshold, cfg.top)
     audit.scored["above_threshold"] = len(flagged_label_issues(scored, cfg.label_threshold, len(scored)))
-    write_audit_folder(audit, data_dir, cfg.out, cfg.pictures, t0)
+    label_csv = label_issues_csv(flagged_label_issues(scored, cfg.label_threshold, len(scored)))
+    write_audit_folder(audit, data_dir, cfg.out, cfg.pictures, t0, label_csv)
     return audit
 
 

@@ -596,8 +596,9 @@ class ImageFiles(torch.utils.data.Dataset):
 
     groups: one (files, names, views) per split. A bad file yields zeros and its reason instead of
     raising. The last element is the image's measures (image_stats.measure; NaN for a bad file). With views > 0 an item also carries that many augmented crops drawn from a generator
-    seeded by (seed, name), so the views of an image do not depend on batching, workers, resume
-    points or on which other files the folder holds.
+    seeded by (seed, view key): the name, or (extract) the file's sha256, so the views of an image do not
+    depend on batching, workers, resume points, on which other files the folder holds or (keyed by
+    content) on the image's path and split.
     """
 
     def __init__(self, groups: list[tuple[list[str], list[str], int]], spec: Preprocess | None = None, seed: int = 0):
@@ -614,6 +615,10 @@ class ImageFiles(torch.utils.data.Dataset):
         return sum(len(g[0]) for g in self.groups)
 
     def __getitem__(self, key: tuple[int, int]):
+        return self.item(key)
+
+    def item(self, key: tuple[int, int], view_key: str | None = None):
+        """The item of key; its views drawn from (seed, view_key or the file's name)."""
         g, i = key
         files, names, views = self.groups[g]
         c = self.spec.crop
@@ -628,7 +633,7 @@ class ImageFiles(torch.utils.data.Dataset):
             return x, torch.zeros(0, dtype=torch.uint8), g, i, "", stats
         # torchvision's random transforms draw from torch's global RNG: seed it per image.
         state = torch.random.get_rng_state()
-        torch.manual_seed(self.seed * 1_000_003 + zlib.crc32(names[i].encode()))
+        torch.manual_seed(self.seed * 1_000_003 + zlib.crc32((view_key or names[i]).encode()))
         v = torch.stack([self.view_transform(img) for _ in range(views)])
         torch.random.set_rng_state(state)
         return x, v, g, i, "", stats

@@ -14,7 +14,7 @@ from cache import CacheError
 from cache.attrs import CacheAttrs
 from cache.plan import ExtractionPlan, SplitPlan
 from cache.reuse import Decision, Reuse, decide, sha256_or_empty
-from cache.store import RESERVED, CacheLock, FeatureCache, PartialWriter, fingerprint
+from cache.store import RESERVED, CacheLock, PartialWriter, fingerprint
 
 from . import PipelineError
 from .backbones import BackboneSpec, build_backbone
@@ -52,6 +52,7 @@ class ExtractConfig:
     val_fraction: float | None = None  # flat folders only (None: splits.DEFAULT_VAL_FRACTION)
     test_fraction: float | None = None  # flat folders only (None: no test split)
     split_seed: int = 0  # flat folders only: which files go to val/test
+    reuse: tuple[str, ...] = ()  # other caches of the same settings whose rows are reused by content
 
 
 def default_batch_size(device) -> int:
@@ -77,40 +78,64 @@ def feature_fields(backbone_desc: dict, precision: str, views: int, seed: int, d
         "precision": precision,
         "views": views,
         "views_seed": seed if views else None,
+        # a photo's views are drawn from (seed, its content's sha256), so they follow it to any path or split
+        **({"views_drawn_from": "content"} if views else {}),
         **spec.fingerprint_fields(),  # transform, draft, decoder (absent for pil: older caches stay valid)
     }
 
 
-def seed_from_cache(writer: PartialWriter, old: FeatureCache, reuse: Reuse) -> int:
-    """Write the rows reuse found in an older cache as finished segments (one per run of consecutive
-    rows); returns how many."""
+SEED_ROWS = 2048  # rows per segment of reused rows: bounds the memory of one write
+
+
+def _runs(rows: list, lo: int, hi: int):
+    """(start, stop) of each run of consecutive non-None rows in [lo, hi), at most SEED_ROWS long."""
+    j = lo
+    while j < hi:
+        if rows[j] is None:
+            j += 1
+            continue
+        e = j
+        while e < hi and rows[e] is not None and e - j < SEED_ROWS:
+            e += 1
+        yield j, e
+        j = e
+
+
+def _source_rows(reuse: Reuse, run: list, k: int, dim: int):
+    """Features, views (k > 0) and measures of the Known rows of run, gathered from their source caches
+    (one indexed copy per source split)."""
+    feats = np.zeros((len(run), dim), np.float32)
+    views = np.zeros((len(run), k, dim), np.float32) if k else None
+    stats = np.full((len(run), len(STAT_FIELDS)), np.nan, np.float32)  # rows made before the measures: NaN
+    groups: dict[tuple[int, str], tuple[list[int], list[int]]] = {}
+    for i, o in enumerate(run):
+        if o.row >= 0:
+            dst, src = groups.setdefault((o.source, o.split), ([], []))
+            dst.append(i)
+            src.append(o.row)
+    for (source, split), (dst, src) in groups.items():
+        sp = reuse.sources[source].splits[split]
+        feats[dst] = sp.features[src]
+        if k:
+            views[dst] = sp.views[src]
+        if sp.image_stats is not None:
+            stats[dst] = as_rows(sp.image_stats[src])
+    return feats, views, stats
+
+
+def seed_from_cache(writer: PartialWriter, reuse: Reuse) -> int:
+    """Write the rows reuse found in the caches as finished segments (runs of consecutive rows that no
+    segment covers yet: a rerun after a kill seeds what the killed run had not); returns how many."""
     reused = 0
     for split, rows in reuse.rows.items():
         k = writer.views_of(split)
-        j, n = 0, len(rows)
-        while j < n:
-            if rows[j] is None:
-                j += 1
-                continue
-            e = j
-            while e < n and rows[e] is not None:
-                e += 1
-            run = rows[j:e]
-            sp = old.splits[split]
-            dim = writer.plan.feature_dim
-            feats = np.stack([sp.features[o.row] if o.row >= 0 else np.zeros(dim, np.float32) for o in run])
-            views = None
-            if k:
-                views = np.stack([sp.views[o.row] if o.row >= 0 and sp.views is not None
-                                  else np.zeros((k, dim), np.float32) for o in run])
-            stats = None  # rows of a cache made before the measures stay unmeasured
-            if sp.image_stats is not None:
-                stats = np.stack([as_rows(sp.image_stats[o.row:o.row + 1])[0] if o.row >= 0
-                                  else np.full(len(STAT_FIELDS), np.nan, np.float32) for o in run])
-            writer.write_segment(split, j, feats, [o.reason if o.row < 0 else "" for o in run], views,
-                                 digests=[o.sha256 for o in run], stats=stats)
-            reused += e - j
-            j = e
+        for lo, hi in writer.todo(split):
+            for j, e in _runs(rows, lo, hi):
+                run = rows[j:e]
+                feats, views, stats = _source_rows(reuse, run, k, writer.plan.feature_dim)
+                writer.write_segment(split, j, feats, [o.reason if o.row < 0 else "" for o in run], views,
+                                     digests=[o.sha256 for o in run], stats=stats)
+                reused += e - j
     return reused
 
 
@@ -184,8 +209,9 @@ def plan_batches(writer: PartialWriter, splits: list[str], size: int,
 
 
 class _Hashed(torch.utils.data.Dataset):
-    """ImageFiles' items with the sha256 of their file, computed in the worker that just read it (the page
-    cache), not on the main process's critical path."""
+    """ImageFiles' items with the sha256 of their file, computed in the worker (not on the main process's
+    critical path) before the decode, which then reads the file from the page cache; the views of an image
+    are drawn from its sha256, so they are the same under any path, in any split, in any cache."""
 
     def __init__(self, ds):
         self.ds = ds
@@ -195,7 +221,8 @@ class _Hashed(torch.utils.data.Dataset):
 
     def __getitem__(self, key):
         g, i = key
-        return (*self.ds[key], sha256_or_empty(Path(self.ds.groups[g][0][i])))
+        digest = sha256_or_empty(Path(self.ds.groups[g][0][i]))
+        return (*self.ds.item(key, view_key=digest), digest)
 
 
 def _worker_batch(batch):
@@ -420,7 +447,7 @@ def plan_extraction(cfg: ExtractConfig) -> Extraction:
         decoder=spec.decoder,  # the decoder actually used (auto resolved)
         split=data.split_record(),
         data_root=plan.root,  # absolute: which folder this is, whatever folder extract ran from
-        config={k: v for k, v in asdict(cfg).items() if k not in ("force",)},
+        config={k: v for k, v in asdict(cfg).items() if k not in ("force", "reuse")},  # not what the cache holds
         torch=torch.__version__)
     return Extraction(data, rt, model, plan, attrs)
 
@@ -434,23 +461,31 @@ class MainOutcome:
     """Rank 0's decision, broadcast to every rank: a decision, or the error that stopped it."""
 
     decision: Decision | None = None
-    reused: int = 0
+    reused: int = 0  # rows seeded from caches by this run
     changed: int = 0
     error: Exception | None = None
+    update: dict | None = None  # an update's counts (update_counts)
+
+
+def update_counts(reuse: Reuse) -> dict:
+    """What an update found, by name (the summary line's words)."""
+    keys = ("new", "changed", "relabelled", "renamed", "resplit", "dropped", "hashed",
+            "classes_added", "classes_removed")
+    return {"reused": reuse.reused, **{k: getattr(reuse, k) for k in keys}}
 
 
 def _prepare_on_main(cfg: ExtractConfig, plan: ExtractionPlan, stack: contextlib.ExitStack,
                      split: SplitSpec = SplitSpec()):
     """Rank 0 (or the only process): lock, decide, open the partial folder. Returns (outcome, writer)."""
     stack.enter_context(CacheLock(cfg.cache))
-    d = decide(cfg.cache, plan, split, cfg.data_dir, cfg.force)
+    d = decide(cfg.cache, plan, split, cfg.force, tuple(cfg.reuse))
     if d.decision is Decision.DONE:
         return MainOutcome(d.decision), None
     writer = PartialWriter(cfg.cache, plan).open()
-    reused = 0
-    if d.decision is Decision.UPDATE and not writer.segments():
-        reused = seed_from_cache(writer, d.cache, d.reuse)
-    return MainOutcome(d.decision, reused, d.reuse.changed if d.reuse else 0), writer
+    if d.decision is not Decision.UPDATE:
+        return MainOutcome(d.decision), writer
+    reused = seed_from_cache(writer, d.reuse)
+    return MainOutcome(d.decision, reused, d.reuse.changed, update=update_counts(d.reuse)), writer
 
 
 def extract(cfg: ExtractConfig, progress: Progress | None = None) -> dict:
@@ -492,7 +527,7 @@ def _extract(cfg: ExtractConfig, progress: Progress, d) -> dict:
         if not d.is_main:
             writer = PartialWriter(cfg.cache, plan).join()
         reused = outcome.reused
-        already = sum(writer.done_files(s) for s in data.splits) - reused
+        already = sum(writer.done_files(s) for s in data.splits) - reused  # segments of a killed run
         total = sum(len(sp) for sp in data.splits.values())
         progress.start(total, "extract")
         progress.update(already + reused)
@@ -508,7 +543,8 @@ def _extract(cfg: ExtractConfig, progress: Progress, d) -> dict:
         _check_decoded_classes(cfg, data, writer)
         result = writer.finalize(ex.attrs, scan_skipped)
     return summarize(cfg, data, result["skipped"], result["rows"], computed, time.perf_counter() - t0,
-                     resumed=already, discarded=writer.discarded, reused=reused, changed=outcome.changed)
+                     resumed=already, discarded=writer.discarded, reused=reused, changed=outcome.changed,
+                     update=outcome.update)
 
 
 def _check_decoded_classes(cfg: ExtractConfig, data, writer: PartialWriter) -> None:
@@ -522,26 +558,39 @@ def _check_decoded_classes(cfg: ExtractConfig, data, writer: PartialWriter) -> N
 
 
 def summarize(cfg, data, skipped, rows, computed, seconds, up_to_date=False, resumed=0, discarded="",
-              reused=0, changed=0) -> dict:
+              reused=0, changed=0, update=None) -> dict:
     return {
         "cache": str(cfg.cache), "class_names": data.class_names, "rows": rows,
         "skipped": [list(s) for s in skipped], "computed": computed, "resumed": resumed,
         "seconds": seconds, "images_per_s": computed / seconds if seconds > 0 else 0.0,
         "up_to_date": up_to_date, "discarded": discarded, "reused": reused, "changed": changed,
+        "update": update,  # an update's counts (update_counts), None for a build
     }
+
+
+def update_words(u: dict) -> str:
+    """An update's counts as the summary line says them: reused 385 | new 10 | relabelled 12 | ..."""
+    parts = [f"reused {u['reused']}", f"new {u['new']}" + (f" ({u['changed']} changed)" if u["changed"] else "")]
+    parts += [f"{word} {u[k]}" for k, word in (("relabelled", "relabelled"), ("renamed", "renamed"),
+                                              ("resplit", "moved split"), ("dropped", "dropped")) if u[k]]
+    classes = [f"+{printable(c)}" for c in u["classes_added"]] + [f"-{printable(c)}" for c in u["classes_removed"]]
+    if classes:
+        parts.append("classes " + " ".join(classes))
+    return " | ".join(parts)
 
 
 def summary_line(s: dict) -> str:
     if s["up_to_date"]:
         return f"cache {s['cache']} is already complete for these settings and files; nothing to do"
     rows = ", ".join(f"{k} {v}" for k, v in s["rows"].items())
-    line = (f"extracted {rows} | skipped {len(s['skipped'])} | {s['seconds']:.1f} s | "
-            f"{s['images_per_s']:.1f} images/s -> {s['cache']}")
+    if s.get("update"):
+        line = (f"updated {rows} | {update_words(s['update'])} | skipped {len(s['skipped'])} | "
+                f"{s['seconds']:.1f} s -> {s['cache']}")
+    else:
+        line = (f"extracted {rows} | skipped {len(s['skipped'])} | {s['seconds']:.1f} s | "
+                f"{s['images_per_s']:.1f} images/s -> {s['cache']}")
     if s["resumed"]:
         line += f" (resumed: {s['resumed']} images were already done)"
-    if s["reused"]:
-        line += f" ({s['reused']} rows reused from the existing cache, {s['computed']} new"
-        line += f", of which {s['changed']} changed since it was made)" if s.get("changed") else ")"
     if s["discarded"]:
         line += f" (discarded {s['discarded']})"
     return line

@@ -111,5 +111,6 @@ def test_settings_decision_from_the_record_alone():
     assert settings_decision("c.h5", done, plan, spec) is Decision.UPDATE  # other files: reuse what is unchanged
     with pytest.raises(CacheMismatch, match=r"other settings \(resnet18/none/fp32/views=2: backbone"):
         settings_decision("c.h5", replace(done, fingerprint="c" * 64), plan, spec)
-    with pytest.raises(CacheMismatch, match="was made with another split"):
-        settings_decision("c.h5", done, plan, SplitSpec(layout="flat", val_fraction=0.2))
+    # another split of the same files is another view of the same rows: updated, not refused (issue 28)
+    same_files = replace(done, files_digest=plan.files_digest)
+    assert settings_decision("c.h5", same_files, plan, SplitSpec(layout="flat", val_fraction=0.2)) is Decision.UPDATE

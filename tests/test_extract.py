@@ -94,9 +94,9 @@ def test_fingerprint_refusal_force_and_up_to_date(tiny_data, tmp_path):
     s = extract(cfg(tiny_data, cache, seed=1, force=True))
     assert s["computed"] == 10
     assert not np.allclose(read_cache(cache).splits["train"].features, first)
-    (tiny_data / "val/bees/img_001.jpg").unlink()  # a file was removed
-    with pytest.raises(CacheError, match="other files .*some were removed"):
-        extract(cfg(tiny_data, cache, seed=1))
+    (tiny_data / "val/bees/img_001.jpg").unlink()  # a file was removed: the cache is updated, nothing decoded
+    s = extract(cfg(tiny_data, cache, seed=1))
+    assert s["computed"] == 0 and s["update"]["dropped"] == 1 and s["rows"] == {"train": 6, "val": 3}
 
 
 def test_folder_that_only_gained_files_extracts_just_the_new_ones(tiny_data, tmp_path):
@@ -106,7 +106,7 @@ def test_folder_that_only_gained_files_extracts_just_the_new_ones(tiny_data, tmp
     make_dataset(tiny_data, {"train": {"ants": 5}})  # img_003, img_004 are new (img_000..002 rewritten equal); 7 train + 4 val reused
     s = extract(cfg(tiny_data, cache, views=2))
     assert s["reused"] == 11 and s["computed"] == 2 and s["rows"] == {"train": 8, "val": 4}
-    assert "2 new" in __import__("pipeline.extract", fromlist=["x"]).summary_line(s)
+    assert "| reused 10 | new 2 |" in __import__("pipeline.extract", fromlist=["x"]).summary_line(s)
     extract(cfg(tiny_data, tmp_path / "fresh.h5", views=2))
     a, b = read_cache(cache), read_cache(tmp_path / "fresh.h5")
     assert a.splits["train"].paths == b.splits["train"].paths and a.skipped == b.skipped

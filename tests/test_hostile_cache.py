@@ -83,16 +83,20 @@ def test_a_file_changed_under_the_same_path_is_re_extracted_alone(tiny_data, tmp
     assert extract(cfg(tiny_data, cache))["up_to_date"]
 
 
-def test_relabelled_file_is_refused_without_force(tiny_data, tmp_path):
+def test_relabelled_file_and_new_class_update_the_cache_without_force(tiny_data, tmp_path):
+    """Issue 28: these were refused ("made from other files", "made for classes"); now the view is updated
+    and the known content reused."""
     cache = tmp_path / "f.h5"
     extract(cfg(tiny_data, cache))
     os.rename(tiny_data / "train/ants/img_002.jpg", tiny_data / "train/bees/img_009.jpg")
-    with pytest.raises(CacheMismatch, match=r"other files .*relabelled \(first: train/ants/img_002.jpg\)"):
-        extract(cfg(tiny_data, cache))
-    assert extract(cfg(tiny_data, cache, force=True))["computed"] == 10
-    make_dataset(tiny_data, {"train": {"wasps": 1}, "val": {"wasps": 1}})
-    with pytest.raises(CacheMismatch, match=r"was made for classes ants, bees, .* now has classes ants, bees, wasps"):
-        extract(cfg(tiny_data, cache))
+    s = extract(cfg(tiny_data, cache))
+    assert s["computed"] == 0 and s["update"]["relabelled"] == 1 and s["rows"] == {"train": 6, "val": 4}
+    c = read_cache(cache)
+    assert "train/bees/img_009.jpg" in c.splits["train"].paths and c.splits["train"].labels.tolist() == [0, 0, 1, 1, 1, 1]
+    make_dataset(tiny_data, {"train": {"wasps": 1}, "val": {"wasps": 1}})  # the bytes of ants/img_000 (seed 0): known
+    s = extract(cfg(tiny_data, cache))
+    assert s["computed"] == 0 and s["update"]["classes_added"] == ["wasps"] and s["rows"] == {"train": 7, "val": 5}
+    assert read_cache(cache).class_names == ["ants", "bees", "wasps"]
 
 
 def test_a_skipped_file_repaired_later_is_extracted(tiny_data, tmp_path):
@@ -103,7 +107,7 @@ def test_a_skipped_file_repaired_later_is_extracted(tiny_data, tmp_path):
     write_image(tiny_data / "train/ants/img_099.jpg", 0, 5)  # the folder also grew: the reuse path
     s = extract(cfg(tiny_data, cache))
     assert s["computed"] == 1 and s["skipped"] == [["train/ants/broken.jpg", "not a readable image (PIL cannot identify it)"]]
-    write_image(tiny_data / "train/ants/broken.jpg", 0, 6)  # repaired
+    write_image(tiny_data / "train/ants/broken.jpg", 0, 60)  # repaired (content no cache row has)
     s = extract(cfg(tiny_data, cache))
     assert s["computed"] == 1 and s["skipped"] == [] and s["rows"] == {"train": 8, "val": 4}
     assert "train/ants/broken.jpg" in read_cache(cache).splits["train"].paths

@@ -6,7 +6,7 @@ import pytest
 
 from cache.attrs import CacheAttrs
 from cache.plan import ExtractionPlan, SplitPlan
-from cache.reuse import OldFile, Reuse, compare_files, old_files
+from cache.reuse import Known, OldFile, Reuse, compare_files, old_files
 from cache.store import FeatureCache, FileStat, Segment, SplitData, gaps
 from pipeline import PipelineError
 from pipeline.data import link_refusal
@@ -61,7 +61,7 @@ def test_plan_batches_first_small_then_full_never_across_splits():
 
 def old_cache(stats: dict, skipped=()) -> FeatureCache:
     meta = CacheAttrs(fingerprint="f" * 64, backbone="x", weights="none", backbone_spec={}, feature_dim=3,
-                      class_names=("a", "b"), transform={}, precision="fp32")
+                      class_names=("a", "b"), transform={}, precision="fp32", data_root="/data")
     c = FeatureCache(Path("old.h5"), meta)
     c.splits["train"] = SplitData(features=np.arange(9, dtype=np.float32).reshape(3, 3), labels=np.array([0, 0, 1]),
                                   paths=["train/a/1.jpg", "train/a/2.jpg", "train/b/3.jpg"])
@@ -74,42 +74,51 @@ STATS = {"train/a/1.jpg": FileStat(10, 100, "h1"), "train/a/2.jpg": FileStat(20,
          "train/b/3.jpg": FileStat(30, 300, "h3"), "train/b/bad.jpg": FileStat(4, 400, "hb")}
 
 
-def test_compare_files_reuses_only_unchanged_files():
-    old = old_files(old_cache(STATS, [("train/b/bad.jpg", "truncated image file")]))
-    assert old["train/b/bad.jpg"] == OldFile("", 4, 400, "hb", reason="truncated image file")
-    p = plan(train=[("train/a/1.jpg", 0, 10, 100),  # unchanged
+def test_compare_files_hashes_only_files_whose_stat_matches_no_record():
+    c = old_cache(STATS, [("train/b/bad.jpg", "truncated image file")])
+    assert old_files(c)["train/b/bad.jpg"] == OldFile("", 4, 400, "hb", reason="truncated image file")
+    p = plan(train=[("train/a/1.jpg", 0, 10, 100),  # unchanged: no hash
                     ("train/a/2.jpg", 0, 20, 999),  # touched, same bytes
-                    ("train/a/new.jpg", 0, 5, 5),  # new
-                    ("train/b/3.jpg", 1, 31, 300),  # other size
-                    ("train/b/bad.jpg", 1, 4, 401)])  # a skipped file rewritten (repaired)
+                    ("train/a/new.jpg", 0, 5, 5),  # new content
+                    ("train/b/3.jpg", 1, 31, 300),  # rewritten with other bytes
+                    ("train/b/bad.jpg", 1, 4, 401)])  # a failed file rewritten (repaired)
     asked = []
 
-    def sha(path):
-        asked.append(path)
-        return {"train/a/2.jpg": "h2", "train/b/bad.jpg": "repaired"}[path]
+    def hash_many(paths):
+        asked.extend(paths)
+        return [{"train/a/2.jpg": "h2", "train/b/bad.jpg": "repaired"}.get(p, "other-" + p) for p in paths]
 
-    r = compare_files(p, old, sha)
-    assert asked == ["train/a/2.jpg", "train/b/bad.jpg"]  # hashed only when size is equal and mtime is not
+    r = compare_files(p, [c], hash_many, c)
+    assert asked == ["train/a/2.jpg", "train/a/new.jpg", "train/b/3.jpg", "train/b/bad.jpg"]
     assert [o.row if o else None for o in r.rows["train"]] == [0, 1, None, None, None]
-    assert (r.reused, r.changed, r.new, r.lost) == (2, 2, 1, [])
+    assert (r.reused, r.changed, r.new, r.dropped) == (2, 2, 3, 1)  # train/b/3.jpg's content is gone
 
 
-def test_compare_files_lists_removed_and_relabelled_rows():
-    old = old_files(old_cache(STATS))
-    p = plan(train=[("train/a/1.jpg", 1, 10, 100), ("train/b/3.jpg", 1, 30, 300)])  # 1 relabelled, 2 removed
-    r = compare_files(p, old, lambda path: pytest.fail("no hash needed"))
-    assert r.lost == ["train/a/1.jpg", "train/a/2.jpg"]
+def test_compare_files_follows_content_to_other_paths_labels_and_splits():
+    c = old_cache(STATS)
+    p = plan(train=[("train/b/1.jpg", 1, 10, 7),  # moved a -> b: relabelled
+                    ("train/a/renamed.jpg", 0, 20, 7),  # renamed
+                    ("train/a/copy.jpg", 0, 20, 8)],  # the same bytes again: a row of its own
+             val=[("train/b/3.jpg", 1, 30, 300)])  # same path, same stat, another split
+    r = compare_files(p, [c], lambda paths: [{"train/b/1.jpg": "h1"}.get(q, "h2") for q in paths], c)
+    assert [(o.split, o.row) for o in r.rows["train"]] == [("train", 0), ("train", 1), ("train", 1)]
+    assert (r.rows["val"][0].split, r.rows["val"][0].row) == ("train", 2)
+    assert (r.reused, r.new, r.relabelled, r.renamed, r.resplit, r.dropped) == (4, 0, 1, 2, 1, 0)
 
 
 def test_seed_from_cache_writes_one_segment_per_run_of_reused_rows():
     c = old_cache(STATS, [("train/b/bad.jpg", "truncated")])
-    old = old_files(c)
-    reuse = Reuse({"train": [old["train/a/2.jpg"], None, old["train/b/bad.jpg"], old["train/a/1.jpg"], None]})
-    w = FakeWriter({})
-    assert seed_from_cache(w, c, reuse) == 3
+    k2 = Known(0, "train", 1, "train/a/2.jpg", "a", "h2")
+    kb = Known(0, "", -1, "train/b/bad.jpg", "", "hb", "truncated")
+    k1 = Known(0, "train", 0, "train/a/1.jpg", "a", "h1")
+    reuse = Reuse({"train": [k2, None, kb, k1, None]}, [c])
+    w = FakeWriter({"train": [(0, 5)]})
+    assert seed_from_cache(w, reuse) == 3
     (s1, start1, f1, r1, _, d1), (s2, start2, f2, r2, _, d2) = w.segments
     assert (s1, start1, r1, d1) == ("train", 0, [""], ["h2"]) and f1.tolist() == [[3, 4, 5]]
     assert (start2, r2, d2) == (2, ["truncated", ""], ["hb", "h1"]) and f2.tolist() == [[0, 0, 0], [0, 1, 2]]
+    w = FakeWriter({"train": [(3, 5)]})  # a rerun after a kill: rows 0..3 are segments already
+    assert seed_from_cache(w, reuse) == 1 and w.segments[0][1] == 3
 
 
 @pytest.mark.parametrize("name", ["", ".", "..", "/abs", "../x", "a/b", ".hidden", "skipped", "file_stats", "x\ny"])

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from cache import read_attrs
 from cli import cli
 from pipeline import PipelineError
 from pipeline.data import scan_dataset
@@ -168,9 +169,10 @@ def test_extract_train_head_and_finetune_use_the_same_recorded_split(tmp_path):
     import torch
 
     assert torch.load(tmp_path / "ft/model.pt", weights_only=True)["split"] == record
-    # the same cache with other split flags is refused, not silently mixed
+    # the same cache with other split flags: updated to the new split, the rows reused (issue 28)
     r = CliRunner().invoke(cli, ["extract", str(root), "--cache", str(cache), "--weights", "none", "--workers", "0"])
-    assert r.exit_code == 1 and "was made with another split (split: flat class folders, per-file hash (val 0.3" in r.output
+    assert r.exit_code == 0 and "| new 0 |" in r.output and "moved split" in r.output, r.output
+    assert read_attrs(cache).split["val_fraction"] == 0.2
 
 
 def test_grown_flat_folder_reuses_the_cache(tmp_path):
@@ -181,7 +183,7 @@ def test_grown_flat_folder_reuses_the_cache(tmp_path):
     make_flat(root, {"ants": 2}, start=6)
     r = invoke("extract", root, "--cache", cache, *flags)
     assert r.exit_code == 0, r.output
-    assert "12 rows reused from the existing cache, 2 new" in r.output
+    assert "| reused 12 | new 2 |" in r.output
 
 
 def test_splits_flag_on_a_flat_folder_is_a_usage_error(tmp_path, tiny_data):
