@@ -133,12 +133,12 @@ def test_audit_replaces_only_what_it_wrote(cache, tmp_path):
     assert invoke("audit", cache, "--out", out).exit_code == 0
     j = json.loads((out / "audit.json").read_text())
     assert j["format"] == "tlearn-audit/1"
-    assert sorted(j["files"]) == ["duplicates.png", "image_issues.png", "report.txt", "suspects.png"]
+    assert sorted(j["files"]) == ["duplicates.png", "image_issues.png", "label_issues.csv", "report.txt", "suspects.png"]
     assert j["files"]["report.txt"]["size"] == (out / "report.txt").stat().st_size
     (out / "notes.md").write_text("notes")
     r = invoke("audit", cache, "--out", out, "--no-plots")  # its own folder again: the pictures go with the audit
     assert r.exit_code == 0, r.output
-    assert sorted(os.listdir(out)) == ["audit.json", "notes.md", "report.txt"]
+    assert sorted(os.listdir(out)) == ["audit.json", "label_issues.csv", "notes.md", "report.txt"]
     with open(out / "report.txt", "a") as f:
         f.write("my remark\n")  # the user's words now
     r = invoke("audit", cache, "--out", out)
@@ -154,7 +154,7 @@ def test_an_audit_folder_of_an_earlier_version_is_its_own(cache, tmp_path):
     (out / "audit.json").write_text(json.dumps(j))
     r = invoke("audit", cache, "--out", out, "--no-plots")
     assert r.exit_code == 0, r.output
-    assert sorted(os.listdir(out)) == ["audit.json", "report.txt"]  # its pictures replaced (removed) too
+    assert sorted(os.listdir(out)) == ["audit.json", "label_issues.csv", "report.txt"]  # its pictures replaced (removed) too
 
 
 # --------------------------------------------------------------------------- 2. audit and train-head at once
@@ -318,11 +318,11 @@ def test_a_picture_that_cannot_be_written_costs_nothing_else(cache, tmp_path, mo
     assert j["pictures"] == ["suspects.png", "image_issues.png"]
     assert "duplicates.png not drawn: OSError: [Errno 28] No space left on device" in j["notes"]
     assert "duplicates.png not drawn: OSError" in (tmp_path / "one/report.txt").read_text()
-    assert sorted(os.listdir(tmp_path / "one")) == ["audit.json", "image_issues.png", "report.txt", "suspects.png"]
+    assert sorted(os.listdir(tmp_path / "one")) == ["audit.json", "image_issues.png", "label_issues.csv", "report.txt", "suspects.png"]
     monkeypatch.setattr(matplotlib.figure.Figure, "savefig", disk_full_for([".png"]))
     r = invoke("audit", cache, "--out", tmp_path / "none")
     assert r.exit_code == 0, r.output
-    assert sorted(os.listdir(tmp_path / "none")) == ["audit.json", "report.txt"]
+    assert sorted(os.listdir(tmp_path / "none")) == ["audit.json", "label_issues.csv", "report.txt"]
     assert json.loads((tmp_path / "none/audit.json").read_text())["pictures"] == []
 
 
