@@ -112,7 +112,7 @@ def test_extract_and_predict_use_heic_photos_like_the_same_pngs(tmp_path):
     assert np.linalg.norm(a - b) / np.linalg.norm(b) < 0.03  # HEIC is lossy: the same photos, within 3%
     r = CliRunner().invoke(cli, ["predict", str(tmp_path / "run_heic"), str(heic / "val"), "--json"])
     assert r.exit_code == 0, r.output
-    rows = [json.loads(line) for line in r.output.splitlines() if line.startswith("{")] or json.loads(r.output)
+    rows = [json.loads(line) for line in r.output.splitlines() if line.startswith("{")] or json.loads(r.stdout)
     assert len(rows) == 2 and all("error" not in row and row["class"] in ("ants", "bees") for row in rows), rows
     reasons = find_unreadable([str(p) for p in sorted(heic.rglob("*.HEIC"))])
     assert reasons == [""] * 8  # finetune's decode check: every one readable

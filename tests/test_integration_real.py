@@ -57,4 +57,4 @@ def test_real_finetune_one_epoch(tmp_path):
     for name in ("model.pt", "report.txt", "curves.png", "confusion.png", "predictions.png", "checkpoint.pt"):
         assert (out / name).stat().st_size > 0
     r = CliRunner().invoke(cli, ["predict", str(out), str(real_data_dir() / "val/bees"), "--json"])
-    assert r.exit_code == 0 and len(json.loads(r.output)) == 83
+    assert r.exit_code == 0 and len(json.loads(r.stdout)) == 83

@@ -274,7 +274,7 @@ def test_elongated_images_extract_and_predict_without_traceback(tiny_data, tmp_p
     assert "train/ants/wide.png" in c.splits["train"].paths and "val/bees/tall.png" in c.splits["val"].paths
     assert c.skipped == [] or all("wide" not in p and "tall" not in p for p, _ in c.skipped)
     r = CliRunner().invoke(cli, ["predict", str(out), str(tiny_data / "train/ants/wide.png"), "--json"])
-    assert r.exit_code == 0 and json.loads(r.output)[0]["class"] in ("ants", "bees"), r.output
+    assert r.exit_code == 0 and json.loads(r.stdout)[0]["class"] in ("ants", "bees"), r.output
 
 
 def test_device_path_through_worker_processes_equals_in_process(tiny_data, tmp_path):
