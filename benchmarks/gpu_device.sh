@@ -104,6 +104,8 @@ for s in a.splits:
 # 2. frozen mode: the tutorial's recipe vs `cli.py run` (extract + 25-epoch head), each its own process
 step tutorial_frozen 400 $py benchmarks/tutorial_process.py "$SMALL" --frozen --epochs $EPOCHS --device $DEV
 step tlearn_run_frozen 200 $py cli.py run "$SMALL" --out "$WORK/run" --weights none --epochs $EPOCHS
+# predict on the device: probabilities and novelty (float64 on the GPU) for every val photo, as JSON
+step predict_novelty 200 bash -c "$py cli.py predict $WORK/run $SMALL/val --device $DEV --json | $py -c \"import json, sys; r = json.load(sys.stdin); n = sum('novelty' in p for p in r); u = sum(bool(p.get('unknown')) for p in r); print(f'{len(r)} photos, {n} with novelty, {u} unknown')\""
 
 # 3. finetune, the same recipe: the tutorial's loop vs `cli.py finetune` (bf16 and fp32)
 step tutorial_finetune 400 $py benchmarks/tutorial_process.py "$SMALL" --epochs $EPOCHS --device $DEV
