@@ -757,18 +757,23 @@ def _sort(preds, sort_out, settings, left_out, repeats, as_json) -> None:
 
 @cli.command()
 @click.argument("run_dir", type=PathArg(exists=True, file_okay=False))
-@click.option("--out", required=True, type=PathArg(dir_okay=False), help=".pt2 file to write.")
+@click.option("--out", required=True, type=PathArg(dir_okay=False),
+              help="File to write: .pt2 (a torch.export program) or .onnx (an ONNX model, opset 18).")
 @friendly_errors
 def export(run_dir, out):
-    """Export the run's classifier as a torch.export program: images -> class probabilities.
+    """Export the run's classifier: images -> class probabilities (and novelty, for a head run that has it).
 
-    The program takes float32 N x 3 x 224 x 224 images in [0, 1] (after Resize 256 + CenterCrop 224)
-    and normalises them itself. Example: cli.py export runs/ants --out ants.pt2
+    The model takes float32 N x 3 x 224 x 224 images in [0, 1] (after Resize 256 + CenterCrop 224, or the
+    run's own preprocessing) and normalises them itself; N is free. .onnx needs pip install 'tlearn[onnx]'.
+    Example: cli.py export runs/ants --out ants.pt2
     """
-    from pipeline.predict import export_program
+    from pipeline.predict import ExportFormatError, export_run
     from pipeline.text import printable
 
-    r = export_program(run_dir, out)
+    try:
+        r = export_run(run_dir, out)
+    except ExportFormatError as e:
+        raise click.UsageError(str(e)) from None
     click.echo(printable(f"exported {run_dir} -> {r['path']} (classes: {', '.join(r['class_names'])})"))
 
 

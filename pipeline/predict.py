@@ -398,6 +398,35 @@ class ProbabilityProgram(nn.Module):
         return torch.softmax(self.model(x), dim=1)
 
 
+def program_of(run_dir: str) -> tuple[LoadedRun, ProbabilityProgram, torch.Tensor]:
+    """(the run, its ProbabilityProgram in eval mode, an example batch of 2 images in [0, 1]): what both
+    exports (.pt2 and .onnx) trace."""
+    run = load_classifier(run_dir)
+    spec = run.preprocess
+    module = ProbabilityProgram(run.model, spec.mean, spec.std).eval()
+    return run, module, torch.rand(2, 3, spec.crop, spec.crop)
+
+
+EXPORT_SUFFIXES = (".pt2", ".onnx")
+
+
+def export_run(run_dir: str, out: str | os.PathLike) -> dict:
+    """`export`: a .pt2 torch.export program or an .onnx model, chosen by out's suffix."""
+    suffix = Path(out).suffix.lower()
+    if suffix == ".onnx":
+        from .onnx_export import export_onnx
+
+        return export_onnx(run_dir, out)
+    if suffix != ".pt2":
+        raise ExportFormatError(f"--out {out}: the file name must end in .pt2 (a torch.export program) or .onnx "
+                                "(an ONNX model)")
+    return export_program(run_dir, out)
+
+
+class ExportFormatError(PipelineError):
+    """export's --out names neither a .pt2 nor an .onnx file."""
+
+
 def export_program(run_dir: str, out: str | os.PathLike) -> dict:
     """torch.export the run's classifier to a .pt2 file (image batch -> probabilities), with the preprocessing
     predict uses (the run's recorded spec: its crop, mean and std; the spec goes into the file as
@@ -409,10 +438,8 @@ def export_program(run_dir: str, out: str | os.PathLike) -> dict:
 
     # never a run folder's file (export RUN --out RUN/model.pt replaced its manifest), nor a user's file
     check_output_file(out, is_exported_program, "a program exported by this tool")
-    run = load_classifier(run_dir)
+    run, module, example = program_of(run_dir)
     spec = run.preprocess
-    module = ProbabilityProgram(run.model, spec.mean, spec.std).eval()
-    example = torch.rand(2, 3, spec.crop, spec.crop)
     try:  # AUTO: a dynamic batch within whatever range the model allows (a user's .pt2 backbone may bound it)
         prog = torch.export.export(module, (example,), dynamic_shapes={"images": {0: torch.export.Dim.AUTO}})
     except Exception as e:
