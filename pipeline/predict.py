@@ -130,7 +130,7 @@ def _head_problems(m: RunManifest) -> list[str]:
         problems.append(f"the head takes {w.shape[1]} features, its record of the features says "
                         f"{printable(repr(dim))}")
     want = {"program": ("path", "weights_digest")}.get(bb.get("kind"), ("backbone", "weights", "weights_digest"))
-    if bb.get("kind") not in (None, "torchvision", "program"):
+    if bb.get("kind") not in (None, "torchvision", "program", "package", "timm"):
         problems.append(f"its backbone kind {printable(repr(bb.get('kind')))} is unknown")
     elif not all(isinstance(bb.get(k), str) for k in want):
         problems.append(f"its backbone record lacks {', '.join(k for k in want if not isinstance(bb.get(k), str))}")
