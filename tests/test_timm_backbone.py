@@ -1,0 +1,165 @@
+"""--backbone timm:NAME: features are timm's own pooled pre-logits on timm's own eval transform (a ViT and a
+ConvNeXt, whose preprocessing differs from ResNet's), weights from a local .safetensors / .pth or random;
+runs predict and finetune through the run folder; nothing else imports timm. Offline: random weights saved
+to temp files."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+from cache import read_cache
+from cli import cli
+from tests.conftest import REPO, make_dataset
+
+timm = pytest.importorskip("timm", reason="timm is not installed (pip install -e '.[timm]')")
+
+LAYOUT = {"train": {"ants": 2, "bees": 2}, "val": {"ants": 1, "bees": 1}}
+# name -> (weights file suffix, the Preprocess fields its data config gives)
+MODELS = {
+    "vit_tiny_patch16_224": (".safetensors", {"resize": 248, "crop": 224, "interpolation": "bicubic",
+                                              "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}),
+    "convnext_atto": (".pth", {"resize": 256, "crop": 224, "interpolation": "bicubic",
+                               "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}),
+}
+
+
+def _random_model(name: str, seed: int = 7):
+    torch.manual_seed(seed)
+    return timm.create_model(name, pretrained=False).eval()
+
+
+def _save(model, path):
+    if path.suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    else:
+        torch.save(model.state_dict(), path)
+    return path
+
+
+def _larger_photos(root):
+    """Photos of several sizes and aspect ratios (the resize and crop matter), two classes."""
+    make_dataset(root, LAYOUT)
+    rng = np.random.default_rng(0)
+    for i, f in enumerate(sorted(root.rglob("*.jpg"))):
+        w, h = [(300, 200), (180, 320), (260, 260)][i % 3]
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(f)
+    return root
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_features_equal_timms_own_forward_on_its_own_transform(name, tmp_path):
+    from timm.data import create_transform, resolve_model_data_config
+
+    suffix, preset = MODELS[name]
+    model = _random_model(name)
+    weights = _save(model, tmp_path / f"w{suffix}")
+    data = _larger_photos(tmp_path / "data")
+    r = CliRunner().invoke(cli, ["extract", str(data), "--cache", str(tmp_path / "c.h5"), "--backbone",
+                                 f"timm:{name}", "--weights", str(weights), "--workers", "0"])
+    assert r.exit_code == 0, r.output
+    c = read_cache(tmp_path / "c.h5")
+    spec = c.meta.transform["spec"]
+    for k, v in preset.items():
+        assert spec[k] == (pytest.approx(v) if isinstance(v, list) else v), k
+    assert (spec["resize"], spec["interpolation"]) != (256, "bilinear")  # not ResNet's tutorial preset
+    assert c.meta.backbone_spec["kind"] == "timm" and c.meta.backbone == f"timm:{name}"
+    transform = create_transform(**resolve_model_data_config(model))  # timm's own eval transform
+    paths = list(c.splits["train"].paths) + list(c.splits["val"].paths)
+    x = torch.stack([transform(Image.open(data / p).convert("RGB")) for p in paths])
+    with torch.inference_mode():
+        want = model.forward_head(model.forward_features(x), pre_logits=True).numpy()
+    got = np.concatenate([c.splits["train"].features, c.splits["val"].features])
+    assert got.shape == want.shape == (6, model.num_features)
+    scale = float(np.abs(want).max())
+    assert scale > 0.1  # not a comparison of zeros
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * scale)
+
+
+def test_random_weights_are_seeded_and_the_digest_tells_them_apart():
+    from pipeline.backbones import BackboneSpec, build_backbone
+
+    a, b, c = (build_backbone(BackboneSpec("timm:convnext_atto", "none", s)) for s in (1, 1, 2))
+    assert a.weights_digest == b.weights_digest != c.weights_digest
+    assert a.feature_dim == 320 and a.description["weights"] == "none"
+
+
+def test_missing_hub_weights_and_unknown_names_are_one_line(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf"))  # an empty hub cache
+    data = make_dataset(tmp_path / "data", LAYOUT)
+    for backbone, words in [("timm:vit_tiny_patch16_224", "timm's pretrained weights for vit_tiny_patch16_224"),
+                            ("timm:no_such_model", "timm has no model 'no_such_model'")]:
+        r = CliRunner().invoke(cli, ["extract", str(data), "--cache", str(tmp_path / "c.h5"), "--backbone", backbone,
+                                     "--workers", "0"])
+        assert r.exit_code == 1 and words in r.output and len(r.output.strip().splitlines()) == 1, r.output
+    r = CliRunner().invoke(cli, ["extract", str(data), "--cache", str(tmp_path / "c.h5"), "--backbone",
+                                 "timm:vit_tiny_patch16_224", "--workers", "0"])
+    assert f"{tmp_path / 'hf'}/models--timm--vit_tiny_patch16_224" in r.output and "TLEARN_OFFLINE=1" in r.output
+
+
+def test_head_run_predicts_and_exports_on_its_timm_backbone(tmp_path):
+    model = _random_model("convnext_atto")
+    weights = _save(model, tmp_path / "w.pth")
+    data = _larger_photos(tmp_path / "data")
+    out = tmp_path / "run"
+    r = CliRunner().invoke(cli, ["run", str(data), "--out", str(out), "--backbone", "timm:convnext_atto",
+                                 "--weights", str(weights), "--workers", "0", "--epochs", "2", "--no-plots"])
+    assert r.exit_code == 0, r.output
+    c = read_cache(out / "features.h5")
+    m = torch.load(out / "model.pt", weights_only=True)
+    t = m.get("temperature") or 1.0
+    want = torch.softmax((torch.tensor(c.splits["val"].features) @ m["state_dict"]["weight"].T
+                          + m["state_dict"]["bias"]) / t, 1)
+    r = CliRunner().invoke(cli, ["predict", str(out), *[str(data / p) for p in c.splits["val"].paths], "--json"])
+    assert r.exit_code == 0, r.output
+    got = torch.tensor([[row["probabilities"]["ants"], row["probabilities"]["bees"]] for row in json.loads(r.stdout)])
+    torch.testing.assert_close(got, want.float(), atol=1e-4, rtol=1e-4)
+    r = CliRunner().invoke(cli, ["export", str(out), "--out", str(tmp_path / "m.pt2")])
+    assert r.exit_code == 0, r.output
+
+
+def test_finetune_replaces_the_classifier_the_timm_way_and_predicts(tmp_path):
+    from pipeline.finetune import build_classifier
+
+    model, head, _ = build_classifier("timm:convnext_atto", "none", 0, 3)
+    assert head == "head.fc" and model.get_submodule(head).out_features == 3 and model.num_classes == 3
+    data = make_dataset(tmp_path / "data", LAYOUT)
+    out = tmp_path / "ft"
+    r = CliRunner().invoke(cli, ["finetune", str(data), "--out", str(out), "--backbone", "timm:convnext_atto",
+                                 "--weights", "none", "--workers", "0", "--epochs", "1", "--no-plots"])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(cli, ["predict", str(out), str(data / "val"), "--json"])
+    assert r.exit_code == 0, r.output
+    assert r.output.count('"class"') == 2
+
+
+def _modules_after(code: str) -> set[str]:
+    prog = code + "\nimport sys, json\nprint(json.dumps(sorted({m.split('.')[0] for m in sys.modules})))"
+    r = subprocess.run([sys.executable, "-c", prog], cwd=REPO, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert r.returncode == 0, r.stderr
+    return set(json.loads(r.stdout.strip().splitlines()[-1]))
+
+
+def test_extract_train_head_and_predict_of_other_backbones_never_import_timm(tmp_path):
+    data = make_dataset(tmp_path / "data", LAYOUT)
+    out, cache = tmp_path / "run", tmp_path / "c.h5"
+    code = ("from click.testing import CliRunner\nfrom cli import cli\n"
+            f"r = CliRunner().invoke(cli, ['extract', {str(data)!r}, '--cache', {str(cache)!r}, '--weights', 'none', "
+            "'--workers', '0'])\nassert r.exit_code == 0, r.output\n"
+            f"r = CliRunner().invoke(cli, ['train-head', {str(cache)!r}, '--out', {str(out)!r}, '--epochs', '1', "
+            "'--no-plots'])\nassert r.exit_code == 0, r.output\n"
+            f"r = CliRunner().invoke(cli, ['predict', {str(out)!r}, {str(data / 'val')!r}])\n"
+            "assert r.exit_code == 0, r.output\n"
+            "r = CliRunner().invoke(cli, ['extract', '--help'])\nassert r.exit_code == 0\n")
+    loaded = _modules_after(code)
+    assert "torch" in loaded and "timm" not in loaded and "huggingface_hub" not in loaded
