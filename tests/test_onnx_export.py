@@ -117,3 +117,13 @@ def test_other_suffixes_are_a_usage_error(novelty_run, tmp_path):
     r = CliRunner().invoke(cli, ["export", str(run), "--out", str(tmp_path / "m.tflite")])
     assert r.exit_code == 2 and "must end in .pt2" in r.output and ".onnx" in r.output
     assert not (tmp_path / "m.tflite").exists()
+
+
+def test_without_the_onnx_packages_the_export_is_one_line(novelty_run, tmp_path, monkeypatch):
+    import sys
+
+    _, run = novelty_run
+    monkeypatch.setitem(sys.modules, "onnxscript", None)  # import onnxscript raises ImportError
+    r = CliRunner().invoke(cli, ["export", str(run), "--out", str(tmp_path / "m.onnx")])
+    assert r.exit_code == 1 and "ONNX export needs the onnx packages: pip install 'tlearn[onnx]'" in r.output
+    assert len(r.output.strip().splitlines()) == 1 and not (tmp_path / "m.onnx").exists()

@@ -123,8 +123,20 @@ def test_head_run_predicts_and_exports_on_its_timm_backbone(tmp_path):
     assert r.exit_code == 0, r.output
     got = torch.tensor([[row["probabilities"]["ants"], row["probabilities"]["bees"]] for row in json.loads(r.stdout)])
     torch.testing.assert_close(got, want.float(), atol=1e-4, rtol=1e-4)
-    r = CliRunner().invoke(cli, ["export", str(out), "--out", str(tmp_path / "m.pt2")])
-    assert r.exit_code == 0, r.output
+    for name in ("m.pt2", "m.onnx"):  # the run's own preprocessing goes with it (ConvNeXt: Resize 256 bicubic)
+        r = CliRunner().invoke(cli, ["export", str(out), "--out", str(tmp_path / name)])
+        assert r.exit_code == 0, r.output
+    extra = {"preprocess.json": ""}
+    prog = torch.export.load(str(tmp_path / "m.pt2"), extra_files=extra).module()
+    assert json.loads(extra["preprocess.json"])["interpolation"] == "bicubic"
+    ort = pytest.importorskip("onnxruntime", reason="onnxruntime is not installed")
+    x = torch.rand(3, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    assert json.loads(session.get_modelmeta().custom_metadata_map["preprocess"])["resize"] == 256
+    with torch.no_grad():
+        want = prog(x)
+    want = want[0] if isinstance(want, tuple) else want
+    np.testing.assert_allclose(session.run(None, {"images": x.numpy()})[0], want.numpy(), atol=1e-4, rtol=0)
 
 
 def test_finetune_replaces_the_classifier_the_timm_way_and_predicts(tmp_path):
@@ -163,3 +175,15 @@ def test_extract_train_head_and_predict_of_other_backbones_never_import_timm(tmp
             "r = CliRunner().invoke(cli, ['extract', '--help'])\nassert r.exit_code == 0\n")
     loaded = _modules_after(code)
     assert "torch" in loaded and "timm" not in loaded and "huggingface_hub" not in loaded
+
+
+def test_without_timm_a_timm_backbone_is_one_line(tmp_path, monkeypatch):
+    from pipeline import timm_backbone
+
+    monkeypatch.setitem(sys.modules, "timm", None)  # import timm raises ImportError
+    timm_backbone.preset.cache_clear()
+    data = make_dataset(tmp_path / "data", LAYOUT)
+    r = CliRunner().invoke(cli, ["extract", str(data), "--cache", str(tmp_path / "c.h5"), "--backbone",
+                                 "timm:convnext_atto", "--weights", "none", "--workers", "0"])
+    assert r.exit_code == 1 and r.output.strip() == ("Error: --backbone timm:NAME needs timm: pip install "
+                                                     "'tlearn[timm]' (or pip install timm)")
