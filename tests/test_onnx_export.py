@@ -127,3 +127,24 @@ def test_without_the_onnx_packages_the_export_is_one_line(novelty_run, tmp_path,
     r = CliRunner().invoke(cli, ["export", str(run), "--out", str(tmp_path / "m.onnx")])
     assert r.exit_code == 1 and "ONNX export needs the onnx packages: pip install 'tlearn[onnx]'" in r.output
     assert len(r.output.strip().splitlines()) == 1 and not (tmp_path / "m.onnx").exists()
+
+
+def test_onnx_export_of_a_run_on_a_program_backbone(tiny_data, tmp_path):
+    """A user's .pt2 backbone whose batch is bounded (1..1024): the ONNX batch axis stays dynamic."""
+    from tests.test_extract import TinyNet
+
+    torch.manual_seed(0)
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    prog = torch.export.export(TinyNet().eval(), (torch.randn(2, 3, 224, 224),), dynamic_shapes={"x": {0: batch}})
+    torch.export.save(prog, str(tmp_path / "tiny.pt2"))
+    run = tmp_path / "run"
+    r = CliRunner().invoke(cli, ["run", str(tiny_data), "--out", str(run), "--backbone", str(tmp_path / "tiny.pt2"),
+                                 "--workers", "0", "--epochs", "2", "--no-plots"])
+    assert r.exit_code == 0, r.output
+    for name in ("m.pt2", "m.onnx"):
+        r = CliRunner().invoke(cli, ["export", str(run), "--out", str(tmp_path / name)])
+        assert r.exit_code == 0, r.output
+    x = _photos(tiny_data, 3)
+    want = torch.export.load(str(tmp_path / "m.pt2")).module()(x).detach().numpy()
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(session.run(None, {"images": x.numpy()})[0], want, atol=1e-4, rtol=0)

@@ -3,8 +3,6 @@ ConvNeXt, whose preprocessing differs from ResNet's), weights from a local .safe
 runs predict and finetune through the run folder; nothing else imports timm. Offline: random weights saved
 to temp files."""
 import json
-import os
-import subprocess
 import sys
 
 import numpy as np
@@ -15,7 +13,8 @@ from PIL import Image
 
 from cache import read_cache
 from cli import cli
-from tests.conftest import REPO, make_dataset
+from tests.conftest import make_dataset
+from tests.test_startup import _modules_after
 
 timm = pytest.importorskip("timm", reason="timm is not installed (pip install -e '.[timm]')")
 
@@ -106,6 +105,29 @@ def test_missing_hub_weights_and_unknown_names_are_one_line(tmp_path, monkeypatc
     assert f"{tmp_path / 'hf'}/models--timm--vit_tiny_patch16_224" in r.output and "TLEARN_OFFLINE=1" in r.output
 
 
+def test_imagenet_weights_come_from_the_hugging_face_cache(tmp_path, monkeypatch):
+    """--weights imagenet: timm's file where huggingface_hub keeps it (repo timm/NAME.TAG, refs/main ->
+    snapshots/REV/model.safetensors), no network."""
+    from huggingface_hub import constants
+
+    from pipeline.backbones import BackboneSpec, build_backbone, state_dict_digest
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    repo = tmp_path / "hf" / "models--timm--convnext_atto.d2_in1k"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0123abcd")
+    (repo / "snapshots" / "0123abcd").mkdir(parents=True)
+    model = _random_model("convnext_atto", seed=11)
+    _save(model, repo / "snapshots" / "0123abcd" / "w.safetensors").rename(
+        repo / "snapshots" / "0123abcd" / "model.safetensors")
+    bb = build_backbone(BackboneSpec("timm:convnext_atto", "imagenet"))
+    want = state_dict_digest({k: v for k, v in model.state_dict().items() if not k.startswith("head.fc.")})
+    assert bb.weights_digest == want and bb.description["weights"] == "imagenet"
+    x = torch.rand(2, 3, 224, 224)
+    with torch.inference_mode():
+        torch.testing.assert_close(bb.module(x), model.forward_head(model.forward_features(x), pre_logits=True))
+
+
 def test_head_run_predicts_and_exports_on_its_timm_backbone(tmp_path):
     model = _random_model("convnext_atto")
     weights = _save(model, tmp_path / "w.pth")
@@ -152,14 +174,6 @@ def test_finetune_replaces_the_classifier_the_timm_way_and_predicts(tmp_path):
     r = CliRunner().invoke(cli, ["predict", str(out), str(data / "val"), "--json"])
     assert r.exit_code == 0, r.output
     assert r.output.count('"class"') == 2
-
-
-def _modules_after(code: str) -> set[str]:
-    prog = code + "\nimport sys, json\nprint(json.dumps(sorted({m.split('.')[0] for m in sys.modules})))"
-    r = subprocess.run([sys.executable, "-c", prog], cwd=REPO, capture_output=True, text=True, timeout=300,
-                       env={**os.environ, "PYTHONPATH": str(REPO)})
-    assert r.returncode == 0, r.stderr
-    return set(json.loads(r.stdout.strip().splitlines()[-1]))
 
 
 def test_extract_train_head_and_predict_of_other_backbones_never_import_timm(tmp_path):
