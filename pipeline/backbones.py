@@ -151,14 +151,18 @@ def imagenet_weights_url(arch: str) -> str:
 
 def imagenet_weights_path(arch: str) -> Path:
     """Where torchvision's cache keeps the ImageNet state_dict for arch (TORCH_HOME/hub/checkpoints)."""
-    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(imagenet_weights_url(arch))
+    return _cache_path(imagenet_weights_url(arch))
+
+
+def _cache_path(url: str) -> Path:
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
 
 
 def _fetch_imagenet(arch: str, version: str | None = None) -> Path:
     """The torch cache's file of arch's ImageNet weights (version: a name of its weights enum; None: V1),
     downloaded there when missing and allowed; else one line naming the file and where to put it."""
     url = weights_version(arch, version).url if version else imagenet_weights_url(arch)
-    path = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
+    path = _cache_path(url)
     if path.is_file():
         return path
     what = f"{version} weights" if version else "ImageNet weights"

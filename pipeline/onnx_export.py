@@ -47,9 +47,12 @@ def metadata_of(path: str | os.PathLike) -> dict[str, str] | None:
 
 
 def is_exported_onnx(path: Path) -> bool:
-    """An ONNX model `export` wrote (its metadata carries MARK)."""
+    """An ONNX model `export` wrote (its metadata carries MARK), or a torch.export program that an older
+    tlearn wrote under the .onnx name (which no ONNX runtime reads): both are this tool's to replace."""
+    from .runfolder import is_exported_program
+
     meta = metadata_of(path)
-    return meta is not None and MARK in meta
+    return (meta is not None and MARK in meta) or is_exported_program(path)
 
 
 def export_onnx(run_dir: str, out: str | os.PathLike) -> dict:

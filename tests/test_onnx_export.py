@@ -105,6 +105,11 @@ def test_onnx_export_overwrites_its_own_file_never_a_users(novelty_run, exported
     own.write_bytes(exported[1].read_bytes())
     r = CliRunner().invoke(cli, ["export", str(run), "--out", str(own)])
     assert r.exit_code == 0, r.output
+    old = tmp_path / "old.onnx"  # what export wrote under .onnx before: a torch.export zip
+    old.write_bytes(exported[0].read_bytes())
+    r = CliRunner().invoke(cli, ["export", str(run), "--out", str(old)])
+    assert r.exit_code == 0, r.output
+    assert json.loads({p.key: p.value for p in onnx.load(str(old)).metadata_props}["class_names"]) == ["ants", "bees"]
     user = tmp_path / "users.onnx"
     user.write_bytes(b"my own model")
     r = CliRunner().invoke(cli, ["export", str(run), "--out", str(user)])
