@@ -25,6 +25,7 @@ MODELS = {
                                               "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}),
     "convnext_atto": (".pth", {"resize": 256, "crop": 224, "interpolation": "bicubic",
                                "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}),
+    "efficientnet_b0": (".safetensors", {"resize": 256, "crop": 224, "interpolation": "bicubic"}),
 }
 
 
@@ -78,8 +79,32 @@ def test_features_equal_timms_own_forward_on_its_own_transform(name, tmp_path):
     got = np.concatenate([c.splits["train"].features, c.splits["val"].features])
     assert got.shape == want.shape == (6, model.num_features)
     scale = float(np.abs(want).max())
-    assert scale > 0.1  # not a comparison of zeros
+    assert scale > 0 and float(want.std(0).max()) > 0.01 * scale  # not zeros, and the photos differ
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * scale)
+
+
+@pytest.mark.parametrize("name, resize, crop, dim", [
+    ("vit_small_patch14_dinov2.lvd142m", 518, 518, 384),  # DINOv2 ViT-S/14: 518 px, crop_pct 1
+    ("vit_base_patch16_clip_224.openai", 248, 224, 768),  # CLIP: its own mean and std
+    ("efficientnet_b0", 256, 224, 1280),
+    ("convnext_atto", 256, 224, 320),
+])
+def test_the_preset_is_timms_own_eval_transform(name, resize, crop, dim):
+    """For the families (ViT: DINOv2, CLIP; EfficientNet; ConvNeXt) the spec equals timm's create_transform
+    of the model's data config, step by step (models laid out on the meta device: no weights needed)."""
+    from timm.data import create_transform, resolve_model_data_config
+    from torchvision import transforms as T
+
+    from pipeline.preprocess import Preprocess
+    from pipeline.timm_backbone import feature_dim, network, preset
+
+    spec = Preprocess(**preset(name))
+    steps = create_transform(**resolve_model_data_config(network(name, meta=True))).transforms
+    r, c, n = (next(t for t in steps if isinstance(t, k)) for k in (T.Resize, T.CenterCrop, T.Normalize))
+    assert (spec.resize, spec.crop) == (r.size, c.size[0]) == (resize, crop)
+    assert spec.interpolation == r.interpolation.value and c.size == (crop, crop)
+    np.testing.assert_allclose(spec.mean + spec.std, [*n.mean.tolist(), *n.std.tolist()], rtol=1e-6)
+    assert feature_dim(network(name, meta=True)) == dim
 
 
 def test_random_weights_are_seeded_and_the_digest_tells_them_apart():
