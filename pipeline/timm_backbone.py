@@ -52,13 +52,15 @@ def network(name: str, meta: bool = False) -> nn.Module:
 
 
 def classifier_name(model: nn.Module) -> str:
-    """The qualified name of the model's classifier layer (its pretrained_cfg says: head, head.fc, fc ...)."""
+    """The qualified name of the model's classifier (its pretrained_cfg says: head, head.fc, classifier ...).
+    It may be an Identity (DINOv2's default has no classes): then the weights have nothing to skip, and
+    never a Linear inside the network is taken for it."""
     name = (getattr(model, "pretrained_cfg", None) or {}).get("classifier")
-    if not isinstance(name, str) or not isinstance(_get(model, name), nn.Linear):
-        from .backbones import last_linear_name
+    if isinstance(name, str) and _get(model, name) is not None:
+        return name
+    from .backbones import last_linear_name
 
-        return last_linear_name(model)
-    return name
+    return last_linear_name(model)
 
 
 def _get(model: nn.Module, name: str):

@@ -107,6 +107,20 @@ def test_the_preset_is_timms_own_eval_transform(name, resize, crop, dim):
     assert feature_dim(network(name, meta=True)) == dim
 
 
+def test_a_model_without_classes_loads_every_weight(tmp_path):
+    """DINOv2's default has no classifier (head = Identity): no layer inside it is mistaken for one."""
+    from pipeline.timm_backbone import build, classifier_name, network
+
+    name = "vit_small_patch14_dinov2.lvd142m"
+    assert classifier_name(network(name, meta=True)) == "head"
+    model = _random_model(name, seed=3)
+    weights = _save(model, tmp_path / "w.safetensors")
+    built, head, _ = build(name, str(weights), 0)
+    got = built.state_dict()
+    for k, v in model.state_dict().items():
+        assert torch.equal(got[k], v), k
+
+
 def test_random_weights_are_seeded_and_the_digest_tells_them_apart():
     from pipeline.backbones import BackboneSpec, build_backbone
 
