@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from . import PipelineError
-from .backbones import Backbone, BackboneSpec, architecture, build_backbone, file_sha256, last_linear_name, \
+from .backbones import TIMM_PREFIX, Backbone, BackboneSpec, architecture, build_backbone, file_sha256, last_linear_name, \
     load_weights_into, materialize_counters, replace_module
 from .data import IMG_EXTENSIONS, BadImage, load_rgb, scan_files
 from .preprocess import Preprocess
@@ -198,12 +198,18 @@ def _finetuned_model(m: RunManifest, source: str) -> nn.Module:
         raise PipelineError(f"{source} names the architecture {m.arch!r}, which this torchvision does not "
                             "have") from None
     head = m.head or last_linear_name(model)
-    try:
-        in_features = model.get_submodule(head).in_features
-    except AttributeError:
-        raise ModelFileError(f"{source} is not a usable model file: {printable(repr(head))} is not a linear layer "
-                             f"of {m.arch}; retrain the run") from None
-    replace_module(model, head, nn.Linear(in_features, len(m.class_names), device="meta"))
+    if m.arch.startswith(TIMM_PREFIX):  # the classifier finetune made, the timm way (its default may be none)
+        from .timm_backbone import reset_for
+
+        with torch.device("meta"):
+            reset_for(model, len(m.class_names), 0)
+    else:
+        try:
+            in_features = model.get_submodule(head).in_features
+        except AttributeError:
+            raise ModelFileError(f"{source} is not a usable model file: {printable(repr(head))} is not a linear "
+                                 f"layer of {m.arch}; retrain the run") from None
+        replace_module(model, head, nn.Linear(in_features, len(m.class_names), device="meta"))
     load_weights_into(model, m.state_dict, source, None, assign=True)
     materialize_counters(model)
     return model

@@ -121,6 +121,24 @@ def test_a_model_without_classes_loads_every_weight(tmp_path):
         assert torch.equal(got[k], v), k
 
 
+def test_a_finetuned_model_without_default_classes_is_rebuilt_for_predict():
+    """finetune gives DINOv2 (no classifier by default) a 2-class head; predict lays out the same model from
+    the record alone and takes every weight back."""
+    from types import SimpleNamespace
+
+    from pipeline.finetune import build_classifier
+    from pipeline.predict import _finetuned_model
+
+    name = "timm:vit_small_patch14_dinov2.lvd142m"
+    model, head, _ = build_classifier(name, "none", 0, 2)
+    assert head == "head" and model.get_submodule("head").out_features == 2
+    record = SimpleNamespace(arch=name, head=head, class_names=["ants", "bees"], state_dict=model.state_dict())
+    again = _finetuned_model(record, "model.pt")
+    x = torch.rand(1, 3, 518, 518)
+    with torch.inference_mode():
+        torch.testing.assert_close(again.eval()(x), model.eval()(x))
+
+
 def test_random_weights_are_seeded_and_the_digest_tells_them_apart():
     from pipeline.backbones import BackboneSpec, build_backbone
 
