@@ -185,10 +185,13 @@ def _fetch_imagenet(arch: str, version: str | None = None) -> Path:
 
 
 def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """A state_dict (or a checkpoint dict holding one) read with weights_only=True; never unpickles code."""
+    """A state_dict (or a checkpoint dict holding one) read with weights_only=True, or a .safetensors file;
+    never unpickles code."""
     path = Path(path)
     if not path.is_file():
         raise PipelineError(f"weights file {path} does not exist")
+    if path.suffix == ".safetensors":
+        return _load_safetensors(path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -203,6 +206,17 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise PipelineError(f"{path} is not a state_dict (a dict of tensor names to tensors)")
     return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        from safetensors.torch import load_file
+    except ImportError:
+        raise PipelineError(f"{path} is a .safetensors file: pip install safetensors (timm brings it)") from None
+    try:
+        return load_file(str(path))
+    except Exception as e:
+        raise PipelineError(f"cannot read weights file {path}: {type(e).__name__}: {str(e)[:160]}") from None
 
 
 def load_weights_into(model: nn.Module, sd: dict[str, torch.Tensor], source: str, skip_prefix: str | None,

@@ -118,27 +118,10 @@ def hub_weights_file(name: str) -> Path:
                             "--weights PATH or none") from None
 
 
-def read_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """A local .safetensors or .pth state_dict, never unpickled."""
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        if not path.is_file():
-            raise PipelineError(f"weights file {path} does not exist")
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(str(path))
-        except Exception as e:
-            raise PipelineError(f"cannot read weights file {path}: {type(e).__name__}: {str(e)[:160]}") from None
-    from .backbones import load_state_dict_file
-
-    return load_state_dict_file(path)
-
-
 def build(name: str, weights: str, seed: int) -> tuple[nn.Module, str, str]:
     """(timm's model with the weights, its classifier's name, the weights' content hash without the
     classifier). weights: imagenet | none | PATH."""
-    from .backbones import load_weights_into, state_dict_digest
+    from .backbones import load_state_dict_file, load_weights_into, state_dict_digest
 
     with torch.random.fork_rng(devices=[]):  # random init (and the unused classifier) from the seed
         torch.manual_seed(seed)
@@ -148,7 +131,7 @@ def build(name: str, weights: str, seed: int) -> tuple[nn.Module, str, str]:
         sd = {k: v for k, v in model.state_dict().items() if not k.startswith(head + ".")}
     else:
         path = hub_weights_file(name) if weights == "imagenet" else Path(weights)
-        sd = load_weights_into(model, read_weights(path), str(path), head)
+        sd = load_weights_into(model, load_state_dict_file(path), str(path), head)
     return model, head, state_dict_digest(sd)
 
 

@@ -108,3 +108,19 @@ def test_a_version_run_predicts_on_the_recorded_preset(tmp_path, offline_torch_h
     r = CliRunner().invoke(cli, ["predict", str(out), str(data / "val"), "--json"])
     assert r.exit_code == 0, r.output
     assert r.output.count('"class"') == 2
+
+
+def test_a_safetensors_state_dict_is_read_for_a_torchvision_architecture(tmp_path):
+    pytest.importorskip("safetensors", reason="safetensors is not installed")
+    from safetensors.torch import save_file
+
+    from pipeline.backbones import BackboneSpec, build_backbone, load_state_dict_file
+
+    sd = build_backbone(BackboneSpec("resnet18", "none", 4)).module.net.state_dict()
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp_path / "w.safetensors"))
+    assert load_state_dict_file(tmp_path / "w.safetensors").keys() == sd.keys()
+    again = build_backbone(BackboneSpec("resnet18", str(tmp_path / "w.safetensors")))
+    assert again.weights_digest == build_backbone(BackboneSpec("resnet18", "none", 4)).weights_digest
+    (tmp_path / "bad.safetensors").write_bytes(b"not a tensor file")
+    with pytest.raises(Exception, match="cannot read weights file"):
+        load_state_dict_file(tmp_path / "bad.safetensors")
