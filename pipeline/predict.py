@@ -413,9 +413,6 @@ def program_of(run_dir: str) -> tuple[LoadedRun, ProbabilityProgram, torch.Tenso
     return run, module, torch.rand(2, 3, spec.crop, spec.crop)
 
 
-EXPORT_SUFFIXES = (".pt2", ".onnx")
-
-
 def export_run(run_dir: str, out: str | os.PathLike) -> dict:
     """`export`: a .pt2 torch.export program or an .onnx model, chosen by out's suffix."""
     suffix = Path(out).suffix.lower()
