@@ -286,8 +286,9 @@ def shared_data_options(trains: bool) -> list:
     fp16 = "fp16 (CUDA) trains with a grad scaler" if trains else "fp16 = fp16 autocast (CUDA)"
     return [
         click.option("--weights", default="imagenet", show_default=True, type=NameOrPath(),
-                     help="imagenet (torchvision IMAGENET1K_V1 via TORCH_HOME), none (random init from --seed), "
-                          "or PATH to a state_dict."),
+                     help="imagenet (torchvision IMAGENET1K_V1 via TORCH_HOME; timm: its pretrained file from the "
+                          "Hugging Face cache), a torchvision weights version (IMAGENET1K_V2, DEFAULT, ...: on its own "
+                          "preset), none (random init from --seed), or PATH to a state_dict (.pth, .safetensors)."),
         click.option("--splits", default="train,val", show_default=True, callback=parse_splits,
                      help="Sub-folders of DATA_DIR (train, then the split that selects: val); test is added when "
                           "present."),
@@ -314,7 +315,8 @@ def extract_options(fn):
     return _apply(fn, [
         click.option("--backbone", default="resnet18", show_default=True, type=NameOrPath(),
                      help="torchvision architecture name, efficientnet_lite0 (ImageNet weights shipped in its "
-                          "package: works offline), or a torch.export .pt2 program (trusted files only)."),
+                          "package: works offline), timm:NAME (a timm model, its own preprocessing; pip install "
+                          "'tlearn[timm]'), or a torch.export .pt2 program (trusted files only)."),
         *shared_data_options(trains=False),
         click.option("--views", default=0, show_default=True, type=click.IntRange(min=0),
                      help="Augmented views (RandomResizedCrop+flip) stored per train image."),
@@ -337,7 +339,8 @@ def extract_options(fn):
 def finetune_options(fn):
     return _apply(fn, [
         click.option("--backbone", default="resnet18", show_default=True, type=NameOrPath(),
-                     help="torchvision architecture name."),
+                     help="torchvision architecture name, or timm:NAME (its classifier reset the timm way; trained "
+                          "on the tutorial's transforms)."),
         click.option("--freeze-backbone", is_flag=True,
                      help="The tutorial's frozen mode end to end: only the new layer learns, backbone in the loop."),
         *(recipe_option(name, False) for name in RECIPE_FIELDS),
@@ -761,18 +764,23 @@ def _sort(preds, sort_out, settings, left_out, repeats, as_json) -> None:
 
 @cli.command()
 @click.argument("run_dir", type=PathArg(exists=True, file_okay=False))
-@click.option("--out", required=True, type=PathArg(dir_okay=False), help=".pt2 file to write.")
+@click.option("--out", required=True, type=PathArg(dir_okay=False),
+              help="File to write: .pt2 (a torch.export program) or .onnx (an ONNX model, opset 18).")
 @friendly_errors
 def export(run_dir, out):
-    """Export the run's classifier as a torch.export program: images -> class probabilities.
+    """Export the run's classifier: images -> class probabilities (and novelty, for a head run that has it).
 
-    The program takes float32 N x 3 x 224 x 224 images in [0, 1] (after Resize 256 + CenterCrop 224)
-    and normalises them itself. Example: cli.py export runs/ants --out ants.pt2
+    The model takes float32 N x 3 x 224 x 224 images in [0, 1] (after Resize 256 + CenterCrop 224, or the
+    run's own preprocessing) and normalises them itself; N is free. .onnx needs pip install 'tlearn[onnx]'.
+    Example: cli.py export runs/ants --out ants.pt2
     """
-    from pipeline.predict import export_program
+    from pipeline.predict import ExportFormatError, export_run
     from pipeline.text import printable
 
-    r = export_program(run_dir, out)
+    try:
+        r = export_run(run_dir, out)
+    except ExportFormatError as e:
+        raise click.UsageError(str(e)) from None
     click.echo(printable(f"exported {run_dir} -> {r['path']} (classes: {', '.join(r['class_names'])})"))
 
 

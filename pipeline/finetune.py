@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from . import PipelineError
-from .backbones import BackboneSpec, build_torchvision, replace_module
+from .backbones import TIMM_PREFIX, BackboneSpec, build_torchvision, replace_module
 from .data import TRANSFORM_SPEC, EpochSampler, ImageChanged, LabelledImages, check_usable_classes, eval_transform, \
     find_unreadable, scan_dataset, train_transform, worker_error_line
 from .distributed import Dist, init_distributed, rank_device, shutdown
@@ -66,6 +66,11 @@ class FinetuneConfig:
 def build_classifier(cfg_backbone: str, weights: str, seed: int, classes: int) -> tuple[nn.Module, str, str]:
     """torchvision model with backbone weights and a new Linear head (nn.Linear init under seed)."""
     model, head, digest = build_torchvision(BackboneSpec(cfg_backbone, weights, seed))
+    if cfg_backbone.startswith(TIMM_PREFIX):  # timm's own way: reset_classifier
+        from .timm_backbone import reset_for
+
+        reset_for(model, classes, seed)
+        return model, head, digest
     in_features = model.get_submodule(head).in_features
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

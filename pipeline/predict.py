@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from . import PipelineError
-from .backbones import Backbone, BackboneSpec, architecture, build_backbone, file_sha256, last_linear_name, \
+from .backbones import TIMM_PREFIX, Backbone, BackboneSpec, architecture, build_backbone, file_sha256, last_linear_name, \
     load_weights_into, materialize_counters, replace_module
 from .data import IMG_EXTENSIONS, BadImage, load_rgb, scan_files
 from .preprocess import Preprocess
@@ -130,7 +130,7 @@ def _head_problems(m: RunManifest) -> list[str]:
         problems.append(f"the head takes {w.shape[1]} features, its record of the features says "
                         f"{printable(repr(dim))}")
     want = {"program": ("path", "weights_digest")}.get(bb.get("kind"), ("backbone", "weights", "weights_digest"))
-    if bb.get("kind") not in (None, "torchvision", "program", "package"):
+    if bb.get("kind") not in (None, "torchvision", "program", "package", "timm"):
         problems.append(f"its backbone kind {printable(repr(bb.get('kind')))} is unknown")
     elif not all(isinstance(bb.get(k), str) for k in want):
         problems.append(f"its backbone record lacks {', '.join(k for k in want if not isinstance(bb.get(k), str))}")
@@ -198,12 +198,18 @@ def _finetuned_model(m: RunManifest, source: str) -> nn.Module:
         raise PipelineError(f"{source} names the architecture {m.arch!r}, which this torchvision does not "
                             "have") from None
     head = m.head or last_linear_name(model)
-    try:
-        in_features = model.get_submodule(head).in_features
-    except AttributeError:
-        raise ModelFileError(f"{source} is not a usable model file: {printable(repr(head))} is not a linear layer "
-                             f"of {m.arch}; retrain the run") from None
-    replace_module(model, head, nn.Linear(in_features, len(m.class_names), device="meta"))
+    if m.arch.startswith(TIMM_PREFIX):  # the classifier finetune made, the timm way (its default may be none)
+        from .timm_backbone import reset_for
+
+        with torch.device("meta"):
+            reset_for(model, len(m.class_names), 0)
+    else:
+        try:
+            in_features = model.get_submodule(head).in_features
+        except AttributeError:
+            raise ModelFileError(f"{source} is not a usable model file: {printable(repr(head))} is not a linear "
+                                 f"layer of {m.arch}; retrain the run") from None
+        replace_module(model, head, nn.Linear(in_features, len(m.class_names), device="meta"))
     load_weights_into(model, m.state_dict, source, None, assign=True)
     materialize_counters(model)
     return model
@@ -398,6 +404,32 @@ class ProbabilityProgram(nn.Module):
         return torch.softmax(self.model(x), dim=1)
 
 
+def program_of(run_dir: str) -> tuple[LoadedRun, ProbabilityProgram, torch.Tensor]:
+    """(the run, its ProbabilityProgram in eval mode, an example batch of 2 images in [0, 1]): what both
+    exports (.pt2 and .onnx) trace."""
+    run = load_classifier(run_dir)
+    spec = run.preprocess
+    module = ProbabilityProgram(run.model, spec.mean, spec.std).eval()
+    return run, module, torch.rand(2, 3, spec.crop, spec.crop)
+
+
+def export_run(run_dir: str, out: str | os.PathLike) -> dict:
+    """`export`: a .pt2 torch.export program or an .onnx model, chosen by out's suffix."""
+    suffix = Path(out).suffix.lower()
+    if suffix == ".onnx":
+        from .onnx_export import export_onnx
+
+        return export_onnx(run_dir, out)
+    if suffix != ".pt2":
+        raise ExportFormatError(f"--out {out}: the file name must end in .pt2 (a torch.export program) or .onnx "
+                                "(an ONNX model)")
+    return export_program(run_dir, out)
+
+
+class ExportFormatError(PipelineError):
+    """export's --out names neither a .pt2 nor an .onnx file."""
+
+
 def export_program(run_dir: str, out: str | os.PathLike) -> dict:
     """torch.export the run's classifier to a .pt2 file (image batch -> probabilities), with the preprocessing
     predict uses (the run's recorded spec: its crop, mean and std; the spec goes into the file as
@@ -409,10 +441,8 @@ def export_program(run_dir: str, out: str | os.PathLike) -> dict:
 
     # never a run folder's file (export RUN --out RUN/model.pt replaced its manifest), nor a user's file
     check_output_file(out, is_exported_program, "a program exported by this tool")
-    run = load_classifier(run_dir)
+    run, module, example = program_of(run_dir)
     spec = run.preprocess
-    module = ProbabilityProgram(run.model, spec.mean, spec.std).eval()
-    example = torch.rand(2, 3, spec.crop, spec.crop)
     try:  # AUTO: a dynamic batch within whatever range the model allows (a user's .pt2 backbone may bound it)
         prog = torch.export.export(module, (example,), dynamic_shapes={"images": {0: torch.export.Dim.AUTO}})
     except Exception as e:
