@@ -188,9 +188,11 @@ def parse_max_skipped(ctx, param, value):
 
 
 def parse_splits(ctx, param, value):
-    splits = tuple(s.strip() for s in value.split(",") if s.strip())
-    if not splits:
+    splits = tuple(s.strip() for s in value.split(","))
+    if not any(splits):
         raise click.BadParameter("name at least one split, e.g. train,val")
+    if not all(splits):  # "train," or " ,val": a dropped name would silently change which split defines the classes
+        raise click.BadParameter(f"{value!r} holds an empty split name; name each split, e.g. train,val")
     return splits
 
 
@@ -330,7 +332,7 @@ def extract_options(fn):
                           "on the device (nvJPEG on a GPU); pixels differ slightly. The one used is in the fingerprint."),
         click.option("--force", is_flag=True, help="Rebuild the cache from scratch: decode every photo again, reuse "
                                                    "nothing (a cache made with other settings needs it)."),
-        click.option("--reuse", multiple=True, type=click.Path(exists=True, dir_okay=False),
+        click.option("--reuse", multiple=True, type=PathArg(exists=True, dir_okay=False),
                      help="Another cache of the same settings whose rows are reused by content (repeatable); "
                           "photos it holds are not decoded again."),
     ])

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .text import printable
+
 RELATIVE_WEIGHT = 0.97  # share of the all-photos distance taken off the class distance (see above)
 SHRINK = 0.1  # covariances + SHRINK x the within-class mean eigenvalue x I: 244 rows of 1,280-d features are rank-deficient
 PASS_SHARE = 0.95  # held-in known photos that pass the default threshold
@@ -221,21 +223,29 @@ class NoveltyRecordError(ValueError):
     """A run's novelty record does not hold together (a tampered or foreign model.pt)."""
 
 
-def from_record(rec: dict | None, feature_dim: int | None = None) -> NoveltyModel | None:
+def from_record(rec: dict | None, feature_dim: int | None = None, classes: int | None = None) -> NoveltyModel | None:
     """The model a run recorded (None: a run made before novelty existed, or without one). A record whose
-    parts do not fit together (or not the backbone's feature size) raises NoveltyRecordError."""
-    if not rec:
+    parts do not fit together (or not the backbone's feature size, or more class means than the run has
+    classes) raises NoveltyRecordError."""
+    if rec is None:
         return None
+    if not isinstance(rec, dict):
+        raise NoveltyRecordError(f"the novelty record is a {type(rec).__name__}, not a mapping")
     try:
         if rec.get("method") != METHOD:
-            raise NoveltyRecordError(f"method {rec.get('method')!r} is not {METHOD!r}")
-        a = {k: np.asarray(rec[k], dtype=np.float32) for k in ARRAYS}
+            raise NoveltyRecordError(f"method {printable(repr(rec.get('method')))} is not {METHOD!r}")
+        raw = {k: np.asarray(rec[k]) for k in ARRAYS}
         nums = {k: float(rec[k]) for k in NUMBERS}
-    except (KeyError, TypeError, ValueError) as e:
-        raise NoveltyRecordError(f"unreadable novelty record ({e})") from None
-    if not _shapes_fit(a, feature_dim):
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise NoveltyRecordError(f"unreadable novelty record ({printable(str(e))})") from None
+    odd = [k for k, v in raw.items() if v.dtype.kind != "f"]
+    if odd:
+        raise NoveltyRecordError(f"novelty arrays {', '.join(odd)} are not real floating point")
+    a = {k: v.astype(np.float32) for k, v in raw.items()}
+    if not _shapes_fit(a, feature_dim) or (classes is not None and not 1 <= len(a["class_means"]) <= classes):
         raise NoveltyRecordError(f"novelty arrays of shapes {[v.shape for v in a.values()]} do not fit together"
-                                 + (f" or the backbone's {feature_dim} features" if feature_dim else ""))
+                                 + (f" or the backbone's {feature_dim} features" if feature_dim else "")
+                                 + (f" and {classes} classes" if classes else ""))
     if not all(np.isfinite(v).all() for v in a.values()) or not all(np.isfinite(list(nums.values()))) \
             or nums["scale"] <= 0 or nums["ridge"] <= 0:
         raise NoveltyRecordError("novelty record holds non-finite numbers or a scale or ridge <= 0")

@@ -186,7 +186,7 @@ def _novelty_model(m: RunManifest, feature_dim: int, source: str):
     from .novelty import NoveltyRecordError, from_record
 
     try:
-        return from_record(m.novelty, feature_dim)
+        return from_record(m.novelty, feature_dim, len(m.class_names))
     except NoveltyRecordError as e:
         raise ModelFileError(f"{source} is not a usable model file: {e}; retrain the run") from None
 

@@ -43,7 +43,8 @@ JOURNAL = ".tlearn-sort.log"  # one JSON line [source, "folder/name"] per photo,
 LOCK = ".tlearn-sort.lock"  # held while a sort writes into OUT
 SORT_FORMAT = "tlearn-sort/2"  # /1 (no journal) cannot be resumed
 CSV = "predictions.csv"
-CSV_COLUMNS = ("path", "class", "probability", "best_class", "file", "error", "novelty")  # novelty: "" without one
+# novelty: "" without a novelty model; flag: "unknown" / "unsure" when class is that label, not a class of that name
+CSV_COLUMNS = ("path", "class", "probability", "best_class", "file", "error", "novelty", "flag")
 MAX_FOLDER_CHARS = 100
 _WINDOWS_RESERVED = {"con", "prn", "aux", "nul", *(f"com{i}" for i in range(10)), *(f"lpt{i}" for i in range(10))}
 _TEMP = re.compile(r"^\..+\.tmp-\d+-[0-9a-f]{8}$")  # fsio.temp_name's names: a copy cut short
@@ -69,7 +70,7 @@ class SortSettings:
                 "max_novelty": self.max_novelty}
 
     def describe(self) -> str:
-        nov = "" if self.max_novelty is None else f", --max-novelty {self.max_novelty:g}"
+        nov = f", --max-novelty {'of the run' if self.max_novelty is None else f'{self.max_novelty:g}'}"
         return (f"run {printable(self.record()['run'])}, {'--copy' if self.copy else 'links'}, "
                 f"--min-confidence {self.min_confidence:g}{nov}")
 
@@ -425,7 +426,7 @@ def _place_all(preds, class_names, out_p: Path, settings: SortSettings, resume: 
         for p in preds:
             if p.error:
                 result.unreadable.append((p.path, p.error))
-                rows.append([(p.path, "", "", "", "", p.error, "")])
+                rows.append([(p.path, "", "", "", "", p.error, "", "")])
                 continue
             src, name = p.source or os.path.realpath(p.path), os.path.basename(p.path)
             rel, why = done.get(src), ""
@@ -436,12 +437,13 @@ def _place_all(preds, class_names, out_p: Path, settings: SortSettings, resume: 
                 result.renamed += bool(rel) and os.path.basename(rel) != name
             if why:
                 result.failed.append((p.path, why))
-                rows.append([(p.path, "", "", "", "", why, "")])
+                rows.append([(p.path, "", "", "", "", why, "", "")])
                 continue
             where = rel.split("/", 1)[0]
             result.placed[where] = result.placed.get(where, 0) + 1
+            flag = "unknown" if p.unknown else "unsure" if p.unsure else ""
             rows.append([(p.path, p.shown_class, f"{p.probability:.6f}", p.label, rel, "",
-                          "" if p.novelty is None else f"{p.novelty:.4f}")])
+                          "" if p.novelty is None else f"{p.novelty:.4f}", flag)])
     finally:
         placer.journal.close()
     return result, rows

@@ -182,6 +182,14 @@ def test_finetune_refuses_split_names_that_are_not_sub_folders(tiny_data, tmp_pa
     assert not (tmp_path / "ft").exists()
 
 
+@pytest.mark.parametrize("splits", ["train,", "train,,val", " ,val"])
+def test_an_empty_split_name_is_a_usage_error(tiny_data, tmp_path, splits):
+    """' ,val' used to drop the blank name and write a val-only cache (exit 0)."""
+    r = CliRunner().invoke(cli, ["extract", str(tiny_data), "--cache", str(tmp_path / "c.h5"), "--weights", "none",
+                                 "--splits", splits])
+    assert r.exit_code == 2 and "holds an empty split name" in r.output and not (tmp_path / "c.h5").exists()
+
+
 def test_a_class_whose_files_all_fail_to_decode_is_an_empty_class(tmp_path):
     """Scanning finds files in train/bees, decoding keeps none: refused as an empty class folder is (it used to
     train and report a class of support 0), by extract and finetune; --allow-empty-class keeps it."""

@@ -86,6 +86,13 @@ def test_record_round_trip_and_tampered_records():
         from_record({**rec, "scale": float("nan")})
     with pytest.raises(NoveltyRecordError, match="method"):
         from_record({**rec, "method": "something else"})
+    with pytest.raises(NoveltyRecordError, match="is a list, not a mapping"):
+        from_record([1, 2])
+    for dtype in (torch.complex64, torch.int32):  # no silent cast (a ComplexWarning, other novelty values)
+        with pytest.raises(NoveltyRecordError, match="whiten are not real floating point"):
+            from_record({**rec, "whiten": rec["whiten"].to(dtype)})
+    with pytest.raises(NoveltyRecordError, match="and 2 classes"):  # 5 class means for a run of 2 classes
+        from_record({**rec, "class_means": torch.zeros(5, rec["class_means"].shape[1])}, None, 2)
 
 
 def test_too_few_train_photos_give_no_model_and_say_so():
@@ -156,7 +163,8 @@ def test_sort_into_fills_unknown(novelty_run, tmp_path):
     import csv
 
     rows = list(csv.DictReader((out / "predictions.csv").open()))
-    assert {r["class"] for r in rows} == {"unknown"} and all(float(r["novelty"]) > -1000 for r in rows)
+    assert {r["class"] for r in rows} == {"unknown"} == {r["flag"] for r in rows}
+    assert all(float(r["novelty"]) > -1000 and r["best_class"] in ("ants", "bees") for r in rows)
 
 
 def test_a_run_without_novelty_predicts_as_before_with_a_note(novelty_run, tmp_path):
