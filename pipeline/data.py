@@ -422,7 +422,8 @@ def load_rgb(path: str | os.PathLike, draft: tuple[int, int] | None = None, exif
 
     The decompression-bomb check uses the header only, before any pixel is decoded. A full decode
     (not Image.verify, which passes truncated JPEGs) is what finds damaged files.
-    draft: a size hint for JPEG's DCT-domain downscaling (faster, changes pixels slightly).
+    draft: a size hint for JPEG's DCT-domain downscaling (Preprocess.draft_size: faster, changes pixels
+    slightly); applied before the EXIF turn, which keeps the short side the short side.
     """
     register_heif()  # HEIC is read by content, whatever the file's name
     try:
@@ -605,8 +606,7 @@ class ImageFiles(torch.utils.data.Dataset):
         self.groups = groups
         self.spec = spec = spec or Preprocess()
         self.seed = seed
-        # JPEG DCT scaling keeps the short side >= resize
-        self.draft = (spec.resize, spec.resize) if spec.draft else None
+        self.draft = spec.draft_size()  # JPEGs: DCT scaling keeps the short side >= spec.draft x resize
         self.transform = uint8_transform(spec)
         # torchvision's random transforms (imported when built): only when some group has views
         self.view_transform = view_transform(spec) if any(g[2] for g in groups) else None
@@ -662,10 +662,12 @@ def image_seed(seed: int, epoch: int, i: int) -> int:
 
 class LabelledImages(torch.utils.data.Dataset):
     """files[i] -> (transform(image), label). Indexed by (epoch, i): random transforms are seeded by
-    (seed, epoch, i), so augmentation is the same whatever the workers, batching or resume point."""
+    (seed, epoch, i), so augmentation is the same whatever the workers, batching or resume point.
+    draft: load_rgb's JPEG size hint (Preprocess.draft_size; None: full-size decode)."""
 
-    def __init__(self, files: list[str], labels: list[int], transform, seed: int = 0):
-        self.files, self.labels, self.transform, self.seed = files, labels, transform, seed
+    def __init__(self, files: list[str], labels: list[int], transform, seed: int = 0,
+                 draft: tuple[int, int] | None = None):
+        self.files, self.labels, self.transform, self.seed, self.draft = files, labels, transform, seed, draft
 
     def __len__(self) -> int:
         return len(self.files)
@@ -673,7 +675,7 @@ class LabelledImages(torch.utils.data.Dataset):
     def __getitem__(self, key):
         epoch, i = key
         try:
-            img = load_rgb(self.files[i])  # files were validated before training
+            img = load_rgb(self.files[i], draft=self.draft)  # files were validated before training
         except BadImage as e:
             raise ImageChanged(f"{self.files[i]} passed the decode check but cannot be read now ({e}); fix or "
                                "remove it and run again") from None
