@@ -19,6 +19,7 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from . import PipelineError
 from .heif import AVIF_EXTENSIONS, HEIF_EXTENSIONS, missing_decoder, register_heif
+from .image_stats import FIELDS as STAT_FIELDS
 from .image_stats import measure as measure_image
 from .image_stats import unmeasured_row as _unmeasured_row
 from .preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess  # noqa: F401  (re-exported)
@@ -419,6 +420,14 @@ class BadImage(ValueError):
 
 def load_rgb(path: str | os.PathLike, draft: tuple[int, int] | None = None, exif: bool = True) -> Image.Image:
     """Fully decode an image to RGB, EXIF orientation applied (unless exif=False). Raises BadImage with a reason.
+    See load_rgb_sized, which also returns the photo's own size."""
+    return load_rgb_sized(path, draft, exif)[0]
+
+
+def load_rgb_sized(path: str | os.PathLike, draft: tuple[int, int] | None = None,
+                   exif: bool = True) -> tuple[Image.Image, tuple[int, int]]:
+    """(the image in RGB, EXIF orientation applied unless exif=False; its full-size (width, height) in that
+    orientation, whatever the draft decoded). Raises BadImage with a reason.
 
     The decompression-bomb check uses the header only, before any pixel is decoded. A full decode
     (not Image.verify, which passes truncated JPEGs) is what finds damaged files.
@@ -441,9 +450,11 @@ def load_rgb(path: str | os.PathLike, draft: tuple[int, int] | None = None, exif
             if draft and im.format == "JPEG":
                 im.draft("RGB", draft)
             im.load()
+            drafted = im.size
             if exif:
                 im = ImageOps.exif_transpose(im)
-            return _to_rgb(im)
+            turned = im.size != drafted  # a quarter turn swapped width and height
+            return _to_rgb(im), ((h, w) if turned else (w, h))
     except BadImage:
         raise
     except Image.DecompressionBombError as e:
@@ -623,12 +634,14 @@ class ImageFiles(torch.utils.data.Dataset):
         files, names, views = self.groups[g]
         c = self.spec.crop
         try:
-            img = load_rgb(files[i], draft=self.draft, exif=self.spec.exif)
+            img, size = load_rgb_sized(files[i], draft=self.draft, exif=self.spec.exif)
         except BadImage as e:
             no_views = torch.zeros(views, 3, c, c, dtype=torch.uint8) if views else torch.zeros(0, dtype=torch.uint8)
             return torch.zeros(3, c, c, dtype=torch.uint8), no_views, g, i, str(e), torch.from_numpy(UNMEASURED)
         x = self.transform(img)
         stats = torch.from_numpy(measure_image(img, x.numpy()))  # the audit's photo checks (image_stats)
+        # the photo's own width and height, not its drafted decode's
+        stats[STAT_FIELDS.index("width")], stats[STAT_FIELDS.index("height")] = size
         if not views:
             return x, torch.zeros(0, dtype=torch.uint8), g, i, "", stats
         # torchvision's random transforms draw from torch's global RNG: seed it per image.

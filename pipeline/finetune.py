@@ -23,7 +23,7 @@ from .distributed import Dist, init_distributed, rank_device, shutdown
 from .head import TrainingDiverged
 from .recipe import TUTORIAL_RECIPE, check_recipe
 from .metrics import classification_metrics, format_accuracy, run_metrics, run_report_text
-from .preprocess import Preprocess, decode_mode, jpeg_draft
+from .preprocess import JPEG_DECODES, Preprocess, decode_mode, jpeg_draft
 from .progress import Progress
 from .fsio import atomic_write_json, sha256_json
 from .runfolder import CHECKPOINT, VERDICTS, FinetuneCheckpoint, ModelFileError, RunFolder, RunManifest
@@ -103,7 +103,8 @@ def load_verdicts(path: Path | None) -> dict[str, list]:
         return {}  # a damaged verdicts file only costs a decode pass
 
 
-def cache_verdicts(cache_path: str | os.PathLike, root: Path, draft: int = 0) -> dict[str, tuple[int, int]]:
+def cache_verdicts(cache_path: str | os.PathLike, root: Path,
+                   draft: int = JPEG_DECODES["fast"]) -> dict[str, tuple[int, int]]:
     """{absolute file: (size, mtime_ns)} of every file a feature cache of the same folder decoded and
     used. Only a cache decoded as finetune decodes (PIL, JPEGs at finetune's draft margin, EXIF applied)
     says anything about finetune's files; any other cache is refused with the reason."""
