@@ -414,20 +414,21 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
+FULL_SIZE = "tlearn_full_size"  # load_rgb's note in Image.info: the photo's size before any draft
+
+
+def full_size(img: Image.Image) -> tuple[int, int]:
+    """The (width, height) of the photo img was decoded from by load_rgb (its own size otherwise)."""
+    return img.info.get(FULL_SIZE, img.size)
+
+
 class BadImage(ValueError):
     """A file that cannot be used as an image; the message is the reason shown to the user."""
 
 
 def load_rgb(path: str | os.PathLike, draft: tuple[int, int] | None = None, exif: bool = True) -> Image.Image:
     """Fully decode an image to RGB, EXIF orientation applied (unless exif=False). Raises BadImage with a reason.
-    See load_rgb_sized, which also returns the photo's own size."""
-    return load_rgb_sized(path, draft, exif)[0]
-
-
-def load_rgb_sized(path: str | os.PathLike, draft: tuple[int, int] | None = None,
-                   exif: bool = True) -> tuple[Image.Image, tuple[int, int]]:
-    """(the image in RGB, EXIF orientation applied unless exif=False; its full-size (width, height) in that
-    orientation, whatever the draft decoded). Raises BadImage with a reason.
+    The photo's own (width, height), in that orientation whatever the draft decoded, is full_size(image).
 
     The decompression-bomb check uses the header only, before any pixel is decoded. A full decode
     (not Image.verify, which passes truncated JPEGs) is what finds damaged files.
@@ -454,7 +455,9 @@ def load_rgb_sized(path: str | os.PathLike, draft: tuple[int, int] | None = None
             if exif:
                 im = ImageOps.exif_transpose(im)
             turned = im.size != drafted  # a quarter turn swapped width and height
-            return _to_rgb(im), ((h, w) if turned else (w, h))
+            out = _to_rgb(im)
+            out.info[FULL_SIZE] = (h, w) if turned else (w, h)
+            return out
     except BadImage:
         raise
     except Image.DecompressionBombError as e:
@@ -634,14 +637,14 @@ class ImageFiles(torch.utils.data.Dataset):
         files, names, views = self.groups[g]
         c = self.spec.crop
         try:
-            img, size = load_rgb_sized(files[i], draft=self.draft, exif=self.spec.exif)
+            img = load_rgb(files[i], draft=self.draft, exif=self.spec.exif)
         except BadImage as e:
             no_views = torch.zeros(views, 3, c, c, dtype=torch.uint8) if views else torch.zeros(0, dtype=torch.uint8)
             return torch.zeros(3, c, c, dtype=torch.uint8), no_views, g, i, str(e), torch.from_numpy(UNMEASURED)
         x = self.transform(img)
         stats = torch.from_numpy(measure_image(img, x.numpy()))  # the audit's photo checks (image_stats)
         # the photo's own width and height, not its drafted decode's
-        stats[STAT_FIELDS.index("width")], stats[STAT_FIELDS.index("height")] = size
+        stats[STAT_FIELDS.index("width")], stats[STAT_FIELDS.index("height")] = full_size(img)
         if not views:
             return x, torch.zeros(0, dtype=torch.uint8), g, i, "", stats
         # torchvision's random transforms draw from torch's global RNG: seed it per image.

@@ -17,7 +17,7 @@ from PIL import Image
 from cache import read_cache
 from cli import cli
 from pipeline import PipelineError
-from pipeline.data import LabelledImages, load_rgb, load_rgb_sized
+from pipeline.data import LabelledImages, full_size, load_rgb
 from pipeline.extract import ExtractConfig, extract, feature_fields, preprocess_for
 from pipeline.finetune import FinetuneConfig, finetune_spec
 from pipeline.predict import _decoder
@@ -74,8 +74,8 @@ def test_png_is_never_drafted(tmp_path):
 @pytest.mark.parametrize("orientation", [6, 8])
 def test_exif_orientation_applied_after_the_draft_and_full_size_kept(tmp_path, orientation):
     f = photo(tmp_path / "p.jpg", exif_orientation=orientation)
-    img, size = load_rgb_sized(f, draft=FAST.draft_size())
-    assert img.size == (756, 1008) and size == (3024, 4032)  # portrait, as the phone meant it
+    img = load_rgb(f, draft=FAST.draft_size())
+    assert img.size == (756, 1008) and full_size(img) == (3024, 4032)  # portrait, as the phone meant it
     full = load_rgb(f).resize(img.size, Image.BILINEAR)
     diff = np.abs(np.asarray(img, np.float32) - np.asarray(full, np.float32)).mean()
     assert diff < 4.0  # the same picture the same way up (a wrong turn differs by tens of levels)
