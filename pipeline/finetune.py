@@ -341,6 +341,11 @@ def checkpoint_note(path: Path) -> list[str]:
             "model.pt holds the kept weights, so it can be deleted to free the space"]
 
 
+def recorded_recipe(recipe: dict | None) -> dict:
+    """A checkpoint's recipe as _recipe writes it now: one made before fast decoding decoded full size."""
+    return {"jpeg_decode": "exact", **(recipe or {})}
+
+
 def _recipe(cfg: FinetuneConfig) -> dict:
     d = asdict(cfg)
     d["jpeg_decode"] = decode_mode(finetune_spec(cfg).draft)  # auto recorded as what it is (fast)
@@ -373,7 +378,7 @@ def _load_checkpoint(cfg: FinetuneConfig, digest: str, stats: dict | None = None
     if not path.exists():
         return None
     ck = FinetuneCheckpoint.load(path)
-    made = {"jpeg_decode": "exact", **(ck.recipe or {})}  # checkpoints made before fast decoding: full size
+    made = recorded_recipe(ck.recipe)
     if made != _recipe(cfg):
         diff = [k for k in RESUME_KEYS if made.get(k) != _recipe(cfg)[k]]
         raise PipelineError(f"cannot resume {cfg.out}: its checkpoint was made with other settings "

@@ -19,7 +19,7 @@ from cli import cli
 from pipeline import PipelineError
 from pipeline.data import LabelledImages, full_size, load_rgb
 from pipeline.extract import ExtractConfig, extract, feature_fields, preprocess_for
-from pipeline.finetune import FinetuneConfig, finetune_spec
+from pipeline.finetune import FinetuneConfig, _recipe, finetune_spec, recorded_recipe
 from pipeline.predict import _decoder
 from pipeline.preprocess import Preprocess, decode_hint, jpeg_draft
 
@@ -222,3 +222,11 @@ def test_finetune_and_predict_follow_the_spec(phone_data, tmp_path):
         probs[name] = json.loads(r.stdout)[0]["probabilities"]
     gap = abs(probs["fast"]["ants"] - probs["exact"]["ants"])
     assert 1e-5 < gap < 0.05  # decoded another way, the same picture
+
+
+def test_a_checkpoint_made_before_fast_resumes_only_as_exact():
+    old = {k: v for k, v in _recipe(FinetuneConfig("d", "o")).items() if k != "jpeg_decode"}  # no such key then
+    assert recorded_recipe(old) == _recipe(FinetuneConfig("d", "o", jpeg_decode="exact"))
+    assert recorded_recipe(old) != _recipe(FinetuneConfig("d", "o"))  # the default (fast) is refused, by name
+    assert _recipe(FinetuneConfig("d", "o"))["jpeg_decode"] == _recipe(FinetuneConfig("d", "o", jpeg_decode="fast"))[
+        "jpeg_decode"] == "fast"
