@@ -1,9 +1,11 @@
-"""JPEG draft-mode decoding (`extract --draft`): what it saves and what it changes in the features.
+"""JPEG draft-mode decoding (`extract --jpeg-decode draft|fast`): what it saves and what it changes.
 
 Draft mode asks libjpeg to decode at 1/2, 1/4 or 1/8 scale (DCT-domain) while keeping the short side
->= 256, so Resize(256) starts from a smaller image. It only pays for photos whose short side is at
-least 512 pixels. This script times decode + eval transform on one core with and without it, counts
-the images it touches, and compares the features of two extractions (cosine similarity, relative L2).
+>= 256 (draft, the old --draft) or >= 512 (fast, the default), so Resize(256) starts from a smaller
+image. It only pays for photos whose short side is at least 512 (draft) or 1024 (fast) pixels. This
+script times decode + eval transform on one core for the three modes, counts the images each touches,
+and compares the features of the extractions with the full-size decode's (cosine similarity, relative
+L2). benchmarks/phone_photos.py measures the same on 12 MP photos, beside a plain torchvision loop.
 
     python benchmarks/draft_decode.py [--data DIR] [--weights imagenet|none]
 """
@@ -24,6 +26,7 @@ from cache import read_cache  # noqa: E402
 from pipeline.backbones import imagenet_weights_path  # noqa: E402
 from pipeline.data import eval_transform, load_rgb, scan_dataset  # noqa: E402
 from pipeline.extract import ExtractConfig, extract  # noqa: E402
+from pipeline.preprocess import JPEG_DECODES, Preprocess  # noqa: E402
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared/datasets/hymenoptera_data"
 
@@ -44,25 +47,33 @@ def main(argv=None) -> None:
     weights = args.weights or ("imagenet" if imagenet_weights_path("resnet18").is_file() else "none")
     ds = scan_dataset(args.data, ["train", "val"])
     files = [args.data / p for sp in ds.splits.values() for p in sp.paths]
-    touched = sum(1 for f in files if min(Image.open(f).size) >= 512)
-    full, draft = decode_seconds(files, None), decode_seconds(files, (256, 256))
-    with tempfile.TemporaryDirectory() as tmp:
-        for name, flag in (("full", False), ("draft", True)):
-            extract(ExtractConfig(str(args.data), f"{tmp}/{name}.h5", weights=weights, draft=flag))
-        a, b = read_cache(f"{tmp}/full.h5"), read_cache(f"{tmp}/draft.h5")
-    fa = np.concatenate([a.splits[s].features for s in a.splits])
-    fb = np.concatenate([b.splits[s].features for s in b.splits])
-    cos = (fa * fb).sum(1) / (np.linalg.norm(fa, axis=1) * np.linalg.norm(fb, axis=1))
-    rel = np.linalg.norm(fa - fb, axis=1) / np.linalg.norm(fa, axis=1)
-    changed = rel > 1e-6
-    print(f"{len(files)} images, {touched} with a short side >= 512 px (the only ones draft mode changes); "
-          f"weights {weights}")
+    short = [min(Image.open(f).size) for f in files]
+    print(f"{len(files)} images; weights {weights}")
     print("\n| decode + eval transform, one core | seconds | images/s |\n|---|---:|---:|")
-    print(f"| full decode | {full:.2f} | {len(files) / full:.0f} |")
-    print(f"| draft decode | {draft:.2f} | {len(files) / draft:.0f} |")
-    print(f"\nfeatures changed for {int(changed.sum())} images; over those: cosine similarity min "
-          f"{cos[changed].min() if changed.any() else 1:.4f} mean {cos[changed].mean() if changed.any() else 1:.4f}, "
-          f"relative L2 max {rel.max():.4f} mean {rel[changed].mean() if changed.any() else 0:.4f}")
+    with tempfile.TemporaryDirectory() as tmp:
+        extract(ExtractConfig(str(args.data), f"{tmp}/exact.h5", weights=weights, jpeg_decode="exact"))
+        fa = _features(f"{tmp}/exact.h5")
+        rows = []
+        for mode in ("exact", "fast", "draft"):
+            spec = Preprocess(draft=JPEG_DECODES[mode])
+            secs = decode_seconds(files, spec.draft_size())
+            print(f"| {mode} | {secs:.2f} | {len(files) / secs:.0f} |")
+            if mode != "exact":
+                extract(ExtractConfig(str(args.data), f"{tmp}/{mode}.h5", weights=weights, jpeg_decode=mode))
+                touched = sum(1 for s in short if s >= 2 * spec.draft * spec.resize)
+                rows.append((mode, touched, _features(f"{tmp}/{mode}.h5")))
+    for mode, touched, fb in rows:
+        cos = (fa * fb).sum(1) / (np.linalg.norm(fa, axis=1) * np.linalg.norm(fb, axis=1))
+        rel = np.linalg.norm(fa - fb, axis=1) / np.linalg.norm(fa, axis=1)
+        changed = rel > 1e-6
+        print(f"\n{mode}: {touched} images decoded at a reduced scale, features changed for {int(changed.sum())}; "
+              f"cosine similarity min {cos.min():.4f}, relative L2 max {rel.max():.4f} "
+              f"mean over changed {rel[changed].mean() if changed.any() else 0:.4f}")
+
+
+def _features(path) -> np.ndarray:
+    c = read_cache(path)
+    return np.concatenate([c.splits[s].features for s in c.splits])
 
 
 if __name__ == "__main__":

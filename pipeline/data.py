@@ -19,6 +19,7 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from . import PipelineError
 from .heif import AVIF_EXTENSIONS, HEIF_EXTENSIONS, missing_decoder, register_heif
+from .image_stats import FIELDS as STAT_FIELDS
 from .image_stats import measure as measure_image
 from .image_stats import unmeasured_row as _unmeasured_row
 from .preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess  # noqa: F401  (re-exported)
@@ -413,16 +414,26 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
+FULL_SIZE = "tlearn_full_size"  # load_rgb's note in Image.info: the photo's size before any draft
+
+
+def full_size(img: Image.Image) -> tuple[int, int]:
+    """The (width, height) of the photo img was decoded from by load_rgb (its own size otherwise)."""
+    return img.info.get(FULL_SIZE, img.size)
+
+
 class BadImage(ValueError):
     """A file that cannot be used as an image; the message is the reason shown to the user."""
 
 
 def load_rgb(path: str | os.PathLike, draft: tuple[int, int] | None = None, exif: bool = True) -> Image.Image:
     """Fully decode an image to RGB, EXIF orientation applied (unless exif=False). Raises BadImage with a reason.
+    The photo's own (width, height), in that orientation whatever the draft decoded, is full_size(image).
 
     The decompression-bomb check uses the header only, before any pixel is decoded. A full decode
     (not Image.verify, which passes truncated JPEGs) is what finds damaged files.
-    draft: a size hint for JPEG's DCT-domain downscaling (faster, changes pixels slightly).
+    draft: a size hint for JPEG's DCT-domain downscaling (Preprocess.draft_size: faster, changes pixels
+    slightly); applied before the EXIF turn, which keeps the short side the short side.
     """
     register_heif()  # HEIC is read by content, whatever the file's name
     try:
@@ -440,9 +451,13 @@ def load_rgb(path: str | os.PathLike, draft: tuple[int, int] | None = None, exif
             if draft and im.format == "JPEG":
                 im.draft("RGB", draft)
             im.load()
+            drafted = im.size
             if exif:
                 im = ImageOps.exif_transpose(im)
-            return _to_rgb(im)
+            turned = im.size != drafted  # a quarter turn swapped width and height
+            out = _to_rgb(im)
+            out.info[FULL_SIZE] = (h, w) if turned else (w, h)
+            return out
     except BadImage:
         raise
     except Image.DecompressionBombError as e:
@@ -605,8 +620,7 @@ class ImageFiles(torch.utils.data.Dataset):
         self.groups = groups
         self.spec = spec = spec or Preprocess()
         self.seed = seed
-        # JPEG DCT scaling keeps the short side >= resize
-        self.draft = (spec.resize, spec.resize) if spec.draft else None
+        self.draft = spec.draft_size()  # JPEGs: DCT scaling keeps the short side >= spec.draft x resize
         self.transform = uint8_transform(spec)
         # torchvision's random transforms (imported when built): only when some group has views
         self.view_transform = view_transform(spec) if any(g[2] for g in groups) else None
@@ -629,6 +643,8 @@ class ImageFiles(torch.utils.data.Dataset):
             return torch.zeros(3, c, c, dtype=torch.uint8), no_views, g, i, str(e), torch.from_numpy(UNMEASURED)
         x = self.transform(img)
         stats = torch.from_numpy(measure_image(img, x.numpy()))  # the audit's photo checks (image_stats)
+        # the photo's own width and height, not its drafted decode's
+        stats[STAT_FIELDS.index("width")], stats[STAT_FIELDS.index("height")] = full_size(img)
         if not views:
             return x, torch.zeros(0, dtype=torch.uint8), g, i, "", stats
         # torchvision's random transforms draw from torch's global RNG: seed it per image.
@@ -662,10 +678,12 @@ def image_seed(seed: int, epoch: int, i: int) -> int:
 
 class LabelledImages(torch.utils.data.Dataset):
     """files[i] -> (transform(image), label). Indexed by (epoch, i): random transforms are seeded by
-    (seed, epoch, i), so augmentation is the same whatever the workers, batching or resume point."""
+    (seed, epoch, i), so augmentation is the same whatever the workers, batching or resume point.
+    draft: load_rgb's JPEG size hint (Preprocess.draft_size; None: full-size decode)."""
 
-    def __init__(self, files: list[str], labels: list[int], transform, seed: int = 0):
-        self.files, self.labels, self.transform, self.seed = files, labels, transform, seed
+    def __init__(self, files: list[str], labels: list[int], transform, seed: int = 0,
+                 draft: tuple[int, int] | None = None):
+        self.files, self.labels, self.transform, self.seed, self.draft = files, labels, transform, seed, draft
 
     def __len__(self) -> int:
         return len(self.files)
@@ -673,7 +691,7 @@ class LabelledImages(torch.utils.data.Dataset):
     def __getitem__(self, key):
         epoch, i = key
         try:
-            img = load_rgb(self.files[i])  # files were validated before training
+            img = load_rgb(self.files[i], draft=self.draft)  # files were validated before training
         except BadImage as e:
             raise ImageChanged(f"{self.files[i]} passed the decode check but cannot be read now ({e}); fix or "
                                "remove it and run again") from None

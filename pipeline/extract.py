@@ -10,7 +10,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from cache import CacheError
+from cache import CacheError, CacheMismatch, read_attrs
 from cache.attrs import CacheAttrs
 from cache.plan import ExtractionPlan, SplitPlan
 from cache.reuse import Decision, Reuse, decide, sha256_or_empty
@@ -23,7 +23,7 @@ from .data import ImageFiles, check_usable_classes, normalize_batch, scan_datase
 from .device_decode import Decoded, DeviceDecoder, RawBatch, RawFiles, collate_raw
 from .image_stats import FIELDS as STAT_FIELDS
 from .image_stats import as_rows
-from .preprocess import Preprocess, resolve_decoder
+from .preprocess import Preprocess, decode_hint, jpeg_draft, resolve_decoder
 from .progress import Progress
 from .splits import SplitSpec
 from .runtime import Runtime, default_workers, resolve_device, resolve_runtime
@@ -44,7 +44,8 @@ class ExtractConfig:
     precision: str = "auto"  # fp32 on CPU, bf16 on CUDA; recorded in the fingerprint
     seed: int = 0  # random init (--weights none) and the views' crops
     force: bool = False
-    draft: bool = False  # JPEG draft-mode decoding (faster, slightly different pixels)
+    jpeg_decode: str = "auto"  # auto: fast on the pil decoder, full size on torchvision | fast | exact | draft
+    draft: bool = False  # the old --draft: the same as jpeg_decode "draft"
     decoder: str = "auto"  # auto: torchvision on CUDA, else pil | pil (workers, the reference) |
     #                        torchvision (JPEGs decoded on the device: nvJPEG); the one used is in the fingerprint
     allow_empty_class: bool = False
@@ -64,17 +65,23 @@ def default_batch_size(device) -> int:
 def preprocess_for(cfg: ExtractConfig, device) -> Preprocess:
     """The preprocessing spec of an extract: the tutorial's eval transform (or the one the backbone's weights
     ask for: a torchvision weights version's preset, a timm model's data config), decoded by the decoder
-    that cfg.decoder resolves to on this device (auto: torchvision on CUDA, pil elsewhere)."""
+    that cfg.decoder resolves to on this device (auto: torchvision on CUDA, pil elsewhere), JPEGs at the DCT
+    scale of cfg.jpeg_decode (auto: fast on the pil decoder)."""
     from .backbones import preprocess_preset
 
-    return Preprocess(**preprocess_preset(cfg.backbone, cfg.weights), draft=cfg.draft,
-                      decoder=resolve_decoder(cfg.decoder, device.type, cfg.views, cfg.draft))
+    mode = cfg.jpeg_decode
+    if cfg.draft:
+        if mode not in ("auto", "draft"):
+            raise PipelineError(f"--draft is --jpeg-decode draft; it cannot go with --jpeg-decode {mode}")
+        mode = "draft"
+    decoder = resolve_decoder(cfg.decoder, device.type, cfg.views, draft=mode in ("fast", "draft"))
+    return Preprocess(**preprocess_preset(cfg.backbone, cfg.weights), draft=jpeg_draft(mode, decoder), decoder=decoder)
 
 
-def feature_fields(backbone_desc: dict, precision: str, views: int, seed: int, draft: bool = False,
+def feature_fields(backbone_desc: dict, precision: str, views: int, seed: int, draft: int = 0,
                    decoder: str = "pil", spec: Preprocess | None = None) -> dict:
     """Everything that changes a cached feature; the fingerprint is their hash. The preprocessing part
-    comes from the spec (default: the tutorial's, with draft and decoder as given)."""
+    comes from the spec (default: the tutorial's, with draft margin and decoder as given)."""
     spec = spec or Preprocess(draft=draft, decoder=decoder)
     return {
         "backbone": backbone_desc["backbone"] if backbone_desc["kind"] in ("torchvision", "timm") else "program",
@@ -447,7 +454,8 @@ def plan_extraction(cfg: ExtractConfig) -> Extraction:
         fingerprint=plan.fingerprint, files_digest=plan.files_digest,
         backbone=bb.description["backbone"], weights=bb.description["weights"],
         backbone_spec=bb.description, feature_dim=bb.feature_dim, class_names=tuple(data.class_names),
-        transform=spec.record(), precision=rt.precision, views=cfg.views, seed=cfg.seed, draft=cfg.draft,
+        transform=spec.record(), precision=rt.precision, views=cfg.views, seed=cfg.seed,
+        draft=bool(spec.draft),  # whether JPEGs were drafted; the margin is in transform's spec
         decoder=spec.decoder,  # the decoder actually used (auto resolved)
         split=data.split_record(),
         data_root=plan.root,  # absolute: which folder this is, whatever folder extract ran from
@@ -506,6 +514,19 @@ def extract(cfg: ExtractConfig, progress: Progress | None = None) -> dict:
         shutdown(d)  # a process group left to the interpreter's exit can abort (SIGABRT) under gloo
 
 
+def _decode_mismatch(cfg: ExtractConfig, ex: Extraction) -> str:
+    """The reason, when the cache at cfg.cache was made with these very settings but another JPEG decode
+    (a cache made before fast decoding became the default, say); '' otherwise."""
+    with contextlib.suppress(CacheError, PipelineError, OSError, KeyError, TypeError, ValueError):
+        old = read_attrs(cfg.cache)
+        was = Preprocess.from_record(old.transform, old.draft, old.decoder).draft
+        spec = Preprocess.from_json(ex.attrs.transform["spec"])
+        fields = feature_fields(ex.attrs.backbone_spec, ex.rt.precision, cfg.views, cfg.seed, spec=replace(spec, draft=was))
+        if was != spec.draft and fingerprint(fields) == old.fingerprint:
+            return decode_hint(was, spec.draft)
+    return ""
+
+
 def _extract(cfg: ExtractConfig, progress: Progress, d) -> dict:
     t0 = time.perf_counter()
     cfg = replace(cfg, device=rank_device(cfg.device, d))
@@ -520,7 +541,8 @@ def _extract(cfg: ExtractConfig, progress: Progress, d) -> dict:
             try:
                 outcome, writer = _prepare_on_main(cfg, plan, stack, data.split)
             except (CacheError, PipelineError) as e:
-                outcome = MainOutcome(error=e)
+                hint = _decode_mismatch(cfg, ex) if isinstance(e, CacheMismatch) else ""
+                outcome = MainOutcome(error=CacheMismatch(f"cache {cfg.cache}: {hint}") if hint else e)
         outcome = d.broadcast(outcome)
         if outcome.error is not None:
             if d.is_main:

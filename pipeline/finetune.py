@@ -23,6 +23,7 @@ from .distributed import Dist, init_distributed, rank_device, shutdown
 from .head import TrainingDiverged
 from .recipe import TUTORIAL_RECIPE, check_recipe
 from .metrics import classification_metrics, format_accuracy, run_metrics, run_report_text
+from .preprocess import JPEG_DECODES, Preprocess, decode_mode, jpeg_draft
 from .progress import Progress
 from .fsio import atomic_write_json, sha256_json
 from .runfolder import CHECKPOINT, VERDICTS, FinetuneCheckpoint, ModelFileError, RunFolder, RunManifest
@@ -32,7 +33,7 @@ from .plots import PictureJob, draw_pictures, import_in_background
 # the FinetuneConfig fields a checkpoint records (as its recipe) and --resume requires unchanged (the rest, like
 # workers, may change)
 RESUME_KEYS = ("backbone", "weights", "freeze_backbone", "epochs", "lr", "momentum", "step_size", "gamma",
-               "batch_size", "seed", "splits", "val_fraction", "test_fraction", "split_seed")
+               "batch_size", "seed", "splits", "val_fraction", "test_fraction", "split_seed", "jpeg_decode")
 
 
 @dataclass
@@ -61,6 +62,13 @@ class FinetuneConfig:
     test_fraction: float | None = None
     split_seed: int = 0
     cache: str | None = None  # a feature cache of the same folder: its decode verdicts skip the decode pass
+    jpeg_decode: str = "auto"  # auto = fast: JPEGs at the DCT scale keeping the short side >= 2 x 256 | exact | draft
+
+
+def finetune_spec(cfg: FinetuneConfig) -> Preprocess:
+    """The preprocessing finetune's images get (decoded by PIL; RandomResizedCrop for train, the tutorial's
+    eval transform for the rest), recorded in model.pt for predict."""
+    return Preprocess(draft=jpeg_draft(cfg.jpeg_decode, "pil"))
 
 
 def build_classifier(cfg_backbone: str, weights: str, seed: int, classes: int) -> tuple[nn.Module, str, str]:
@@ -100,21 +108,21 @@ def load_verdicts(path: Path | None) -> dict[str, list]:
         return {}  # a damaged verdicts file only costs a decode pass
 
 
-def cache_verdicts(cache_path: str | os.PathLike, root: Path) -> dict[str, tuple[int, int]]:
+def cache_verdicts(cache_path: str | os.PathLike, root: Path,
+                   draft: int = JPEG_DECODES["fast"]) -> dict[str, tuple[int, int]]:
     """{absolute file: (size, mtime_ns)} of every file a feature cache of the same folder decoded and
-    used. Only a cache decoded as finetune decodes (PIL, full size, EXIF applied) says anything about
-    finetune's files; any other cache is refused with the reason."""
+    used. Only a cache decoded as finetune decodes (PIL, JPEGs at finetune's draft margin, EXIF applied)
+    says anything about finetune's files; any other cache is refused with the reason."""
     from cache import read_cache
     from cache.reuse import vouched_files
-
-    from .preprocess import Preprocess
 
     cache = read_cache(cache_path, with_views=False)
     a = cache.meta
     spec = Preprocess.from_record(a.transform, a.draft, a.decoder)
-    if spec.decoder != "pil" or spec.draft or not spec.exif:
+    if spec.decoder != "pil" or spec.draft != draft or not spec.exif:
+        jpeg = f", --jpeg-decode {decode_mode(spec.draft)}" if spec.draft != draft else ""
         raise PipelineError(f"cache {cache_path} was decoded differently from finetune (decoder {spec.decoder}"
-                            f"{', --draft' if spec.draft else ''}{', no EXIF' if not spec.exif else ''}); its "
+                            f"{jpeg}{', no EXIF' if not spec.exif else ''}); its "
                             "verdicts do not carry over: drop --cache")
     if cache.file_stats is None:
         raise PipelineError(f"cache {cache_path} predates file records; extract it again to use it with --cache")
@@ -240,10 +248,10 @@ class SharedLoader:
     the workers prefetch the next split's batches while the current one's last batches are computed."""
 
     def __init__(self, groups: list[tuple[list[str], list[int], object, bool]], seed: int, batch_size: int,
-                 workers: int, rt: Runtime, d: Dist = Dist()):
+                 workers: int, rt: Runtime, d: Dist = Dist(), draft: tuple[int, int] | None = None):
         self.samplers = [EpochSampler(len(f), seed, shuffle, d.rank, d.world) for f, _, _, shuffle in groups]
         self.batch_sampler = _PassBatches(self.samplers, batch_size)
-        ds = _SplitImages([LabelledImages(f, y, tf, seed) for f, y, tf, _ in groups])
+        ds = _SplitImages([LabelledImages(f, y, tf, seed, draft) for f, y, tf, _ in groups])
         self.loader = torch.utils.data.DataLoader(ds, batch_sampler=self.batch_sampler, num_workers=workers,
                                                   pin_memory=rt.pin_memory, persistent_workers=workers > 0)
         self.on_batch = None  # called after each batch of every pass (progress)
@@ -338,8 +346,14 @@ def checkpoint_note(path: Path) -> list[str]:
             "model.pt holds the kept weights, so it can be deleted to free the space"]
 
 
+def recorded_recipe(recipe: dict | None) -> dict:
+    """A checkpoint's recipe as _recipe writes it now: one made before fast decoding decoded full size."""
+    return {"jpeg_decode": "exact", **(recipe or {})}
+
+
 def _recipe(cfg: FinetuneConfig) -> dict:
     d = asdict(cfg)
+    d["jpeg_decode"] = decode_mode(finetune_spec(cfg).draft)  # auto recorded as what it is (fast)
     return {k: (list(d[k]) if isinstance(d[k], tuple) else d[k]) for k in RESUME_KEYS}
 
 
@@ -369,8 +383,9 @@ def _load_checkpoint(cfg: FinetuneConfig, digest: str, stats: dict | None = None
     if not path.exists():
         return None
     ck = FinetuneCheckpoint.load(path)
-    if ck.recipe != _recipe(cfg):
-        diff = [k for k in RESUME_KEYS if (ck.recipe or {}).get(k) != _recipe(cfg)[k]]
+    made = recorded_recipe(ck.recipe)
+    if made != _recipe(cfg):
+        diff = [k for k in RESUME_KEYS if made.get(k) != _recipe(cfg)[k]]
         raise PipelineError(f"cannot resume {cfg.out}: its checkpoint was made with other settings "
                             f"({', '.join(diff)}); use the same flags or another --out")
     if ck.files_digest != digest:
@@ -463,7 +478,8 @@ def _train(cfg: FinetuneConfig, progress: Progress, d: Dist, folder: RunFolder |
     rt = resolve_runtime(rank_device(cfg.device, d), cfg.precision)
     data = scan_dataset(cfg.data_dir, list(cfg.splits), cfg.allow_empty_class, cfg.val_fraction, cfg.test_fraction,
                         cfg.split_seed)
-    from_cache = cache_verdicts(cfg.cache, data.root) if cfg.cache else None
+    spec = finetune_spec(cfg)
+    from_cache = cache_verdicts(cfg.cache, data.root, spec.draft) if cfg.cache else None
     files, skipped = usable_files(data, cfg.workers, cfg.max_skipped, d, Path(cfg.out) / VERDICTS, from_cache,
                                   log=progress.log)
     check_usable_classes(data, files[train_name][1], skipped, cfg.allow_empty_class)  # no class left without images
@@ -520,7 +536,7 @@ def _train(cfg: FinetuneConfig, progress: Progress, d: Dist, folder: RunFolder |
 
     # one set of workers for every split; group g of the loader is split names[g]
     loaders = SharedLoader([(files[s][0], files[s][1], train_transform() if s == train_name else eval_transform(),
-                             s == train_name) for s in names], cfg.seed, batch, cfg.workers, rt, d)
+                             s == train_name) for s in names], cfg.seed, batch, cfg.workers, rt, d, spec.draft_size())
     train_g, val_g = names.index(train_name), names.index(val_name)
     per_epoch = loaders.batch_sampler.batches(train_g) + loaders.batch_sampler.batches(val_g)
     progress.start(cfg.epochs * per_epoch, f"finetune ({cfg.epochs} epochs of {per_epoch} batches)")
@@ -584,7 +600,7 @@ def _train(cfg: FinetuneConfig, progress: Progress, d: Dist, folder: RunFolder |
     manifest = RunManifest(
         kind="finetune", class_names=data.class_names,
         state_dict={k: v.detach().cpu() for k, v in best_state.items()}, recipe=_recipe(cfg),
-        precision=rt.precision, transform=TRANSFORM_SPEC, arch=cfg.backbone, head=head,
+        precision=rt.precision, transform=spec.record(), draft=bool(spec.draft), arch=cfg.backbone, head=head,
         weights_digest=weights_digest, split=data.split_record())
     notes: list[str] = []
     pictures = None

@@ -115,9 +115,9 @@ def _spec_problems(m: RunManifest) -> tuple[Preprocess | None, list[str]]:
             problems.append("its preprocessing mean or std is not a finite number")
         if type(spec.resize) is not int or type(spec.crop) is not int:
             problems.append("its preprocessing resize and crop are not integers")
-        if (spec.decoder, spec.draft) != (m.decoder, m.draft):
+        if (spec.decoder, bool(spec.draft)) != (m.decoder, bool(m.draft)):  # the spec holds the draft's margin
             problems.append(f"its decoder {printable(repr(m.decoder))} and draft {m.draft!r} disagree with its "
-                            f"preprocessing spec ({spec.decoder}, draft {spec.draft})")
+                            f"preprocessing spec ({spec.decoder}, draft {bool(spec.draft)})")
     return spec, problems + (_head_problems(m) if m.kind == "head" else [])
 
 
@@ -349,7 +349,7 @@ def _decoder(spec: Preprocess, device: torch.device):
         from .device_decode import finish_batch, read_for_device
 
         return lambda files: finish_batch([read_for_device(str(f), spec.exif, spec) for f in files], device, spec)
-    draft = (spec.resize, spec.resize) if spec.draft else None
+    draft = spec.draft_size()
 
     def decode(files):
         xs, reasons = [], []

@@ -15,6 +15,11 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 INTERPOLATIONS = ("bilinear", "bicubic")  # both exist in PIL and in torchvision's tensor resize
 DECODERS = ("pil", "torchvision")  # what a spec records: the decoder actually used ("auto" is resolved first)
+# --jpeg-decode: the spec's `draft` margin of each mode. fast (the pil decoder's default): libjpeg decodes at
+# the smallest DCT scale (1/2, 1/4, 1/8) that keeps the short side >= 2 x resize, then Resize as always;
+# draft: the old --draft, >= 1 x resize; exact: the full-size decode.
+JPEG_DECODES = {"fast": 2, "draft": 1, "exact": 0}
+MAX_DRAFT = 8
 # Resize then CenterCrop, as two steps, while the resized image's long side is at most this many times
 # `resize`; beyond it one bounded step (see Preprocess.bounded), so a 20000 x 2 image costs what its
 # 224 x 224 output costs instead of a 2.56-million-pixel-wide intermediate.
@@ -33,7 +38,9 @@ class Preprocess:
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     exif: bool = True  # apply the EXIF orientation tag
-    draft: bool = False  # JPEG DCT-domain downscaling while decoding (PIL path; changes pixels slightly)
+    # JPEGs decoded at the smallest DCT scale that keeps the short side >= draft x resize (PIL path);
+    # 0: full-size decode. Records made before it carry False (0) or True (1: the old --draft).
+    draft: int = 0
     decoder: str = "pil"  # pil: CPU workers | torchvision: JPEGs decoded on the extraction device
 
     def __post_init__(self):
@@ -41,6 +48,10 @@ class Preprocess:
         object.__setattr__(self, "mean", tuple(float(m) for m in self.mean))
         object.__setattr__(self, "std", tuple(float(s) for s in self.std))
         problems = []
+        if isinstance(self.draft, int) and 0 <= self.draft <= MAX_DRAFT:
+            object.__setattr__(self, "draft", int(self.draft))  # True/False of older records: 1/0
+        else:
+            problems.append(f"draft {self.draft!r} is not an integer from 0 to {MAX_DRAFT}")
         if not (isinstance(self.crop, int) and isinstance(self.resize, int) and 0 < self.crop <= self.resize):
             problems.append(f"need 0 < crop <= resize (integers), got resize {self.resize!r} crop {self.crop!r}")
         if self.interpolation not in INTERPOLATIONS:
@@ -83,6 +94,12 @@ class Preprocess:
         from another origin), and images this elongated could not be processed before at all."""
         return max(self.resized_size(width, height)) > MAX_ELONGATION * self.resize
 
+    def draft_size(self) -> tuple[int, int] | None:
+        """The size hint of PIL's Image.draft, or None (full decode). PIL picks the largest scale 1/s
+        (s in 8, 4, 2) with s <= min(width // hint, height // hint): the short side stays >= draft x resize,
+        whichever way EXIF turns the photo afterwards."""
+        return (self.draft * self.resize,) * 2 if self.draft else None
+
     # ------------------------------------------------------------------ records
 
     def describe(self) -> dict:
@@ -106,7 +123,8 @@ class Preprocess:
         separate fields before; decoder is absent for pil so that older caches keep their fingerprint).
         The torchvision decoder's value carries a revision: since its odd JPEGs (EXIF-rotated, CMYK,
         progressive) and PNGs take PIL's resize, an older cache of it is rebuilt rather than mixed."""
-        return {"transform": self.describe(), "draft": self.draft,
+        # 0 and 1 as the booleans older caches were fingerprinted with
+        return {"transform": self.describe(), "draft": bool(self.draft) if self.draft < 2 else self.draft,
                 **({"decoder": f"{self.decoder}/2"} if self.decoder != "pil" else {})}
 
     def to_json(self) -> dict:
@@ -133,7 +151,7 @@ class Preprocess:
         spec existed) the default one, with draft and decoder taken from their own attrs."""
         if isinstance(transform, dict) and isinstance(transform.get("spec"), dict):
             return cls.from_json(transform["spec"])
-        legacy = cls(draft=bool(draft), decoder=decoder or "pil")
+        legacy = cls(draft=int(bool(draft)), decoder=decoder or "pil")
         if transform is not None and transform != legacy.describe():
             raise PipelineError("the recorded preprocessing is not one this tlearn knows; rebuild the cache with "
                                 "`extract --force` (and retrain) to record it again")
@@ -142,11 +160,35 @@ class Preprocess:
 
 def resolve_decoder(name: str, device_type: str, views: int = 0, draft: bool = False) -> str:
     """The decoder a run uses: `auto` is torchvision (JPEGs decoded on the GPU) on CUDA when nothing
-    needs the PIL path (views, draft), else pil."""
+    needs the PIL path (views, a draft decode asked for by name), else pil."""
     if name not in ("auto",) + DECODERS:
         raise PipelineError(f"unknown decoder {name!r}: use auto, pil or torchvision")
     if name == "torchvision" and (views or draft):
-        raise PipelineError("--decoder torchvision works without --views and --draft; use the pil decoder for those")
+        raise PipelineError("--decoder torchvision works without --views and --draft (or --jpeg-decode fast): it "
+                            "decodes full size on the device; use the pil decoder for those")
     if name == "auto":
         return "torchvision" if device_type == "cuda" and not views and not draft else "pil"
     return name
+
+
+def jpeg_draft(mode: str, decoder: str) -> int:
+    """The spec's draft margin for --jpeg-decode mode on decoder: auto is fast on the pil decoder and the
+    full-size decode on the torchvision one (which has no DCT scaling; it is fast on the GPU anyway)."""
+    if mode == "auto":
+        return JPEG_DECODES["fast"] if decoder == "pil" else 0
+    if mode not in JPEG_DECODES:
+        raise PipelineError(f"unknown --jpeg-decode {mode!r}: use auto, {', '.join(JPEG_DECODES)}")
+    return JPEG_DECODES[mode]
+
+
+def decode_mode(draft: int) -> str:
+    """The --jpeg-decode name of a spec's draft margin (for messages)."""
+    return next((k for k, v in JPEG_DECODES.items() if v == draft), f"draft x{draft}")
+
+
+def decode_hint(was: int, now: int) -> str:
+    """Why a cache whose JPEGs were decoded with draft margin `was` takes no rows decoded with `now`."""
+    was, now = decode_mode(was), decode_mode(now)
+    return (f"its JPEGs were decoded with --jpeg-decode {was} (caches made before fast became the default are "
+            f"exact), this extract uses {now}: pass --jpeg-decode {was} to add to it as it was made, or --force "
+            "to rebuild it")

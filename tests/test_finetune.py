@@ -284,7 +284,7 @@ def test_a_cache_of_the_same_folder_vouches_for_its_files(tiny_data, tmp_path, m
     assert r.exit_code == 0, r.output
     r = CliRunner().invoke(cli, ["finetune", str(tiny_data), "--out", str(tmp_path / "ft2"), "--cache", str(drafted),
                                  "--weights", "none", "--workers", "0", "--epochs", "1"])
-    assert r.exit_code == 1 and "decoded differently from finetune (decoder pil, --draft)" in r.output
+    assert r.exit_code == 1 and "decoded differently from finetune (decoder pil, --jpeg-decode draft)" in r.output
     r = CliRunner().invoke(cli, ["finetune", str(tiny_data), "--out", str(tmp_path / "ft3"), "--cache", str(cache),
                                  "--weights", "none", "--workers", "0", "--epochs", "1", "--no-plots"])
     assert r.exit_code == 0, r.output

@@ -59,8 +59,8 @@ TAMPERS = {
     "crop True": (_set(["transform", "spec", "crop"], True), "its preprocessing resize and crop are not integers"),
     "precision": (_set(["precision"], "fp64"), "its precision 'fp64' is not one of fp32, bf16, fp16"),
     "class twice": (_set(["class_names"], ["ants", "ants"]), "class_names names a class twice"),
-    "decoder": (_set(["decoder"], "torchvision"),
-                "its decoder 'torchvision' and draft False disagree with its preprocessing spec (pil, draft False)"),
+    "decoder": (_set(["decoder"], "torchvision"),  # a default run drafts its JPEGs (fast)
+                "its decoder 'torchvision' and draft True disagree with its preprocessing spec (pil, draft True)"),
     "backbone kind": (_set(["features", "backbone", "kind"], "onnx"), "its backbone kind 'onnx' is unknown"),
     "no digest": (_set(["features", "backbone", "weights_digest"], None), "its backbone record lacks weights_digest"),
 }
