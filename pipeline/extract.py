@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -23,7 +24,7 @@ from .data import ImageFiles, check_usable_classes, normalize_batch, scan_datase
 from .device_decode import Decoded, DeviceDecoder, RawBatch, RawFiles, collate_raw
 from .image_stats import FIELDS as STAT_FIELDS
 from .image_stats import as_rows
-from .preprocess import Preprocess, decode_hint, jpeg_draft, resolve_decoder
+from .preprocess import JPEG_DECODES, Preprocess, decode_hint, decode_mode, jpeg_draft, resolve_decoder
 from .progress import Progress
 from .splits import SplitSpec
 from .runtime import Runtime, default_workers, resolve_device, resolve_runtime
@@ -527,9 +528,23 @@ def _decode_mismatch(cfg: ExtractConfig, ex: Extraction) -> str:
     return ""
 
 
+def follow_cache_decode(cfg: ExtractConfig) -> ExtractConfig:
+    """--jpeg-decode auto on an existing pil cache: the JPEG decode it was made with (exact, for a cache made
+    before fast decoding became the default), so its rows stay one decode and an update needs no --force;
+    a new cache (or --force) gets fast. An explicit --jpeg-decode is kept (and refused if it differs)."""
+    if cfg.jpeg_decode != "auto" or cfg.draft or cfg.force or not os.path.isfile(cfg.cache):
+        return cfg
+    with contextlib.suppress(CacheError, PipelineError, OSError, KeyError, TypeError, ValueError):
+        old = read_attrs(cfg.cache)
+        was = Preprocess.from_record(old.transform, old.draft, old.decoder)
+        if was.decoder == "pil" and was.draft in JPEG_DECODES.values():
+            return replace(cfg, jpeg_decode=decode_mode(was.draft))
+    return cfg
+
+
 def _extract(cfg: ExtractConfig, progress: Progress, d) -> dict:
     t0 = time.perf_counter()
-    cfg = replace(cfg, device=rank_device(cfg.device, d))
+    cfg = follow_cache_decode(replace(cfg, device=rank_device(cfg.device, d)))
     ex = plan_extraction(cfg)
     data, plan = ex.data, ex.plan
     if len({(fp, dg) for fp, dg in d.all_gather((plan.fingerprint, plan.files_digest))}) > 1:

@@ -155,21 +155,29 @@ def test_fast_extract_features_close_to_the_full_decode(phone_data, tmp_path):
     assert sorted(zip(stats["width"].tolist(), stats["height"].tolist())) == [(3024, 4032), (4032, 3024)]
 
 
-def test_a_cache_of_another_decode_is_refused_with_its_reason(phone_data, tmp_path):
+def test_the_default_follows_an_existing_caches_decode_and_another_is_refused(phone_data, tmp_path):
+    """A cache made before fast decoding was the default (exact) is updated as it was made by the default
+    (auto), never mixed with fast rows and never refused; an explicit other decode is refused with why."""
     cache = tmp_path / "c.h5"
     base = ["extract", str(phone_data), "--cache", str(cache), "--weights", "none", "--workers", "0"]
     assert CliRunner().invoke(cli, base + ["--jpeg-decode", "exact"]).exit_code == 0  # as made before fast
     before = cache.read_bytes()
-    r = CliRunner().invoke(cli, base)
+    r = CliRunner().invoke(cli, base)  # the default: up to date, exact as it was made
+    assert r.exit_code == 0 and "already complete" in r.output and cache.read_bytes() == before, r.output
+    r = CliRunner().invoke(cli, base + ["--jpeg-decode", "fast"])
     assert r.exit_code == 1 and cache.read_bytes() == before
     assert r.output.strip() == (
         f"Error: cache {cache}: its JPEGs were decoded with --jpeg-decode exact (caches made before fast became "
         "the default are exact), this extract uses fast: pass --jpeg-decode exact to add to it as it was made, "
         "or --force to rebuild it")
-    r = CliRunner().invoke(cli, base + ["--jpeg-decode", "exact"])
-    assert r.exit_code == 0 and cache.read_bytes() == before  # up to date: nothing decoded another way
     r = CliRunner().invoke(cli, base + ["--weights", "none", "--seed", "1"])  # other settings: the general line
     assert r.exit_code == 1 and "made with other settings" in r.output and "--jpeg-decode" not in r.output
+    fresh = tmp_path / "f.h5"
+    assert CliRunner().invoke(cli, ["extract", str(phone_data), "--cache", str(fresh), "--weights", "none",
+                                    "--workers", "0"]).exit_code == 0
+    from cache import read_attrs
+
+    assert read_attrs(fresh).fingerprint != read_attrs(cache).fingerprint  # a new cache: fast
 
 
 def test_finetune_dataset_drafts_and_its_crops_stay_close(tmp_path):
