@@ -414,8 +414,14 @@ def program_of(run_dir: str) -> tuple[LoadedRun, ProbabilityProgram, torch.Tenso
 
 
 def export_run(run_dir: str, out: str | os.PathLike) -> dict:
-    """`export`: a .pt2 torch.export program or an .onnx model, chosen by out's suffix."""
+    """`export`: a .pt2 torch.export program or an .onnx model, chosen by out's suffix. A run folder's file or
+    a user's existing file is refused as such first (the more important news), whatever its suffix."""
+    from .runfolder import check_output_file, check_output_path
+
     suffix = Path(out).suffix.lower()
+    check_output_path(out)
+    if suffix not in (".pt2", ".onnx") and os.path.lexists(out):
+        check_output_file(out, lambda p: False, "a program exported by this tool")
     if suffix == ".onnx":
         from .onnx_export import export_onnx
 
